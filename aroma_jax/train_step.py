@@ -139,7 +139,21 @@ class AromaTrainer:
         self.folded = frozenset(p for p, s in self.specs.items() if self._folds(s))
         self.tx = optim.make_optimizer(cfg)
         self._traces = 0
-        self._step = jax.jit(self._step_impl, donate_argnums=(0,) if donate else ())
+        self._donate = (0,) if donate else ()
+        self._step = jax.jit(self._step_impl, donate_argnums=self._donate)
+
+    def set_shardings(self, state_sharding: Any, batch_sharding: Any = None) -> None:
+        """Compiles the step for a sharded state (a `TrainState` of shardings) and batch.
+
+        The state's output sharding equals its input sharding, so the step never reshards
+        between calls or recompiles; see `aroma_jax.sharding` for the rules that make them.
+        """
+        self._step = jax.jit(
+            self._step_impl,
+            in_shardings=(state_sharding, batch_sharding),
+            out_shardings=(state_sharding, None),
+            donate_argnums=self._donate,
+        )
 
     def _folds(self, spec: ModuleSpec) -> bool:
         if self.cfg.fold == "never" or self.cfg.method == "lora":
