@@ -51,11 +51,39 @@ def merged_params(params: Mapping, tensors: Mapping[str, np.ndarray], meta: Mapp
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
+def torch_class_name(flax_model: Any) -> str:
+    """``FlaxRobertaForSequenceClassification`` -> ``RobertaForSequenceClassification``."""
+    for cls in type(flax_model).__mro__:
+        if cls.__name__.startswith("Flax") and hasattr(cls, "module_class"):
+            return cls.__name__[len("Flax") :]
+    raise ValueError(f"cannot tell the PyTorch class of {type(flax_model).__name__}")
+
+
+def save_pytorch_weights(flax_model: Any, params: Mapping, out: Path) -> Path | None:
+    """Also writes PyTorch ``model.safetensors`` when torch is installed.
+
+    transformers 4.57's ``from_pretrained(..., from_flax=True)`` leaves weights on the meta
+    device, so the conversion is done here, once, with a real CPU model.
+    """
+    try:
+        import torch  # noqa: F401
+        import transformers
+        from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
+    except ImportError:
+        return None
+    cls = getattr(transformers, torch_class_name(flax_model))
+    pt_model = cls(flax_model.config)
+    load_flax_weights_in_pytorch_model(pt_model, jax.device_get(dict(params)))
+    pt_model.save_pretrained(str(out), safe_serialization=True)
+    return out / "model.safetensors"
+
+
 def export_merged(run_dir: str | Path, out: str | Path) -> Path:
     run_dir, out = Path(run_dir), Path(out)
     _, pipe, tensors, meta = _load(run_dir)
     params = merged_params(pipe.params, tensors, meta)
     out.mkdir(parents=True, exist_ok=True)
+    save_pytorch_weights(pipe.model, params, out)
     pipe.model.save_pretrained(str(out), params=params)
     if pipe.tokenizer is not None:
         pipe.tokenizer.save_pretrained(str(out))
