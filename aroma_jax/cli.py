@@ -172,12 +172,12 @@ def _export(args) -> int:
 
 
 def _assets(args) -> int:
-    from aroma_jax import assets
+    from aroma_jax import offline
 
     argv = [args.action, *args.names]
     if args.data_dir:
         argv += ["--data-dir", str(args.data_dir)]
-    return assets.main_assets(argv) or 0
+    return offline.main_assets(argv) or 0
 
 
 def main(argv: list[str] | None = None) -> int:

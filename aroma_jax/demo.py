@@ -48,9 +48,9 @@ def table(summaries: dict[str, dict]) -> str:
 def main(
     output: Path = Path("runs/demo"), overrides: Sequence[str] = (), progress: bool = True
 ) -> int:
-    from aroma_jax import assets, run_config, runner
+    from aroma_jax import offline, run_config, runner
 
-    assets.fetch(["minilm", "rotten_tomatoes"])
+    offline.fetch(["minilm", "rotten_tomatoes"])
     summaries = {}
     for name, cfg_file in RUNS:
         extra = list(overrides) + ([] if progress else ["train.progress=false"])

@@ -151,7 +151,7 @@ def peft_files(
 
 
 def export_peft(run_dir: str | Path, out: str | Path) -> Path:
-    from aroma_jax import models
+    from aroma_jax import hf as models
 
     run_dir, out = Path(run_dir), Path(out)
     cfg, pipe, tensors, meta = _load(run_dir)

@@ -22,8 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aroma_jax import metrics as metrics_lib
+from aroma_jax import hf as models
 from aroma_jax import objectives, run_config
+from aroma_jax import scores as metrics_lib
+from aroma_jax import tasks as data
 from aroma_jax.config import AromaConfig
 
 
@@ -49,8 +51,6 @@ def _dtype(name: str):
 
 
 def build_pipeline(cfg: Mapping[str, Any]) -> Pipeline:
-    from aroma_jax import data, models
-
     tcfg, mcfg = cfg["task"], cfg["model"]
     task = data.get_task(tcfg["name"], seed=cfg["train"]["seed"], **_task_kwargs(tcfg))
     task = data.limit(task, tcfg["max_train_examples"], tcfg["max_eval_examples"])
@@ -79,13 +79,11 @@ def _task_kwargs(tcfg: Mapping[str, Any]) -> dict:
 
 # ----------------------------------------------------------------------------- encoders
 def _encoder_pipeline(cfg, task, loaded, aroma) -> Pipeline:
-    from aroma_jax import data
-
     regression = task.kind == "regression"
     loss_fn, predict_fn = objectives.classification(loaded.model, regression=regression)
     max_len = cfg["task"]["max_len"]
     enc = {s: data.encode_classification(task, loaded.tokenizer, s, max_len) for s in task.splits}
-    predict = jax.jit(_with_adapters(predict_fn))
+    predict = _with_adapters(predict_fn)
 
     def evaluator(pipe, trainer, state, split, batch_size):
         arrays = pipe.eval_examples[split]
@@ -143,8 +141,6 @@ def _batched(fn: Callable, arrays: Mapping[str, np.ndarray], batch_size: int) ->
 
 # ---------------------------------------------------------------------------- seq2seq
 def _seq2seq_pipeline(cfg, task, loaded, aroma) -> Pipeline:
-    from aroma_jax import data
-
     loss_fn, generate_fn = objectives.seq2seq(loaded.model)
     tcfg = cfg["task"]
     start_id = loaded.model.config.decoder_start_token_id
@@ -181,8 +177,6 @@ def _seq2seq_pipeline(cfg, task, loaded, aroma) -> Pipeline:
 
 # ---------------------------------------------------------------------------- causal LM
 def _causal_lm_pipeline(cfg, task, loaded, aroma) -> Pipeline:
-    from aroma_jax import data
-
     loss_fn, score_fn = objectives.causal_lm(loaded.model)
     max_len = cfg["task"]["max_len"]
     tok = loaded.tokenizer

@@ -250,7 +250,8 @@ def train(cfg: Mapping[str, Any], output: str | Path, resume: bool = False) -> d
                 stopped = "interrupted"
                 break
             if finished:
-                stopped = "all_modules_done"
+                done = jax.device_get(state.adapters.done)
+                stopped = "all_modules_done" if all(map(bool, done.values())) else "max_steps"
                 break
         sync()
     if bar is not None:
