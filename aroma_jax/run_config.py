@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -69,9 +70,23 @@ def defaults() -> dict[str, Any]:
     return copy.deepcopy(SECTIONS)
 
 
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _numbers(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; every user means the number."""
+    if isinstance(value, str) and _FLOAT.match(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    return value
+
+
 def _parse_value(text: str) -> Any:
     """``--set`` values are YAML scalars/lists: ``8``, ``1e-3``, ``true``, ``[query, value]``."""
-    return yaml.safe_load(text) if text != "" else ""
+    return _numbers(yaml.safe_load(text)) if text != "" else ""
 
 
 def apply_override(cfg: dict, item: str) -> None:
@@ -121,7 +136,7 @@ def resolve(raw: Mapping[str, Any] | None, overrides: Iterable[str] = ()) -> dic
             continue
         if not isinstance(values, Mapping):
             raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
-        cfg[section].update(values)
+        cfg[section].update(_numbers(dict(values)))
     for item in overrides:
         apply_override(cfg, item)
     for section in ("model", "task", "train", "aroma"):

@@ -142,8 +142,16 @@ def _trainable_now(trainer: AromaTrainer, state: TrainState, head: int) -> int:
     )
 
 
-def train(cfg: Mapping[str, Any], output: str | Path, resume: bool = False) -> dict:
-    """Runs one training job; returns the summary (also written to ``summary.json``)."""
+def train(
+    cfg: Mapping[str, Any],
+    output: str | Path,
+    resume: bool = False,
+    interrupt_at: int | None = None,
+) -> dict:
+    """Runs one training job; returns the summary (also written to ``summary.json``).
+
+    ``interrupt_at`` behaves as if Ctrl-C arrived right after that step (for tests and drills).
+    """
     from aroma_jax.checkpoint import CheckpointManager
 
     t0 = time.perf_counter()
@@ -244,7 +252,7 @@ def train(cfg: Mapping[str, Any], output: str | Path, resume: bool = False) -> d
             if step % tcfg["eval_every"] == 0 and not finished:
                 last_eval = _evaluate(pipe, trainer, state, "validation", cfg)
                 log.write({"step": step, "split": "validation", **last_eval})
-            if interrupt.hit:
+            if interrupt.hit or step == interrupt_at:
                 sync()
                 ckpt.save(step, state, meta(step), force=True)
                 stopped = "interrupted"
