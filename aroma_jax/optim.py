@@ -8,7 +8,8 @@ which modules are done changes while training:
 * `reset` re-initialises (``"full"``) or randomly prunes (``"prune"``, paper and ReLoRA: zero a
   ``ratio`` of the entries) the optimizer state of the pairs that were just merged, and
 * it records the step of that outer step, so updates are scaled by a linear re-warmup that starts
-  at the *actual* (adaptive) outer steps.
+  at the *actual* (adaptive) outer steps; ``update(..., rewarm=mask)`` limits the re-warmup to
+  the leaves that are reset (the pairs), so fully trained heads keep their schedule.
 
 All of it is pure and jit-safe (``jnp.where`` blends, no Python branching on values).
 
@@ -65,18 +66,20 @@ def wrap(
     def init_fn(params):
         return WrappedState(inner.init(params), jnp.zeros((), jnp.int32), -jnp.ones((), jnp.int32))
 
-    def update_fn(updates, state, params=None, *, active=None, **extra):
+    def update_fn(updates, state, params=None, *, active=None, rewarm=None, **extra):
         del extra
-        if active is not None:
-            updates = jax.tree.map(lambda u, m: jnp.where(m, u, 0), updates, active)
+        if active is None:
+            active = jax.tree.map(lambda _: jnp.ones((), bool), updates)
+        if rewarm is None:
+            rewarm = jax.tree.map(lambda _: jnp.ones((), bool), updates)
+        updates = jax.tree.map(lambda u, m: jnp.where(m, u, 0), updates, active)
         new_updates, inner_state = inner.update(updates, state.inner, params)
         factor = rewarm_factor(state.count, state.last_outer, rewarmup_steps)
-        if active is not None:
-            new_updates = jax.tree.map(
-                lambda u, m: jnp.where(m, u * factor.astype(u.dtype), 0), new_updates, active
-            )
-        else:
-            new_updates = jax.tree.map(lambda u: u * factor.astype(u.dtype), new_updates)
+
+        def scale(u, m, w):
+            return jnp.where(m, u * jnp.where(w, factor, 1.0).astype(u.dtype), 0)
+
+        new_updates = jax.tree.map(scale, new_updates, active, rewarm)
         return new_updates, WrappedState(inner_state, state.count + 1, state.last_outer)
 
     # Keep the inner transformation reachable: `reset` needs its `init` to find the param-shaped

@@ -258,7 +258,13 @@ class AromaTrainer:
             "extra": jax.tree.map(lambda _: live, trainable["extra"]),
         }
         lr = optim.learning_rate(cfg, state.opt_state)
-        updates, opt_state = self.tx.update(grads, state.opt_state, trainable, active=active)
+        rewarm = {  # only the pairs restart at outer steps; heads keep their learning rate
+            "pairs": jax.tree.map(lambda _: jnp.ones((), bool), trainable["pairs"]),
+            "extra": jax.tree.map(lambda _: jnp.zeros((), bool), trainable["extra"]),
+        }
+        updates, opt_state = self.tx.update(
+            grads, state.opt_state, trainable, active=active, rewarm=rewarm
+        )
         trainable = jax.tree.map(lambda p, u: p + u.astype(p.dtype), trainable, updates)
         adapters = state.adapters._replace(pairs=trainable["pairs"])
         ctrl = state.ctrl._replace(

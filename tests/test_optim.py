@@ -117,3 +117,14 @@ def test_base_schedule_warmup_and_linear_decay():
     lrs = [float(sched(c)) for c in range(14)]
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert lrs[4] == pytest.approx(0.9) and lrs[-1] == pytest.approx(0.0)
+
+
+def test_rewarmup_only_on_masked_leaves():
+    ps = {"pair": jnp.zeros(2), "head": jnp.zeros(2)}
+    tx = optim.wrap(optax.sgd(1.0), rewarmup_steps=4)
+    state = optim.reset(
+        tx, tx.init(ps), jax.tree.map(lambda _: jnp.array(True), ps), jax.random.key(0), ps, "none"
+    )
+    g = jax.tree.map(lambda x: -jnp.ones_like(x), ps)
+    upd, _ = tx.update(g, state, ps, rewarm={"pair": jnp.array(True), "head": jnp.array(False)})
+    assert float(upd["pair"][0]) == 0.25 and float(upd["head"][0]) == 1.0
