@@ -160,15 +160,10 @@ def build_tiny(arch: str, task, num_labels: int | None, dtype, seed: int) -> Loa
 
 
 def llama_class():
-    """The LLaMA causal-LM class: the fixed one when available (rope_theta, tied head)."""
-    try:
-        from aroma_jax.models.llama import FixedFlaxLlamaForCausalLM  # type: ignore
+    """The LLaMA causal-LM class with HF's Flax defects fixed (see `aroma_jax.llama`)."""
+    from aroma_jax.llama import FixedFlaxLlamaForCausalLM
 
-        return FixedFlaxLlamaForCausalLM
-    except ImportError:
-        from transformers import FlaxLlamaForCausalLM
-
-        return FlaxLlamaForCausalLM
+    return FixedFlaxLlamaForCausalLM
 
 
 # ---------------------------------------------------------------------------- real models

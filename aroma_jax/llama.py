@@ -1,0 +1,133 @@
+"""HF Flax LLaMA with the defects of transformers 4.57 fixed.
+
+transformers 4.57's ``FlaxLlamaForCausalLM``
+
+1. ignores ``config.rope_theta`` (the rotary base is fixed at 10000; LLaMA-3 uses 500000,
+   SmolLM2 100000),
+2. ignores LLaMA-3's ``rope_scaling`` (``rope_type: llama3``),
+3. slices the rotary table by ``max_position_embeddings`` along the *feature* axis, which breaks
+   any model whose ``2 * head_dim`` exceeds it, and
+4. does not tie the output layer to the embeddings when ``tie_word_embeddings`` is set.
+
+`FixedFlaxLlamaForCausalLM` is a drop-in subclass (``from_pretrained``, ``__call__``,
+``generate``): its rotary tables follow the config, and a tied model computes its logits with
+the embedding matrix (its params hold no ``lm_head``). Logits match PyTorch transformers within
+1e-4 (tests/test_llama_fix.py).
+
+Example:
+    >>> # model = FixedFlaxLlamaForCausalLM.from_pretrained(path, from_pt=True)
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+from transformers.modeling_flax_outputs import FlaxCausalLMOutput
+from transformers.models.llama import modeling_flax_llama as hf
+
+_PATCHED = False
+
+
+def llama3_inv_freq(inv_freq: np.ndarray, scaling: dict) -> np.ndarray:
+    """LLaMA-3.1 frequency scaling: long wavelengths slowed by ``factor``, a smooth band."""
+    factor = scaling["factor"]
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old_len = scaling.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled)
+
+
+def rotary_table(config, num_pos: int) -> jnp.ndarray:
+    """``(num_pos, 1, 2 * head_dim)``: sin then cos, honouring rope_theta and rope_scaling."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    theta = float(getattr(config, "rope_theta", 10000.0))
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    scaling = getattr(config, "rope_scaling", None) or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "llama3":
+        inv_freq = llama3_inv_freq(inv_freq, scaling)
+    elif kind not in (None, "default"):
+        raise ValueError(f"rope_scaling type {kind!r} is not supported: accepted llama3")
+    freqs = np.outer(np.arange(num_pos), inv_freq).astype(np.float32)
+    emb = np.concatenate((freqs, freqs), axis=-1)
+    return jnp.asarray(np.concatenate((np.sin(emb)[:, None, :], np.cos(emb)[:, None, :]), -1))
+
+
+def _rotary_setup(self) -> None:
+    self.sincos = rotary_table(self.config, self.config.max_position_embeddings)
+
+
+def patch() -> None:
+    """Makes HF's Flax LLaMA rotary embedding follow the config (idempotent).
+
+    With the default ``rope_theta=10000`` and no scaling the table equals HF's own, so the patch
+    changes nothing for configs HF already handles.
+    """
+    global _PATCHED
+    if not _PATCHED:
+        hf.FlaxLlamaRotaryEmbedding.setup = _rotary_setup
+        _PATCHED = True
+
+
+class FixedFlaxLlamaForCausalLMModule(hf.FlaxLlamaForCausalLMModule):
+    """Ties the output layer to the embeddings when the config says so."""
+
+    def setup(self):
+        self.model = hf.FlaxLlamaModule(self.config, dtype=self.dtype)
+        if not self.config.tie_word_embeddings:
+            self.lm_head = nn.Dense(
+                self.config.vocab_size,
+                use_bias=False,
+                dtype=self.dtype,
+                kernel_init=nn.initializers.normal(stddev=self.config.initializer_range),
+            )
+
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        deterministic=True,
+        init_cache=False,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+    ):
+        outputs = self.model(
+            input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            deterministic=deterministic,
+            init_cache=init_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
+        hidden = outputs[0]
+        if self.config.tie_word_embeddings:
+            logits = self.model.embed_tokens.attend(hidden.astype(self.dtype))
+        else:
+            logits = self.lm_head(hidden)
+        if not return_dict:
+            return (logits,) + outputs[1:]
+        return FlaxCausalLMOutput(
+            logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class FixedFlaxLlamaForCausalLM(hf.FlaxLlamaForCausalLM):
+    """``FlaxLlamaForCausalLM`` with rope_theta, llama3 rope_scaling and tied embeddings."""
+
+    module_class = FixedFlaxLlamaForCausalLMModule
+
+    def __init__(self, config, *args, **kwargs):
+        patch()
+        super().__init__(config, *args, **kwargs)
