@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import yaml
 
@@ -365,7 +364,3 @@ def evaluate_only(cfg: Mapping[str, Any], run_dir: str | Path, split: str = "tes
     trainer = AromaTrainer(pipe.loss_fn, pipe.params, pipe.aroma, donate=False)
     state = rebuild_state(trainer, pipe.params, Path(run_dir) / "final")
     return pipe.evaluate(trainer, state, split, cfg["train"]["eval_batch_size"])
-
-
-def jnp_finite(x: Any) -> bool:
-    return bool(jnp.all(jnp.isfinite(x)))

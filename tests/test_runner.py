@@ -61,6 +61,16 @@ def test_tiny_roberta_run_directory(fake_assets, tmp_path):
     assert list((run / "tb").iterdir())
     hist = json.loads((run / "history.json").read_text())
     assert hist["outer_steps"] and hist["inner_checks"]
+    # eval and export from the run directory (what `aroma-jax eval/export RUN` do)
+    assert runner.evaluate_only(resolved, run, "test") == s["metrics"]
+    from aroma_jax import export
+
+    peft_dir = export.export_peft(run, tmp_path / "peft")
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["modules_to_save"] == ["classifier"]
+    assert set(config["rank_pattern"].values()) <= {r for r in s["ranks"].values() if r}
+    merged = export.export_merged(run, tmp_path / "merged")
+    assert (merged / "flax_model.msgpack").exists() and (merged / "config.json").exists()
 
 
 @pytest.mark.parametrize("stop", [16, 13])  # right after an outer step / inside an inner loop
