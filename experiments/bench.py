@@ -192,7 +192,9 @@ def merge_n(trainer: AromaTrainer, state, n: int):
         base = state.base
         for p, k in new_k.items():
             base = _set(base, p.split("/") + ["kernel"], k.reshape(trainer.specs[p].kernel_shape))
-        return state._replace(base=base, adapters=adapters, ctrl=ctrl._replace(inner_t=0))
+        return state._replace(
+            base=base, adapters=adapters, ctrl=ctrl._replace(inner_t=jnp.zeros((), jnp.int32))
+        )
 
     for i in range(n):
         state = one(state, jax.random.key(100 + i))
