@@ -166,3 +166,20 @@ def test_cli_help_and_bad_key(fake_assets, tmp_path):
         text=True,
     )
     assert out.returncode == 2 and "batchsize" in out.stderr and "batch_size" in out.stderr
+
+
+def test_mesh_run_matches_single_device(fake_assets, tmp_path):
+    import jax
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (simulated) devices")
+    single = runner.train(cfg("tiny-llama"), tmp_path / "one")
+    meshed = runner.train(cfg("tiny-llama", "mesh=fsdp=4,tensor=2"), tmp_path / "mesh")
+    assert meshed["ranks"] == single["ranks"]
+    assert meshed["metrics"] == single["metrics"]
+
+    def last_loss(run):
+        recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in recs if r["split"] == "train"][-1]
+
+    assert last_loss(tmp_path / "mesh") == pytest.approx(last_loss(tmp_path / "one"), rel=1e-5)
