@@ -72,6 +72,21 @@ def build_pipeline(cfg: Mapping[str, Any]) -> Pipeline:
     return _encoder_pipeline(cfg, task, loaded, aroma)
 
 
+def _make(loaded, task, aroma, loss_fn, train, evals, evaluator) -> Pipeline:
+    return Pipeline(
+        loaded.arch,
+        task.kind,
+        loaded.model,
+        loaded.tokenizer,
+        loaded.params,
+        aroma,
+        loss_fn,
+        train,
+        evals,
+        evaluator,
+    )
+
+
 def _task_kwargs(tcfg: Mapping[str, Any]) -> dict:
     keys = ("text_field", "text_pair_field", "label_field")
     return {k: tcfg[k] for k in keys if tcfg.get(k) is not None}
@@ -90,18 +105,7 @@ def _encoder_pipeline(cfg, task, loaded, aroma) -> Pipeline:
         preds = _batched(lambda b: predict(trainer, state, b), arrays, batch_size)
         return metrics_lib.compute(task.metrics, preds, arrays["labels"])
 
-    return Pipeline(
-        loaded.arch,
-        task.kind,
-        loaded.model,
-        loaded.tokenizer,
-        loaded.params,
-        aroma,
-        loss_fn,
-        enc["train"],
-        enc,
-        evaluator,
-    )
+    return _make(loaded, task, aroma, loss_fn, enc["train"], enc, evaluator)
 
 
 def _with_adapters(fn: Callable) -> Callable:
@@ -161,18 +165,7 @@ def _seq2seq_pipeline(cfg, task, loaded, aroma) -> Pipeline:
         refs = list(task.splits[split][task.target_field])
         return metrics_lib.compute(task.metrics, preds, refs)
 
-    return Pipeline(
-        loaded.arch,
-        task.kind,
-        loaded.model,
-        loaded.tokenizer,
-        loaded.params,
-        aroma,
-        loss_fn,
-        enc["train"],
-        enc,
-        evaluator,
-    )
+    return _make(loaded, task, aroma, loss_fn, enc["train"], enc, evaluator)
 
 
 # ---------------------------------------------------------------------------- causal LM
@@ -209,18 +202,7 @@ def _causal_lm_pipeline(cfg, task, loaded, aroma) -> Pipeline:
             refs = list(task.splits[split][task.target_field])
             return metrics_lib.compute(task.metrics, preds, refs)
 
-        return Pipeline(
-            loaded.arch,
-            task.kind,
-            loaded.model,
-            tok,
-            loaded.params,
-            aroma,
-            loss_fn,
-            train,
-            prompts,
-            evaluator,
-        )
+        return _make(loaded, task, aroma, loss_fn, train, prompts, evaluator)
 
     # Classification as text: score every label's continuation, predict the best.
     choices = {s: data.encode_choices(task, tok, s, max_len) for s in task.splits}
@@ -231,15 +213,4 @@ def _causal_lm_pipeline(cfg, task, loaded, aroma) -> Pipeline:
         preds = np.argmax(scores.reshape(-1, n_choices), axis=-1)
         return metrics_lib.compute(["mc_accuracy"], preds, labels)
 
-    return Pipeline(
-        loaded.arch,
-        task.kind,
-        loaded.model,
-        tok,
-        loaded.params,
-        aroma,
-        loss_fn,
-        train,
-        choices,
-        evaluator,
-    )
+    return _make(loaded, task, aroma, loss_fn, train, choices, evaluator)
