@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from aroma_jax import norms
-from aroma_jax.adapters import AdapterState, Frozen, ModuleSpec, Pair, capacity, fresh_pair
+from aroma_jax.adapters import AdapterState, Frozen, ModuleSpec, Pair, capacity, fresh_pairs
 from aroma_jax.config import AromaConfig
 
 Array = jax.Array
@@ -131,11 +131,11 @@ def outer_step(
     cap = capacity(cfg)
     key, sub = jax.random.split(ctrl.key)
     paths = sorted(adapters.pairs)
-    keys = jax.random.split(sub, len(paths))
+    fresh_all = fresh_pairs(sub, {p: specs[p] for p in paths}, cfg.r)
     pairs, frozen, merges, done = {}, {}, {}, {}
     new_kernels = {}
     rho_out, merged, newly_done = {}, {}, {}
-    for i, p in enumerate(paths):
+    for p in paths:
         pair, fz, m, was_done = (
             adapters.pairs[p],
             adapters.frozen[p],
@@ -157,7 +157,7 @@ def outer_step(
         m = m + merge.astype(jnp.int32)
         full = m >= cap
         now_done = was_done | stop | full
-        fresh = fresh_pair(keys[i], specs[p], cfg.r)
+        fresh = fresh_all[p]
         zero = Pair(jnp.zeros_like(pair.a), jnp.zeros_like(pair.b))
         # Merged and still growing: a fresh pair. Stopped (pair discarded) or full: zeros.
         renew, discard = merge & ~full, now_done

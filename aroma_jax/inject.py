@@ -27,44 +27,65 @@ from collections.abc import Iterator, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from aroma_jax.adapters import Frozen, Pair
 
 Array = jax.Array
 
 
+def _contract(x: Array, y: Array, x_axes: tuple[int, ...], y_axes: tuple[int, ...]) -> Array:
+    """``dot_general`` with fp32 accumulation, no batch axes."""
+    return lax.dot_general(x, y, ((x_axes, y_axes), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _expand(h: Array, b: Array) -> Array:
+    """``h @ b`` for ``h: (..., r)``; for ``r = 1`` an outer broadcast XLA fuses into the add."""
+    if h.shape[-1] == 1:
+        return h * b[0]
+    return _contract(h, b, (h.ndim - 1,), (0,)).astype(h.dtype)
+
+
 @jax.custom_vjp
-def _rank_one(x: Array, a: Array, b: Array) -> Array:
-    """``(x @ a) @ b`` for ``r = 1``, as a fused reduction and an outer broadcast."""
-    return _rank_one_fwd(x, a, b)[0]
+def _low_rank(x: Array, a: Array, b: Array) -> Array:
+    """``(x @ a) @ b`` whose forward and backward passes are all dots in canonical layouts."""
+    return _low_rank_fwd(x, a, b)[0]
 
 
-def _rank_one_fwd(x, a, b):
-    h = jnp.sum(x * a[:, 0], axis=-1, keepdims=True)  # (..., 1): a reduction XLA fuses
-    return h * b[0], (x, a, b, h)
+def _low_rank_fwd(x, a, b):
+    h = _contract(x, a, (x.ndim - 1,), (0,)).astype(x.dtype)  # (..., r)
+    return _expand(h, b), (x, a, b, h)
 
 
-def _rank_one_bwd(res, g):
+def _low_rank_bwd(res, g):
+    # Every product is a dot_general whose operands need no transposed copy of an activation:
+    # the token axes are contracted with the small (tokens, r) operand on the left, so XLA
+    # never materialises x^T or a broadcast of h/b (on XLA:CPU an elementwise-multiply-and-
+    # reduce formulation made it write full-size broadcasts, 1.2x the floor; these dots run
+    # at the floor's speed; see docs/BENCHMARKS.md).
     x, a, b, h = res
-    # One pass over g gives both dh and the b-gradient's reduction; one over x gives a's.
-    gh = jnp.sum(g * b[0], axis=-1, keepdims=True)  # (..., 1)
     lead = tuple(range(x.ndim - 1))
-    db = jnp.sum(g * h, axis=lead, dtype=jnp.float32)[None, :].astype(b.dtype)
-    da = jnp.sum(x * gh, axis=lead, dtype=jnp.float32)[:, None].astype(a.dtype)
-    dx = (gh * a[:, 0]).astype(x.dtype)
+    gh = _contract(g, b, (g.ndim - 1,), (1,)).astype(g.dtype)  # (..., r)
+    db = _contract(h, g, lead, lead).astype(b.dtype)  # (r, out)
+    da = _contract(gh, x, lead, lead).T.astype(a.dtype)  # (in, r)
+    dx = _expand(gh, a.T).astype(x.dtype)
     return dx, da, db
 
 
-_rank_one.defvjp(_rank_one_fwd, _rank_one_bwd)
+_low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
 def lowrank_delta(x: Array, a: Array, b: Array, scale: float) -> Array:
     """``scale * (x @ a) @ b`` for ``x: (..., in)``, ``a: (in, r)``, ``b: (r, out)``."""
     a = a.astype(x.dtype)
     b = b.astype(x.dtype)
-    if a.shape[-1] == 1:
-        return _rank_one(x, a * jnp.asarray(scale, x.dtype), b)
-    return ((x @ a) * jnp.asarray(scale, x.dtype)) @ b
+    return _low_rank(x, a * jnp.asarray(scale, x.dtype), b)
+
+
+def frozen_delta(x: Array, a: Array, b: Array, scale: float) -> Array:
+    """``scale * (x @ A) @ B`` for frozen factors: gradients flow to ``x`` only."""
+    a = lax.stop_gradient(a.astype(x.dtype)) * jnp.asarray(scale, x.dtype)
+    return _low_rank(x, a, lax.stop_gradient(b.astype(x.dtype)))
 
 
 ModuleAdapters = Mapping[str, tuple[Pair | None, Frozen | None]]
@@ -125,9 +146,7 @@ def adapters_applied(
         if pair is not None:
             delta = lowrank_delta(x2, pair.a, pair.b, scale)
         if frozen is not None and frozen.a.shape[-1] > 0:
-            d = ((x2 @ frozen.a.astype(y.dtype)) * jnp.asarray(scale, y.dtype)) @ frozen.b.astype(
-                y.dtype
-            )
+            d = frozen_delta(x2, frozen.a, frozen.b, scale)
             delta = d if delta is None else delta + d
         hits.add(path)
         if delta is None:

@@ -123,11 +123,16 @@ def reset(
     inner = tx.update.inner  # type: ignore[attr-defined]
     new_inner = state.inner
     if mode == "prune":
-        n = len(_param_leaves(inner, state.inner))
-        keys = iter(jax.random.split(key, max(n, 1)))
+        # One uniform draw for every leaf, sliced in traversal order: a single random-number
+        # kernel in the compiled step rather than one per optimizer leaf.
+        total = sum(x.size for x in _param_leaves(inner, state.inner))
+        u = jax.random.uniform(key, (max(total, 1),))
+        offset = [0]
 
         def prune(x, m):
-            keep = jax.random.bernoulli(next(keys), 1.0 - prune_ratio, x.shape)
+            start = offset[0]
+            offset[0] += x.size
+            keep = u[start : start + x.size].reshape(x.shape) < 1.0 - prune_ratio
             return jnp.where(m & ~keep, jnp.zeros_like(x), x)
 
         new_inner = optax.tree_utils.tree_map_params(inner, prune, state.inner, mask)

@@ -260,6 +260,11 @@ def bench(args) -> dict:
     }
     if args.smoke:
         variants = {k: v for k, v in variants.items() if k in ("aroma_r1", "lora_r8")}
+    elif args.variants:
+        unknown = sorted(set(args.variants) - set(variants))
+        if unknown:
+            raise SystemExit(f"unknown --variants {unknown}; choose from {sorted(variants)}")
+        variants = {k: v for k, v in variants.items() if k in args.variants or k == "aroma_r1"}
     runners, compile_s = {}, {}
     print(
         f"building {len(variants) + 1} variants of {args.model} "
@@ -385,6 +390,12 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=3, help="steps per variant per round")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median taken)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up steps per variant")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        metavar="NAME",
+        help="time only these variants (aroma_r1 and the floor always run); default: all",
+    )
     p.add_argument("--json", type=Path, help="write the results as JSON here")
     p.add_argument("--md", type=Path, help="write the markdown table here")
     p.add_argument(
