@@ -1,5 +1,6 @@
 """experiments/bench.py in its smoke mode: it runs and writes the promised keys (no timing)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
+    vs_peft = bool(importlib.util.find_spec("peft") and importlib.util.find_spec("torch"))
     res = subprocess.run(
         [
             sys.executable,
@@ -19,7 +21,8 @@ def test_bench_smoke(tmp_path):
             str(out),
             "--md",
             str(tmp_path / "bench.md"),
-        ],
+        ]
+        + (["--vs-peft"] if vs_peft else []),
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -35,7 +38,12 @@ def test_bench_smoke(tmp_path):
         "train_step_compiles",
         "peak_memory_bytes",
         "optimizer_state_bytes_aroma_r1",
+        "paired_ratios_to_floor",
     ):
         assert key in data
+    assert data["paired_ratios_to_floor"]["floor"] == 1.0
+    if vs_peft:
+        assert {"torch_floor_s", "peft_lora_r1_s", "peft_lora_r8_s"} <= set(data)
+        assert data["trainable_params"]["peft_lora_r8"] == data["trainable_params"]["lora_r8"]
     assert all(v == 1 for v in data["train_step_compiles"].values())
     assert "| floor |" in (tmp_path / "bench.md").read_text()
