@@ -41,9 +41,9 @@ class TrainingError(RuntimeError):
 
 def write_atomic(path: Path, text: str) -> None:
     """Writes a file so that readers see the old or the new content, never half of it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    from aroma_jax.checkpoint import write_text_atomic
+
+    write_text_atomic(path, text)
 
 
 def prepare_run_dir(output: str | Path, resume: bool) -> Path:
