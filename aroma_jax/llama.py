@@ -14,21 +14,29 @@ transformers 4.57's ``FlaxLlamaForCausalLM``
 the embedding matrix (its params hold no ``lm_head``). Logits match PyTorch transformers within
 1e-4 (tests/test_llama_fix.py).
 
+The rotary fix is scoped: while a fixed model runs, a `flax.linen.intercept_methods`
+interceptor answers HF's ``FlaxLlamaRotaryEmbedding.__call__`` from a table built from the
+config. Nothing in transformers is modified, so HF's own classes used elsewhere in the same
+process behave exactly as shipped. Inside the fixed model's ``__call__`` (and ``generate``,
+which calls it) the fix is active; applying ``model.module`` directly bypasses it: wrap such
+calls in `rotary_fixed`.
+
 Example:
     >>> # model = FixedFlaxLlamaForCausalLM.from_pretrained(path, from_pt=True)
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+from collections.abc import Iterator
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 from transformers.modeling_flax_outputs import FlaxCausalLMOutput
 from transformers.models.llama import modeling_flax_llama as hf
-
-_PATCHED = False
 
 
 def llama3_inv_freq(inv_freq: np.ndarray, scaling: dict) -> np.ndarray:
@@ -49,8 +57,17 @@ def rotary_table(config, num_pos: int) -> jnp.ndarray:
     """``(num_pos, 1, 2 * head_dim)``: sin then cos, honouring rope_theta and rope_scaling."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     theta = float(getattr(config, "rope_theta", 10000.0))
+    scaling = tuple(
+        (k, tuple(v) if isinstance(v, list) else v)
+        for k, v in sorted((getattr(config, "rope_scaling", None) or {}).items())
+    )
+    return _table(theta, head_dim, scaling, num_pos)
+
+
+@functools.lru_cache(maxsize=8)  # one table per distinct config, not one per layer and trace
+def _table(theta: float, head_dim: int, scaling_items: tuple, num_pos: int) -> np.ndarray:
+    scaling = dict(scaling_items)
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    scaling = getattr(config, "rope_scaling", None) or {}
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "llama3":
         inv_freq = llama3_inv_freq(inv_freq, scaling)
@@ -58,23 +75,31 @@ def rotary_table(config, num_pos: int) -> jnp.ndarray:
         raise ValueError(f"rope_scaling type {kind!r} is not supported: accepted llama3")
     freqs = np.outer(np.arange(num_pos), inv_freq).astype(np.float32)
     emb = np.concatenate((freqs, freqs), axis=-1)
-    return jnp.asarray(np.concatenate((np.sin(emb)[:, None, :], np.cos(emb)[:, None, :]), -1))
+    return np.concatenate((np.sin(emb)[:, None, :], np.cos(emb)[:, None, :]), -1)
 
 
-def _rotary_setup(self) -> None:
-    self.sincos = rotary_table(self.config, self.config.max_position_embeddings)
+def _rotary_interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__" or not isinstance(module, hf.FlaxLlamaRotaryEmbedding):
+        return next_fun(*args, **kwargs)
+    names = ("key", "query", "position_ids")
+    bound = dict(zip(names, args, strict=False)) | kwargs
+    table = jnp.asarray(rotary_table(module.config, module.config.max_position_embeddings))
+    sincos = table[bound["position_ids"]]
+    sin_pos, cos_pos = jnp.split(sincos, 2, axis=-1)
+    key = hf.apply_rotary_pos_emb(bound["key"], sin_pos, cos_pos)
+    query = hf.apply_rotary_pos_emb(bound["query"], sin_pos, cos_pos)
+    return jnp.asarray(key, dtype=module.dtype), jnp.asarray(query, dtype=module.dtype)
 
 
-def patch() -> None:
-    """Makes HF's Flax LLaMA rotary embedding follow the config (idempotent).
+@contextlib.contextmanager
+def rotary_fixed() -> Iterator[None]:
+    """Within the block, HF Flax LLaMA rotary embeddings follow rope_theta and rope_scaling.
 
-    With the default ``rope_theta=10000`` and no scaling the table equals HF's own, so the patch
-    changes nothing for configs HF already handles.
+    >>> # with rotary_fixed(): logits = model.module.apply({"params": p}, ids).logits
     """
-    global _PATCHED
-    if not _PATCHED:
-        hf.FlaxLlamaRotaryEmbedding.setup = _rotary_setup
-        _PATCHED = True
+    with nn.intercept_methods(_rotary_interceptor):
+        yield
 
 
 class FixedFlaxLlamaForCausalLMModule(hf.FlaxLlamaForCausalLMModule):
@@ -128,6 +153,6 @@ class FixedFlaxLlamaForCausalLM(hf.FlaxLlamaForCausalLM):
 
     module_class = FixedFlaxLlamaForCausalLMModule
 
-    def __init__(self, config, *args, **kwargs):
-        patch()
-        super().__init__(config, *args, **kwargs)
+    def __call__(self, *args, **kwargs):
+        with rotary_fixed():
+            return super().__call__(*args, **kwargs)

@@ -60,22 +60,27 @@ def test_fixed_llama_matches_pytorch(case, tmp_path):
     assert out.sequences.shape == (1, 9)
 
 
-def test_unfixed_hf_flax_llama_differs(tmp_path):
+def test_unfixed_hf_flax_llama_differs_and_stays_unmodified(tmp_path):
+    from aroma_jax.llama import rotary_table
+
     pt = build("theta1e5_tied", tmp_path)
     x = ids()
     with torch.no_grad():
         want = pt(torch.tensor(x)).logits.numpy()
     cfg = transformers.LlamaConfig.from_pretrained(tmp_path / "theta1e5_tied")
-    # HF's own class with HF's own rotary table (ours is patched in only by the fixed class's
-    # use; rebuild HF's table explicitly here).
     from transformers.models.llama import modeling_flax_llama as hf
 
     table = hf.create_sinusoidal_positions(cfg.max_position_embeddings, 16)
-    ours = np.asarray(__import__("aroma_jax.llama", fromlist=["x"]).rotary_table(cfg, 48))
+    ours = np.asarray(rotary_table(cfg, 48))
     assert np.abs(table - ours).max() > 1e-3  # rope_theta ignored by HF
     flax_plain = transformers.FlaxLlamaForCausalLM.from_pretrained(
         tmp_path / "theta1e5_tied", from_pt=True
     )
-    got = np.asarray(flax_plain(x.astype(np.int32)).logits)
-    print(f"unfixed HF Flax LLaMA: max |flax - torch| = {np.abs(got - want).max():.2e}")
-    assert np.abs(got - want).max() > 1e-3  # untied head (and, unpatched, the wrong base)
+    before = np.asarray(flax_plain(x.astype(np.int32)).logits)
+    print(f"unfixed HF Flax LLaMA: max |flax - torch| = {np.abs(before - want).max():.2e}")
+    assert np.abs(before - want).max() > 1e-3  # untied head and the wrong rotary base
+    # Using the fixed class leaves HF's own class exactly as shipped (the fix is scoped).
+    fixed = FixedFlaxLlamaForCausalLM.from_pretrained(tmp_path / "theta1e5_tied", from_pt=True)
+    np.testing.assert_allclose(np.asarray(fixed(x.astype(np.int32)).logits), want, atol=1e-4)
+    after = np.asarray(flax_plain(x.astype(np.int32)).logits)
+    np.testing.assert_array_equal(after, before)
