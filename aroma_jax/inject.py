@@ -4,7 +4,9 @@
 while a model runs, so an unmodified model (an HF Flax model, say) with an unmodified parameter
 tree gains ``y += s * (x @ a) @ b`` (+ ``s * (x @ A) @ B`` for the frozen merged part) on the
 modules whose path has an adapter. Nothing dense is formed: the input is contracted with the
-``(in, r)`` factor first.
+``(in, r)`` factor first. When a module has both a trainable pair and unfolded frozen factors
+(bases that cannot fold, e.g. bf16), both go through one contraction with ``[A | a]`` and
+``[B; b]``, so the step reads the activation and its gradient once for the whole adapter.
 
 Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -75,6 +77,38 @@ def _low_rank_bwd(res, g):
 _low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
+@jax.custom_vjp
+def _low_rank_joint(x: Array, a: Array, b: Array, fa: Array, fb: Array) -> Array:
+    """``(x @ [fa | a]) @ [fb; b]`` with gradients for ``x``, ``a`` and ``b`` only."""
+    return _low_rank_joint_fwd(x, a, b, fa, fb)[0]
+
+
+def _low_rank_joint_fwd(x, a, b, fa, fb):
+    # Concatenating the small factors (a few hundred KB per module) costs less than a second
+    # pass over x in the forward and over g in the backward (measured: docs/BENCHMARKS.md).
+    aa = jnp.concatenate([fa, a], axis=1)  # (in, k + r)
+    bb = jnp.concatenate([fb, b], axis=0)  # (k + r, out)
+    h = _contract(x, aa, (x.ndim - 1,), (0,)).astype(x.dtype)  # (..., k + r)
+    y = _contract(h, bb, (h.ndim - 1,), (0,)).astype(x.dtype)
+    return y, (x, aa, bb, h, a)
+
+
+def _low_rank_joint_bwd(res, g):
+    # As `_low_rank_bwd`, over all k + r columns for dx; da and db only over the pair's r.
+    x, aa, bb, h, a = res
+    k = aa.shape[1] - a.shape[1]
+    lead = tuple(range(x.ndim - 1))
+    gh = _contract(g, bb, (g.ndim - 1,), (1,)).astype(g.dtype)  # (..., k + r)
+    dx = _contract(gh, aa, (gh.ndim - 1,), (1,)).astype(x.dtype)
+    db = _contract(h[..., k:], g, lead, lead).astype(bb.dtype)  # (r, out)
+    da = _contract(gh[..., k:], x, lead, lead).T.astype(aa.dtype)  # (in, r)
+    # The frozen factors get zero cotangents; callers stop their gradient, so XLA drops these.
+    return dx, da, db, jnp.zeros_like(aa[:, :k]), jnp.zeros_like(bb[:k])
+
+
+_low_rank_joint.defvjp(_low_rank_joint_fwd, _low_rank_joint_bwd)
+
+
 def lowrank_delta(x: Array, a: Array, b: Array, scale: float) -> Array:
     """``scale * (x @ a) @ b`` for ``x: (..., in)``, ``a: (in, r)``, ``b: (r, out)``."""
     a = a.astype(x.dtype)
@@ -86,6 +120,20 @@ def frozen_delta(x: Array, a: Array, b: Array, scale: float) -> Array:
     """``scale * (x @ A) @ B`` for frozen factors: gradients flow to ``x`` only."""
     a = lax.stop_gradient(a.astype(x.dtype)) * jnp.asarray(scale, x.dtype)
     return _low_rank(x, a, lax.stop_gradient(b.astype(x.dtype)))
+
+
+def joint_delta(
+    x: Array, a: Array, b: Array, frozen_a: Array, frozen_b: Array, scale: float
+) -> Array:
+    """``scale * (x @ [A | a]) @ [B; b]``: trainable pair plus frozen factors, one pass.
+
+    Equals ``lowrank_delta(x, a, b, scale) + frozen_delta(x, A, B, scale)``; gradients flow to
+    ``x``, ``a`` and ``b`` only.
+    """
+    sc = jnp.asarray(scale, x.dtype)
+    fa = lax.stop_gradient(frozen_a.astype(x.dtype)) * sc
+    fb = lax.stop_gradient(frozen_b.astype(x.dtype))
+    return _low_rank_joint(x, a.astype(x.dtype) * sc, b.astype(x.dtype), fa, fb)
 
 
 ModuleAdapters = Mapping[str, tuple[Pair | None, Frozen | None]]
@@ -142,12 +190,15 @@ def adapters_applied(
         x2, lead = _flatten_input(module, x, in_ndim.get(path, 1))
         x2 = x2.astype(y.dtype)
         pair, frozen = entry
-        delta = None
-        if pair is not None:
+        has_frozen = frozen is not None and frozen.a.shape[-1] > 0
+        if pair is not None and has_frozen:
+            delta = joint_delta(x2, pair.a, pair.b, frozen.a, frozen.b, scale)
+        elif pair is not None:
             delta = lowrank_delta(x2, pair.a, pair.b, scale)
-        if frozen is not None and frozen.a.shape[-1] > 0:
-            d = frozen_delta(x2, frozen.a, frozen.b, scale)
-            delta = d if delta is None else delta + d
+        elif has_frozen:
+            delta = frozen_delta(x2, frozen.a, frozen.b, scale)
+        else:
+            delta = None
         hits.add(path)
         if delta is None:
             return y

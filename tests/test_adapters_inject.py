@@ -123,6 +123,31 @@ def test_low_rank_custom_vjp_matches_autodiff(r, lead):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("r", [1, 3])
+def test_joint_delta_equals_pair_plus_frozen_with_reference_gradients(r):
+    """The one-pass pair + frozen path: value and every gradient vs the plain formula."""
+    x = jax.random.normal(jax.random.key(3), (4, 7, 6))
+    a = jax.random.normal(jax.random.key(4), (6, r))
+    b = jax.random.normal(jax.random.key(5), (r, 5))
+    fa = jax.random.normal(jax.random.key(7), (6, 4))
+    fb = jax.random.normal(jax.random.key(8), (4, 5))
+    g = jax.random.normal(jax.random.key(6), (4, 7, 5))
+
+    def fast(x, a, b, fa, fb):
+        return jnp.sum(inject.joint_delta(x, a, b, fa, fb, 0.7) * g)
+
+    def ref(x, a, b, fa, fb):
+        fa, fb = jax.lax.stop_gradient(fa), jax.lax.stop_gradient(fb)
+        return jnp.sum(0.7 * ((x @ a) @ b + (x @ fa) @ fb) * g)
+
+    np.testing.assert_allclose(fast(x, a, b, fa, fb), ref(x, a, b, fa, fb), rtol=1e-5)
+    got = jax.grad(fast, (0, 1, 2, 3, 4))(x, a, b, fa, fb)
+    want = jax.grad(ref, (0, 1, 2, 3, 4))(x, a, b, fa, fb)
+    for gv, wv in zip(got, want, strict=True):
+        np.testing.assert_allclose(gv, wv, rtol=1e-4, atol=1e-4)
+    assert not np.any(got[3]) and not np.any(got[4])  # frozen factors never train
+
+
 def test_frozen_delta_passes_gradient_to_input_only():
     x = jax.random.normal(jax.random.key(3), (4, 7, 6))
     a = jax.random.normal(jax.random.key(4), (6, 3))
@@ -169,11 +194,16 @@ def test_low_rank_step_materialises_no_activation_sized_copy():
         h = jnp.sum(jnp.tanh(x) * a[:, 0], -1, keepdims=True)
         return jnp.sum(h * b[0] * g)
 
+    def joint(x, a, b, g):
+        fa, fb = jnp.ones((32, 6)), jnp.ones((6, 48))
+        return jnp.sum(inject.joint_delta(jnp.tanh(x), a, b, fa, fb, 1.0) * g)
+
     sizes = {8 * 16 * 32, 8 * 16 * 48}
     for r in (1, 4):
         a, b = jnp.ones((32, r)), jnp.ones((r, 48))
-        hlo = jax.jit(jax.grad(loss, (0, 1, 2))).lower(x, a, b, g).compile().as_text()
-        assert _materialised(hlo, sizes) == [], r
+        for f in (loss, joint):
+            hlo = jax.jit(jax.grad(f, (0, 1, 2))).lower(x, a, b, g).compile().as_text()
+            assert _materialised(hlo, sizes) == [], (r, f.__name__)
     # The detector catches the formulation it replaced (when the backend materialises it).
     a, b = jnp.ones((32, 1)), jnp.ones((1, 48))
     hlo = jax.jit(jax.grad(naive, (0, 1, 2))).lower(x, a, b, g).compile().as_text()
