@@ -13,9 +13,14 @@ median seconds per step after warm-up:
 * aroma_r8, lora_r1, lora_r8;
 * outer_step — one jitted outer step (eq. 6 for every module, merge, re-init, prune reset).
 
-Also: train-step compiles and compile time, XLA's memory analysis of the compiled step,
-trainable parameters and optimizer-state bytes. ``--smoke`` runs a tiny model for 2 steps
-(CI checks that the script works; it never asserts timings).
+Also, per variant: train-step compiles, trace and XLA compile time, XLA's memory analysis of
+the compiled step, trainable parameters and optimizer-state bytes; the floor's model FLOPs
+(analytic, cross-checked against XLA's count), FLOP rate and model-FLOPs utilisation (peak from
+a table of GPUs/TPUs or ``--peak-tflops``); the allocator's peak where the device reports one.
+``--vs-peft`` adds HF PEFT LoRA r=1/r=8 and a torch floor in PyTorch. ``--smoke`` runs every
+variant on a tiny model for 2 steps (CI checks that the script works; it never reads timings).
+
+On a GPU: ``python experiments/bench.py --dtype bfloat16 --batch 32 --seq 512 --json gpu.json``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -76,10 +82,12 @@ SHAPES = {
 }
 
 
-def build(name: str, seq: int):
+def build(name: str, seq: int, dtype: str = "float32"):
+    """The named shape, random weights; ``dtype``: the computation dtype (params stay fp32)."""
     import transformers as tf
 
     arch, kw = SHAPES[name]
+    dt = jnp.dtype(dtype)
     if arch == "roberta":
         cfg = tf.RobertaConfig(
             max_position_embeddings=seq + 4,
@@ -88,7 +96,7 @@ def build(name: str, seq: int):
             attention_probs_dropout_prob=0.0,
             **kw,
         )
-        model = tf.FlaxRobertaForSequenceClassification(cfg, seed=0)
+        model = tf.FlaxRobertaForSequenceClassification(cfg, seed=0, dtype=dt)
 
         def loss_fn(params, batch, rng):
             logits = model(batch["input_ids"], batch["attention_mask"], params=params).logits
@@ -97,7 +105,7 @@ def build(name: str, seq: int):
             )
     else:
         cfg = tf.LlamaConfig(max_position_embeddings=seq + 4, **kw)
-        model = tf.FlaxLlamaForCausalLM(cfg, seed=0)
+        model = tf.FlaxLlamaForCausalLM(cfg, seed=0, dtype=dt)
 
         def loss_fn(params, batch, rng):
             logits = model(batch["input_ids"], batch["attention_mask"], params=params).logits
@@ -108,6 +116,54 @@ def build(name: str, seq: int):
             )
 
     return arch, model, loss_fn, cfg.vocab_size
+
+
+def floor_model_flops(arch: str, cfg, batch: int, seq: int) -> float:
+    """Model FLOPs of one floor step (analytic), the numerator of its MFU.
+
+    The floor trains no weight, so its backward computes input gradients only: every matmul
+    with a frozen weight costs its forward FLOPs once more (``dx``), and attention's two
+    activation-by-activation products cost twice more (both operands need gradients). Counted
+    as ``2 * m * n * k`` per product; softmax, norms and elementwise work are left out, as is
+    usual for MFU. Causal attention is counted in full (HF's Flax LLaMA computes it in full).
+    """
+    h, layers, inter = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
+    tokens = batch * seq
+    attention = 2 * 2 * batch * seq * seq * h * layers  # scores and weighted values, forward
+    if arch == "roberta":
+        per_token = layers * (4 * h * h + 2 * h * inter)
+        head = batch * (h * h + h * cfg.num_labels)  # the classifier reads the first token
+        dense = 2 * (tokens * per_token + head)
+    else:
+        kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+        per_token = layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + h * cfg.vocab_size
+        dense = 2 * tokens * per_token
+    return float(2 * dense + 3 * attention)
+
+
+# Dense peak TFLOP/s by device kind (substring) and dtype, from the vendors' data sheets;
+# fp32 matmuls on NVIDIA GPUs run as TF32 under JAX's default precision. ``--peak-tflops``
+# overrides (and is the only source on CPUs).
+PEAK_TFLOPS = {
+    "H200": {"bfloat16": 989.4, "float32": 494.7},
+    "H100 PCIe": {"bfloat16": 756.0, "float32": 378.0},
+    "H100": {"bfloat16": 989.4, "float32": 494.7},
+    "A100": {"bfloat16": 312.0, "float32": 156.0},
+    "L4": {"bfloat16": 121.0, "float32": 60.0},
+    "TPU v4": {"bfloat16": 275.0},
+    "TPU v5 lite": {"bfloat16": 197.0},
+    "TPU v5p": {"bfloat16": 459.0},
+    "TPU v6 lite": {"bfloat16": 918.0},
+}
+
+
+def peak_tflops(device_kind: str, dtype: str, override: float | None) -> float | None:
+    if override:
+        return override
+    for kind, peaks in PEAK_TFLOPS.items():  # longest names first where they overlap
+        if kind in device_kind:
+            return peaks.get(dtype)
+    return None
 
 
 def make_batch(vocab: int, batch: int, seq: int) -> dict:
@@ -155,6 +211,9 @@ class Floor:
 
         self._step = jax.jit(step, donate_argnums=0)
 
+    def lower(self, batch):
+        return self._step.lower(self.state, self.params, batch)
+
     def __call__(self, batch):
         self.state, loss = self._step(self.state, self.params, batch)
         return loss
@@ -168,6 +227,13 @@ class Variant:
         if merges:
             state = merge_n(self.trainer, state, merges)
         self.state = state
+
+    @property
+    def compiles(self) -> int:
+        return self.trainer.compiles
+
+    def lower(self, batch):
+        return self.trainer._step.lower(self.state, batch)
 
     def __call__(self, batch):
         self.state, info = self.trainer.step(self.state, batch)
@@ -281,8 +347,32 @@ class TorchVariant:
         return jnp.asarray(loss.item())
 
 
+def compile_stats(run, batch) -> dict:
+    """Lowers and compiles ``run``'s step ahead of its first call (jit's caches keep both, so
+    the first call neither traces nor compiles again) and reads XLA's analyses of it."""
+    t0 = time.perf_counter()
+    lowered = run.lower(batch)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return {
+        "trace_lower_s": t1 - t0,
+        "xla_compile_s": t2 - t1,
+        "memory_bytes": {
+            "argument": int(mem.argument_size_in_bytes),
+            "output": int(mem.output_size_in_bytes),
+            "alias": int(mem.alias_size_in_bytes),
+            "temp": int(mem.temp_size_in_bytes),
+        },
+        "xla_flops": float((cost or {}).get("flops", float("nan"))),
+    }
+
+
 def bench(args) -> dict:
-    arch, model, loss_fn, vocab = build(args.model, args.seq)
+    arch, model, loss_fn, vocab = build(args.model, args.seq, args.dtype)
     params = model.params
     batch = make_batch(vocab, args.batch, args.seq)
     targets = PRESETS[arch]
@@ -303,21 +393,17 @@ def bench(args) -> dict:
         "lora_r1": (aroma.replace(method="lora"), 0),
         "lora_r8": (aroma.replace(method="lora", r=8, alpha=16.0), 0),
     }
-    if args.smoke:
-        variants = {k: v for k, v in variants.items() if k in ("aroma_r1", "lora_r8")}
-    elif args.variants:
+    if args.variants:
         unknown = sorted(set(args.variants) - set(variants))
         if unknown:
             raise SystemExit(f"unknown --variants {unknown}; choose from {sorted(variants)}")
         variants = {k: v for k, v in variants.items() if k in args.variants or k == "aroma_r1"}
-    runners, compile_s = {}, {}
     print(
         f"building {len(variants) + 1} variants of {args.model} "
-        f"(batch {args.batch}, seq {args.seq}) ...",
+        f"(batch {args.batch}, seq {args.seq}, {args.dtype}) on {jax.devices()[0]} ...",
         flush=True,
     )
-    for name, (cfg, merges) in variants.items():
-        runners[name] = Variant(name, loss_fn, params, cfg, merges)
+    runners = {name: Variant(name, loss_fn, params, cfg, m) for name, (cfg, m) in variants.items()}
     runners["floor"] = Floor(loss_fn, runners["aroma_r1"].trainer, params)
     if args.vs_peft:
         import torch
@@ -326,26 +412,34 @@ def bench(args) -> dict:
         paths = runners["aroma_r1"].trainer.paths
         for name, r in (("torch_floor", 0), ("peft_lora_r1", 1), ("peft_lora_r8", 8)):
             runners[name] = TorchVariant(arch, model.config, paths, r, batch)
+    stats, first_step_s = {}, {}
     for name, run in runners.items():
+        if hasattr(run, "lower"):
+            stats[name] = compile_stats(run, batch)
         t = time.perf_counter()
         block(run(batch))
-        compile_s[name] = time.perf_counter() - t
-        print(f"  {name:28s} first step (compile) {compile_s[name]:7.2f}s", flush=True)
+        first_step_s[name] = time.perf_counter() - t
+        st = stats.get(name)
+        took = (
+            f"trace+lower {st['trace_lower_s']:6.2f}s  XLA compile {st['xla_compile_s']:6.2f}s  "
+            if st
+            else ""
+        )
+        print(f"  {name:26s} {took}first step {first_step_s[name]:6.2f}s", flush=True)
     for _ in range(args.warmup):
         for run in runners.values():
             block(run(batch))
     times: dict[str, list[float]] = {k: [] for k in runners}
-    for r in range(args.rounds):
+    for r in tqdm.trange(args.rounds, desc="rounds", disable=args.smoke):
         for name, run in runners.items():
             t = time.perf_counter()
             for _ in range(args.steps):
                 out = run(batch)
             block(out)
             times[name].append((time.perf_counter() - t) / args.steps)
-        print(
+        tqdm.tqdm.write(
             f"  round {r + 1}/{args.rounds}: "
-            + ", ".join(f"{k}={v[-1] * 1e3:.0f}ms" for k, v in times.items()),
-            flush=True,
+            + ", ".join(f"{k}={v[-1] * 1e3:.0f}ms" for k, v in times.items())
         )
     med = {k: statistics.median(v) for k, v in times.items()}
     outer = outer_step_timer(runners["aroma_r1"])
@@ -356,15 +450,18 @@ def bench(args) -> dict:
         block(outer())
         ot.append(time.perf_counter() - t)
     a1 = runners["aroma_r1"]
-    step_fn = a1.trainer._step
-    mem = step_fn.lower(a1.state, batch).compile().memory_analysis()
-    trainable = {"pairs": a1.state.adapters.pairs, "extra": a1.state.extra}
-    opt_bytes = sum(x.nbytes for x in jax.tree.leaves(a1.state.opt_state))
+    device = jax.devices()[0]
+    model_flops = floor_model_flops(arch, model.config, args.batch, args.seq)
+    peak = peak_tflops(device.device_kind, args.dtype, args.peak_tflops)
+    floor_tflops = model_flops / med["floor"] / 1e12
+    allocator = device.memory_stats() or {}
+    jax_runners = {k: r for k, r in runners.items() if not isinstance(r, TorchVariant)}
     result = {
-        "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
+        "device": f"{device.platform}: {device.device_kind}",
         "model": args.model,
         "batch": args.batch,
         "seq": args.seq,
+        "dtype": args.dtype,
         "target_modules": len(a1.trainer.paths),
         "floor_s": med["floor"],
         **{f"{k}_s": v for k, v in med.items() if k != "floor"},
@@ -378,17 +475,17 @@ def bench(args) -> dict:
             for k, v in times.items()
         },
         "round_ms": {k: [round(t * 1e3, 1) for t in v] for k, v in times.items()},
-        "train_step_compiles": {
-            k: getattr(r, "trainer", r).compiles
-            for k, r in runners.items()
-            if not isinstance(r, TorchVariant)
-        },
-        "compile_s": compile_s,
-        "peak_memory_bytes": {
-            "argument": int(mem.argument_size_in_bytes),
-            "output": int(mem.output_size_in_bytes),
-            "temp": int(mem.temp_size_in_bytes),
-        },
+        "train_step_compiles": {k: r.compiles for k, r in jax_runners.items()},
+        "compile_s": {k: st["trace_lower_s"] + st["xla_compile_s"] for k, st in stats.items()},
+        "first_step_s": first_step_s,
+        "compile_stats": stats,
+        "peak_memory_bytes": stats["aroma_r1"]["memory_bytes"],
+        "allocator_peak_bytes": allocator.get("peak_bytes_in_use"),
+        "floor_model_flops": model_flops,
+        "floor_xla_flops": stats["floor"]["xla_flops"],
+        "floor_tflops_per_s": floor_tflops,
+        "peak_tflops": peak,
+        "floor_mfu": floor_tflops / peak if peak else None,
         "trainable_params": {
             k: int(
                 r.trainable
@@ -398,8 +495,14 @@ def bench(args) -> dict:
             for k, r in runners.items()
             if k != "floor"
         },
-        "aroma_r1_trainable_with_head": int(sum(x.size for x in jax.tree.leaves(trainable))),
-        "optimizer_state_bytes_aroma_r1": int(opt_bytes),
+        "optimizer_state_bytes": {
+            k: int(sum(x.nbytes for x in jax.tree.leaves(r.state.opt_state)))
+            for k, r in jax_runners.items()
+            if k != "floor"
+        },
+        "optimizer_state_bytes_aroma_r1": int(
+            sum(x.nbytes for x in jax.tree.leaves(a1.state.opt_state))
+        ),
         "rounds": args.rounds,
         "steps_per_round": args.steps,
         "date": datetime.date.today().isoformat(),
@@ -427,21 +530,31 @@ def _cpu() -> str:
 
 
 def markdown(r: dict) -> str:
+    """The results as a markdown table, plus the floor's FLOP rate and MFU."""
     rows = [
-        "| variant | ms / step | x floor | x floor, paired by round | trainable params |",
-        "|---|---:|---:|---:|---:|",
+        "| variant | ms / step | x floor | x floor, paired by round | trainable params "
+        "| optimizer state | compile s | XLA temp MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     floor = r["floor_s"]
-    names = r["variants"]
-    for n in names:
+    for n in r["variants"]:
         s = r[f"{n}_s"]
+        st = r["compile_stats"].get(n)
+        opt = r["optimizer_state_bytes"].get(n)
+        opt = f"{opt / 1e6:.2f} MB" if opt is not None else ""
+        comp = f"{r['compile_s'][n]:.1f} | {st['memory_bytes']['temp'] / 1e6:.0f}" if st else " |"
         rows.append(
             f"| {n} | {s * 1e3:.1f} | {s / floor:.3f} | {r['paired_ratios_to_floor'][n]:.3f} | "
-            f"{r['trainable_params'].get(n, 0):,} |"
+            f"{r['trainable_params'].get(n, 0):,} | {opt} | {comp} |"
         )
     rows.append(
         f"| outer step (all modules) | {r['outer_step_s'] * 1e3:.1f} | "
-        f"{r['outer_step_s'] / floor:.3f} | | |"
+        f"{r['outer_step_s'] / floor:.3f} | | | | | |"
+    )
+    mfu = f"{r['floor_mfu']:.1%}" if r["floor_mfu"] is not None else "n/a (no known peak)"
+    rows.append(
+        f"\nfloor: {r['floor_model_flops'] / 1e9:.4g} model GFLOP/step (XLA counts "
+        f"{r['floor_xla_flops'] / 1e9:.4g}), {r['floor_tflops_per_s']:.4g} TFLOP/s, MFU {mfu}"
     )
     return "\n".join(rows)
 
@@ -467,6 +580,18 @@ def main(argv=None) -> dict:
         metavar="NAME",
         help="time only these variants (aroma_r1 and the floor always run); default: all",
     )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="the model's computation dtype (params stay fp32, so merges fold into the kernels)",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="the device's peak TFLOP/s for --dtype, for the floor's MFU (default: a table of "
+        "GPUs and TPUs; none for CPUs)",
+    )
     p.add_argument("--json", type=Path, help="write the results as JSON here")
     p.add_argument("--md", type=Path, help="write the markdown table here")
     p.add_argument(
@@ -478,7 +603,8 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--smoke",
         action="store_true",
-        help="tiny model, 2 steps, 1 round: checks that the script works (CI)",
+        help="tiny model, every variant, 1 step per round, 2 rounds: checks that the script "
+        "works (CI; never read its timings)",
     )
     args = p.parse_args(argv)
     if args.smoke:

@@ -29,19 +29,35 @@ def test_bench_smoke(tmp_path):
     )
     assert res.returncode == 0, res.stderr[-2000:]
     data = json.loads(out.read_text())
-    for key in (
+    for key in (  # the keys issue 6 promises, and the extras the docs quote
         "device",
         "floor_s",
         "aroma_r1_s",
+        "aroma_r1_merged4_s",
+        "aroma_r1_merged16_s",
+        "aroma_r8_s",
+        "lora_r1_s",
         "lora_r8_s",
         "outer_step_s",
         "train_step_compiles",
+        "compile_s",
         "peak_memory_bytes",
+        "optimizer_state_bytes",
         "optimizer_state_bytes_aroma_r1",
         "paired_ratios_to_floor",
+        "floor_mfu",
     ):
         assert key in data
     assert data["paired_ratios_to_floor"]["floor"] == 1.0
+    # The analytic model FLOPs (MFU's numerator) agree with XLA's own count of the floor step.
+    assert abs(data["floor_model_flops"] / data["floor_xla_flops"] - 1) < 0.05
+    # Adam holds two moments per trainable parameter (plus scalars): r=8 holds 8x r=1's.
+    opt, n = data["optimizer_state_bytes"], data["trainable_params"]
+    assert opt["aroma_r1"] >= 2 * 4 * n["aroma_r1"] and opt["aroma_r1"] < 2.1 * 4 * n["aroma_r1"]
+    assert n["aroma_r8"] == 8 * n["aroma_r1"]
+    # Each variant's memory analysis; the factors variant holds the frozen factors as well.
+    mem = {k: v["memory_bytes"]["argument"] for k, v in data["compile_stats"].items()}
+    assert mem["aroma_r1_merged16_factors"] > mem["lora_r1"]
     if vs_peft:
         assert {"torch_floor_s", "peft_lora_r1_s", "peft_lora_r8_s"} <= set(data)
         assert data["trainable_params"]["peft_lora_r8"] == data["trainable_params"]["lora_r8"]
