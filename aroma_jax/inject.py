@@ -37,7 +37,14 @@ Array = jax.Array
 
 
 def _contract(x: Array, y: Array, x_axes: tuple[int, ...], y_axes: tuple[int, ...]) -> Array:
-    """``dot_general`` with fp32 accumulation, no batch axes."""
+    """``dot_general`` with fp32 accumulation, no batch axes.
+
+    GPUs and TPUs multiply bf16 operands into an fp32 result natively; XLA:CPU has no such dot
+    (``BF16 x BF16 = F32`` is unimplemented), so there the operands are widened first, which
+    is exact and gives the same product.
+    """
+    if jax.default_backend() == "cpu" and (x.dtype != jnp.float32 or y.dtype != jnp.float32):
+        x, y = x.astype(jnp.float32), y.astype(jnp.float32)
     return lax.dot_general(x, y, ((x_axes, y_axes), ((), ())), preferred_element_type=jnp.float32)
 
 

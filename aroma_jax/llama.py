@@ -153,6 +153,12 @@ class FixedFlaxLlamaForCausalLM(hf.FlaxLlamaForCausalLM):
 
     module_class = FixedFlaxLlamaForCausalLMModule
 
+    def init_weights(self, *args, **kwargs):
+        # The constructor initialises the module directly, not through `__call__`: without the
+        # fix a config whose 2 * head_dim exceeds max_position_embeddings fails already here.
+        with rotary_fixed():
+            return super().init_weights(*args, **kwargs)
+
     def __call__(self, *args, **kwargs):
         with rotary_fixed():
             return super().__call__(*args, **kwargs)

@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aroma_jax import AromaConfig, AromaTrainer, controller, optim  # noqa: E402
 from aroma_jax.hf import PRESETS  # noqa: E402
+from aroma_jax.llama import FixedFlaxLlamaForCausalLM  # noqa: E402
 
 SHAPES = {
     "roberta-base": (
@@ -79,6 +80,17 @@ SHAPES = {
             vocab_size=500,
         ),
     ),
+    "tiny-llama": (
+        "llama",
+        dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            vocab_size=500,
+        ),
+    ),
 }
 
 
@@ -105,7 +117,7 @@ def build(name: str, seq: int, dtype: str = "float32"):
             )
     else:
         cfg = tf.LlamaConfig(max_position_embeddings=seq + 4, **kw)
-        model = tf.FlaxLlamaForCausalLM(cfg, seed=0, dtype=dt)
+        model = FixedFlaxLlamaForCausalLM(cfg, seed=0, dtype=dt)  # HF's, defects fixed
 
         def loss_fn(params, batch, rng):
             logits = model(batch["input_ids"], batch["attention_mask"], params=params).logits
@@ -305,46 +317,61 @@ def block(x):
 class TorchVariant:
     """The same shape in PyTorch: HF PEFT LoRA (``r``), or ``r=0`` for the torch floor.
 
-    The torch floor trains only the biases of the target Linear layers (the counterpart of our
-    floor); PEFT variants train LoRA factors on the same target modules. AdamW, one step per call.
+    The torch floor adds a trainable zero bias to the output of every target Linear layer
+    through a forward hook and trains only those (our floor, exactly); PEFT variants train LoRA
+    factors on the same target modules. AdamW, one step per call, on CUDA when torch sees a GPU;
+    ``dtype="bfloat16"`` runs under bf16 autocast, as our ``--dtype bfloat16`` computes in bf16.
     """
 
-    def __init__(self, arch: str, flax_cfg, flax_paths: list[str], r: int, batch: dict):
+    def __init__(self, arch, flax_cfg, flax_paths: list[str], r: int, batch: dict, dtype: str):
         import torch
         import transformers as tf
 
         torch.manual_seed(0)
-        if arch != "roberta":
-            raise SystemExit("--vs-peft supports the roberta shapes")
-        cfg = tf.RobertaConfig(**flax_cfg.to_dict())
-        model = tf.RobertaForSequenceClassification(cfg).train()
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if arch == "roberta":
+            model = tf.RobertaForSequenceClassification(tf.RobertaConfig(**flax_cfg.to_dict()))
+            labels = batch["labels"]
+        else:
+            model = tf.LlamaForCausalLM(tf.LlamaConfig(**flax_cfg.to_dict()))
+            labels = batch["input_ids"]  # the model shifts them, as our causal-LM loss does
+        model = model.to(self.device).train()
+        # HF's Flax and torch models share module paths (roberta.encoder.layer.0...).
         targets = sorted({p.replace("/", ".") for p in flax_paths})
         if r:
             import peft
 
             lcfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets)
             model = peft.get_peft_model(model, lcfg)
+            params = [q for q in model.parameters() if q.requires_grad]
         else:
-            for name, prm in model.named_parameters():
-                prm.requires_grad = any(name == t + ".bias" for t in targets)
+            model.requires_grad_(False)
+            modules = dict(model.named_modules())
+            params = []
+            for t in targets:
+                bias = torch.nn.Parameter(torch.zeros(modules[t].out_features, device=self.device))
+                modules[t].register_forward_hook(lambda m, i, out, bias=bias: out + bias)
+                params.append(bias)
         self.model = model
-        params = [q for q in model.parameters() if q.requires_grad]
         self.trainable = sum(q.numel() for q in params)
         self.opt = torch.optim.AdamW(params, lr=1e-4)
+        self.autocast = torch.autocast(self.device, torch.bfloat16, enabled=dtype == "bfloat16")
         self.batch = {
             "input_ids": torch.as_tensor(batch["input_ids"], dtype=torch.long),
             "attention_mask": torch.as_tensor(batch["attention_mask"], dtype=torch.long),
-            "labels": torch.as_tensor(batch["labels"], dtype=torch.long),
+            "labels": torch.as_tensor(labels, dtype=torch.long),
         }
+        self.batch = {k: v.to(self.device) for k, v in self.batch.items()}
         self.compiles = 0
 
     def __call__(self, batch):
         del batch  # the torch tensors were made once
         self.opt.zero_grad(set_to_none=True)
-        loss = self.model(**self.batch).loss
+        with self.autocast:
+            loss = self.model(**self.batch).loss
         loss.backward()
         self.opt.step()
-        return jnp.asarray(loss.item())
+        return jnp.asarray(loss.item())  # .item() waits for the device
 
 
 def compile_stats(run, batch) -> dict:
@@ -411,7 +438,7 @@ def bench(args) -> dict:
         torch.set_num_threads(max(1, len(__import__("os").sched_getaffinity(0))))
         paths = runners["aroma_r1"].trainer.paths
         for name, r in (("torch_floor", 0), ("peft_lora_r1", 1), ("peft_lora_r8", 8)):
-            runners[name] = TorchVariant(arch, model.config, paths, r, batch)
+            runners[name] = TorchVariant(arch, model.config, paths, r, batch, args.dtype)
     stats, first_step_s = {}, {}
     for name, run in runners.items():
         if hasattr(run, "lower"):
@@ -598,18 +625,18 @@ def main(argv=None) -> dict:
         "--vs-peft",
         action="store_true",
         help="also time the same shape in PyTorch: HF PEFT LoRA r=1 and r=8, and a torch floor "
-        "(target biases only); needs torch and peft installed",
+        "(a zero bias per target module, as ours); needs torch and peft installed",
     )
     p.add_argument(
         "--smoke",
         action="store_true",
-        help="tiny model, every variant, 1 step per round, 2 rounds: checks that the script "
-        "works (CI; never read its timings)",
+        help="a tiny model (--model tiny or tiny-llama; default tiny), 1 step per round, 2 rounds: "
+        "checks that the script works (CI; never read its timings)",
     )
     args = p.parse_args(argv)
     if args.smoke:
         args.model, args.batch, args.seq, args.steps, args.rounds, args.warmup = (
-            "tiny",
+            args.model if args.model.startswith("tiny") else "tiny",
             2,
             16,
             1,

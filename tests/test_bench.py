@@ -63,3 +63,23 @@ def test_bench_smoke(tmp_path):
         assert data["trainable_params"]["peft_lora_r8"] == data["trainable_params"]["lora_r8"]
     assert all(v == 1 for v in data["train_step_compiles"].values())
     assert "| floor |" in (tmp_path / "bench.md").read_text()
+
+
+def test_bench_smoke_llama_shape(tmp_path):
+    """The LLaMA path (HF's Flax LLaMA with our fixes; PyTorch LlamaForCausalLM with --vs-peft)."""
+    out = tmp_path / "bench.json"
+    vs_peft = bool(importlib.util.find_spec("peft") and importlib.util.find_spec("torch"))
+    cmd = [sys.executable, str(ROOT / "experiments" / "bench.py"), "--smoke", "--json", str(out)]
+    cmd += ["--model", "tiny-llama", "--variants", "lora_r1"] + (["--vs-peft"] if vs_peft else [])
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["model"] == "tiny-llama" and data["target_modules"] == 10  # q, k, v, up, down x 2
+    assert set(data["variants"]) >= {"aroma_r1", "lora_r1", "floor"}
+    assert abs(data["floor_model_flops"] / data["floor_xla_flops"] - 1) < 0.05
+    if vs_peft:
+        n = data["trainable_params"]
+        assert n["peft_lora_r1"] == n["lora_r1"]
+        # The torch floor: one zero bias per target output feature, as ours: per layer
+        # q 64 + k 32 + v 32 (2 of 4 heads) + up 128 + down 64, two layers.
+        assert n["torch_floor"] == 2 * (64 + 32 + 32 + 128 + 64)

@@ -84,3 +84,29 @@ def test_unfixed_hf_flax_llama_differs_and_stays_unmodified(tmp_path):
     np.testing.assert_allclose(np.asarray(fixed(x.astype(np.int32)).logits), want, atol=1e-4)
     after = np.asarray(flax_plain(x.astype(np.int32)).logits)
     np.testing.assert_array_equal(after, before)
+
+
+def test_fixed_llama_builds_when_two_head_dims_exceed_max_positions(tmp_path):
+    """HF slices its rotary table by max_position_embeddings along the feature axis, so a config
+    with 2 * head_dim > max_position_embeddings fails already in the constructor's init."""
+    cfg = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,  # head_dim 16: the table needs 32 features, HF keeps 20
+        num_key_value_heads=2,
+        intermediate_size=96,
+        max_position_embeddings=20,
+    )
+    with pytest.raises(TypeError, match="incompatible shapes"):
+        transformers.FlaxLlamaForCausalLM(cfg, seed=0)
+    x = ids()[:, :20]
+    random_init = FixedFlaxLlamaForCausalLM(cfg, seed=0)
+    assert random_init(x.astype(np.int32)).logits.shape == (2, 20, 128)
+    torch.manual_seed(0)
+    pt = transformers.LlamaForCausalLM(cfg).eval()
+    pt.save_pretrained(tmp_path / "short")
+    with torch.no_grad():
+        want = pt(torch.tensor(x)).logits.numpy()
+    fx = FixedFlaxLlamaForCausalLM.from_pretrained(tmp_path / "short", from_pt=True)
+    np.testing.assert_allclose(np.asarray(fx(x.astype(np.int32)).logits), want, atol=1e-4)

@@ -139,6 +139,16 @@ def test_tiny_bart_generation_and_rouge(fake_assets, tmp_path):
     assert losses[-1] < losses[0]
 
 
+def test_bf16_model_with_rank_8_pairs(fake_assets, tmp_path):
+    """bf16 weights computing in bf16 (factor path) with r = 8. XLA:CPU has no bf16 x bf16 ->
+    fp32 dot, which the adapter's fp32-accumulating products asked for: this run crashed."""
+    extra = ("model.dtype=bfloat16", "model.param_dtype=bfloat16", "aroma.r=8", "aroma.alpha=16")
+    s = runner.train(cfg("tiny-roberta", *extra), tmp_path / "bf16")
+    assert s["compiles"] == 1 and s["outer_steps"] >= 1
+    assert set(s["ranks"].values()) == {8 * s["outer_steps"]}
+    assert np.isfinite(list(s["metrics"].values())).all()
+
+
 def test_tiny_llama_multiple_choice(fake_assets, tmp_path):
     s = runner.train(cfg("tiny-llama"), tmp_path / "llama")
     assert "mc_accuracy" in s["metrics"] and s["compiles"] == 1

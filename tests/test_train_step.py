@@ -61,6 +61,41 @@ def test_merge_leaves_output_unchanged_and_reinit_zeroes_b(fold):
     assert (trainer.folded == frozenset(trainer.paths)) == (fold == "auto")
 
 
+@pytest.mark.parametrize("r", [1, 4])
+def test_bf16_bases_keep_factors_and_train_in_bf16(r):
+    """bf16 kernels computing in bf16: nothing folds, merges fill the factor slots, and the
+    adapted model is W0 + s (A B + a b) within bf16 precision."""
+    model, student, teacher = make_problem(0)
+    student16 = jax.tree.map(lambda k: k.astype(jnp.bfloat16), student)
+
+    def loss_fn(params, batch, rng):
+        pred = model.apply({"params": params}, batch["x"].astype(jnp.bfloat16))
+        return jnp.mean(jnp.sum((pred.astype(jnp.float32) - batch["y"]) ** 2, axis=-1))
+
+    cfg = toy_config(outer_tol=0.0, inner_max_steps=10, r=r)
+    trainer = AromaTrainer(loss_fn, student16, cfg, donate=False)
+    assert trainer.folded == frozenset()
+    state = trainer.init(student16)
+    losses, outer = [], 0
+    for batch in batches(teacher, model, 32, 35):
+        state, info = trainer.step(state, batch)
+        losses.append(float(info.loss))
+        outer += int(info.outer)
+    assert trainer.compiles == 1 and outer >= 3
+    assert trainer.ranks(state) == {p: outer * r for p in trainer.paths}
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    x = jax.random.normal(jax.random.key(7), (16, D_IN)).astype(jnp.bfloat16)
+    got = np.asarray(outputs(trainer, state, model, x), np.float32)
+    want = []
+    for p in sorted(trainer.paths):
+        fz, pair = state.adapters.frozen[p], state.adapters.pairs[p]
+        dw = cfg.scale * (fz.a @ fz.b + pair.a @ pair.b)
+        w = np.asarray(student16[p]["kernel"], np.float32) + np.asarray(dw)
+        want.append(np.asarray(x, np.float32) @ w)
+    want = np.concatenate(want, axis=-1)
+    assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
+
+
 def test_outer_check_discards_pair_and_done_module_gets_zero_updates():
     cfg = toy_config(outer_tol=0.05, inner_max_steps=40, max_steps=200)
     trainer, state, model, teacher = make(cfg)
