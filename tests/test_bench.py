@@ -83,3 +83,15 @@ def test_bench_smoke_llama_shape(tmp_path):
         # The torch floor: one zero bias per target output feature, as ours: per layer
         # q 64 + k 32 + v 32 (2 of 4 heads) + up 128 + down 64, two layers.
         assert n["torch_floor"] == 2 * (64 + 32 + 32 + 128 + 64)
+
+
+def test_compile_breakdown_runs():
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "compile_breakdown.py"), "--model", "tiny"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    for name in ("train step (aroma)", "train step (lora)", "prune reset", "inner check"):
+        assert name in res.stdout
