@@ -483,6 +483,11 @@ def bench(args) -> dict:
     floor_tflops = model_flops / med["floor"] / 1e12
     allocator = device.memory_stats() or {}
     jax_runners = {k: r for k, r in runners.items() if not isinstance(r, TorchVariant)}
+    opt_bytes = {
+        k: int(sum(x.nbytes for x in jax.tree.leaves(r.state.opt_state)))
+        for k, r in jax_runners.items()
+        if k != "floor"
+    }
     result = {
         "device": f"{device.platform}: {device.device_kind}",
         "model": args.model,
@@ -522,14 +527,8 @@ def bench(args) -> dict:
             for k, r in runners.items()
             if k != "floor"
         },
-        "optimizer_state_bytes": {
-            k: int(sum(x.nbytes for x in jax.tree.leaves(r.state.opt_state)))
-            for k, r in jax_runners.items()
-            if k != "floor"
-        },
-        "optimizer_state_bytes_aroma_r1": int(
-            sum(x.nbytes for x in jax.tree.leaves(a1.state.opt_state))
-        ),
+        "optimizer_state_bytes": opt_bytes,
+        "optimizer_state_bytes_aroma_r1": opt_bytes["aroma_r1"],
         "rounds": args.rounds,
         "steps_per_round": args.steps,
         "date": datetime.date.today().isoformat(),
