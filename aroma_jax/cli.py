@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
         "train",
         help="train a model with AROMA, LoRA or ReLoRA",
         description="Train from a YAML run config (sections model, task, train, "
-        "aroma, mesh; see aroma_jax/run_config.py for every key and default).",
+        "aroma, mesh; see aroma_jax/train/run_config.py for every key and default).",
     )
     t.add_argument(
         "--config",
@@ -137,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
-    from aroma_jax import run_config, runner
+    from aroma_jax.train import run_config, runner
 
     overrides = list(args.overrides)
     if args.mesh:
@@ -151,7 +151,7 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from aroma_jax import run_config, runner
+    from aroma_jax.train import run_config, runner
 
     cfg = run_config.load(args.run_dir / "config.yaml")
     print(json.dumps(runner.evaluate_only(cfg, args.run_dir, args.split), indent=2))
@@ -159,7 +159,7 @@ def _eval(args) -> int:
 
 
 def _export(args) -> int:
-    from aroma_jax import export
+    from aroma_jax.train import export
 
     if not args.merged and not args.peft:
         print("export: nothing to do; pass --merged DIR and/or --peft DIR", file=sys.stderr)
@@ -172,16 +172,17 @@ def _export(args) -> int:
 
 
 def _assets(args) -> int:
-    from aroma_jax import offline
+    from aroma_jax.data import offline
+    from aroma_jax.models.hf import ASSET_PREPARE
 
     argv = [args.action, *args.names]
     if args.data_dir:
         argv += ["--data-dir", str(args.data_dir)]
-    return offline.main_assets(argv) or 0
+    return offline.main_assets(argv, prepare=ASSET_PREPARE) or 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    from aroma_jax.config import ConfigError
+    from aroma_jax.core.config import ConfigError
 
     args = _parser().parse_args(argv)
     try:

@@ -48,9 +48,11 @@ def table(summaries: dict[str, dict]) -> str:
 def main(
     output: Path = Path("runs/demo"), overrides: Sequence[str] = (), progress: bool = True
 ) -> int:
-    from aroma_jax import offline, run_config, runner
+    from aroma_jax.data import offline
+    from aroma_jax.models.hf import ASSET_PREPARE
+    from aroma_jax.train import run_config, runner
 
-    offline.fetch(["minilm", "rotten_tomatoes"])
+    offline.fetch(["minilm", "rotten_tomatoes"], prepare=ASSET_PREPARE)
     summaries = {}
     for name, cfg_file in RUNS:
         extra = list(overrides) + ([] if progress else ["train.progress=false"])

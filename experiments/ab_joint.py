@@ -3,7 +3,7 @@
     python experiments/ab_joint.py [--model roberta-base] [--merges 16] [--rounds 8]
 
 ``joint``: the trainable pair and the frozen factors in one contraction, ``x @ [A | a]`` then
-``@ [B; b]`` (`aroma_jax.inject.joint_delta`, what the library does). ``split``: the pair and
+``@ [B; b]`` (`aroma_jax.core.inject.joint_delta`, what the library does). ``split``: the pair and
 the frozen factors as two separate low-rank paths (what it did before). Both after ``--merges``
 merges in every module, timed interleaved in one process against the floor (a zero bias per
 target module), medians of paired per-round ratios, as in ``bench.py``.
@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench  # noqa: E402
 
-from aroma_jax import AromaConfig, inject  # noqa: E402
-from aroma_jax.hf import PRESETS  # noqa: E402
+from aroma_jax import AromaConfig  # noqa: E402
+from aroma_jax.core import inject  # noqa: E402
+from aroma_jax.models.hf import PRESETS  # noqa: E402
 
 
 def split_delta(x, a, b, frozen_a, frozen_b, scale):

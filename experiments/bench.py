@@ -44,9 +44,10 @@ import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from aroma_jax import AromaConfig, AromaTrainer, controller, optim  # noqa: E402
-from aroma_jax.hf import PRESETS  # noqa: E402
-from aroma_jax.llama import FixedFlaxLlamaForCausalLM  # noqa: E402
+from aroma_jax import AromaConfig, AromaTrainer  # noqa: E402
+from aroma_jax.core import controller, optim  # noqa: E402
+from aroma_jax.models.hf import PRESETS  # noqa: E402
+from aroma_jax.models.llama import FixedFlaxLlamaForCausalLM  # noqa: E402
 
 SHAPES = {
     "roberta-base": (

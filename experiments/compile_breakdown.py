@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench  # noqa: E402
 
-from aroma_jax import AromaConfig, AromaTrainer, controller, optim  # noqa: E402
-from aroma_jax.hf import PRESETS  # noqa: E402
+from aroma_jax import AromaConfig, AromaTrainer  # noqa: E402
+from aroma_jax.core import controller, optim  # noqa: E402
+from aroma_jax.models.hf import PRESETS  # noqa: E402
 
 
 def timed(name: str, lower) -> None:

@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aroma_jax import loop
-from aroma_jax.adapters import adapter_param_count
-from aroma_jax.config import AromaConfig
-from aroma_jax.train_step import AromaTrainer
+from aroma_jax.core import loop
+from aroma_jax.core.adapters import adapter_param_count
+from aroma_jax.core.config import AromaConfig
+from aroma_jax.core.train_step import AromaTrainer
 
 TRUE_RANKS = {"m0": 0, "m1": 1, "m3": 3}
 D_IN, D_OUT = 32, 24

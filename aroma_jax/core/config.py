@@ -1,0 +1,196 @@
+"""AROMA hyperparameters as one frozen, validated dataclass.
+
+Every knob of the paper (section 3, algorithm 1, appendix H) lives here, plus the few choices the
+paper leaves open (DESIGN-NOTES section 1). `AromaConfig` is hashable and static, so a jitted train
+step can close over it without retracing.
+
+Example:
+    >>> from aroma_jax.core.config import AromaConfig
+    >>> cfg = AromaConfig(target_modules=("query", "value"), r=1, alpha=2.0, max_steps=1000)
+    >>> cfg.scale
+    2.0
+    >>> cfg.replace(inner_tol=0.05).inner_tol
+    0.05
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+METHODS = ("aroma", "lora", "relora")
+RESET_MODES = ("prune", "full", "none")
+SCHEDULES = ("linear", "cosine", "constant")
+FOLD_MODES = ("auto", "always", "never")
+
+
+class ConfigError(ValueError):
+    """An invalid config value; the message names the field, the value and what is accepted."""
+
+
+def _fail(field: str, value: Any, accepted: str) -> None:
+    raise ConfigError(f"invalid {field}={value!r}: accepted {accepted}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AromaConfig:
+    """AROMA's knobs. Defaults follow the paper's NLU setting (appendix H, table 15).
+
+    Attributes:
+      target_modules: patterns over "/"-joined Dense paths (regex full match, or a path suffix
+        such as ``"query"`` or ``"attention/output/dense"``), like PEFT's ``target_modules``.
+      method: ``"aroma"`` (adaptive growth), ``"lora"`` (fixed rank ``r``, never merges) or
+        ``"relora"`` (merge and reset every ``inner_max_steps``, no stopping criteria).
+      r: inner rank of the trainable pair (paper: 1; AROMA_r=8 for LLaMA).
+      alpha: the adapter's output is scaled by ``alpha / r``.
+      inner_tol: epsilon_in of eq. 5; a module is inner-converged when the signed relative change
+        of ``|a b|_F`` over one check interval falls below it.
+      inner_check_every: Delta T_in, the interval between inner checks, in steps.
+      inner_max_steps: T_in, the inner-loop step cap (and ReLoRA's reset period).
+      outer_tol: epsilon_out of eq. 6; a module is done when ``|s a b| / |W0 + dW| < outer_tol``.
+      max_steps: T, the total step cap.
+      rank_capacity: the most merges a module can hold (its frozen factors are preallocated with
+        this many slots so that merges never change shapes or recompile). A module that fills its
+        capacity is marked done.
+      reset: optimizer-state reset at outer steps: ``"prune"`` zeroes a random ``prune_ratio`` of
+        the pair's state (paper, ReLoRA), ``"full"`` re-initialises it, ``"none"`` keeps it (the
+        paper's "w/o reset" ablation).
+      prune_ratio: fraction of optimizer state zeroed by ``reset="prune"``.
+      learning_rate: peak learning rate.
+      schedule: base schedule after the initial warmup: ``linear`` decay to 0 at ``max_steps``,
+        ``cosine`` or ``constant``.
+      warmup_steps: initial linear warmup (paper: 100; CoLA 500).
+      rewarmup_steps: linear re-warmup after every actual outer step (paper: 50; CoLA 100).
+      weight_decay: AdamW decoupled weight decay on adapter pairs.
+      b1, b2, eps: Adam hyperparameters.
+      fold: fold each merged pair into an fp32 base kernel at its merge (an exact, once-per-merge
+        rank-one add) instead of applying frozen factors every step. ``"auto"`` folds fp32 kernels
+        and keeps factors for lower-precision ones (a fold would round the update away). The exact
+        factors are kept for export either way.
+      train_patterns: non-adapter parameters to train in full (task heads, like PEFT's
+        ``modules_to_save``); patterns as for ``target_modules``.
+      seed: seed for adapter initialisation and resets.
+    """
+
+    target_modules: tuple[str, ...] = ()
+    method: str = "aroma"
+    r: int = 1
+    alpha: float = 2.0
+    inner_tol: float = 0.1
+    inner_check_every: int = 10
+    inner_max_steps: int = 1000
+    outer_tol: float = 5e-3
+    max_steps: int = 10_000
+    rank_capacity: int = 32
+    reset: str = "prune"
+    prune_ratio: float = 0.999
+    learning_rate: float = 5e-4
+    schedule: str = "linear"
+    warmup_steps: int = 100
+    rewarmup_steps: int = 50
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    fold: str = "auto"
+    train_patterns: tuple[str, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        # Lists from YAML/JSON become tuples, so the config stays hashable.
+        for name in ("target_modules", "train_patterns"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
+                _fail(name, value, "a list of module path patterns (strings)")
+            object.__setattr__(self, name, tuple(value))
+        self._validate()
+
+    def _validate(self) -> None:
+        if not self.target_modules:
+            _fail("target_modules", self.target_modules, "a non-empty list of module patterns")
+        if self.method not in METHODS:
+            _fail("method", self.method, f"one of {METHODS}")
+        if self.reset not in RESET_MODES:
+            _fail("reset", self.reset, f"one of {RESET_MODES}")
+        if self.schedule not in SCHEDULES:
+            _fail("schedule", self.schedule, f"one of {SCHEDULES}")
+        if self.fold not in FOLD_MODES:
+            _fail("fold", self.fold, f"one of {FOLD_MODES}")
+        for name in ("r", "inner_check_every", "inner_max_steps", "max_steps", "rank_capacity"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                _fail(name, value, "an integer >= 1")
+        for name in ("warmup_steps", "rewarmup_steps", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                _fail(name, value, "an integer >= 0")
+        for name in ("alpha", "learning_rate"):
+            value = getattr(self, name)
+            if not _is_number(value) or not value > 0 or not math.isfinite(value):
+                _fail(name, value, "a finite number > 0")
+        for name in ("inner_tol", "outer_tol", "weight_decay", "eps"):
+            value = getattr(self, name)
+            if not _is_number(value) or value < 0 or not math.isfinite(value):
+                _fail(name, value, "a finite number >= 0")
+        if not _is_number(self.prune_ratio) or not 0.0 <= self.prune_ratio <= 1.0:
+            _fail("prune_ratio", self.prune_ratio, "a number in [0, 1]")
+        for name in ("b1", "b2"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0.0 <= value < 1.0:
+                _fail(name, value, "a number in [0, 1)")
+
+    @property
+    def scale(self) -> float:
+        """The adapter scale s = alpha / r."""
+        return self.alpha / self.r
+
+    @property
+    def grows(self) -> bool:
+        """Whether outer steps (merges) happen at all."""
+        return self.method in ("aroma", "relora")
+
+    def replace(self, **changes: Any) -> AromaConfig:
+        """A copy with some fields changed (validated; unknown names are rejected)."""
+        return from_dict({**dataclasses.asdict(self), **changes})
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def field_names() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(AromaConfig))
+
+
+def from_dict(values: Mapping[str, Any]) -> AromaConfig:
+    """Builds a config from a mapping, rejecting unknown keys with the list of valid ones."""
+    valid = field_names()
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"unknown AROMA config key(s) {unknown}: valid keys are {', '.join(valid)}"
+        )
+    return AromaConfig(**dict(values))
+
+
+def lora(
+    target_modules: tuple[str, ...], r: int = 8, alpha: float = 16.0, **kw: Any
+) -> AromaConfig:
+    """A plain LoRA baseline from the same machinery: fixed rank ``r``, no growth."""
+    return AromaConfig(target_modules=target_modules, method="lora", r=r, alpha=alpha, **kw)
+
+
+def relora(target_modules: tuple[str, ...], reset_every: int, **kw: Any) -> AromaConfig:
+    """ReLoRA: merge and reset every ``reset_every`` steps, with no stopping criteria."""
+    return AromaConfig(
+        target_modules=target_modules, method="relora", inner_max_steps=reset_every, **kw
+    )
+
+
+def aroma_without_reset(target_modules: tuple[str, ...], **kw: Any) -> AromaConfig:
+    """The paper's "w/o reset" ablation (table 5): AROMA keeping the optimizer state."""
+    return AromaConfig(target_modules=target_modules, reset="none", **kw)

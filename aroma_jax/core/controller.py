@@ -1,0 +1,197 @@
+"""AROMA's rank-growth controller: inner checks, the global outer trigger, check/merge/reinit.
+
+Pure functions on small pytrees, meant to run inside the jitted train step (under ``lax.cond``
+for the rare outer step), so a run never leaves the device to decide anything and never
+recompiles as ranks grow: merges write into preallocated slots with dynamic indices.
+
+Per module (DESIGN-NOTES section 1):
+
+* inner check, every ``inner_check_every`` steps: ``rho_in = (|ab|_t - |ab|_{t-dT}) / |ab|_{t-dT}``
+  (eq. 5, signed); ``rho_in < inner_tol`` sets a sticky inner-converged label. The first check
+  after a re-init compares with a zero norm and never converges.
+* outer trigger (global): every active module inner-converged, or ``inner_max_steps`` reached.
+* outer step, per active module: ``rho_out = |s a b| / |W0 + dW|`` (eq. 6, factored);
+  ``rho_out < outer_tol`` discards the pair and marks the module done; otherwise the pair is
+  merged into the next frozen slot (and folded into an fp32 kernel when folding), ``a`` is
+  re-initialised and ``b`` zeroed. A module whose slots are full is done after its last merge.
+
+LoRA never triggers; ReLoRA triggers every ``inner_max_steps`` with no criteria.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from aroma_jax.core import norms
+from aroma_jax.core.adapters import AdapterState, Frozen, ModuleSpec, Pair, capacity, fresh_pairs
+from aroma_jax.core.config import AromaConfig
+
+Array = jax.Array
+
+
+class ControllerState(NamedTuple):
+    step: Array  # int32: train steps taken
+    inner_t: Array  # int32: steps since the latest outer step (or the start)
+    outer_count: Array  # int32: outer steps so far
+    prev_norm: dict[str, Array]  # |a b|_F at the previous inner check (0 after a re-init)
+    inner_conv: dict[str, Array]  # sticky inner-converged labels
+    base_sq: dict[str, Array]  # |W0|_F^2 of unfolded kernels (eq. 6's denominator)
+    key: Array  # PRNG key for re-inits and prunes
+    finished: Array  # bool: every module done, or max_steps reached
+
+
+class OuterInfo(NamedTuple):
+    """What an outer step did, per module in sorted path order."""
+
+    rho_out: Array  # f32 (n,); NaN for modules that were already done
+    merged: Array  # bool (n,)
+    newly_done: Array  # bool (n,)
+
+
+def init(
+    adapters: AdapterState, kernels: Mapping[str, Array], key: Array, folded: frozenset[str]
+) -> ControllerState:
+    paths = sorted(adapters.pairs)
+    # Separate buffers (not one shared zero): the train step donates its state.
+    return ControllerState(
+        step=jnp.zeros((), jnp.int32),
+        inner_t=jnp.zeros((), jnp.int32),
+        outer_count=jnp.zeros((), jnp.int32),
+        prev_norm={p: jnp.zeros((), jnp.float32) for p in paths},
+        inner_conv={p: jnp.zeros((), jnp.bool_) for p in paths},
+        base_sq={
+            p: jnp.zeros((), jnp.float32)
+            if p in folded
+            else jnp.sum(jnp.square(kernels[p].astype(jnp.float32)))
+            for p in paths
+        },
+        key=key,
+        finished=jnp.zeros((), jnp.bool_),
+    )
+
+
+def _stack(d: Mapping[str, Array]) -> Array:
+    return jnp.stack([d[p] for p in sorted(d)])
+
+
+def inner_check(
+    ctrl: ControllerState, adapters: AdapterState, cfg: AromaConfig
+) -> tuple[ControllerState, Array]:
+    """Eq. 5 for every module; returns the new state and ``rho_in`` (n,) (NaN where done)."""
+    conv, prev, rhos = {}, {}, {}
+    for p, pair in adapters.pairs.items():
+        n = norms.product_norm(pair.a, pair.b)
+        rho = norms.inner_ratio(n, ctrl.prev_norm[p])
+        done = adapters.done[p]
+        conv[p] = ctrl.inner_conv[p] | (~done & (rho < cfg.inner_tol))
+        prev[p] = n
+        rhos[p] = jnp.where(done, jnp.nan, rho)
+    return ctrl._replace(inner_conv=conv, prev_norm=prev), _stack(rhos)
+
+
+def outer_due(ctrl: ControllerState, adapters: AdapterState, cfg: AromaConfig) -> Array:
+    """The global trigger: all active modules inner-converged, or the inner step cap."""
+    if cfg.method == "lora":
+        return jnp.zeros((), jnp.bool_)
+    capped = ctrl.inner_t >= cfg.inner_max_steps
+    if cfg.method == "relora":
+        return capped & ~ctrl.finished
+    all_conv = jnp.all(_stack({p: ctrl.inner_conv[p] | adapters.done[p] for p in adapters.done}))
+    return (all_conv | capped) & ~ctrl.finished
+
+
+def _write_slot(frozen: Frozen, pair: Pair, slot: Array, r: int, write: Array) -> Frozen:
+    start = slot * r
+    old_a = lax.dynamic_slice_in_dim(frozen.a, start, r, axis=1)
+    old_b = lax.dynamic_slice_in_dim(frozen.b, start, r, axis=0)
+    a = lax.dynamic_update_slice_in_dim(frozen.a, jnp.where(write, pair.a, old_a), start, axis=1)
+    b = lax.dynamic_update_slice_in_dim(frozen.b, jnp.where(write, pair.b, old_b), start, axis=0)
+    return Frozen(a, b)
+
+
+def outer_step(
+    ctrl: ControllerState,
+    adapters: AdapterState,
+    kernels: Mapping[str, Array],
+    specs: Mapping[str, ModuleSpec],
+    cfg: AromaConfig,
+    folded: frozenset[str],
+) -> tuple[ControllerState, AdapterState, dict[str, Array], OuterInfo]:
+    """Check (eq. 6), merge, re-init for every active module; see the module docstring.
+
+    ``kernels`` are the 2-D base kernels; only those in ``folded`` are read for eq. 6 as they
+    are (they already hold ``W0 + dW``) and returned updated. Everything else uses factors.
+    """
+    s = cfg.scale
+    cap = capacity(cfg)
+    key, sub = jax.random.split(ctrl.key)
+    paths = sorted(adapters.pairs)
+    fresh_all = fresh_pairs(sub, {p: specs[p] for p in paths}, cfg.r)
+    pairs, frozen, merges, done = {}, {}, {}, {}
+    new_kernels = {}
+    rho_out, merged, newly_done = {}, {}, {}
+    for p in paths:
+        pair, fz, m, was_done = (
+            adapters.pairs[p],
+            adapters.frozen[p],
+            adapters.merges[p],
+            adapters.done[p],
+        )
+        active = ~was_done
+        pair_norm = norms.product_norm(pair.a, pair.b)
+        if p in folded:
+            base_norm = jnp.sqrt(jnp.sum(jnp.square(kernels[p].astype(jnp.float32))))
+        else:
+            w0 = kernels[p]
+            base_sq = norms.base_plus_product_sq_norm(ctrl.base_sq[p], w0, fz.a, fz.b, s)
+            base_norm = jnp.sqrt(base_sq)
+        rho = norms.outer_ratio(pair_norm, base_norm, s)
+        stop = active & (rho < cfg.outer_tol) if cfg.method == "aroma" else jnp.zeros((), bool)
+        merge = active & ~stop & (m < cap)
+        fz = _write_slot(fz, pair, m, cfg.r, merge)
+        m = m + merge.astype(jnp.int32)
+        full = m >= cap
+        now_done = was_done | stop | full
+        fresh = fresh_all[p]
+        zero = Pair(jnp.zeros_like(pair.a), jnp.zeros_like(pair.b))
+        # Merged and still growing: a fresh pair. Stopped (pair discarded) or full: zeros.
+        renew, discard = merge & ~full, now_done
+
+        def pick(old, f, z, renew=renew, discard=discard):
+            return jnp.where(renew, f, jnp.where(discard, z, old))
+
+        pair = jax.tree.map(pick, pair, fresh, zero)
+        if p in folded:
+            delta = (s * adapters.pairs[p].a) @ adapters.pairs[p].b  # once per merge, allowed
+            k = kernels[p]
+            new_kernels[p] = jnp.where(merge, k + delta.astype(k.dtype), k)
+        pairs[p], frozen[p], merges[p], done[p] = pair, fz, m, now_done
+        rho_out[p] = jnp.where(active, rho, jnp.nan)
+        merged[p] = merge
+        newly_done[p] = now_done & ~was_done
+    adapters = AdapterState(pairs, frozen, merges, done)
+    ctrl = ctrl._replace(
+        inner_t=jnp.zeros((), jnp.int32),
+        outer_count=ctrl.outer_count + 1,
+        prev_norm={p: jnp.zeros((), jnp.float32) for p in paths},
+        inner_conv={p: jnp.zeros((), jnp.bool_) for p in paths},
+        key=key,
+    )
+    info = OuterInfo(_stack(rho_out), _stack(merged), _stack(newly_done))
+    return ctrl, adapters, new_kernels, info
+
+
+def no_outer_info(n: int) -> OuterInfo:
+    """The `OuterInfo` of a step without an outer step (for ``lax.cond``'s other branch)."""
+    return OuterInfo(
+        jnp.full((n,), jnp.nan, jnp.float32), jnp.zeros((n,), bool), jnp.zeros((n,), bool)
+    )
+
+
+def all_done(adapters: AdapterState) -> Array:
+    return jnp.all(_stack(adapters.done))

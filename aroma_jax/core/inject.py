@@ -1,0 +1,215 @@
+"""Adding adapter outputs to matched Dense calls of any ``flax.linen`` model.
+
+`flax.linen.intercept_methods` lets us wrap every ``Dense.__call__`` and ``DenseGeneral.__call__``
+while a model runs, so an unmodified model (an HF Flax model, say) with an unmodified parameter
+tree gains ``y += s * (x @ a) @ b`` (+ ``s * (x @ A) @ B`` for the frozen merged part) on the
+modules whose path has an adapter. Nothing dense is formed: the input is contracted with the
+``(in, r)`` factor first. When a module has both a trainable pair and unfolded frozen factors
+(bases that cannot fold, e.g. bf16), both go through one contraction with ``[A | a]`` and
+``[B; b]``, so the step reads the activation and its gradient once for the whole adapter.
+
+Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> from aroma_jax.core import inject
+    >>> from aroma_jax.core.adapters import Pair
+    >>> model = nn.Sequential([nn.Dense(3)])  # one Dense at path "layers_0"
+    >>> v = model.init(jax.random.key(0), jnp.ones((1, 4)))
+    >>> pair = Pair(jnp.ones((4, 1)), jnp.ones((1, 3)))
+    >>> with inject.adapters_applied({"layers_0": (pair, None)}, scale=1.0):
+    ...     y = model.apply(v, jnp.ones((1, 4)))
+    >>> bool(jnp.allclose(y - model.apply(v, jnp.ones((1, 4))), 4.0))
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from aroma_jax.core.adapters import Frozen, Pair
+
+Array = jax.Array
+
+
+def _contract(x: Array, y: Array, x_axes: tuple[int, ...], y_axes: tuple[int, ...]) -> Array:
+    """``dot_general`` with fp32 accumulation, no batch axes.
+
+    GPUs and TPUs multiply bf16 operands into an fp32 result natively; XLA:CPU has no such dot
+    (``BF16 x BF16 = F32`` is unimplemented), so there the operands are widened first, which
+    is exact and gives the same product.
+    """
+    if jax.default_backend() == "cpu" and (x.dtype != jnp.float32 or y.dtype != jnp.float32):
+        x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+    return lax.dot_general(x, y, ((x_axes, y_axes), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _expand(h: Array, b: Array) -> Array:
+    """``h @ b`` for ``h: (..., r)``; for ``r = 1`` an outer broadcast XLA fuses into the add."""
+    if h.shape[-1] == 1:
+        return h * b[0]
+    return _contract(h, b, (h.ndim - 1,), (0,)).astype(h.dtype)
+
+
+@jax.custom_vjp
+def _low_rank(x: Array, a: Array, b: Array) -> Array:
+    """``(x @ a) @ b`` whose forward and backward passes are all dots in canonical layouts."""
+    return _low_rank_fwd(x, a, b)[0]
+
+
+def _low_rank_fwd(x, a, b):
+    h = _contract(x, a, (x.ndim - 1,), (0,)).astype(x.dtype)  # (..., r)
+    return _expand(h, b), (x, a, b, h)
+
+
+def _low_rank_bwd(res, g):
+    # Every product is a dot_general whose operands need no transposed copy of an activation:
+    # the token axes are contracted with the small (tokens, r) operand on the left, so XLA
+    # never materialises x^T or a broadcast of h/b (on XLA:CPU an elementwise-multiply-and-
+    # reduce formulation made it write full-size broadcasts, 1.2x the floor; these dots run
+    # at the floor's speed; see docs/BENCHMARKS.md).
+    x, a, b, h = res
+    lead = tuple(range(x.ndim - 1))
+    gh = _contract(g, b, (g.ndim - 1,), (1,)).astype(g.dtype)  # (..., r)
+    db = _contract(h, g, lead, lead).astype(b.dtype)  # (r, out)
+    da = _contract(gh, x, lead, lead).T.astype(a.dtype)  # (in, r)
+    dx = _expand(gh, a.T).astype(x.dtype)
+    return dx, da, db
+
+
+_low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
+
+
+@jax.custom_vjp
+def _low_rank_joint(x: Array, a: Array, b: Array, fa: Array, fb: Array) -> Array:
+    """``(x @ [fa | a]) @ [fb; b]`` with gradients for ``x``, ``a`` and ``b`` only."""
+    return _low_rank_joint_fwd(x, a, b, fa, fb)[0]
+
+
+def _low_rank_joint_fwd(x, a, b, fa, fb):
+    # Concatenating the small factors (a few hundred KB per module) costs less than a second
+    # pass over x in the forward and over g in the backward (measured: docs/BENCHMARKS.md).
+    aa = jnp.concatenate([fa, a], axis=1)  # (in, k + r)
+    bb = jnp.concatenate([fb, b], axis=0)  # (k + r, out)
+    h = _contract(x, aa, (x.ndim - 1,), (0,)).astype(x.dtype)  # (..., k + r)
+    y = _contract(h, bb, (h.ndim - 1,), (0,)).astype(x.dtype)
+    return y, (x, aa, bb, h, a)
+
+
+def _low_rank_joint_bwd(res, g):
+    # As `_low_rank_bwd`, over all k + r columns for dx; da and db only over the pair's r.
+    x, aa, bb, h, a = res
+    k = aa.shape[1] - a.shape[1]
+    lead = tuple(range(x.ndim - 1))
+    gh = _contract(g, bb, (g.ndim - 1,), (1,)).astype(g.dtype)  # (..., k + r)
+    dx = _contract(gh, aa, (gh.ndim - 1,), (1,)).astype(x.dtype)
+    db = _contract(h[..., k:], g, lead, lead).astype(bb.dtype)  # (r, out)
+    da = _contract(gh[..., k:], x, lead, lead).T.astype(aa.dtype)  # (in, r)
+    # The frozen factors get zero cotangents; callers stop their gradient, so XLA drops these.
+    return dx, da, db, jnp.zeros_like(aa[:, :k]), jnp.zeros_like(bb[:k])
+
+
+_low_rank_joint.defvjp(_low_rank_joint_fwd, _low_rank_joint_bwd)
+
+
+def lowrank_delta(x: Array, a: Array, b: Array, scale: float) -> Array:
+    """``scale * (x @ a) @ b`` for ``x: (..., in)``, ``a: (in, r)``, ``b: (r, out)``."""
+    a = a.astype(x.dtype)
+    b = b.astype(x.dtype)
+    return _low_rank(x, a * jnp.asarray(scale, x.dtype), b)
+
+
+def frozen_delta(x: Array, a: Array, b: Array, scale: float) -> Array:
+    """``scale * (x @ A) @ B`` for frozen factors: gradients flow to ``x`` only."""
+    a = lax.stop_gradient(a.astype(x.dtype)) * jnp.asarray(scale, x.dtype)
+    return _low_rank(x, a, lax.stop_gradient(b.astype(x.dtype)))
+
+
+def joint_delta(
+    x: Array, a: Array, b: Array, frozen_a: Array, frozen_b: Array, scale: float
+) -> Array:
+    """``scale * (x @ [A | a]) @ [B; b]``: trainable pair plus frozen factors, one pass.
+
+    Equals ``lowrank_delta(x, a, b, scale) + frozen_delta(x, A, B, scale)``; gradients flow to
+    ``x``, ``a`` and ``b`` only.
+    """
+    sc = jnp.asarray(scale, x.dtype)
+    fa = lax.stop_gradient(frozen_a.astype(x.dtype)) * sc
+    fb = lax.stop_gradient(frozen_b.astype(x.dtype))
+    return _low_rank_joint(x, a.astype(x.dtype) * sc, b.astype(x.dtype), fa, fb)
+
+
+ModuleAdapters = Mapping[str, tuple[Pair | None, Frozen | None]]
+
+
+def _module_path(module: nn.Module) -> str:
+    return "/".join(str(p) for p in module.path)
+
+
+def _flatten_input(module: nn.Module, x: Array, in_ndim: int) -> tuple[Array, tuple[int, ...]]:
+    """Views ``x`` as ``(..., fan_in)``; rejects DenseGeneral layouts the adapter cannot follow."""
+    if isinstance(module, nn.DenseGeneral):
+        axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+        axis = tuple(ax % x.ndim for ax in axis)
+        if module.batch_dims or axis != tuple(range(x.ndim - len(axis), x.ndim)):
+            raise ValueError(
+                f"module {_module_path(module)!r}: adapters support DenseGeneral contracting the "
+                f"trailing input axes without batch_dims; got axis={module.axis}, "
+                f"batch_dims={module.batch_dims}"
+            )
+        in_ndim = len(axis)
+    lead = x.shape[: x.ndim - in_ndim]
+    return x.reshape(lead + (-1,)), lead
+
+
+@contextlib.contextmanager
+def adapters_applied(
+    modules: ModuleAdapters, scale: float, in_ndim: Mapping[str, int] | None = None
+) -> Iterator[set[str]]:
+    """Within the block, matched Dense calls add their adapter's output.
+
+    Args:
+      modules: path -> ``(pair, frozen)``; either may be ``None`` to skip it (e.g. the frozen part
+        once it is folded into the kernel).
+      scale: ``alpha / r``.
+      in_ndim: per path, the number of contracted input axes (for DenseGeneral); default 1.
+
+    Yields the set of paths whose adapter was applied, filled in as the model runs (at trace
+    time under ``jit``), so callers can detect adapters that never met their module.
+    """
+    hits: set[str] = set()
+    in_ndim = dict(in_ndim or {})
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral)):
+            return next_fun(*args, **kwargs)
+        path = _module_path(module)
+        entry = modules.get(path)
+        y = next_fun(*args, **kwargs)
+        if entry is None:
+            return y
+        x = args[0] if args else kwargs["inputs"]
+        x2, lead = _flatten_input(module, x, in_ndim.get(path, 1))
+        x2 = x2.astype(y.dtype)
+        pair, frozen = entry
+        has_frozen = frozen is not None and frozen.a.shape[-1] > 0
+        if pair is not None and has_frozen:
+            delta = joint_delta(x2, pair.a, pair.b, frozen.a, frozen.b, scale)
+        elif pair is not None:
+            delta = lowrank_delta(x2, pair.a, pair.b, scale)
+        elif has_frozen:
+            delta = frozen_delta(x2, frozen.a, frozen.b, scale)
+        else:
+            delta = None
+        hits.add(path)
+        if delta is None:
+            return y
+        return y + delta.reshape(lead + y.shape[len(lead) :]).astype(y.dtype)
+
+    with nn.intercept_methods(interceptor):
+        yield hits

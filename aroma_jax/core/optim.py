@@ -1,0 +1,184 @@
+"""An optax wrapper that masks per-module updates, resets merged pairs' state and re-warms.
+
+AROMA needs three things from its optimizer that a static ``optax.masked`` cannot give, because
+which modules are done changes while training:
+
+* ``update(..., active=mask)`` zeroes the updates (and the incoming gradients) of every leaf whose
+  mask is False: done modules and, once training has finished, everything;
+* `reset` re-initialises (``"full"``) or randomly prunes (``"prune"``, paper and ReLoRA: zero a
+  ``ratio`` of the entries) the optimizer state of the pairs that were just merged, and
+* it records the step of that outer step, so updates are scaled by a linear re-warmup that starts
+  at the *actual* (adaptive) outer steps; ``update(..., rewarm=mask)`` limits the re-warmup to
+  the leaves that are reset (the pairs), so fully trained heads keep their schedule.
+
+All of it is pure and jit-safe (``jnp.where`` blends, no Python branching on values).
+
+Adam's bias-correction ``count`` is shared by all leaves and is not restarted by a reset (the
+paper's behaviour): the first update after a prune is then about ``(1-b1)/sqrt(1-b2) ~ 3.2x`` a
+first Adam step; the re-warmup's first factor ``1/rewarmup_steps`` more than absorbs it.
+
+Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from aroma_jax.core import optim
+    >>> tx = optim.wrap(optax.sgd(1.0), rewarmup_steps=2)
+    >>> params = {"a": jnp.ones(2), "b": jnp.ones(2)}
+    >>> state = tx.init(params)
+    >>> active = {"a": jnp.array(True), "b": jnp.array(False)}
+    >>> upd, state = tx.update(params, state, params, active=active)
+    >>> upd["a"].tolist(), upd["b"].tolist()
+    ([-1.0, -1.0], [0.0, 0.0])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from aroma_jax.core.config import AromaConfig
+
+Array = jax.Array
+
+
+class WrappedState(NamedTuple):
+    inner: optax.OptState
+    count: Array  # updates applied so far (int32)
+    last_outer: Array  # `count` at the latest outer step; -1 before the first
+
+
+def rewarm_factor(count: Array, last_outer: Array, rewarmup_steps: int) -> Array:
+    """Linear re-warmup: ``1/R, 2/R, ..., 1`` over the ``R`` updates after an outer step."""
+    if rewarmup_steps <= 0:
+        return jnp.ones((), jnp.float32)
+    k = (count - last_outer + 1).astype(jnp.float32)
+    ramp = jnp.minimum(1.0, k / rewarmup_steps)
+    return jnp.where(last_outer >= 0, ramp, 1.0)
+
+
+def wrap(
+    inner: optax.GradientTransformation, rewarmup_steps: int = 0
+) -> optax.GradientTransformationExtraArgs:
+    """Wraps ``inner`` with per-leaf masking and a re-warmup after outer steps (see module doc)."""
+
+    def init_fn(params):
+        return WrappedState(inner.init(params), jnp.zeros((), jnp.int32), -jnp.ones((), jnp.int32))
+
+    def update_fn(updates, state, params=None, *, active=None, rewarm=None, **extra):
+        del extra
+        if active is None:
+            active = jax.tree.map(lambda _: jnp.ones((), bool), updates)
+        if rewarm is None:
+            rewarm = jax.tree.map(lambda _: jnp.ones((), bool), updates)
+        updates = jax.tree.map(lambda u, m: jnp.where(m, u, 0), updates, active)
+        new_updates, inner_state = inner.update(updates, state.inner, params)
+        factor = rewarm_factor(state.count, state.last_outer, rewarmup_steps)
+
+        def scale(u, m, w):
+            return jnp.where(m, u * jnp.where(w, factor, 1.0).astype(u.dtype), 0)
+
+        new_updates = jax.tree.map(scale, new_updates, active, rewarm)
+        return new_updates, WrappedState(inner_state, state.count + 1, state.last_outer)
+
+    # Keep the inner transformation reachable: `reset` needs its `init` to find the param-shaped
+    # parts of the state (a NamedTuple takes no new attributes; a function does).
+    update_fn.inner = inner  # type: ignore[attr-defined]
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _param_leaves(inner: optax.GradientTransformation, state: optax.OptState) -> list[Array]:
+    """The leaves of every param-shaped subtree of ``state``, in traversal order."""
+    leaves: list[Array] = []
+
+    def collect(x):
+        leaves.append(x)
+        return x
+
+    optax.tree_utils.tree_map_params(inner, collect, state)
+    return leaves
+
+
+def reset(
+    tx: optax.GradientTransformationExtraArgs,
+    state: WrappedState,
+    mask: Any,
+    key: Array,
+    params: Any,
+    mode: str,
+    prune_ratio: float = 0.999,
+) -> WrappedState:
+    """Starts the re-warmup and resets the state of the leaves where ``mask`` is True.
+
+    Args:
+      tx: the transformation made by `wrap`.
+      state: its state.
+      mask: a params-shaped tree of bool scalars: which leaves' state to reset.
+      key: PRNG key for ``"prune"``.
+      params: the (new) parameters; ``"full"`` re-initialises from them.
+      mode: ``"prune"`` zeroes a random ``prune_ratio`` of each masked leaf's state entries,
+        ``"full"`` sets them to a fresh ``init``, ``"none"`` leaves them as they are.
+    """
+    inner = tx.update.inner  # type: ignore[attr-defined]
+    new_inner = state.inner
+    if mode == "prune":
+        # One uniform draw for every leaf, sliced in traversal order: a single random-number
+        # kernel in the compiled step rather than one per optimizer leaf.
+        total = sum(x.size for x in _param_leaves(inner, state.inner))
+        u = jax.random.uniform(key, (max(total, 1),))
+        offset = [0]
+
+        def prune(x, m):
+            start = offset[0]
+            offset[0] += x.size
+            keep = u[start : start + x.size].reshape(x.shape) < 1.0 - prune_ratio
+            return jnp.where(m & ~keep, jnp.zeros_like(x), x)
+
+        new_inner = optax.tree_utils.tree_map_params(inner, prune, state.inner, mask)
+    elif mode == "full":
+        fresh = iter(_param_leaves(inner, inner.init(params)))
+        new_inner = optax.tree_utils.tree_map_params(
+            inner, lambda x, m: jnp.where(m, next(fresh), x), state.inner, mask
+        )
+    elif mode != "none":
+        raise ValueError(f"unknown reset mode {mode!r}: accepted 'prune', 'full', 'none'")
+    return WrappedState(new_inner, state.count, state.count)
+
+
+def base_schedule(cfg: AromaConfig) -> Callable[[Array], Array]:
+    """Initial linear warmup, then ``cfg.schedule`` down to ``cfg.max_steps``.
+
+    The argument is optax's 0-based update count; the first update gets ``lr / warmup_steps``
+    rather than zero.
+    """
+    peak, warm, total = cfg.learning_rate, cfg.warmup_steps, cfg.max_steps
+
+    def schedule(count):
+        t = jnp.asarray(count, jnp.float32) + 1.0
+        w = jnp.minimum(1.0, t / warm) if warm > 0 else 1.0
+        p = jnp.clip((t - warm) / max(total - warm, 1), 0.0, 1.0)
+        if cfg.schedule == "linear":
+            decay = 1.0 - p
+        elif cfg.schedule == "cosine":
+            decay = 0.5 * (1.0 + jnp.cos(jnp.pi * p))
+        else:
+            decay = 1.0
+        return peak * w * decay
+
+    return schedule
+
+
+def make_optimizer(cfg: AromaConfig) -> optax.GradientTransformationExtraArgs:
+    """AdamW on the base schedule, wrapped for masking, resets and re-warmups."""
+    parts = [optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)]
+    if cfg.weight_decay > 0:
+        parts.append(optax.add_decayed_weights(cfg.weight_decay))
+    parts.append(optax.scale_by_learning_rate(base_schedule(cfg)))
+    return wrap(optax.chain(*parts), rewarmup_steps=cfg.rewarmup_steps if cfg.grows else 0)
+
+
+def learning_rate(cfg: AromaConfig, state: WrappedState) -> Array:
+    """The effective learning rate of the next update (for logging)."""
+    rewarm = cfg.rewarmup_steps if cfg.grows else 0
+    return base_schedule(cfg)(state.count) * rewarm_factor(state.count, state.last_outer, rewarm)

@@ -1,0 +1,221 @@
+"""Sharded AROMA training on a `jax.sharding.Mesh`: rules, adapter/optimizer inheritance, batches.
+
+One SPMD program: every device runs the same controller on the same (replicated) decisions, so
+merges, re-inits and resets cannot drift apart across replicas (the authors' multi-GPU code
+merges on rank 0 only).
+
+* Mesh axes: ``data`` (batch), ``fsdp`` (batch, and one kernel axis of every weight), ``tensor``
+  (attention heads / FFN width). `parse_mesh("data=2,fsdp=2,tensor=2")`.
+* Base weights follow `Rule`s (regex over "/"-joined param paths -> one mesh axis name or None
+  per kernel axis): column-parallel kernels (q, k, v, up, gate, fc1, intermediate) shard
+  ``(fsdp, tensor)``, row-parallel ones (o, down, fc2, attention output, output) ``(tensor,
+  fsdp)``; an axis is only sharded when its size divides evenly, else it is replicated.
+* Adapters inherit their kernel's sharding, as in qwix: ``a: (in, r)`` takes the kernel's input
+  axis, ``b: (r, out)`` its output axis, the rank axis is replicated; frozen factors likewise.
+* The optimizer state's param-shaped parts take their params' shardings; the controller state,
+  step counters and PRNG keys are replicated.
+
+Example:
+    >>> # mesh = parse_mesh("fsdp=4,tensor=2")
+    >>> # state = shard_trainer(trainer, state, mesh, rules_for("llama"))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from aroma_jax.core.adapters import AdapterState, Frozen, Pair
+from aroma_jax.core.train_step import AromaTrainer, TrainState
+
+AXES = ("data", "fsdp", "tensor")
+
+
+class MeshError(ValueError):
+    """A bad mesh spec; the message says what is accepted."""
+
+
+def parse_mesh(spec: str | Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
+    """``"data=2,fsdp=2,tensor=2"`` -> a Mesh over all devices (product = device count)."""
+    devices = list(devices if devices is not None else jax.devices())
+    if isinstance(spec, str):
+        sizes: dict[str, int] = {}
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            name, _, value = part.partition("=")
+            if name not in AXES or not value.isdigit() or int(value) < 1:
+                raise MeshError(
+                    f"invalid mesh axis {part!r} in {spec!r}: accepted "
+                    f"name=size with name in {AXES}, e.g. data=2,fsdp=2,tensor=2"
+                )
+            if name in sizes:
+                raise MeshError(f"mesh axis {name!r} given twice in {spec!r}")
+            sizes[name] = int(value)
+    else:
+        sizes = dict(spec)
+    if not sizes:
+        raise MeshError(f"empty mesh spec {spec!r}: accepted e.g. data=2,fsdp=2,tensor=2")
+    total = math.prod(sizes.values())
+    if total != len(devices):
+        raise MeshError(
+            f"mesh {spec!r} has {total} devices (product of axis sizes) but "
+            f"{len(devices)} are present: the product must equal the device count"
+        )
+    names = tuple(a for a in AXES if a in sizes)
+    grid = np.asarray(devices).reshape(tuple(sizes[a] for a in names))
+    return Mesh(grid, names)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Params whose path matches ``pattern`` (regex search) get ``axes`` (one per array axis)."""
+
+    pattern: str
+    axes: tuple[str | None, ...]
+
+
+COLUMN = r"(query|key|value|q_proj|k_proj|v_proj|up_proj|gate_proj|fc1|intermediate/dense)"
+ROW = r"(o_proj|down_proj|fc2|out_proj|attention/output/dense|layer/\d+/output/dense)"
+DEFAULT_RULES = (
+    Rule(COLUMN + r"/kernel$", ("fsdp", "tensor")),
+    Rule(ROW + r"/kernel$", ("tensor", "fsdp")),
+    Rule(r"(embed_tokens|word_embeddings|shared)/embedding$", ("tensor", "fsdp")),
+    Rule(r"lm_head/kernel$", ("fsdp", "tensor")),
+    Rule(r"kernel$", ("fsdp", None)),
+)
+
+
+def rules_for(arch: str | None = None) -> tuple[Rule, ...]:
+    """The rules for an architecture (bert, roberta, bart, llama share the naming above)."""
+    return DEFAULT_RULES
+
+
+def _fit(shape: tuple[int, ...], axes: tuple[str | None, ...], mesh: Mesh) -> P:
+    """Drops mesh axes that are absent or do not divide the array axis evenly."""
+    if len(axes) != len(shape):
+        axes = (axes + (None,) * len(shape))[: len(shape)]
+    out = []
+    for dim, ax in zip(shape, axes, strict=True):
+        ok = (
+            ax is not None and ax in mesh.shape and mesh.shape[ax] > 1 and dim % mesh.shape[ax] == 0
+        )
+        out.append(ax if ok else None)
+    return P(*out)
+
+
+def param_specs(params: Mapping, mesh: Mesh, rules: Sequence[Rule]) -> dict:
+    """A PartitionSpec per param leaf (nested like ``params``)."""
+    flat = traverse_util.flatten_dict(dict(params), sep="/")
+    specs = {}
+    for path, leaf in flat.items():
+        spec = P()
+        for rule in rules:
+            if re.search(rule.pattern, path):
+                spec = _fit(tuple(leaf.shape), rule.axes, mesh)
+                break
+        specs[path] = spec
+    return traverse_util.unflatten_dict(specs, sep="/") if specs else {}
+
+
+def _get(tree: Mapping, path: str) -> Any:
+    for k in path.split("/"):
+        tree = tree[k]
+    return tree
+
+
+def adapter_specs(trainer: AromaTrainer, base_specs: Mapping, mesh: Mesh) -> dict[str, tuple]:
+    """(in-axis spec, out-axis spec) per adapted module, from its kernel's spec."""
+    out = {}
+    for p, spec in trainer.specs.items():
+        kspec = tuple(_get(base_specs, p + "/kernel"))
+        kspec = kspec + (None,) * (len(spec.kernel_shape) - len(kspec))
+        if spec.in_ndim == 1 and len(spec.kernel_shape) == 2:
+            out[p] = (kspec[0], kspec[1])
+        else:  # DenseGeneral views: keep the adapters replicated
+            out[p] = (None, None)
+    return out
+
+
+def state_shardings(
+    trainer: AromaTrainer, state: TrainState, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES
+) -> TrainState:
+    """A `TrainState` of `NamedSharding`s for ``state`` on ``mesh``."""
+    ns = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
+    base_specs = param_specs(state.base, mesh, rules)
+    extra_specs = param_specs(state.extra, mesh, rules)
+    io = adapter_specs(trainer, base_specs, mesh)
+    pairs = {p: Pair(P(io[p][0], None), P(None, io[p][1])) for p in trainer.paths}
+    frozen = {p: Frozen(P(io[p][0], None), P(None, io[p][1])) for p in trainer.paths}
+    adapters = AdapterState(
+        pairs, frozen, {p: P() for p in trainer.paths}, {p: P() for p in trainer.paths}
+    )
+    trainable_specs = {"pairs": pairs, "extra": extra_specs}
+    is_spec = lambda x: isinstance(x, P)  # noqa: E731
+    opt_specs = optax.tree_utils.tree_map_params(
+        trainer.tx.update.inner,  # the wrapped inner optimizer: finds param-shaped state
+        lambda _, spec: spec,
+        state.opt_state.inner,
+        trainable_specs,
+        transform_non_params=lambda _: P(),
+        is_leaf=is_spec,
+    )
+    opt = state.opt_state._replace(inner=opt_specs, count=P(), last_outer=P())
+    ctrl = jax.tree.map(lambda _: P(), state.ctrl)
+    specs = TrainState(base_specs, extra_specs, adapters, opt, ctrl, P())
+    return jax.tree.map(ns, specs, is_leaf=is_spec)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis over every data-parallel axis present (data, fsdp)."""
+    axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape and mesh.shape[a] > 1)
+    return NamedSharding(mesh, P(axes if axes else None))
+
+
+def shard_trainer(
+    trainer: AromaTrainer, state: TrainState, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES
+) -> TrainState:
+    """Places ``state`` on ``mesh`` and recompiles ``trainer``'s step for those shardings."""
+    shardings = state_shardings(trainer, state, mesh, rules)
+    state = jax.device_put(state, shardings)
+    trainer.set_shardings(shardings, batch_sharding(mesh))
+    return state
+
+
+def initialize_distributed(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> bool:
+    """Starts multi-host JAX from arguments or ``AROMA_COORDINATOR`` / ``AROMA_NUM_PROCESSES``
+    / ``AROMA_PROCESS_ID``; on TPU pods and SLURM, JAX discovers these itself when
+    ``AROMA_DISTRIBUTED=1``. Returns whether it initialised (False: single process)."""
+    coordinator = coordinator or os.environ.get("AROMA_COORDINATOR")
+    if num_processes is None and "AROMA_NUM_PROCESSES" in os.environ:
+        num_processes = int(os.environ["AROMA_NUM_PROCESSES"])
+    if process_id is None and "AROMA_PROCESS_ID" in os.environ:
+        process_id = int(os.environ["AROMA_PROCESS_ID"])
+    if coordinator or num_processes:
+        jax.distributed.initialize(
+            coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+        )
+        return True
+    if os.environ.get("AROMA_DISTRIBUTED") == "1":
+        jax.distributed.initialize()  # auto-detected on TPU pods / SLURM
+        return True
+    return False
+
+
+def make_global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:
+    """Each host passes its own slice of the batch; returns global sharded arrays."""
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+        for k, v in local_batch.items()
+    }

@@ -1,0 +1,373 @@
+"""One jitted AROMA train step over any loss built from ``flax.linen`` models.
+
+`AromaTrainer` ties the pieces together: it splits the model's params into a frozen base and
+fully trained extras (task heads), builds the adapters, and compiles a step that
+
+1. runs ``loss_fn`` with the adapters injected and takes gradients w.r.t. the pairs and extras;
+2. applies the wrapped optimizer, masking done modules (and everything once finished);
+3. advances the controller *after* the update: an inner check when due, then, under
+   ``lax.cond``, the outer step (eq. 6, merge, re-init) and the optimizer-state reset of the
+   merged pairs, so a fresh pair never takes a step with its predecessor's gradient.
+
+The step is traced once per run: a Python counter in the traced function (`compiles`) proves it.
+
+Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> from aroma_jax import AromaConfig, AromaTrainer
+    >>> model = nn.Sequential([nn.Dense(4)])  # one Dense at path "layers_0"
+    >>> params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+    >>> def loss_fn(p, batch, rng):
+    ...     return jnp.mean((model.apply({"params": p}, batch["x"]) - batch["y"]) ** 2)
+    >>> cfg = AromaConfig(target_modules=("layers_0",), max_steps=20, warmup_steps=0)
+    >>> trainer = AromaTrainer(loss_fn, params, cfg)
+    >>> state = trainer.init(params)
+    >>> batch = {"x": jnp.ones((2, 8)), "y": jnp.zeros((2, 4))}
+    >>> state, info = trainer.step(state, batch)
+    >>> int(info.step), trainer.compiles
+    (1, 1)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+from flax.core import unfreeze
+from jax import lax
+
+from aroma_jax.core import adapters as adapters_lib
+from aroma_jax.core import controller, inject, norms, optim
+from aroma_jax.core.adapters import AdapterState, ModuleSpec
+from aroma_jax.core.config import AromaConfig, ConfigError
+
+Array = jax.Array
+Params = Mapping[str, Any]
+LossFn = Callable[[Params, Any, Array], Any]
+
+
+class TrainState(NamedTuple):
+    base: dict  # frozen model params (HF layout), kernels folded when folding; no extras
+    extra: dict  # fully trained non-adapter params (heads), nested like `base`
+    adapters: AdapterState
+    opt_state: optim.WrappedState
+    ctrl: controller.ControllerState
+    rng: Array  # for dropout and other stochastic layers
+
+
+class StepInfo(NamedTuple):
+    """Per-step outputs; vectors are per module in sorted path order (`AromaTrainer.paths`)."""
+
+    step: Array
+    loss: Array
+    lr: Array
+    checked: Array  # an inner check ran at this step
+    rho_in: Array  # (n,) eq. 5 where checked, NaN otherwise
+    outer: Array  # an outer step ran at this step
+    rho_out: Array  # (n,) eq. 6 where an outer step ran, NaN otherwise
+    merged: Array  # (n,) bool
+    newly_done: Array  # (n,) bool
+    ranks: Array  # (n,) int32 merged rank after this step
+    finished: Array
+
+
+def _get(tree: Mapping, path: str) -> Any:
+    for k in path.split("/"):
+        tree = tree[k]
+    return tree
+
+
+def _set(tree: dict, path: str, value: Any) -> dict:
+    """A copy of ``tree`` with ``path`` replaced (shallow copies along the path only)."""
+    head, _, rest = path.partition("/")
+    out = dict(tree)
+    out[head] = _set(tree[head], rest, value) if rest else value
+    return out
+
+
+def split_params(params: Params, patterns: tuple[str, ...]) -> tuple[dict, dict]:
+    """(base, extra): leaves under any module path matched by ``patterns`` go to ``extra``."""
+    flat = traverse_util.flatten_dict(unfreeze(adapters_lib.strip_collection(params)), sep="/")
+    if not patterns:
+        return traverse_util.unflatten_dict(flat, sep="/"), {}
+    prefixes = {k.rsplit("/", i)[0] for k in flat for i in range(1, k.count("/") + 1)}
+    chosen = adapters_lib.select(prefixes, patterns, "train_patterns")
+    is_extra = lambda k: any(k == c or k.startswith(c + "/") for c in chosen)
+    base = {k: v for k, v in flat.items() if not is_extra(k)}
+    extra = {k: v for k, v in flat.items() if is_extra(k)}
+    return traverse_util.unflatten_dict(base, sep="/"), traverse_util.unflatten_dict(extra, sep="/")
+
+
+def merge_params(base: Mapping, extra: Mapping) -> dict:
+    """``base`` with the ``extra`` subtrees put back (trace-time dict work only)."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge_params(out.get(k, {}), v) if isinstance(v, Mapping) else v
+    return out
+
+
+class AromaTrainer:
+    """Builds the state and the one compiled train step for a loss over a linen model.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch, rng) -> loss`` or ``(loss, aux)``; ``params`` is the
+        model's params collection (HF layout). Any linen model applied inside gets adapters.
+      params: the model's params (collection or ``{"params": ...}``), used for shapes here.
+      cfg: the AROMA config.
+      in_ndim: per module path, the contracted axes of a DenseGeneral kernel (default 1).
+      donate: donate the state's buffers to the step (off for tests that reuse a state).
+    """
+
+    def __init__(
+        self,
+        loss_fn: LossFn,
+        params: Params,
+        cfg: AromaConfig,
+        in_ndim: Mapping[str, int] | None = None,
+        donate: bool = True,
+    ):
+        self.cfg = cfg
+        self.loss_fn = loss_fn
+        base, _ = split_params(params, cfg.train_patterns)
+        self.specs: dict[str, ModuleSpec] = adapters_lib.find_targets(
+            base, cfg.target_modules, in_ndim
+        )
+        self.paths = tuple(sorted(self.specs))
+        self.folded = frozenset(p for p, s in self.specs.items() if self._folds(s))
+        self.tx = optim.make_optimizer(cfg)
+        self._traces = 0
+        self._donate = (0,) if donate else ()
+        self._step = jax.jit(self._step_impl, donate_argnums=self._donate)
+
+    def set_shardings(self, state_sharding: Any, batch_sharding: Any = None) -> None:
+        """Compiles the step for a sharded state (a `TrainState` of shardings) and batch.
+
+        The state's output sharding equals its input sharding, so the step never reshards
+        between calls or recompiles; see `aroma_jax.core.sharding` for the rules that make them.
+        """
+        self._step = jax.jit(
+            self._step_impl,
+            in_shardings=(state_sharding, batch_sharding),
+            out_shardings=(state_sharding, None),
+            donate_argnums=self._donate,
+        )
+
+    def _folds(self, spec: ModuleSpec) -> bool:
+        if self.cfg.fold == "never" or self.cfg.method == "lora":
+            return False
+        fp32 = jnp.dtype(spec.kernel_dtype) == jnp.float32
+        if self.cfg.fold == "always" and not fp32:
+            raise ConfigError(
+                f"invalid fold='always': kernel {spec.path!r} is {spec.kernel_dtype}, and folding "
+                "into a non-fp32 kernel would round the update away; accepted: 'auto' or 'never'"
+            )
+        return fp32
+
+    # ------------------------------------------------------------------ state
+    def kernels(self, base: Mapping) -> dict[str, Array]:
+        """The 2-D view of every target kernel in ``base``."""
+        out = {}
+        for p, spec in self.specs.items():
+            k = _get(base, p + "/kernel")
+            out[p] = k if k.ndim == 2 else k.reshape(spec.fan_in, spec.fan_out)
+        return out
+
+    def init(self, params: Params, seed: int | None = None) -> TrainState:
+        """A fresh state from the model's pretrained params.
+
+        The state holds the given arrays without copying them, and the train step donates its
+        state: evaluate the original model before training, or pass a copy.
+        """
+        seed = self.cfg.seed if seed is None else seed
+        k_adapt, k_ctrl, k_rng = jax.random.split(jax.random.key(seed), 3)
+        base, extra = split_params(params, self.cfg.train_patterns)
+        adapters = adapters_lib.init(self.specs, self.cfg, k_adapt)
+        opt_state = self.tx.init(self._trainable(adapters, extra))
+        ctrl = controller.init(adapters, self.kernels(base), k_ctrl, self.folded)
+        return TrainState(base, extra, adapters, opt_state, ctrl, k_rng)
+
+    @staticmethod
+    def _trainable(adapters: AdapterState, extra: dict) -> dict:
+        return {"pairs": adapters.pairs, "extra": extra}
+
+    # ---------------------------------------------------------------- forward
+    def modules(self, adapters: AdapterState, training: bool = False) -> dict:
+        """What `inject.adapters_applied` needs: ``(pair, frozen or None when folded)``.
+
+        LoRA's frozen slot only fills at `finalize`, so its train step skips the frozen part.
+        """
+        use_frozen = not (training and self.cfg.method == "lora")
+        out = {}
+        for p in self.paths:
+            skip = p in self.folded or not use_frozen
+            out[p] = (adapters.pairs[p], None if skip else adapters.frozen[p])
+        return out
+
+    @contextlib.contextmanager
+    def applied(self, state: TrainState) -> Iterator[dict]:
+        """Within the block, models see the adapters; yields the full params to apply them with.
+
+        >>> # with trainer.applied(state) as params: logits = model.apply({"params": params}, x)
+        """
+        in_ndim = {p: s.in_ndim for p, s in self.specs.items()}
+        with inject.adapters_applied(self.modules(state.adapters), self.cfg.scale, in_ndim):
+            yield merge_params(state.base, state.extra)
+
+    def _loss(self, trainable: dict, state: TrainState, batch: Any, rng: Array):
+        adapters = state.adapters._replace(pairs=trainable["pairs"])
+        in_ndim = {p: s.in_ndim for p, s in self.specs.items()}
+        with inject.adapters_applied(
+            self.modules(adapters, training=True), self.cfg.scale, in_ndim
+        ) as hits:
+            out = self.loss_fn(merge_params(state.base, trainable["extra"]), batch, rng)
+        missing = sorted(set(self.paths) - hits)
+        if missing:
+            raise ValueError(
+                f"adapters for {missing} were never applied: these paths hold a kernel but no "
+                "nn.Dense/nn.DenseGeneral module at that path ran inside loss_fn"
+            )
+        loss, aux = out if isinstance(out, tuple) else (out, None)
+        return loss, aux
+
+    # ------------------------------------------------------------------- step
+    @property
+    def compiles(self) -> int:
+        """How many times the train step was traced (1 for a whole run)."""
+        return self._traces
+
+    def step(self, state: TrainState, batch: Any) -> tuple[TrainState, StepInfo]:
+        return self._step(state, batch)
+
+    def _step_impl(self, state: TrainState, batch: Any) -> tuple[TrainState, StepInfo]:
+        self._traces += 1
+        cfg, n = self.cfg, len(self.paths)
+        rng, step_rng, reset_rng = jax.random.split(state.rng, 3)
+        trainable = self._trainable(state.adapters, state.extra)
+        (loss, _), grads = jax.value_and_grad(self._loss, has_aux=True)(
+            trainable, state, batch, step_rng
+        )
+        live = ~state.ctrl.finished
+        active = {
+            "pairs": {
+                p: jax.tree.map(lambda _, d=state.adapters.done[p]: ~d & live, pair)
+                for p, pair in trainable["pairs"].items()
+            },
+            "extra": jax.tree.map(lambda _: live, trainable["extra"]),
+        }
+        lr = optim.learning_rate(cfg, state.opt_state)
+        rewarm = {  # only the pairs restart at outer steps; heads keep their learning rate
+            "pairs": jax.tree.map(lambda _: jnp.ones((), bool), trainable["pairs"]),
+            "extra": jax.tree.map(lambda _: jnp.zeros((), bool), trainable["extra"]),
+        }
+        updates, opt_state = self.tx.update(
+            grads, state.opt_state, trainable, active=active, rewarm=rewarm
+        )
+        trainable = jax.tree.map(lambda p, u: p + u.astype(p.dtype), trainable, updates)
+        adapters = state.adapters._replace(pairs=trainable["pairs"])
+        ctrl = state.ctrl._replace(
+            step=state.ctrl.step + live.astype(jnp.int32),
+            inner_t=state.ctrl.inner_t + live.astype(jnp.int32),
+        )
+
+        # Inner check (eq. 5) when due.
+        nan_n = jnp.full((n,), jnp.nan, jnp.float32)
+        if cfg.method == "aroma":
+            checked = live & (ctrl.inner_t % cfg.inner_check_every == 0)
+            ctrl, rho_in = lax.cond(
+                checked,
+                lambda c: controller.inner_check(c, adapters, cfg),
+                lambda c: (c, nan_n),
+                ctrl,
+            )
+        else:
+            checked, rho_in = jnp.zeros((), bool), nan_n
+
+        # Outer step (eq. 6, merge, re-init, reset) when triggered, for all modules at once.
+        outer = controller.outer_due(ctrl, adapters, cfg)
+        base = state.base
+        if cfg.grows:
+            kernels = self.kernels(base)
+            folded = {p: kernels[p] for p in self.folded}
+
+            def do_outer(operands):
+                ctrl_, adapters_, opt_, folded_ = operands
+                ctrl_, adapters_, new_k, info = controller.outer_step(
+                    ctrl_, adapters_, {**kernels, **folded_}, self.specs, cfg, self.folded
+                )
+                mask = {
+                    "pairs": {
+                        p: jax.tree.map(lambda _, i=i: info.merged[i], adapters_.pairs[p])
+                        for i, p in enumerate(self.paths)
+                    },
+                    "extra": jax.tree.map(lambda _: jnp.zeros((), bool), trainable["extra"]),
+                }
+                new_trainable = self._trainable(adapters_, trainable["extra"])
+                opt_ = optim.reset(
+                    self.tx, opt_, mask, reset_rng, new_trainable, cfg.reset, cfg.prune_ratio
+                )
+                return (ctrl_, adapters_, opt_, new_k), info
+
+            def skip(operands):
+                return operands, controller.no_outer_info(n)
+
+            (ctrl, adapters, opt_state, folded), info = lax.cond(
+                outer, do_outer, skip, (ctrl, adapters, opt_state, folded)
+            )
+            for p, k in folded.items():
+                spec = self.specs[p]
+                base = _set(base, p + "/kernel", k.reshape(spec.kernel_shape))
+        else:
+            info = controller.no_outer_info(n)
+
+        finished = controller.all_done(adapters) | (ctrl.step >= cfg.max_steps)
+        ctrl = ctrl._replace(finished=finished)
+        new_state = TrainState(base, trainable["extra"], adapters, opt_state, ctrl, rng)
+        ranks = jnp.stack([adapters.merges[p] for p in self.paths]) * cfg.r
+        step_info = StepInfo(
+            step=ctrl.step,
+            loss=loss,
+            lr=lr,
+            checked=checked,
+            rho_in=rho_in,
+            outer=outer,
+            rho_out=info.rho_out,
+            merged=info.merged,
+            newly_done=info.newly_done,
+            ranks=ranks,
+            finished=finished,
+        )
+        return new_state, step_info
+
+    # ---------------------------------------------------------------- finish
+    def finalize(self, state: TrainState) -> TrainState:
+        """Merges every still-active pair (a run ended by ``max_steps`` or a LoRA run).
+
+        The model's function is unchanged; afterwards every module is done, ``merges * r`` is its
+        final rank and the frozen factors (plus folded kernels) hold the whole update.
+        """
+        adapters, base = state.adapters, state.base
+        pairs, frozen, merges, done = {}, {}, {}, {}
+        for p in self.paths:
+            pair, fz, m, d = (
+                adapters.pairs[p],
+                adapters.frozen[p],
+                adapters.merges[p],
+                adapters.done[p],
+            )
+            nonzero = norms.product_sq_norm(pair.a, pair.b) > 0
+            write = ~d & nonzero & (m < adapters_lib.capacity(self.cfg))
+            frozen[p] = controller._write_slot(fz, pair, m, self.cfg.r, write)
+            merges[p] = m + write.astype(jnp.int32)
+            if p in self.folded:
+                k = _get(base, p + "/kernel")
+                delta = ((self.cfg.scale * pair.a) @ pair.b).reshape(k.shape)
+                base = _set(base, p + "/kernel", jnp.where(write, k + delta.astype(k.dtype), k))
+            pairs[p] = jax.tree.map(jnp.zeros_like, pair)
+            done[p] = jnp.ones((), bool)
+        return state._replace(base=base, adapters=AdapterState(pairs, frozen, merges, done))
+
+    def ranks(self, state: TrainState) -> dict[str, int]:
+        return adapters_lib.ranks(state.adapters, self.cfg)

@@ -1,0 +1,460 @@
+"""Tasks through HF ``datasets``: offline corpora, GLUE by hub name, local files; tokenization.
+
+Offline tasks (from `aroma_jax.data.offline` assets), split 80/10/10 by a seeded permutation of the
+*deduplicated, normalised* texts, so the same text never lands in two splits:
+
+* ``rotten_tomatoes`` — fresh (1) vs rotten (0) review snippets (binary, like SST-2);
+* ``vader_movies`` — movie snippets with a human sentiment score in [-4, 4] (regression, like
+  STS-B); every sentence that also occurs in the Rotten Tomatoes *test* split is dropped, since
+  the two corpora largely share sentences;
+* ``bbc_topic`` — BBC headline + lead -> one of 5 topics;
+* ``bbc_headline_match`` — (headline, article lead) pairs, 1 if they belong together (balanced);
+* ``bbc_headline`` — article lead -> headline (one-line summary generation, like XSum).
+
+``glue/<task>`` loads GLUE from the hub (for users who can reach it); ``local:<file>`` loads a
+csv/json/jsonl/parquet file with ``text_field``/``label_field`` (``text_pair_field`` optional).
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import dataclasses
+import io
+import re
+import tarfile
+import unicodedata
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+
+from aroma_jax.data.offline import asset_path
+
+SPLITS = ("train", "validation", "test")
+BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
+
+
+@dataclasses.dataclass
+class Task:
+    name: str
+    kind: str  # classification | regression | pair_classification | generation
+    num_labels: int
+    splits: dict[str, datasets.Dataset]
+    text_field: str = "text"
+    text_pair_field: str | None = None
+    label_field: str = "label"
+    target_field: str = "target"
+    label_names: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ("accuracy",)
+
+
+class DataError(ValueError):
+    """Bad task data; the message names the column, row or value and what is accepted."""
+
+
+def normalise(text: str) -> str:
+    text = unicodedata.normalize("NFKC", text).lower()
+    return re.sub(r"[^a-z0-9]+", " ", text).strip()
+
+
+def split_unique(rows: list[dict], key: str, seed: int) -> dict[str, list[dict]]:
+    """Dedupes on normalised ``key`` (first wins), sorts, then a seeded 80/10/10 split."""
+    seen: dict[str, dict] = {}
+    for row in rows:
+        seen.setdefault(normalise(row[key]), row)
+    keys = sorted(k for k in seen if k)
+    order = np.random.default_rng(seed).permutation(len(keys))
+    n_val = n_test = len(keys) // 10
+    parts = {
+        "test": order[:n_test],
+        "validation": order[n_test : n_test + n_val],
+        "train": order[n_test + n_val :],
+    }
+    return {s: [seen[keys[i]] for i in sorted(idx)] for s, idx in parts.items()}
+
+
+def _dataset(rows: list[dict]) -> datasets.Dataset:
+    return datasets.Dataset.from_list(rows)
+
+
+def _rotten_rows(data_dir=None) -> list[dict]:
+    path = asset_path("rotten_tomatoes", data_dir) / "rotten_tomatoes_corpus_full.csv.bz2"
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        return [
+            {"text": r["text"].strip(), "label": int(r["category"] == "fresh")}
+            for r in csv.DictReader(f)
+            if r["category"] in ("fresh", "rotten")
+        ]
+
+
+def rotten_tomatoes(seed: int = 0, data_dir=None) -> Task:
+    parts = split_unique(_rotten_rows(data_dir), "text", seed)
+    return Task(
+        "rotten_tomatoes",
+        "classification",
+        2,
+        {s: _dataset(parts[s]) for s in SPLITS},
+        label_names=("rotten", "fresh"),
+        metrics=("accuracy", "f1", "mcc"),
+    )
+
+
+def vader_movies(seed: int = 0, data_dir=None) -> Task:
+    path = asset_path("vader", data_dir) / "hutto_ICWSM_2014.tar.gz"
+    with tarfile.open(path) as tf:
+        member = next(
+            m for m in tf.getmembers() if m.name.endswith("movieReviewSnippets_GroundTruth.txt")
+        )
+        raw = tf.extractfile(member).read().decode("utf-8", errors="replace")  # type: ignore
+    rows = []
+    for line in io.StringIO(raw):
+        parts = line.rstrip("\r\n").split("\t")
+        if len(parts) >= 3:
+            rows.append({"text": parts[2].strip(), "label": float(parts[1])})
+    # Never evaluate one corpus on sentences the other trains on: drop every sentence of the
+    # Rotten Tomatoes test split (the two corpora overlap heavily).
+    rt_test = {normalise(r["text"]) for r in rotten_tomatoes(seed, data_dir).splits["test"]}
+    rows = [r for r in rows if normalise(r["text"]) not in rt_test]
+    parts = split_unique(rows, "text", seed)
+    return Task(
+        "vader_movies",
+        "regression",
+        1,
+        {s: _dataset(parts[s]) for s in SPLITS},
+        metrics=("pearson", "spearman"),
+    )
+
+
+def _bbc_rows(data_dir=None) -> list[dict]:
+    root = asset_path("bbc", data_dir)
+    rows = []
+    for label, topic in enumerate(BBC_TOPICS):
+        for f in sorted((root / topic).glob("*.txt")):
+            lines = [x.strip() for x in f.read_text(encoding="latin-1").splitlines()]
+            lines = [x for x in lines if x]
+            if len(lines) < 2:
+                continue
+            rows.append(
+                {"headline": lines[0], "lead": " ".join(lines[1:4]), "label": label, "topic": topic}
+            )
+    return rows
+
+
+def bbc(name: str, seed: int = 0, data_dir=None) -> Task:
+    parts = split_unique(_bbc_rows(data_dir), "headline", seed)
+    if name == "bbc_topic":
+        splits = {
+            s: _dataset(
+                [
+                    {
+                        "text": f"{r['headline']}. {r['lead']}",
+                        "label": r["label"],
+                        "topic": r["topic"],
+                    }
+                    for r in parts[s]
+                ]
+            )
+            for s in SPLITS
+        }
+        return Task(
+            name,
+            "classification",
+            5,
+            splits,
+            label_names=BBC_TOPICS,
+            metrics=("accuracy", "f1_macro"),
+        )
+    if name == "bbc_headline":
+        splits = {
+            s: _dataset([{"text": r["lead"], "target": r["headline"]} for r in parts[s]])
+            for s in SPLITS
+        }
+        return Task(name, "generation", 0, splits, metrics=("rouge1", "rouge2", "rougeL"))
+    if name == "bbc_headline_match":
+        splits = {}
+        for s in SPLITS:
+            rows, rng = parts[s], np.random.default_rng([seed, SPLITS.index(s)])
+            shift = rng.permutation(len(rows))
+            out = []
+            for i, r in enumerate(rows):
+                if i % 2 == 0:
+                    out.append({"text": r["headline"], "text_pair": r["lead"], "label": 1})
+                else:  # a headline from another article of the same split
+                    j = shift[i] if shift[i] != i else (i + 1) % len(rows)
+                    out.append({"text": rows[j]["headline"], "text_pair": r["lead"], "label": 0})
+            splits[s] = _dataset(out)
+        return Task(
+            name,
+            "pair_classification",
+            2,
+            splits,
+            text_pair_field="text_pair",
+            metrics=("accuracy", "f1"),
+        )
+    raise DataError(f"unknown BBC task {name!r}")
+
+
+GLUE = {  # task: (kind, num_labels, text, text_pair, metrics)
+    "cola": ("classification", 2, "sentence", None, ("mcc", "accuracy")),
+    "sst2": ("classification", 2, "sentence", None, ("accuracy",)),
+    "mrpc": ("pair_classification", 2, "sentence1", "sentence2", ("accuracy", "f1")),
+    "qqp": ("pair_classification", 2, "question1", "question2", ("accuracy", "f1")),
+    "stsb": ("regression", 1, "sentence1", "sentence2", ("pearson", "spearman")),
+    "mnli": ("pair_classification", 3, "premise", "hypothesis", ("accuracy",)),
+    "qnli": ("pair_classification", 2, "question", "sentence", ("accuracy",)),
+    "rte": ("pair_classification", 2, "sentence1", "sentence2", ("accuracy",)),
+}
+
+
+def glue(task: str, seed: int = 0) -> Task:
+    """GLUE from the hub; the labelled validation split becomes our test split and a seeded 10%
+    of train our validation split (GLUE's test labels are hidden)."""
+    if task not in GLUE:
+        raise DataError(f"unknown GLUE task {task!r}: accepted {sorted(GLUE)}")
+    kind, n, text, pair, metrics = GLUE[task]
+    ds = datasets.load_dataset("nyu-mll/glue", task)
+    val_name = "validation_matched" if task == "mnli" else "validation"
+    parts = ds["train"].train_test_split(test_size=0.1, seed=seed)
+    return Task(
+        f"glue/{task}",
+        kind,
+        n,
+        {"train": parts["train"], "validation": parts["test"], "test": ds[val_name]},
+        text_field=text,
+        text_pair_field=pair,
+        metrics=metrics,
+    )
+
+
+def local(
+    path: str,
+    seed: int = 0,
+    text_field: str = "text",
+    label_field: str = "label",
+    text_pair_field: str | None = None,
+) -> Task:
+    p = Path(path)
+    fmt = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(p.suffix)
+    if fmt is None:
+        raise DataError(f"local data {path!r}: accepted .csv, .json, .jsonl or .parquet files")
+    if not p.exists():
+        raise DataError(f"local data file {path!r} does not exist")
+    ds = datasets.load_dataset(fmt, data_files=str(p), split="train")
+    needed = [c for c in (text_field, text_pair_field, label_field) if c]
+    missing = [c for c in needed if c not in ds.column_names]
+    if missing:
+        raise DataError(
+            f"{path!r} has no column(s) {missing}; columns that exist: "
+            f"{ds.column_names}. Set task.text_field / task.label_field."
+        )
+    labels = ds[label_field]
+    if all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in labels):
+        kind, n = "classification", int(max(labels)) + 1
+        bad = [(i, x) for i, x in enumerate(labels) if x < 0]
+        if bad:
+            raise DataError(
+                f"{path!r}: label {bad[0][1]} in row {bad[0][0]} is out of range: "
+                "accepted integer class ids >= 0"
+            )
+    else:
+        kind, n = "regression", 1
+    if text_pair_field and kind == "classification":
+        kind = "pair_classification"
+    rows = [dict(r) for r in ds]
+    parts = split_unique(rows, text_field, seed) if not text_pair_field else None
+    if parts is None:
+        order = np.random.default_rng(seed).permutation(len(rows))
+        k = len(rows) // 10
+        parts = {
+            "test": [rows[i] for i in order[:k]],
+            "validation": [rows[i] for i in order[k : 2 * k]],
+            "train": [rows[i] for i in order[2 * k :]],
+        }
+    return Task(
+        f"local:{path}",
+        kind,
+        n,
+        {s: _dataset(parts[s]) for s in SPLITS},
+        text_field=text_field,
+        text_pair_field=text_pair_field,
+        label_field=label_field,
+        metrics=("accuracy", "f1") if kind != "regression" else ("pearson", "spearman"),
+    )
+
+
+OFFLINE = ("rotten_tomatoes", "vader_movies", "bbc_topic", "bbc_headline", "bbc_headline_match")
+
+
+def get_task(name: str, seed: int = 0, data_dir=None, **fields: Any) -> Task:
+    """A task by name: an offline task, ``glue/<task>`` or ``local:<file>``."""
+    if name == "rotten_tomatoes":
+        task = rotten_tomatoes(seed, data_dir)
+    elif name == "vader_movies":
+        task = vader_movies(seed, data_dir)
+    elif name.startswith("bbc_"):
+        task = bbc(name, seed, data_dir)
+    elif name.startswith("glue/"):
+        task = glue(name.split("/", 1)[1], seed)
+    elif name.startswith("local:"):
+        task = local(name.split(":", 1)[1], seed, **fields)
+    else:
+        raise DataError(
+            f"unknown task {name!r}: accepted {', '.join(OFFLINE)}, glue/<task> "
+            f"({', '.join(sorted(GLUE))}) or local:<file.csv|json|jsonl|parquet>"
+        )
+    validate(task)
+    return task
+
+
+def validate(task: Task) -> None:
+    """Columns present and classification labels in range, with the offending row named."""
+    for split, ds in task.splits.items():
+        needed = [task.text_field]
+        if task.text_pair_field:
+            needed.append(task.text_pair_field)
+        needed.append(task.target_field if task.kind == "generation" else task.label_field)
+        missing = [c for c in needed if c not in ds.column_names]
+        if missing:
+            raise DataError(
+                f"task {task.name!r} split {split!r} has no column(s) {missing}; "
+                f"columns that exist: {ds.column_names}"
+            )
+        if task.kind in ("classification", "pair_classification"):
+            labels = np.asarray(ds[task.label_field])
+            bad = np.nonzero((labels < 0) | (labels >= task.num_labels))[0]
+            if len(bad):
+                raise DataError(
+                    f"task {task.name!r} split {split!r} row {int(bad[0])}: label "
+                    f"{labels[bad[0]]} is out of range; accepted 0..{task.num_labels - 1}"
+                )
+
+
+def limit(task: Task, max_train: int | None, max_eval: int | None) -> Task:
+    """Caps split sizes (the first rows of the already shuffled splits)."""
+    splits = {}
+    for s, ds in task.splits.items():
+        cap = max_train if s == "train" else max_eval
+        splits[s] = ds.select(range(min(cap, len(ds)))) if cap else ds
+    return dataclasses.replace(task, splits=splits)
+
+
+# ------------------------------------------------------------------------- tokenization
+def encode_classification(task: Task, tok, split: str, max_len: int) -> dict[str, np.ndarray]:
+    ds = task.splits[split]
+    pair = list(ds[task.text_pair_field]) if task.text_pair_field else None
+    enc = tok(
+        list(ds[task.text_field]),
+        pair,
+        max_length=max_len,
+        truncation=True,
+        padding="max_length",
+        return_tensors="np",
+    )
+    out = {
+        k: enc[k].astype(np.int32)
+        for k in ("input_ids", "attention_mask", "token_type_ids")
+        if k in enc
+    }
+    dtype = np.float32 if task.kind == "regression" else np.int32
+    out["labels"] = np.asarray(ds[task.label_field], dtype)
+    return out
+
+
+def encode_seq2seq(
+    task: Task, tok, split: str, max_len: int, target_len: int, decoder_start: int
+) -> dict[str, np.ndarray]:
+    ds = task.splits[split]
+    src = tok(
+        list(ds[task.text_field]),
+        max_length=max_len,
+        truncation=True,
+        padding="max_length",
+        return_tensors="np",
+    )
+    tgt = tok(
+        list(ds[task.target_field]),
+        max_length=target_len,
+        truncation=True,
+        padding="max_length",
+        return_tensors="np",
+    )
+    labels = np.where(tgt["attention_mask"] == 1, tgt["input_ids"], -100).astype(np.int32)
+    dec = np.concatenate([np.full((len(labels), 1), decoder_start), tgt["input_ids"][:, :-1]], 1)
+    dec_mask = np.concatenate([np.ones((len(labels), 1)), tgt["attention_mask"][:, :-1]], 1)
+    return {
+        "input_ids": src["input_ids"].astype(np.int32),
+        "attention_mask": src["attention_mask"].astype(np.int32),
+        "decoder_input_ids": dec.astype(np.int32),
+        "decoder_attention_mask": dec_mask.astype(np.int32),
+        "labels": labels,
+    }
+
+
+def _prompt(task: Task, row: dict) -> str:
+    if task.kind == "generation":
+        return f"Article: {row[task.text_field]}\nHeadline:"
+    if task.text_pair_field:
+        return f"{row[task.text_field]}\n{row[task.text_pair_field]}\nAnswer:"
+    return (
+        f"{row[task.text_field]}\nTopic:"
+        if task.name == "bbc_topic"
+        else f"{row[task.text_field]}\nAnswer:"
+    )
+
+
+def _answers(task: Task) -> tuple[str, ...]:
+    if task.label_names:
+        return task.label_names
+    return tuple(str(i) for i in range(task.num_labels))
+
+
+def _pack(tok, prompts: list[str], targets: list[str], max_len: int) -> dict[str, np.ndarray]:
+    """Left-truncated prompt + target, right-padded; loss_mask marks target tokens."""
+    ids = np.full((len(prompts), max_len), tok.pad_token_id or 0, np.int32)
+    att = np.zeros((len(prompts), max_len), np.int32)
+    mask = np.zeros((len(prompts), max_len), np.int32)
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
+        t_ids = tok(t, add_special_tokens=False)["input_ids"][: max_len // 2] + eos
+        p_ids = tok(p, add_special_tokens=False)["input_ids"][-(max_len - len(t_ids)) :]
+        seq = p_ids + t_ids
+        ids[i, : len(seq)] = seq
+        att[i, : len(seq)] = 1
+        mask[i, len(p_ids) : len(seq)] = 1
+    return {"input_ids": ids, "attention_mask": att, "loss_mask": mask}
+
+
+def encode_causal_lm(task: Task, tok, split: str, max_len: int) -> dict[str, np.ndarray]:
+    rows = list(task.splits[split])
+    prompts = [_prompt(task, r) for r in rows]
+    if task.kind == "generation":
+        targets = [" " + r[task.target_field] for r in rows]
+    else:
+        answers = _answers(task)
+        targets = [" " + answers[int(r[task.label_field])] for r in rows]
+    return _pack(tok, prompts, targets, max_len)
+
+
+def encode_choices(task: Task, tok, split: str, max_len: int):
+    """Every example once per answer, for multiple-choice scoring: (arrays, labels, n)."""
+    rows = list(task.splits[split])
+    answers = _answers(task)
+    prompts = [_prompt(task, r) for r in rows for _ in answers]
+    targets = [" " + a for _ in rows for a in answers]
+    arrays = _pack(tok, prompts, targets, max_len)
+    labels = np.asarray([int(r[task.label_field]) for r in rows])
+    return arrays, labels, len(answers)
+
+
+def encode_prompts(task: Task, tok, split: str, max_len: int) -> dict[str, np.ndarray]:
+    """Left-padded prompts for generation."""
+    rows = list(task.splits[split])
+    ids = np.full((len(rows), max_len), tok.pad_token_id or 0, np.int32)
+    att = np.zeros((len(rows), max_len), np.int32)
+    for i, r in enumerate(rows):
+        p = tok(_prompt(task, r), add_special_tokens=False)["input_ids"][-max_len:]
+        ids[i, max_len - len(p) :] = p
+        att[i, max_len - len(p) :] = 1
+    return {"input_ids": ids, "attention_mask": att}

@@ -1,0 +1,135 @@
+"""GGUF (llama.cpp) LLaMA checkpoints -> HF Flax checkpoints, with numpy only (no torch).
+
+Used for the offline SmolLM2-135M-Instruct asset: every tensor is dequantised with the ``gguf``
+package, llama.cpp's rotary permutation of the q/k rows is undone, GGUF names map to the HF
+Flax LLaMA tree (kernels transposed to ``(in, out)``), and the config and tokenizer come from the
+GGUF metadata. The result is saved with `aroma_jax.models.llama.FixedFlaxLlamaForCausalLM`
+(rope_theta honoured, tied embeddings).
+
+Example:
+    >>> # convert("SmolLM2-135M-Instruct.Q4_1.gguf", "out/flax")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+LAYER_MAP = {
+    "attn_norm.weight": ("input_layernorm", "weight", False),
+    "ffn_norm.weight": ("post_attention_layernorm", "weight", False),
+    "attn_q.weight": ("self_attn/q_proj", "kernel", True),
+    "attn_k.weight": ("self_attn/k_proj", "kernel", True),
+    "attn_v.weight": ("self_attn/v_proj", "kernel", True),
+    "attn_output.weight": ("self_attn/o_proj", "kernel", True),
+    "ffn_gate.weight": ("mlp/gate_proj", "kernel", True),
+    "ffn_up.weight": ("mlp/up_proj", "kernel", True),
+    "ffn_down.weight": ("mlp/down_proj", "kernel", True),
+}
+
+
+def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undoes llama.cpp's q/k row permutation (rotary halves interleaved) on ``(out, in)``."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _field(reader, key):
+    field = reader.fields[key]
+    value = field.parts[field.data[0]]
+    return value.tobytes().decode() if value.dtype == np.uint8 else value.tolist()[0]
+
+
+def read_config(reader):
+    from transformers import LlamaConfig
+
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"GGUF architecture {arch!r} is not supported: accepted llama")
+    g = lambda k: _field(reader, f"llama.{k}")  # noqa: E731
+    names = {t.name for t in reader.tensors}
+    return LlamaConfig(
+        vocab_size=int(g("vocab_size")),
+        hidden_size=int(g("embedding_length")),
+        intermediate_size=int(g("feed_forward_length")),
+        num_hidden_layers=int(g("block_count")),
+        num_attention_heads=int(g("attention.head_count")),
+        num_key_value_heads=int(g("attention.head_count_kv")),
+        max_position_embeddings=int(g("context_length")),
+        rms_norm_eps=float(g("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(g("rope.freq_base")),
+        tie_word_embeddings="output.weight" not in names,
+        bos_token_id=int(_field(reader, "tokenizer.ggml.bos_token_id")),
+        eos_token_id=int(_field(reader, "tokenizer.ggml.eos_token_id")),
+        pad_token_id=int(_field(reader, "tokenizer.ggml.padding_token_id")),
+    )
+
+
+def read_params(reader, config) -> dict:
+    from gguf.quants import dequantize
+
+    params: dict = {"model": {"layers": {}}}
+    for t in reader.tensors:
+        w = np.asarray(dequantize(t.data, t.tensor_type), np.float32)
+        w = w.reshape(tuple(int(x) for x in reversed(t.shape)))  # GGUF lists dims innermost first
+        if t.name == "token_embd.weight":
+            params["model"]["embed_tokens"] = {"embedding": w}
+        elif t.name == "output_norm.weight":
+            params["model"]["norm"] = {"weight": w}
+        elif t.name == "output.weight":
+            params["lm_head"] = {"kernel": w.T}
+        elif t.name.startswith("blk."):
+            _, idx, rest = t.name.split(".", 2)
+            module, leaf, transpose = LAYER_MAP[rest]
+            if rest == "attn_q.weight":
+                w = unpermute(w, config.num_attention_heads)
+            elif rest == "attn_k.weight":
+                w = unpermute(w, config.num_key_value_heads)
+            node = params["model"]["layers"].setdefault(idx, {})
+            for part in module.split("/"):
+                node = node.setdefault(part, {})
+            node[leaf] = np.ascontiguousarray(w.T if transpose else w)
+        else:
+            raise ValueError(f"unexpected GGUF tensor {t.name!r}")
+    return params
+
+
+def load_tokenizer(gguf_path: Path):
+    """The HF fast tokenizer from the GGUF metadata; SmolLM2 chat: eos ``<|im_end|>``, no BOS."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    if "<|im_end|>" in tok.get_vocab():
+        tok.eos_token = "<|im_end|>"
+    if "<|endoftext|>" in tok.get_vocab():
+        tok.pad_token = "<|endoftext|>"
+    if hasattr(tok, "add_bos_token"):
+        tok.add_bos_token = False
+    return tok
+
+
+def convert(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    import gguf
+
+    from aroma_jax.models.llama import FixedFlaxLlamaForCausalLM
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    reader = gguf.GGUFReader(str(gguf_path))
+    config = read_config(reader)
+    params = read_params(reader, config)
+    model = FixedFlaxLlamaForCausalLM(config, _do_init=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), params=params)
+    load_tokenizer(gguf_path).save_pretrained(str(out_dir))
+    return out_dir
+
+
+def prepare_smollm2_asset(stage: Path, progress: bool = True) -> None:
+    """`offline.fetch`'s prepare step for SmolLM2: its GGUF file becomes an HF Flax checkpoint."""
+    ggufs = sorted(Path(stage).glob("*.gguf"))
+    if not ggufs:
+        raise RuntimeError(f"no .gguf file in {str(stage)!r}")
+    if progress:
+        print("  converting SmolLM2 GGUF -> HF Flax checkpoint ...", flush=True)
+    convert(ggufs[0], Path(stage) / "flax")

@@ -1,0 +1,241 @@
+"""Loading HF Flax models (BERT/RoBERTa, BART, LLaMA) for a task, and their target presets.
+
+``name`` may be an offline asset (``minilm``, ``smollm2``), a tiny random model built on the fly
+(``tiny-bert``, ``tiny-roberta``, ``tiny-bart``, ``tiny-llama``: a word-level tokenizer trained
+on the task's training text, seeded weights), a local directory or a hub name (for users who can
+reach the hub). Flax weights are used when present, else PyTorch/safetensors weights through
+``from_pt=True`` (safetensors need no torch).
+
+Presets follow the paper: RoBERTa/BERT adapt query, key, value, attention output, intermediate
+and output (6 per layer); LLaMA q, k, v, up, down (o and gate available); BART q, k, v, out,
+fc1, fc2 in every attention block of encoder and decoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PRESETS = {
+    "bert": (
+        "query",
+        "key",
+        "value",
+        "attention/output/dense",
+        "intermediate/dense",
+        r".*layer/\d+/output/dense",
+    ),
+    "llama": ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"),
+    "bart": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+}
+PRESETS["roberta"] = PRESETS["bert"]
+LLAMA_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass
+class Loaded:
+    arch: str  # bert | roberta | bart | llama
+    model: Any  # the HF Flax model object
+    tokenizer: Any
+    params: Any  # the params collection (HF layout, no "params" wrapper)
+
+
+def preset_targets(arch: str) -> tuple[str, ...]:
+    if arch not in PRESETS:
+        raise ValueError(f"no target preset for architecture {arch!r}: accepted {sorted(PRESETS)}")
+    return PRESETS[arch]
+
+
+def head_patterns(arch: str, kind: str) -> tuple[str, ...]:
+    """Task heads trained in full by default (PEFT's modules_to_save)."""
+    if arch in ("bert", "roberta") and kind != "generation":
+        return ("classifier",)
+    return ()
+
+
+def torch_module_name(arch: str, flax_path: str) -> str:
+    """The PyTorch module name of a Flax module path (the HF layouts agree up to separators)."""
+    del arch
+    return flax_path.replace("/", ".")
+
+
+# ---------------------------------------------------------------------------- tiny models
+def simple_tokenizer(texts: list[str], vocab_size: int = 2000):
+    """A word-level fast tokenizer trained on ``texts`` (offline, deterministic)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(
+        sorted(texts),
+        trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=specials, min_frequency=1),
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>",
+        pair="<s> $A </s> </s> $B:0 </s>:0",
+        special_tokens=[("<s>", 1), ("</s>", 2)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+        cls_token="<s>",
+        sep_token="</s>",
+    )
+
+
+def _task_texts(task) -> list[str]:
+    ds = task.splits["train"]
+    texts = list(ds[task.text_field])
+    if task.text_pair_field:
+        texts += list(ds[task.text_pair_field])
+    if task.kind == "generation":
+        texts += list(ds[task.target_field])
+    texts += ["Topic: Answer: Headline: Article:"] + [" ".join(task.label_names)]
+    return texts
+
+
+def build_tiny(arch: str, task, num_labels: int | None, dtype, seed: int) -> Loaded:
+    import transformers as tf
+
+    tok = simple_tokenizer(_task_texts(task))
+    common = dict(vocab_size=len(tok), pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch in ("roberta", "bert"):
+        cls_cfg = tf.RobertaConfig if arch == "roberta" else tf.BertConfig
+        cfg = cls_cfg(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=256,
+            num_labels=num_labels or 2,
+            **common,
+        )
+        cls = (
+            tf.FlaxRobertaForSequenceClassification
+            if arch == "roberta"
+            else tf.FlaxBertForSequenceClassification
+        )
+    elif arch == "bart":
+        cfg = tf.BartConfig(
+            d_model=64,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=128,
+            decoder_ffn_dim=128,
+            max_position_embeddings=256,
+            decoder_start_token_id=2,
+            forced_eos_token_id=2,
+            **common,
+        )
+        cls = tf.FlaxBartForConditionalGeneration
+    elif arch == "llama":
+        cfg = tf.LlamaConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            **common,
+        )
+        cls = llama_class()
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}: accepted bert, roberta, bart, llama")
+    model = cls(cfg, seed=seed, dtype=dtype)
+    return Loaded(arch, model, tok, model.params)
+
+
+def _prepare_smollm2(stage: Path, progress: bool) -> None:
+    from aroma_jax.models.gguf_convert import prepare_smollm2_asset
+
+    prepare_smollm2_asset(stage, progress)
+
+
+# Steps `aroma_jax.data.offline.fetch` runs on a freshly unpacked asset (pass as ``prepare=``).
+ASSET_PREPARE = {"smollm2": _prepare_smollm2}
+
+
+def llama_class():
+    """The LLaMA causal-LM class with HF's Flax defects fixed (see `aroma_jax.models.llama`)."""
+    from aroma_jax.models.llama import FixedFlaxLlamaForCausalLM
+
+    return FixedFlaxLlamaForCausalLM
+
+
+# ---------------------------------------------------------------------------- real models
+def resolve_path(name: str) -> str:
+    """Asset names become their directories; anything else is passed to ``from_pretrained``."""
+    from aroma_jax.data import offline
+
+    if name == "minilm":
+        return str(offline.asset_path("minilm"))
+    if name == "smollm2":
+        path = offline.asset_path("smollm2") / "flax"
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"SmolLM2 has not been converted to a Flax checkpoint in {str(path)!r}: run "
+                "`aroma-jax assets fetch smollm2` (it converts the GGUF file)"
+            )
+        return str(path)
+    return name
+
+
+def load_for_task(
+    name: str,
+    task,
+    num_labels: int | None = None,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    seed: int = 0,
+) -> Loaded:
+    if name.startswith("tiny-"):
+        loaded = build_tiny(name[len("tiny-") :], task, num_labels or task.num_labels, dtype, seed)
+    else:
+        loaded = _load_pretrained(resolve_path(name), task, num_labels, dtype, seed)
+    if param_dtype != jnp.float32:
+        loaded.params = jax.tree.map(lambda x: x.astype(param_dtype), loaded.params)
+    return loaded
+
+
+def _load_pretrained(path: str, task, num_labels, dtype, seed) -> Loaded:
+    import transformers as tf
+
+    config = tf.AutoConfig.from_pretrained(path)
+    arch = config.model_type
+    local = Path(path)
+    from_pt = local.is_dir() and not (local / "flax_model.msgpack").exists()
+    kw = dict(dtype=dtype, from_pt=from_pt, seed=seed)
+    if arch in ("bert", "roberta"):
+        if task.kind == "generation":
+            raise ValueError(
+                f"{path!r} is an encoder ({arch}); generation tasks need BART or LLaMA"
+            )
+        model = tf.FlaxAutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels or task.num_labels, **kw
+        )
+    elif arch == "bart":
+        model = tf.FlaxBartForConditionalGeneration.from_pretrained(path, **kw)
+    elif arch == "llama":
+        model = llama_class().from_pretrained(path, **kw)
+    else:
+        raise ValueError(
+            f"unsupported model type {arch!r} in {path!r}: accepted bert, roberta, bart, llama"
+        )
+    tok = tf.AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return Loaded(arch, model, tok, model.params)

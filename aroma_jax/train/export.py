@@ -1,0 +1,172 @@
+"""Exports of a finished run: the merged HF model, and the adapter in HF PEFT's LoRA format.
+
+* ``export_merged``: ``W0 + s * A @ B`` merged in fp32 into every adapted kernel, the trained
+  head put back, then ``save_pretrained`` (Flax weights, config, tokenizer). Loads back with the
+  same Flax class, and in PyTorch transformers with ``from_flax=True``.
+* ``export_peft``: ``adapter_config.json`` (``peft_type: LORA``, per-module ``rank_pattern`` and
+  ``alpha_pattern`` so that PEFT's ``alpha / r`` equals our scale) and
+  ``adapter_model.safetensors`` with ``base_model.model.<torch module>.lora_A.weight (k, in)``
+  and ``.lora_B.weight (out, k)`` — Flax kernels are ``(in, out)``, so factors are transposed.
+  Modules that ended at rank 0 are left out; a trained head goes to ``modules_to_save``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import traverse_util
+from safetensors.numpy import save_file
+
+from aroma_jax.train import artifacts, run_config
+
+
+def _load(run_dir: Path):
+    from aroma_jax.train.pipeline import build_pipeline
+
+    cfg = run_config.load(run_dir / "config.yaml")
+    pipe = build_pipeline(cfg)
+    tensors, meta = artifacts.load_final(run_dir / "final")
+    return cfg, pipe, tensors, meta
+
+
+def merged_params(params: Mapping, tensors: Mapping[str, np.ndarray], meta: Mapping) -> dict:
+    """The base params with every update merged in fp32 and the head replaced."""
+    flat = traverse_util.flatten_dict(jax.device_get(dict(params)), sep="/")
+    for path in meta["paths"]:
+        a, b = artifacts.factors(tensors, path)
+        if a.shape[1] == 0:
+            continue
+        key = f"{path}/kernel"
+        w = np.asarray(flat[key])
+        dw = meta["scale"] * (a.astype(np.float32) @ b.astype(np.float32))
+        flat[key] = (w.astype(np.float32) + dw.reshape(w.shape)).astype(w.dtype)
+    extra = traverse_util.flatten_dict(artifacts.extra_params(dict(tensors)), sep="/")
+    for key, value in extra.items():
+        flat[key] = value
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def torch_class_name(flax_model: Any) -> str:
+    """``FlaxRobertaForSequenceClassification`` -> ``RobertaForSequenceClassification``."""
+    for cls in type(flax_model).__mro__:
+        if cls.__name__.startswith("Flax") and hasattr(cls, "module_class"):
+            return cls.__name__[len("Flax") :]
+    raise ValueError(f"cannot tell the PyTorch class of {type(flax_model).__name__}")
+
+
+def save_pytorch_weights(flax_model: Any, params: Mapping, out: Path) -> Path | None:
+    """Also writes PyTorch ``model.safetensors`` when torch is installed.
+
+    transformers 4.57's ``from_pretrained(..., from_flax=True)`` leaves weights on the meta
+    device, so the conversion is done here, once, with a real CPU model.
+    """
+    try:
+        import torch  # noqa: F401
+        import transformers
+        from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
+    except ImportError:
+        return None
+    cls = getattr(transformers, torch_class_name(flax_model))
+    pt_model = cls(flax_model.config)
+    load_flax_weights_in_pytorch_model(pt_model, jax.device_get(dict(params)))
+    pt_model.save_pretrained(str(out), safe_serialization=True)
+    return out / "model.safetensors"
+
+
+def export_merged(run_dir: str | Path, out: str | Path) -> Path:
+    run_dir, out = Path(run_dir), Path(out)
+    _, pipe, tensors, meta = _load(run_dir)
+    params = merged_params(pipe.params, tensors, meta)
+    out.mkdir(parents=True, exist_ok=True)
+    save_pytorch_weights(pipe.model, params, out)
+    pipe.model.save_pretrained(str(out), params=params)
+    if pipe.tokenizer is not None:
+        pipe.tokenizer.save_pretrained(str(out))
+    return out
+
+
+def peft_files(
+    tensors: Mapping[str, np.ndarray],
+    meta: Mapping[str, Any],
+    torch_name,
+    base_model: str,
+    task_type: str | None,
+    head_modules: list[str],
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """(adapter_config, safetensors dict) in HF PEFT's LoRA layout."""
+    state: dict[str, np.ndarray] = {}
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    targets = []
+    for path in meta["paths"]:
+        a, b = artifacts.factors(tensors, path)
+        k = a.shape[1]
+        if k == 0:
+            continue  # rank 0: nothing to load
+        name = torch_name(path)
+        prefix = f"base_model.model.{name}"
+        state[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a.T.astype(np.float32))
+        state[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b.T.astype(np.float32))
+        targets.append(name)
+        rank_pattern[name] = k
+        alpha_pattern[name] = float(meta["scale"]) * k  # PEFT scales by alpha / r
+    for key, value in tensors.items():
+        if not key.startswith("extra/"):
+            continue
+        flax_path = key[len("extra/") :]
+        module, _, leaf = flax_path.rpartition("/")
+        name = torch_name(module)
+        value = np.asarray(value, np.float32)
+        if leaf == "kernel":
+            state[f"base_model.model.{name}.weight"] = np.ascontiguousarray(value.T)
+        elif leaf == "bias":
+            state[f"base_model.model.{name}.bias"] = value
+        elif leaf in ("embedding", "scale"):
+            state[f"base_model.model.{name}.weight"] = value
+    default_r = max(rank_pattern.values(), default=meta["r"])
+    config = {
+        "peft_type": "LORA",
+        "base_model_name_or_path": base_model,
+        "task_type": task_type,
+        "r": default_r,
+        "lora_alpha": float(meta["scale"]) * default_r,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "target_modules": sorted(targets),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "modules_to_save": head_modules or None,
+        "inference_mode": True,
+        "use_rslora": False,
+        "use_dora": False,
+    }
+    return config, state
+
+
+def export_peft(run_dir: str | Path, out: str | Path) -> Path:
+    from aroma_jax.models import hf as models
+
+    run_dir, out = Path(run_dir), Path(out)
+    cfg, pipe, tensors, meta = _load(run_dir)
+    torch_name = lambda path: models.torch_module_name(pipe.arch, path)  # noqa: E731
+    heads = sorted(
+        {
+            torch_name(k[len("extra/") :].rpartition("/")[0]).split(".")[0]
+            for k in tensors
+            if k.startswith("extra/")
+        }
+    )
+    task_type = {"llama": "CAUSAL_LM", "bart": "SEQ_2_SEQ_LM"}.get(pipe.arch, "SEQ_CLS")
+    config, state = peft_files(tensors, meta, torch_name, cfg["model"]["name"], task_type, heads)
+    out.mkdir(parents=True, exist_ok=True)
+    # PEFT stores modules_to_save weights under their plain module names.
+    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out

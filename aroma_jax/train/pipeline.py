@@ -1,0 +1,217 @@
+"""From a run config to (model params, loss, batches, evaluation): the task/model glue.
+
+`build_pipeline` loads the model (`aroma_jax.models`) and the task (`aroma_jax.data`),
+tokenizes every split into fixed-shape numpy arrays (one compile), picks the objective for the
+(task kind, architecture) pair and knows how to evaluate:
+
+* classification / regression / sentence pairs on an encoder: logits -> accuracy, F1, MCC or
+  Pearson/Spearman;
+* generation on an encoder-decoder (BART): teacher-forced loss, greedy generation -> ROUGE;
+* a decoder-only LM (LLaMA): classification tasks become text ("... Topic: business"),
+  evaluated by multiple-choice scoring of every label's log-likelihood; generation tasks are
+  trained on the target tokens and evaluated by greedy generation -> ROUGE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from aroma_jax.core.config import AromaConfig
+from aroma_jax.data import objectives
+from aroma_jax.data import scores as metrics_lib
+from aroma_jax.data import tasks as data
+from aroma_jax.models import hf as models
+from aroma_jax.train import run_config
+
+
+@dataclasses.dataclass
+class Pipeline:
+    arch: str
+    kind: str  # the task kind
+    model: Any
+    tokenizer: Any
+    params: Any
+    aroma: AromaConfig
+    loss_fn: Callable
+    train_arrays: dict[str, np.ndarray]
+    eval_examples: dict[str, Any]  # split -> encoded eval data
+    evaluator: Callable  # (pipeline, trainer, state, split, batch_size) -> metrics dict
+
+    def evaluate(self, trainer, state, split: str, batch_size: int) -> dict:
+        return self.evaluator(self, trainer, state, split, batch_size)
+
+
+def _dtype(name: str):
+    return jnp.bfloat16 if name == "bfloat16" else jnp.float32
+
+
+def build_pipeline(cfg: Mapping[str, Any]) -> Pipeline:
+    tcfg, mcfg = cfg["task"], cfg["model"]
+    task = data.get_task(tcfg["name"], seed=cfg["train"]["seed"], **_task_kwargs(tcfg))
+    task = data.limit(task, tcfg["max_train_examples"], tcfg["max_eval_examples"])
+    loaded = models.load_for_task(
+        mcfg["name"],
+        task,
+        num_labels=mcfg["num_labels"],
+        dtype=_dtype(mcfg["dtype"]),
+        param_dtype=_dtype(mcfg["param_dtype"]),
+        seed=cfg["train"]["seed"],
+    )
+    aroma = run_config.aroma_config(
+        cfg, models.preset_targets(loaded.arch), models.head_patterns(loaded.arch, task.kind)
+    )
+    if loaded.arch == "llama":
+        return _causal_lm_pipeline(cfg, task, loaded, aroma)
+    if loaded.arch == "bart":
+        return _seq2seq_pipeline(cfg, task, loaded, aroma)
+    return _encoder_pipeline(cfg, task, loaded, aroma)
+
+
+def _make(loaded, task, aroma, loss_fn, train, evals, evaluator) -> Pipeline:
+    return Pipeline(
+        loaded.arch,
+        task.kind,
+        loaded.model,
+        loaded.tokenizer,
+        loaded.params,
+        aroma,
+        loss_fn,
+        train,
+        evals,
+        evaluator,
+    )
+
+
+def _task_kwargs(tcfg: Mapping[str, Any]) -> dict:
+    keys = ("text_field", "text_pair_field", "label_field")
+    return {k: tcfg[k] for k in keys if tcfg.get(k) is not None}
+
+
+# ----------------------------------------------------------------------------- encoders
+def _encoder_pipeline(cfg, task, loaded, aroma) -> Pipeline:
+    regression = task.kind == "regression"
+    loss_fn, predict_fn = objectives.classification(loaded.model, regression=regression)
+    max_len = cfg["task"]["max_len"]
+    enc = {s: data.encode_classification(task, loaded.tokenizer, s, max_len) for s in task.splits}
+    predict = _with_adapters(predict_fn)
+
+    def evaluator(pipe, trainer, state, split, batch_size):
+        arrays = pipe.eval_examples[split]
+        preds = _batched(lambda b: predict(trainer, state, b), arrays, batch_size)
+        return metrics_lib.compute(task.metrics, preds, arrays["labels"])
+
+    return _make(loaded, task, aroma, loss_fn, enc["train"], enc, evaluator)
+
+
+def _with_adapters(fn: Callable) -> Callable:
+    """``fn(params, batch)`` -> ``g(trainer, state, batch)`` running with the state's adapters.
+
+    ``trainer`` is static (hashable by identity) so the jitted ``g`` compiles once per trainer.
+    """
+
+    def g(trainer, state, batch):
+        with trainer.applied(state) as params:
+            return fn(params, batch)
+
+    return _StaticFirst(g)
+
+
+class _StaticFirst:
+    """Makes the first argument static for ``jax.jit`` (trainer objects are not pytrees)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._jitted = jax.jit(fn, static_argnums=0)
+
+    def __call__(self, trainer, state, batch):
+        return self._jitted(trainer, state, batch)
+
+
+def _batched(fn: Callable, arrays: Mapping[str, np.ndarray], batch_size: int) -> np.ndarray:
+    """Runs ``fn`` over fixed-size batches (the last one padded), concatenating the outputs."""
+    n = len(next(iter(arrays.values())))
+    outs = []
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size) % n  # pad by wrapping: shapes stay fixed
+        out = jax.device_get(fn({k: v[idx] for k, v in arrays.items()}))
+        outs.append(np.asarray(out)[: min(batch_size, n - start)])
+    return np.concatenate(outs) if outs else np.zeros((0,))
+
+
+# ---------------------------------------------------------------------------- seq2seq
+def _seq2seq_pipeline(cfg, task, loaded, aroma) -> Pipeline:
+    loss_fn, generate_fn = objectives.seq2seq(loaded.model)
+    tcfg = cfg["task"]
+    start_id = loaded.model.config.decoder_start_token_id
+    enc = {
+        s: data.encode_seq2seq(
+            task, loaded.tokenizer, s, tcfg["max_len"], tcfg["target_max_len"], start_id
+        )
+        for s in task.splits
+    }
+    gen_len = cfg["train"]["generate_max_len"]
+    generate = _with_adapters(lambda p, b: generate_fn(p, b, max_length=gen_len))
+
+    def evaluator(pipe, trainer, state, split, batch_size):
+        arrays = pipe.eval_examples[split]
+        inputs = {k: arrays[k] for k in ("input_ids", "attention_mask")}
+        seqs = _batched(lambda b: generate(trainer, state, b), inputs, batch_size)
+        preds = loaded.tokenizer.batch_decode(seqs, skip_special_tokens=True)
+        refs = list(task.splits[split][task.target_field])
+        return metrics_lib.compute(task.metrics, preds, refs)
+
+    return _make(loaded, task, aroma, loss_fn, enc["train"], enc, evaluator)
+
+
+# ---------------------------------------------------------------------------- causal LM
+def _causal_lm_pipeline(cfg, task, loaded, aroma) -> Pipeline:
+    loss_fn, score_fn = objectives.causal_lm(loaded.model)
+    max_len = cfg["task"]["max_len"]
+    tok = loaded.tokenizer
+    train = data.encode_causal_lm(task, tok, "train", max_len)
+    score = _with_adapters(score_fn)
+
+    if task.kind in ("generation",):
+        gen_len = cfg["train"]["generate_max_len"]
+
+        def gen_fn(params, batch):
+            return loaded.model.generate(
+                batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                params=params,
+                max_new_tokens=gen_len,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            ).sequences
+
+        generate = _with_adapters(gen_fn)
+        prompts = {s: data.encode_prompts(task, tok, s, max_len) for s in task.splits}
+
+        def evaluator(pipe, trainer, state, split, batch_size):
+            arrays = prompts[split]
+            seqs = _batched(lambda b: generate(trainer, state, b), arrays, batch_size)
+            preds = tok.batch_decode(
+                seqs[:, arrays["input_ids"].shape[1] :], skip_special_tokens=True
+            )
+            preds = [p.strip().split("\n")[0] for p in preds]
+            refs = list(task.splits[split][task.target_field])
+            return metrics_lib.compute(task.metrics, preds, refs)
+
+        return _make(loaded, task, aroma, loss_fn, train, prompts, evaluator)
+
+    # Classification as text: score every label's continuation, predict the best.
+    choices = {s: data.encode_choices(task, tok, s, max_len) for s in task.splits}
+
+    def evaluator(pipe, trainer, state, split, batch_size):
+        arrays, labels, n_choices = choices[split]
+        scores = _batched(lambda b: score(trainer, state, b), arrays, batch_size)
+        preds = np.argmax(scores.reshape(-1, n_choices), axis=-1)
+        return metrics_lib.compute(["mc_accuracy"], preds, labels)
+
+    return _make(loaded, task, aroma, loss_fn, train, choices, evaluator)

@@ -1,0 +1,199 @@
+"""The experiment config of ``aroma-jax train``: YAML sections, ``--set`` overrides, validation.
+
+A run config has five sections; every key is checked, and an unknown or mistyped key is an error
+naming it and listing the valid ones::
+
+    model:  {name: minilm, dtype: float32}
+    task:   {name: rotten_tomatoes, max_len: 64, max_train_examples: null, max_eval_examples: 1000}
+    train:  {batch_size: 32, eval_every: 100, seed: 0, ...}
+    aroma:  {method: aroma, r: 1, alpha: 2.0, ...}      # AromaConfig fields
+    mesh:   null                                          # e.g. "data=2,fsdp=2,tensor=2"
+
+``aroma.target_modules`` defaults to the architecture's preset; ``aroma.max_steps`` is the step
+budget of the run.
+
+Example:
+    >>> cfg = resolve({"model": {"name": "tiny-roberta"}, "task": {"name": "rotten_tomatoes"}},
+    ...               ["train.batch_size=8", "aroma.r=2"])
+    >>> cfg["train"]["batch_size"], cfg["aroma"]["r"]
+    (8, 2)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from aroma_jax.core.config import AromaConfig, ConfigError, field_names
+
+SECTIONS: dict[str, dict[str, Any]] = {
+    "model": {
+        "name": "minilm",  # asset name, tiny-<arch>, HF hub name or local directory
+        "dtype": "float32",  # compute dtype: float32 or bfloat16
+        "param_dtype": "float32",  # dtype of the frozen base weights
+        "num_labels": None,  # overrides the task's
+    },
+    "task": {
+        "name": "rotten_tomatoes",
+        "max_len": 64,
+        "target_max_len": 32,  # generation targets
+        "max_train_examples": None,
+        "max_eval_examples": None,
+        "text_field": None,  # local files only
+        "text_pair_field": None,
+        "label_field": None,
+    },
+    "train": {
+        "batch_size": 32,
+        "eval_batch_size": 64,
+        "eval_every": 100,
+        "log_every": 10,
+        "save_every": 200,
+        "keep_checkpoints": 2,
+        "seed": 0,
+        "train_head": True,  # train the task head in full (PEFT's modules_to_save)
+        "generate_max_len": 24,
+        "eval_at_start": True,  # held-out metrics before training (the "before" of the run)
+        "progress": True,
+    },
+    "aroma": {},  # AromaConfig fields, validated by AromaConfig
+    "mesh": None,
+}
+
+
+def defaults() -> dict[str, Any]:
+    return copy.deepcopy(SECTIONS)
+
+
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _numbers(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; every user means the number."""
+    if isinstance(value, str) and _FLOAT.match(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    return value
+
+
+def _parse_value(text: str) -> Any:
+    """``--set`` values are YAML scalars/lists: ``8``, ``1e-3``, ``true``, ``[query, value]``."""
+    return _numbers(yaml.safe_load(text)) if text != "" else ""
+
+
+def apply_override(cfg: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"invalid --set {item!r}: accepted section.key=value, e.g. aroma.r=8")
+    key, _, value = item.partition("=")
+    parts = key.strip().split(".")
+    if parts[0] == "mesh" and len(parts) == 1:
+        cfg["mesh"] = _parse_value(value)
+        return
+    if len(parts) != 2:
+        raise ConfigError(
+            f"invalid --set key {key!r}: accepted section.key with a section in {sorted(SECTIONS)}"
+        )
+    section, name = parts
+    if section not in SECTIONS or section == "mesh":
+        raise ConfigError(
+            f"unknown config section {section!r}: valid sections are {sorted(SECTIONS)}"
+        )
+    cfg.setdefault(section, {})[name] = _parse_value(value)
+
+
+def _check_keys(section: str, values: Mapping[str, Any]) -> None:
+    valid = field_names() if section == "aroma" else tuple(SECTIONS[section])
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {unknown} in section {section!r}: valid keys are "
+            f"{', '.join(sorted(valid))}"
+        )
+
+
+def resolve(raw: Mapping[str, Any] | None, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """Defaults <- file values <- ``--set`` overrides, every key validated."""
+    raw = dict(raw or {})
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(
+            f"unknown config section(s) {unknown}: valid sections are {sorted(SECTIONS)}"
+        )
+    cfg = defaults()
+    for section, values in raw.items():
+        if section == "mesh":
+            cfg["mesh"] = values
+            continue
+        if values is None:
+            continue
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
+        cfg[section].update(_numbers(dict(values)))
+    for item in overrides:
+        apply_override(cfg, item)
+    for section in ("model", "task", "train", "aroma"):
+        _check_keys(section, cfg[section])
+    for name in (
+        "batch_size",
+        "eval_batch_size",
+        "eval_every",
+        "log_every",
+        "save_every",
+        "keep_checkpoints",
+    ):
+        value = cfg["train"][name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"invalid train.{name}={value!r}: accepted an integer >= 1")
+    if cfg["model"]["dtype"] not in ("float32", "bfloat16"):
+        raise ConfigError(
+            f"invalid model.dtype={cfg['model']['dtype']!r}: accepted float32, bfloat16"
+        )
+    if cfg["model"]["param_dtype"] not in ("float32", "bfloat16"):
+        raise ConfigError(
+            f"invalid model.param_dtype={cfg['model']['param_dtype']!r}: accepted float32, bfloat16"
+        )
+    return cfg
+
+
+def load(path: str | Path | None, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """Reads a YAML run config (or none: the defaults) and applies overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    return resolve(raw, overrides)
+
+
+def aroma_config(
+    cfg: Mapping[str, Any], preset_targets: tuple[str, ...], head_patterns: tuple[str, ...]
+) -> AromaConfig:
+    """The `AromaConfig` of a run: preset targets and the head unless the config says otherwise."""
+    values = dict(cfg["aroma"])
+    values.setdefault("target_modules", tuple(preset_targets))
+    if cfg["train"]["train_head"]:
+        values.setdefault("train_patterns", tuple(head_patterns))
+    values.setdefault("seed", cfg["train"]["seed"])
+    return AromaConfig(**values)
+
+
+def to_plain(cfg: Mapping[str, Any], aroma: AromaConfig | None = None) -> dict[str, Any]:
+    """The resolved config as plain YAML/JSON data (with the full AromaConfig when given)."""
+    out = copy.deepcopy(dict(cfg))
+    if aroma is not None:
+        out["aroma"] = {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(aroma).items()
+        }
+    return out

@@ -1,0 +1,366 @@
+"""``aroma-jax train``: fine-tune an HF Flax model with AROMA (or LoRA/ReLoRA) from a run config.
+
+A run directory holds everything a user needs afterwards::
+
+    DIR/config.yaml        the resolved config (every default filled in)
+    DIR/metrics.jsonl      one JSON record per log interval and per evaluation
+    DIR/history.json       every inner check and outer step per module
+    DIR/summary.json       final metrics, ranks, parameter counts, wall time, compiles
+    DIR/tb/                TensorBoard logs
+    DIR/plots/             rank_growth.png (paper fig. 1), rank_map.png (paper fig. 3)
+    DIR/checkpoints/       orbax checkpoints (resume with --resume)
+
+The data order is a pure function of (seed, step), so a resumed run sees exactly the batches the
+uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import yaml
+
+from aroma_jax.core.adapters import adapter_param_count
+from aroma_jax.core.history import History
+from aroma_jax.core.train_step import AromaTrainer, StepInfo, TrainState
+from aroma_jax.train import plots, run_config
+from aroma_jax.train.pipeline import Pipeline, build_pipeline
+
+
+class TrainingError(RuntimeError):
+    """Training stopped on bad numerics or bad input; the message says where and why."""
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Writes a file so that readers see the old or the new content, never half of it."""
+    from aroma_jax.train.checkpoint import write_text_atomic
+
+    write_text_atomic(path, text)
+
+
+def prepare_run_dir(output: str | Path, resume: bool) -> Path:
+    out = Path(output)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise TrainingError(
+            f"cannot write to output directory {str(out)!r}: {err.strerror or err}. "
+            "Choose a writable --output directory."
+        ) from err
+    ckpts = out / "checkpoints"
+    if not resume and ckpts.exists() and any(ckpts.iterdir()):
+        raise TrainingError(
+            f"{str(out)!r} already holds a run with checkpoints: pass --resume to continue it, "
+            "or choose a new --output directory"
+        )
+    return out
+
+
+def batch_at(arrays: Mapping[str, np.ndarray], batch_size: int, seed: int, step: int) -> dict:
+    """The ``step``-th training batch: epochs are seeded permutations, the last partial batch of
+    each epoch is dropped (static shapes, one compile)."""
+    n = len(next(iter(arrays.values())))
+    per_epoch = n // batch_size
+    if per_epoch == 0:
+        raise TrainingError(
+            f"the training split has {n} examples, fewer than one batch "
+            f"({batch_size}); lower train.batch_size"
+        )
+    epoch, index = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    idx = order[index * batch_size : (index + 1) * batch_size]
+    return {k: v[idx] for k, v in arrays.items()}
+
+
+class _Interrupt:
+    """Turns the first Ctrl-C into a flag so the loop can checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.hit = False
+        self._old = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            if self.hit:  # a second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            self.hit = True
+
+        try:
+            self._old = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+class MetricsLog:
+    """metrics.jsonl plus TensorBoard scalars."""
+
+    def __init__(self, out: Path):
+        self.path = out / "metrics.jsonl"
+        self._tb = None
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(out / "tb"))
+        except ImportError:  # TensorBoard logs are optional
+            self._tb = None
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            step = record.get("step", 0)
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(f"{record.get('split', 'train')}/{k}", v, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _trainable_now(trainer: AromaTrainer, state: TrainState, head: int) -> int:
+    done = jax.device_get(state.adapters.done)
+    return head + sum(
+        int(p.a.size + p.b.size) for k, p in state.adapters.pairs.items() if not bool(done[k])
+    )
+
+
+def train(
+    cfg: Mapping[str, Any],
+    output: str | Path,
+    resume: bool = False,
+    interrupt_at: int | None = None,
+) -> dict:
+    """Runs one training job; returns the summary (also written to ``summary.json``).
+
+    ``interrupt_at`` behaves as if Ctrl-C arrived right after that step (for tests and drills).
+    """
+    from aroma_jax.train.checkpoint import CheckpointManager
+
+    t0 = time.perf_counter()
+    out = prepare_run_dir(output, resume)
+    pipe: Pipeline = build_pipeline(cfg)
+    aroma = pipe.aroma
+    resolved = run_config.to_plain(cfg, aroma)
+    write_atomic(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    tcfg = cfg["train"]
+
+    trainer = AromaTrainer(pipe.loss_fn, pipe.params, aroma)
+    head_params = sum(int(x.size) for x in jax.tree.leaves(trainer_extra(pipe, trainer)))
+    state = trainer.init(pipe.params)
+    pipe.params = None  # the state owns the buffers now (the step donates them)
+    if cfg.get("mesh"):
+        from aroma_jax.core import sharding
+
+        mesh = sharding.parse_mesh(cfg["mesh"])
+        state = sharding.shard_trainer(trainer, state, mesh, sharding.rules_for(pipe.arch))
+    history = History(trainer.paths, aroma.inner_tol)
+    ckpt = CheckpointManager(
+        out / "checkpoints", keep=tcfg["keep_checkpoints"], save_every=tcfg["save_every"]
+    )
+    start = 0
+    if resume and ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(state)
+        start = int(meta["data"]["step"])
+        _restore_history(history, meta.get("history", {}))
+    log = MetricsLog(out)
+    pair_sizes = {
+        p: int(state.adapters.pairs[p].a.size + state.adapters.pairs[p].b.size)
+        for p in trainer.paths
+    }
+    total_steps = aroma.max_steps
+    bar = _progress(tcfg["progress"], total_steps, start)
+    seed = tcfg["seed"]
+    pending: list[StepInfo] = []
+    step = start
+    last_eval: dict = {}
+    stopped = "max_steps"
+
+    def meta(step_now: int) -> dict:
+        return {"data": {"step": step_now}, "history": _history_dict(history)}
+
+    def sync() -> bool:
+        nonlocal pending
+        if not pending:
+            return False
+        infos = jax.device_get(pending)
+        history.extend(infos)
+        outer_now = any(bool(i.outer) for i in infos)
+        last = infos[-1]
+        losses = [float(i.loss) for i in infos]
+        bad = [int(i.step) for i, v in zip(infos, losses, strict=True) if not math.isfinite(v)]
+        if bad:
+            raise TrainingError(
+                f"loss became {losses[-1]} at step {bad[0]}; stopped. The last good checkpoint "
+                f"(step {ckpt.latest_step()}) is kept in {str(out / 'checkpoints')!r}. Lower "
+                "aroma.learning_rate or check the data."
+            )
+        record = {
+            "step": int(last.step),
+            "split": "train",
+            "loss": float(np.mean(losses)),
+            "lr": float(last.lr),
+            "total_rank": int(np.sum(last.ranks)),
+            "trainable_params": _trainable_now(trainer, state, head_params),
+            "outer_steps": len(history.outer_step_numbers()),
+        }
+        log.write(record)
+        if bar is not None:
+            bar.set_postfix(
+                loss=f"{record['loss']:.4f}",
+                rank=record["total_rank"],
+                trainable=record["trainable_params"],
+            )
+        pending = []
+        if outer_now:  # never lose an outer step's work
+            ckpt.save(int(last.step), state, meta(int(last.step)), force=True)
+        return bool(last.finished)
+
+    initial_metrics: dict = {}
+    if tcfg["eval_at_start"] and start == 0:
+        initial_metrics = _evaluate(pipe, trainer, state, "validation", cfg)
+        log.write({"step": 0, "split": "validation", **initial_metrics})
+    if bool(jax.device_get(state.ctrl.finished)):
+        stopped, step = "all_modules_done", max(step, int(jax.device_get(state.ctrl.step)))
+    with _Interrupt() as interrupt:
+        while step < total_steps and stopped != "all_modules_done":
+            batch = batch_at(pipe.train_arrays, tcfg["batch_size"], seed, step)
+            state, info = trainer.step(state, batch)
+            pending.append(info)
+            step += 1
+            if bar is not None:
+                bar.update(1)
+            finished = False
+            if len(pending) >= tcfg["log_every"] or step == total_steps:
+                finished = sync()
+            if step % tcfg["save_every"] == 0:
+                sync()
+                ckpt.save(step, state, meta(step))
+            if step % tcfg["eval_every"] == 0 and not finished:
+                last_eval = _evaluate(pipe, trainer, state, "validation", cfg)
+                log.write({"step": step, "split": "validation", **last_eval})
+            if interrupt.hit or step == interrupt_at:
+                sync()
+                ckpt.save(step, state, meta(step), force=True)
+                stopped = "interrupted"
+                break
+            if finished:
+                done = jax.device_get(state.adapters.done)
+                stopped = "all_modules_done" if all(map(bool, done.values())) else "max_steps"
+                break
+        sync()
+    if bar is not None:
+        bar.close()
+    if stopped == "interrupted":
+        log.close()
+        summary = {
+            "status": "interrupted",
+            "step": step,
+            "resume": f"aroma-jax train --config {out / 'config.yaml'} --output {out} --resume",
+        }
+        write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+        return summary
+    ckpt.save(step, state, meta(step), force=True)
+    final = trainer.finalize(state)
+    metrics = _evaluate(pipe, trainer, final, "test", cfg)
+    log.write({"step": step, "split": "test", **metrics})
+    log.close()
+    ranks = trainer.ranks(final)
+    write_atomic(out / "history.json", json.dumps(_history_dict(history)))
+    plots_dir = out / "plots"
+    plots.plot_rank_growth(
+        history,
+        pair_sizes,
+        plots_dir / "rank_growth.png",
+        head_params,
+        title=f"{aroma.method}: rank and trainable parameters",
+    )
+    plots.plot_rank_map(ranks, plots_dir / "rank_map.png")
+    summary = {
+        "status": "finished",
+        "stopped": stopped,
+        "method": aroma.method,
+        "model": cfg["model"]["name"],
+        "task": cfg["task"]["name"],
+        "metrics": metrics,
+        "validation_metrics": last_eval,
+        "initial_validation_metrics": initial_metrics,
+        "ranks": ranks,
+        "total_rank": int(sum(ranks.values())),
+        "adapter_params": adapter_param_count(state.adapters),
+        "final_adapter_params": int(
+            sum((trainer.specs[p].fan_in + trainer.specs[p].fan_out) * r for p, r in ranks.items())
+        ),
+        "head_params": head_params,
+        "outer_steps": len(history.outer_step_numbers()),
+        "steps": step,
+        "wall_s": round(time.perf_counter() - t0, 2),
+        "compiles": trainer.compiles,
+        "plots": [str(plots_dir / "rank_growth.png"), str(plots_dir / "rank_map.png")],
+    }
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    _save_adapters(out, trainer, final)
+    return summary
+
+
+def trainer_extra(pipe: Pipeline, trainer: AromaTrainer) -> Any:
+    from aroma_jax.core.train_step import split_params
+
+    return split_params(pipe.params, trainer.cfg.train_patterns)[1]
+
+
+def _save_adapters(out: Path, trainer: AromaTrainer, state: TrainState) -> None:
+    """The finalized adapters and head (for eval and export), independent of checkpoints."""
+    from aroma_jax.train.artifacts import save_final
+
+    save_final(out / "final", trainer, state)
+
+
+def _history_dict(history: History) -> dict:
+    return {**history.as_dict(), "steps": history.steps}
+
+
+def _restore_history(history: History, saved: Mapping[str, Any]) -> None:
+    history.inner_checks = list(saved.get("inner_checks", []))
+    history.outer_steps = list(saved.get("outer_steps", []))
+    history.steps = list(saved.get("steps", []))
+
+
+def _progress(enabled: bool, total: int, start: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _evaluate(
+    pipe: Pipeline, trainer: AromaTrainer, state: TrainState, split: str, cfg: Mapping[str, Any]
+) -> dict:
+    return pipe.evaluate(trainer, state, split, cfg["train"]["eval_batch_size"])
+
+
+def evaluate_only(cfg: Mapping[str, Any], run_dir: str | Path, split: str = "test") -> dict:
+    """``aroma-jax eval``: metrics of a finished run's final adapters on a split."""
+    from aroma_jax.train.artifacts import rebuild_state
+
+    pipe = build_pipeline(cfg)
+    trainer = AromaTrainer(pipe.loss_fn, pipe.params, pipe.aroma, donate=False)
+    state = rebuild_state(trainer, pipe.params, Path(run_dir) / "final")
+    return pipe.evaluate(trainer, state, split, cfg["train"]["eval_batch_size"])

@@ -1,0 +1,250 @@
+"""The controller inside the jitted step: merges, re-inits, done masks, compiles, no dense dW."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aroma_jax import AromaTrainer
+from aroma_jax.core import controller, loop
+from aroma_jax.examples.toy import D_IN, D_OUT, batches, make_problem, toy_config
+
+
+def loss_for(model):
+    def loss_fn(params, batch, rng):
+        pred = model.apply({"params": params}, batch["x"])
+        return jnp.mean(jnp.sum((pred - batch["y"]) ** 2, axis=-1))
+
+    return loss_fn
+
+
+def make(cfg, donate=False):
+    model, student, teacher = make_problem(0)
+    trainer = AromaTrainer(loss_for(model), student, cfg, donate=donate)
+    return trainer, trainer.init(student), model, teacher
+
+
+def outputs(trainer, state, model, x):
+    with trainer.applied(state) as params:
+        return model.apply({"params": params}, x)
+
+
+def trained(cfg, steps):
+    trainer, state, model, teacher = make(cfg)
+    for batch in batches(teacher, model, 32, steps):
+        state, _ = trainer.step(state, batch)
+    return trainer, state, model, teacher
+
+
+@pytest.mark.parametrize("fold", ["never", "auto"])
+def test_merge_leaves_output_unchanged_and_reinit_zeroes_b(fold):
+    cfg = toy_config(fold=fold, outer_tol=0.0, inner_max_steps=10_000, r=2)
+    trainer, state, model, _ = trained(cfg, 30)
+    x = jax.random.normal(jax.random.key(7), (16, D_IN))
+    before = outputs(trainer, state, model, x)
+    kernels = trainer.kernels(state.base)
+    ctrl, adapters, new_k, info = controller.outer_step(
+        state.ctrl, state.adapters, kernels, trainer.specs, cfg, trainer.folded
+    )
+    base = state.base
+    for p, k in new_k.items():
+        base = {**base, p: {**base[p], "kernel": k}}
+    merged_state = state._replace(base=base, adapters=adapters, ctrl=ctrl)
+    after = outputs(trainer, merged_state, model, x)
+    np.testing.assert_allclose(after, before, atol=1e-5, rtol=1e-6)
+    assert bool(info.merged.all())
+    for p in trainer.paths:
+        assert int(adapters.merges[p]) == 1
+        assert float(jnp.abs(adapters.pairs[p].b).max()) == 0.0  # re-init: b = 0
+        a_new, a_old = adapters.pairs[p].a, state.adapters.pairs[p].a
+        assert float(jnp.abs(a_new).max()) <= 1 / np.sqrt(D_IN)
+        assert not np.allclose(a_new, a_old)  # a is re-drawn
+    assert (trainer.folded == frozenset(trainer.paths)) == (fold == "auto")
+
+
+@pytest.mark.parametrize("r", [1, 4])
+def test_bf16_bases_keep_factors_and_train_in_bf16(r):
+    """bf16 kernels computing in bf16: nothing folds, merges fill the factor slots, and the
+    adapted model is W0 + s (A B + a b) within bf16 precision."""
+    model, student, teacher = make_problem(0)
+    student16 = jax.tree.map(lambda k: k.astype(jnp.bfloat16), student)
+
+    def loss_fn(params, batch, rng):
+        pred = model.apply({"params": params}, batch["x"].astype(jnp.bfloat16))
+        return jnp.mean(jnp.sum((pred.astype(jnp.float32) - batch["y"]) ** 2, axis=-1))
+
+    cfg = toy_config(outer_tol=0.0, inner_max_steps=10, r=r)
+    trainer = AromaTrainer(loss_fn, student16, cfg, donate=False)
+    assert trainer.folded == frozenset()
+    state = trainer.init(student16)
+    losses, outer = [], 0
+    for batch in batches(teacher, model, 32, 35):
+        state, info = trainer.step(state, batch)
+        losses.append(float(info.loss))
+        outer += int(info.outer)
+    assert trainer.compiles == 1 and outer >= 3
+    assert trainer.ranks(state) == {p: outer * r for p in trainer.paths}
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    x = jax.random.normal(jax.random.key(7), (16, D_IN)).astype(jnp.bfloat16)
+    got = np.asarray(outputs(trainer, state, model, x), np.float32)
+    want = []
+    for p in sorted(trainer.paths):
+        fz, pair = state.adapters.frozen[p], state.adapters.pairs[p]
+        dw = cfg.scale * (fz.a @ fz.b + pair.a @ pair.b)
+        w = np.asarray(student16[p]["kernel"], np.float32) + np.asarray(dw)
+        want.append(np.asarray(x, np.float32) @ w)
+    want = np.concatenate(want, axis=-1)
+    assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
+
+
+def test_outer_check_discards_pair_and_done_module_gets_zero_updates():
+    cfg = toy_config(outer_tol=0.05, inner_max_steps=40, max_steps=200)
+    trainer, state, model, teacher = make(cfg)
+    done_at = None
+    for i, batch in enumerate(batches(teacher, model, 32, 120)):
+        state, info = trainer.step(state, batch)
+        if done_at is None and bool(state.adapters.done["m0"]):
+            done_at = i
+            snap = jax.device_get((state.adapters.pairs["m0"], state.adapters.frozen["m0"]))
+            opt_snap = jax.device_get(state.opt_state.inner[0].mu["pairs"]["m0"])
+    assert done_at is not None, "m0 (true rank 0) should stop at its first outer step"
+    # The discarded pair is zero, and nothing about the module moves afterwards.
+    assert float(np.abs(snap[0].a).max()) == 0 and float(np.abs(snap[0].b).max()) == 0
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        snap,
+        (state.adapters.pairs["m0"], state.adapters.frozen["m0"]),
+    )
+    assert int(state.adapters.merges["m0"]) == 0
+    mu_now = state.opt_state.inner[0].mu["pairs"]["m0"]
+    assert jax.tree.map(lambda x: x.shape, opt_snap) == jax.tree.map(lambda x: x.shape, mu_now)
+
+
+def test_one_compile_over_several_outer_steps_and_rewarmup_at_actual_steps():
+    cfg = toy_config(max_steps=700)
+    trainer, state, model, teacher = make(cfg, donate=True)
+    state, history = loop.run(trainer, state, batches(teacher, model, 64, 700))
+    outer = history.outer_step_numbers()
+    assert len(outer) >= 3
+    assert trainer.compiles == 1
+    # Re-warmups follow the adaptive outer steps: the update right after each outer step runs
+    # at 1/rewarmup of the base rate, ramping back to it.
+    lr = {s["step"]: s["lr"] for s in history.steps}
+    for s in outer:
+        if s + cfg.rewarmup_steps + 1 in lr:
+            assert lr[s + 1] == pytest.approx(cfg.learning_rate / cfg.rewarmup_steps, rel=1e-5)
+            assert lr[s + cfg.rewarmup_steps] == pytest.approx(cfg.learning_rate, rel=1e-5)
+    assert lr[outer[0]] == pytest.approx(cfg.learning_rate)  # no grid: only actual steps
+    # Inner-check history: the first check after each outer step never converges.
+    first_after = [r for r in history.inner_checks if r["step"] - cfg.inner_check_every in outer]
+    assert first_after and all(r["rho_in"] == np.inf for r in first_after)
+
+
+def test_inner_rank_r_greater_than_one():
+    cfg = toy_config(r=4, alpha=4.0, max_steps=600)
+    trainer, state, model, teacher = make(cfg, donate=True)
+    state, history = loop.run(trainer, state, batches(teacher, model, 64, 600))
+    ranks = trainer.ranks(state)
+    assert all(v % 4 == 0 for v in ranks.values())
+    assert ranks["m3"] >= 4 and ranks["m0"] == 0
+    assert history.steps[-1]["loss"] < 0.2 * history.steps[0]["loss"]
+    assert trainer.compiles == 1
+
+
+def test_fold_and_factors_give_the_same_run():
+    res = {}
+    for fold in ("never", "auto"):
+        cfg = toy_config(fold=fold, max_steps=500)
+        trainer, state, model, teacher = make(cfg, donate=True)
+        state, history = loop.run(trainer, state, batches(teacher, model, 64, 500))
+        res[fold] = (trainer.ranks(state), history.outer_steps, history.steps[-1]["loss"])
+    assert res["never"][0] == res["auto"][0]
+    rho_n = [r["rho_out"] for r in res["never"][1]]
+    rho_a = [r["rho_out"] for r in res["auto"][1]]
+    np.testing.assert_allclose(rho_n, rho_a, rtol=1e-3, atol=1e-5)
+    assert res["never"][2] == pytest.approx(res["auto"][2], rel=1e-2, abs=1e-4)
+
+
+def test_lora_never_merges_and_relora_merges_on_a_fixed_period():
+    lora_cfg = toy_config(method="lora", r=8, alpha=8.0, max_steps=100)
+    trainer, state, model, teacher = make(lora_cfg, donate=True)
+    state, history = loop.run(trainer, state, batches(teacher, model, 32, 100))
+    assert history.outer_step_numbers() == []
+    final = trainer.finalize(state)
+    assert trainer.ranks(final) == {"m0": 0, "m1": 8, "m3": 8}
+    x = jax.random.normal(jax.random.key(1), (8, D_IN))
+    np.testing.assert_allclose(
+        outputs(trainer, final, model, x), outputs(trainer, state, model, x), atol=1e-5
+    )
+
+    relora_cfg = toy_config(method="relora", inner_max_steps=25, max_steps=100)
+    trainer, state, model, teacher = make(relora_cfg, donate=True)
+    state, history = loop.run(trainer, state, batches(teacher, model, 32, 100))
+    assert history.outer_step_numbers() == [25, 50, 75, 100]
+    assert not any(bool(d) for d in jax.device_get(state.adapters.done).values())
+
+
+def test_without_reset_keeps_optimizer_state():
+    cfg = toy_config(reset="none", outer_tol=0.0, inner_max_steps=20)
+    trainer, state, model, teacher = make(cfg)
+    for batch in batches(teacher, model, 32, 19):
+        state, _ = trainer.step(state, batch)
+    nu_before = jax.device_get(state.opt_state.inner[0].nu["pairs"]["m3"])
+    state, info = trainer.step(state, next(batches(teacher, model, 32, 1, seed=5)))
+    assert bool(info.outer)
+    nu_after = state.opt_state.inner[0].nu["pairs"]["m3"]
+    # Decayed by one Adam step only: nothing zeroed.
+    assert float(jnp.sum(nu_after.b == 0)) == float(np.sum(nu_before.b == 0))
+
+
+# ----------------------------------------------------------------- no dense update anywhere
+def dense_outputs(jaxpr, shape, inside_cond=False, found=None):
+    """(primitive, inside a cond branch) for every equation producing an array of ``shape``."""
+    found = [] if found is None else found
+    for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+            if tuple(getattr(v.aval, "shape", ())) == shape:
+                found.append((eqn.primitive.name, inside_cond))
+        for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, "subjaxprs") else _subs(eqn):
+            dense_outputs(sub, shape, inside_cond or eqn.primitive.name == "cond", found)
+    return found
+
+
+def _subs(eqn):
+    for param in eqn.params.values():
+        for p in param if isinstance(param, (tuple, list)) else (param,):
+            if hasattr(p, "jaxpr") and hasattr(p.jaxpr, "eqns"):
+                yield p.jaxpr
+            elif hasattr(p, "eqns"):
+                yield p
+
+
+def step_jaxpr(cfg):
+    # Capacity * r must differ from D_IN (32) so frozen factors never share the kernel's shape.
+    cfg = cfg.replace(rank_capacity=5)
+    trainer, state, model, teacher = make(cfg)
+    batch = next(batches(teacher, model, 8, 1))
+    return jax.make_jaxpr(trainer._step_impl)(state, batch).jaxpr
+
+
+def test_detector_catches_a_naive_dense_update():
+    def naive(w, a, b, x):
+        return x @ (w + a @ b)
+
+    jaxpr = jax.make_jaxpr(naive)(
+        jnp.ones((D_IN, D_OUT)), jnp.ones((D_IN, 1)), jnp.ones((1, D_OUT)), jnp.ones((4, D_IN))
+    ).jaxpr
+    assert dense_outputs(jaxpr, (D_IN, D_OUT))
+
+
+@pytest.mark.parametrize("r", [1, 3])
+def test_train_step_forms_no_dense_update_with_factors(r):
+    jaxpr = step_jaxpr(toy_config(fold="never", r=r))
+    assert dense_outputs(jaxpr, (D_IN, D_OUT)) == []
+
+
+def test_train_step_folds_only_inside_the_outer_step():
+    found = dense_outputs(step_jaxpr(toy_config(fold="auto")), (D_IN, D_OUT))
+    assert found, "folding writes the kernel at merges"
+    outside = [f for f in found if not f[1] and f[0] != "cond"]
+    assert outside == []

@@ -1,0 +1,55 @@
+import pytest
+
+from aroma_jax.core.config import ConfigError
+from aroma_jax.train import run_config
+
+
+def test_defaults_file_and_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model: {name: tiny-roberta}\ntrain: {batch_size: 4}\naroma: {r: 2}\n")
+    cfg = run_config.load(
+        f,
+        [
+            "aroma.alpha=8",
+            "aroma.target_modules=[query, value]",
+            "train.progress=false",
+            "mesh=data=2,fsdp=4",
+        ],
+    )
+    assert cfg["train"]["batch_size"] == 4 and cfg["train"]["eval_every"] == 100
+    assert cfg["aroma"] == {"r": 2, "alpha": 8, "target_modules": ["query", "value"]}
+    assert cfg["train"]["progress"] is False and cfg["mesh"] == "data=2,fsdp=4"
+    aroma = run_config.aroma_config(cfg, ("query", "key"), ("classifier",))
+    assert aroma.target_modules == ("query", "value") and aroma.train_patterns == ("classifier",)
+    assert aroma.scale == 4.0
+
+
+def test_preset_targets_when_unset():
+    cfg = run_config.resolve({}, ["train.train_head=false"])
+    aroma = run_config.aroma_config(cfg, ("query", "value"), ("classifier",))
+    assert aroma.target_modules == ("query", "value") and aroma.train_patterns == ()
+
+
+@pytest.mark.parametrize(
+    "raw,overrides,words",
+    [
+        ({"train": {"batchsize": 4}}, [], ["batchsize", "batch_size"]),
+        ({"aroma": {"inner_tolerance": 0.1}}, [], ["inner_tolerance", "inner_tol"]),
+        ({"optimizer": {}}, [], ["optimizer", "train"]),
+        ({}, ["aroma.rr=2"], ["rr", "inner_max_steps"]),
+        ({}, ["foo.bar=1"], ["foo", "sections"]),
+        ({}, ["aroma.r"], ["section.key=value"]),
+        ({}, ["train.batch_size=0"], ["train.batch_size", ">= 1"]),
+        ({}, ["model.dtype=float16"], ["float16", "bfloat16"]),
+    ],
+)
+def test_bad_keys_and_values_name_what_is_accepted(raw, overrides, words):
+    with pytest.raises(ConfigError) as err:
+        run_config.resolve(raw, overrides)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        run_config.load(tmp_path / "nope.yaml")
