@@ -1,0 +1,16 @@
+"""JAX-native LLaMA-family models (LLaMA 2/3/3.1/3.2, Mistral, Qwen2/2.5) in linen.
+
+Read HF ``config.json`` and safetensors directly (no torch, no transformers model classes), keep
+HF's Flax param paths so adapters inject unchanged, and attend through
+``jax.nn.dot_product_attention``. See docs/MODELS.md.
+
+Example:
+    >>> # from aroma_jax.models.native import NativeCausalLM
+    >>> # model = NativeCausalLM.from_pretrained("meta-llama/Llama-3.2-1B", param_dtype="bfloat16")
+"""
+
+from aroma_jax.models.native.causal_lm import NativeCausalLM, load_tokenizer
+from aroma_jax.models.native.config import NativeConfig, NativeConfigError
+from aroma_jax.models.native.modeling import CausalLM
+
+__all__ = ["CausalLM", "NativeCausalLM", "NativeConfig", "NativeConfigError", "load_tokenizer"]

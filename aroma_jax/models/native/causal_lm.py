@@ -1,0 +1,250 @@
+"""`NativeCausalLM`: the native LLaMA-family model behind the HF Flax calling convention.
+
+The rest of the package (objectives, pipeline, bench, export) talks to models as HF Flax
+models: ``model(input_ids, attention_mask=..., params=..., train=...).logits``,
+``model.generate(...).sequences``, ``model.config``, ``model.params``,
+``model.save_pretrained(dir, params=...)``. This class gives the native linen `CausalLM` that
+interface, so ``model.impl: native`` changes nothing else.
+
+* `from_pretrained` reads ``config.json`` and safetensors (sharded or not; lazily, leaf by leaf,
+  cast to ``param_dtype``) from a local directory or a hub name (through ``huggingface_hub``);
+  an HF Flax ``flax_model.msgpack`` (e.g. the converted SmolLM2 asset) also loads, since the
+  param trees agree. No torch and no transformers model class is involved.
+* `save_pretrained` writes ``config.json`` and ``model.safetensors`` in PyTorch layout, which
+  PyTorch transformers (4.x and 5.x) loads with ``from_pretrained``.
+* `generate` is greedy decoding in one compiled loop over a fixed-size buffer (each step re-runs
+  the prompt and the tokens so far; no KV cache), honouring left padding through position ids.
+
+Example:
+    >>> from aroma_jax.models.native.config import NativeConfig
+    >>> cfg = NativeConfig.from_dict({"model_type": "qwen2", "vocab_size": 32, "hidden_size": 16,
+    ...     "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+    ...     "num_key_value_heads": 2})
+    >>> m = NativeCausalLM(cfg, seed=0)
+    >>> import numpy as np
+    >>> m(np.zeros((1, 4), np.int32)).logits.shape
+    (1, 4, 32)
+    >>> m.generate(np.ones((1, 3), np.int32), max_new_tokens=2).sequences.shape
+    (1, 5)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from aroma_jax.models.native import checkpoint_io
+from aroma_jax.models.native.config import NativeConfig
+from aroma_jax.models.native.modeling import CausalLM
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+
+
+class CausalLMOutput(NamedTuple):
+    logits: jax.Array
+
+
+class GenerateOutput(NamedTuple):
+    sequences: jax.Array
+
+
+class NativeCausalLM:
+    """A `CausalLM` module with its config, params and the HF Flax calling convention."""
+
+    def __init__(
+        self,
+        config: NativeConfig,
+        params: Any = None,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        remat: str = "none",
+        attention_impl: str | None = None,
+        seed: int = 0,
+    ):
+        self.config = config
+        self.dtype = dtype
+        self.module = CausalLM(config, dtype, param_dtype, remat, attention_impl)
+        if params is None:
+            params = self.init_params(seed)
+        self.params = params
+
+    def init_params(self, seed: int = 0) -> dict:
+        """Random params (normal(initializer_range) kernels, unit norms), as HF initialises."""
+        ids = jnp.zeros((1, 2), jnp.int32)
+        return jax.jit(self.module.init)(jax.random.key(seed), ids)["params"]
+
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        params=None,
+        train: bool = False,
+        dropout_rng=None,
+        **unused,
+    ) -> CausalLMOutput:
+        """Logits; ``train`` and ``dropout_rng`` are accepted for HF compatibility (no dropout:
+        every LLaMA-family config has attention_dropout 0, and others are rejected)."""
+        del train, dropout_rng, unused
+        params = self.params if params is None else params
+        ids = jnp.asarray(input_ids)
+        mask = None if attention_mask is None else jnp.asarray(attention_mask)
+        return CausalLMOutput(self.module.apply({"params": params}, ids, mask, position_ids))
+
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        params=None,
+        max_new_tokens: int | None = None,
+        max_length: int | None = None,
+        pad_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        **unused,
+    ) -> GenerateOutput:
+        """Greedy continuation of (left-padded) prompts; finished rows get ``pad_token_id``."""
+        params = self.params if params is None else params
+        ids = jnp.asarray(input_ids)
+        b, length = ids.shape
+        if max_new_tokens is None:
+            if max_length is None:
+                raise ValueError("generate needs max_new_tokens or max_length")
+            max_new_tokens = max_length - length
+        n = int(max_new_tokens)
+        if n <= 0:
+            return GenerateOutput(ids)
+        pad = _first(pad_token_id, self.config.pad_token_id, 0)
+        eos = _ids(_first(eos_token_id, self.config.eos_token_id, -1))
+        mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask)
+        ids = jnp.concatenate([ids, jnp.full((b, n), pad, ids.dtype)], axis=1)
+        mask = jnp.concatenate([mask.astype(jnp.int32), jnp.zeros((b, n), jnp.int32)], axis=1)
+
+        def body(t, carry):
+            ids, mask, done = carry
+            pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+            logits = self.module.apply({"params": params}, ids, mask, pos)
+            cur = length + t
+            last = jax.lax.dynamic_index_in_dim(logits, cur - 1, axis=1, keepdims=False)
+            nxt = jnp.where(done, pad, jnp.argmax(last, axis=-1)).astype(ids.dtype)
+            ids = jax.lax.dynamic_update_index_in_dim(ids, nxt[:, None], cur, axis=1)
+            mask = jax.lax.dynamic_update_index_in_dim(
+                mask, jnp.ones((b, 1), jnp.int32), cur, axis=1
+            )
+            return ids, mask, done | jnp.isin(nxt, jnp.asarray(eos))
+
+        ids, _, _ = jax.lax.fori_loop(0, n, body, (ids, mask, jnp.zeros((b,), bool)))
+        return GenerateOutput(ids)
+
+    # ---------------------------------------------------------------------------- files
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        remat: str = "none",
+        attention_impl: str | None = None,
+        sharding_for=None,
+        **unused,
+    ) -> NativeCausalLM:
+        """From a local directory or a hub name; see `checkpoint_io.load_params`."""
+        path = resolve(name_or_path)
+        config = NativeConfig.from_file(path)
+        msgpack = path / "flax_model.msgpack"
+        has_st = (path / "model.safetensors").exists() or (
+            path / "model.safetensors.index.json"
+        ).exists()
+        if has_st:
+            params = checkpoint_io.load_params(
+                path, config.tie_word_embeddings, param_dtype, sharding_for
+            )
+        elif msgpack.exists():
+            tree = flax.serialization.msgpack_restore(msgpack.read_bytes())
+            params = jax.tree.map(lambda x: jnp.asarray(x, param_dtype), tree)
+        else:
+            raise FileNotFoundError(
+                f"no weights in {str(path)!r}: accepted model.safetensors, "
+                "model.safetensors.index.json or flax_model.msgpack"
+            )
+        return cls(config, params, dtype, param_dtype, remat, attention_impl)
+
+    def save_pretrained(self, out: str | Path, params: Any = None) -> Path:
+        """``config.json`` + ``model.safetensors`` (PyTorch layout) in ``out``."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        params = self.params if params is None else params
+        cfg = self.config.hf_dict or _hf_config(self.config)
+        (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        checkpoint_io.save_safetensors(params, out / "model.safetensors")
+        return out
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """A local directory as is; anything else is downloaded from the hub (config, safetensors,
+    tokenizer files only)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists() or str(name_or_path).startswith((".", "/")):
+        raise FileNotFoundError(f"{str(name_or_path)!r} is not a model directory")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(name_or_path), allow_patterns=HUB_PATTERNS))
+
+
+def load_tokenizer(path: str | Path):
+    """The checkpoint's tokenizer through transformers' AutoTokenizer (4.x and 5.x)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _first(*values):
+    return next(v for v in values if v is not None)
+
+
+def _ids(value) -> list[int]:
+    return list(value) if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def _hf_config(c: NativeConfig) -> dict:
+    """A ``config.json`` for a config built without one (random models)."""
+    arch = {
+        "llama": "LlamaForCausalLM",
+        "mistral": "MistralForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+    }
+    d = {
+        "architectures": [arch[c.model_type]],
+        "model_type": c.model_type,
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim,
+        "max_position_embeddings": c.max_position_embeddings,
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": c.rope or None,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "pad_token_id": c.pad_token_id,
+        "bos_token_id": c.bos_token_id,
+        "eos_token_id": list(c.eos_token_id)
+        if isinstance(c.eos_token_id, tuple)
+        else c.eos_token_id,
+        "sliding_window": c.sliding_window,
+    }
+    if c.model_type == "llama":
+        d["attention_bias"] = c.qkv_bias
+        d["mlp_bias"] = c.mlp_bias
+    return d
