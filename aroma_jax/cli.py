@@ -1,4 +1,4 @@
-"""The ``aroma-jax`` command line: train, eval, export, assets, demo, toy.
+"""The ``aroma-jax`` command line: train, eval, export, assets, demo, toy, analyze.
 
 Examples::
 
@@ -9,6 +9,7 @@ Examples::
     aroma-jax eval runs/x --split test
     aroma-jax export runs/x --merged out/merged --peft out/peft
     aroma-jax demo                               # AROMA vs LoRA r=8 on MiniLM / Rotten Tomatoes
+    aroma-jax analyze runs/demo/aroma runs/demo/lora --out runs/demo/analysis
 """
 
 from __future__ import annotations
@@ -133,6 +134,35 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     sub.add_parser("toy", help="toy rank recovery (planted ranks 0, 1, 3) in seconds")
+
+    an = sub.add_parser(
+        "analyze",
+        help="rank dynamics of finished runs: effective rank, figure 3/1 plots, similarity",
+        description="Reads each run's final adapters one module at a time (never a dense "
+        "update) and its history.json, and writes DIR/report.md, DIR/analysis.json (every "
+        "number) and PNG figures: rank_map.png (rank and effective rank per layer and matrix), "
+        "curves.png (trained parameters and total rank vs step), cosine.png (cosines of one "
+        "module's rank-one components) and, for two or more runs, subspace.png (subspace "
+        "similarity of their updates). See docs/ANALYSIS.md.",
+    )
+    an.add_argument(
+        "runs", nargs="+", type=Path, metavar="RUN", help="run directories written by `train`"
+    )
+    an.add_argument("--out", type=Path, required=True, help="output directory (created)")
+    an.add_argument(
+        "--module",
+        help="module path for the per-module figures (cosine, subspace), e.g. "
+        "bert/encoder/layer/3/attention/output/dense; default: the module shared by every run "
+        "with the most rank-one components in the run where it has fewest",
+    )
+    an.add_argument(
+        "--label",
+        dest="labels",
+        action="append",
+        metavar="NAME",
+        help="a name for each run in the order given (repeat once per run); default: the "
+        "shortest distinct tail of each run's path",
+    )
     return p
 
 
@@ -181,6 +211,15 @@ def _assets(args) -> int:
     return offline.main_assets(argv, prepare=ASSET_PREPARE) or 0
 
 
+def _analyze(args) -> int:
+    from aroma_jax.analysis.report import analyze
+
+    result = analyze(args.runs, args.out, module=args.module, labels=args.labels)
+    for name in result["files"]:
+        print(args.out / name)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from aroma_jax.core.config import ConfigError
 
@@ -194,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             return _export(args)
         if args.command == "assets":
             return _assets(args)
+        if args.command == "analyze":
+            return _analyze(args)
         if args.command == "demo":
             from aroma_jax import demo
 
