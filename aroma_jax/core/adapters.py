@@ -148,8 +148,8 @@ def find_targets(
 
 
 def capacity(cfg: AromaConfig) -> int:
-    """Merge slots per module: LoRA needs one (its final merge), the others ``rank_capacity``."""
-    return 1 if cfg.method == "lora" else cfg.rank_capacity
+    """Merge slots per module (`AromaConfig.slots`): LoRA one, the others derived or set."""
+    return cfg.slots
 
 
 def fresh_pairs(key: Array, specs: Mapping[str, ModuleSpec], r: int) -> dict[str, Pair]:

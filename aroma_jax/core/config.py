@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +25,12 @@ METHODS = ("aroma", "lora", "relora")
 RESET_MODES = ("prune", "full", "none")
 SCHEDULES = ("linear", "cosine", "constant")
 FOLD_MODES = ("auto", "always", "never")
+BIAS_CORRECTION = ("shared", "per_module")
+DECAY_MASKS = ("all", "hf")
+
+
+class CapacityWarning(UserWarning):
+    """An explicit ``rank_capacity`` below the number of outer steps the run can take."""
 
 
 class ConfigError(ValueError):
@@ -51,19 +58,41 @@ class AromaConfig:
       inner_max_steps: T_in, the inner-loop step cap (and ReLoRA's reset period).
       outer_tol: epsilon_out of eq. 6; a module is done when ``|s a b| / |W0 + dW| < outer_tol``.
       max_steps: T, the total step cap.
-      rank_capacity: the most merges a module can hold (its frozen factors are preallocated with
-        this many slots so that merges never change shapes or recompile). A module that fills its
-        capacity is marked done.
+      rank_capacity: merge slots per module (its frozen factors are preallocated with this many
+        slots of ``r`` columns, so merges never change shapes or recompile). ``None`` (default)
+        derives it from the run: the most outer steps it can take plus one slot for the final
+        merge (`max_outer_steps`), so it never binds. An explicit value that can bind warns
+        (`CapacityWarning`); a module that fills all but its last slot stops merging and keeps
+        training its current pair, which `AromaTrainer.finalize` merges into the last slot. The
+        history records it (action ``full``) and the run summary lists such modules.
       reset: optimizer-state reset at outer steps: ``"prune"`` zeroes a random ``prune_ratio`` of
         the pair's state (paper, ReLoRA), ``"full"`` re-initialises it, ``"none"`` keeps it (the
         paper's "w/o reset" ablation).
       prune_ratio: fraction of optimizer state zeroed by ``reset="prune"``.
+      bias_correction: Adam's bias-correction count. ``"shared"`` (the paper's code, optax's
+        ``scale_by_adam``): one global count that survives resets, so a reset pair's pruned
+        second moment is divided by ``1 - b2^t`` at the *global* step t and the fresh pair moves
+        faster than the nominal rate for hundreds of steps. ``"per_module"``: every leaf keeps its
+        own count, restarted to 0 with its state at each reset (``prune``/``full``), so a fresh
+        pair takes Adam's ordinary first steps.
+      keep_first_pair: never stop a module at its first outer step (the authors' code skips
+        eq. 6 there, so no module ends at rank 0).
       learning_rate: peak learning rate.
       schedule: base schedule after the initial warmup: ``linear`` decay to 0 at ``max_steps``,
         ``cosine`` or ``constant``.
+      min_lr_ratio: the base schedule decays to this fraction of the peak instead of to 0 (the
+        authors' cosine ends at 0.1).
       warmup_steps: initial linear warmup (paper: 100; CoLA 500).
       rewarmup_steps: linear re-warmup after every actual outer step (paper: 50; CoLA 100).
-      weight_decay: AdamW decoupled weight decay on adapter pairs.
+      weight_decay: AdamW decoupled weight decay on the trained parameters.
+      weight_decay_mask: which trained leaves decay: ``"all"``, or ``"hf"`` like HF's AdamW
+        grouping (no decay on biases, LayerNorm/RMSNorm scales or embeddings; adapter pairs and
+        head kernels decay).
+      max_grad_norm: clip the global gradient norm of the trained parameters to this (HF
+        Trainer's default is 1.0); 0 disables clipping.
+      adapter_dropout: dropout on the trainable pair's input during training, PEFT's
+        ``lora_dropout`` semantics (``s * b(a(dropout(x)))``; the frozen path and evaluation see
+        ``x`` unchanged).
       b1, b2, eps: Adam hyperparameters.
       fold: fold each merged pair into an fp32 base kernel at its merge (an exact, once-per-merge
         rank-one add) instead of applying frozen factors every step. ``"auto"`` folds fp32 kernels
@@ -83,14 +112,20 @@ class AromaConfig:
     inner_max_steps: int = 1000
     outer_tol: float = 5e-3
     max_steps: int = 10_000
-    rank_capacity: int = 32
+    rank_capacity: int | None = None
     reset: str = "prune"
     prune_ratio: float = 0.999
+    bias_correction: str = "shared"
+    keep_first_pair: bool = False
     learning_rate: float = 5e-4
     schedule: str = "linear"
+    min_lr_ratio: float = 0.0
     warmup_steps: int = 100
     rewarmup_steps: int = 50
     weight_decay: float = 0.0
+    weight_decay_mask: str = "all"
+    max_grad_norm: float = 0.0
+    adapter_dropout: float = 0.0
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
@@ -108,6 +143,7 @@ class AromaConfig:
                 _fail(name, value, "a list of module path patterns (strings)")
             object.__setattr__(self, name, tuple(value))
         self._validate()
+        self._warn_binding_capacity()
 
     def _validate(self) -> None:
         if not self.target_modules:
@@ -120,10 +156,23 @@ class AromaConfig:
             _fail("schedule", self.schedule, f"one of {SCHEDULES}")
         if self.fold not in FOLD_MODES:
             _fail("fold", self.fold, f"one of {FOLD_MODES}")
-        for name in ("r", "inner_check_every", "inner_max_steps", "max_steps", "rank_capacity"):
+        if self.bias_correction not in BIAS_CORRECTION:
+            _fail("bias_correction", self.bias_correction, f"one of {BIAS_CORRECTION}")
+        if self.weight_decay_mask not in DECAY_MASKS:
+            _fail("weight_decay_mask", self.weight_decay_mask, f"one of {DECAY_MASKS}")
+        if not isinstance(self.keep_first_pair, bool):
+            _fail("keep_first_pair", self.keep_first_pair, "true or false")
+        for name in ("r", "inner_check_every", "inner_max_steps", "max_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 _fail(name, value, "an integer >= 1")
+        cap = self.rank_capacity
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            _fail("rank_capacity", cap, "an integer >= 1, or null to derive it from the run")
+        for name in ("min_lr_ratio", "adapter_dropout"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0.0 <= value < 1.0:
+                _fail(name, value, "a number in [0, 1)")
         for name in ("warmup_steps", "rewarmup_steps", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -132,7 +181,7 @@ class AromaConfig:
             value = getattr(self, name)
             if not _is_number(value) or not value > 0 or not math.isfinite(value):
                 _fail(name, value, "a finite number > 0")
-        for name in ("inner_tol", "outer_tol", "weight_decay", "eps"):
+        for name in ("inner_tol", "outer_tol", "weight_decay", "eps", "max_grad_norm"):
             value = getattr(self, name)
             if not _is_number(value) or value < 0 or not math.isfinite(value):
                 _fail(name, value, "a finite number >= 0")
@@ -142,6 +191,27 @@ class AromaConfig:
             value = getattr(self, name)
             if not _is_number(value) or not 0.0 <= value < 1.0:
                 _fail(name, value, "a number in [0, 1)")
+
+    def _warn_binding_capacity(self) -> None:
+        needed = max_outer_steps(self) + 1
+        if self.rank_capacity is not None and self.method != "lora" and self.rank_capacity < needed:
+            warnings.warn(
+                f"rank_capacity={self.rank_capacity} can bind: this run can take up to "
+                f"{needed - 1} outer steps (max_steps={self.max_steps}, shortest inner loop "
+                f"{shortest_inner_loop(self)} steps). A module that fills {self.rank_capacity - 1} "
+                "merges stops growing and keeps training its last pair (recorded as 'full'); "
+                f"set rank_capacity >= {needed} or null (derived) to never bind",
+                CapacityWarning,
+                stacklevel=3,
+            )
+
+    @property
+    def slots(self) -> int:
+        """Merge slots per module: LoRA one (its final merge), the others `rank_capacity`,
+        derived from the run when it is ``None``."""
+        if self.method == "lora":
+            return 1
+        return self.rank_capacity if self.rank_capacity is not None else max_outer_steps(self) + 1
 
     @property
     def scale(self) -> float:
@@ -156,6 +226,25 @@ class AromaConfig:
     def replace(self, **changes: Any) -> AromaConfig:
         """A copy with some fields changed (validated; unknown names are rejected)."""
         return from_dict({**dataclasses.asdict(self), **changes})
+
+
+def shortest_inner_loop(cfg: AromaConfig) -> int:
+    """The fewest steps an inner loop can last.
+
+    ReLoRA's last exactly ``inner_max_steps``. AROMA's last at least two check intervals, since
+    the first check after a re-init compares against a zero norm and never converges (or
+    ``inner_max_steps``, if that is shorter).
+    """
+    if cfg.method == "relora":
+        return cfg.inner_max_steps
+    return min(2 * cfg.inner_check_every, cfg.inner_max_steps)
+
+
+def max_outer_steps(cfg: AromaConfig) -> int:
+    """The most outer steps a run can take (0 for LoRA)."""
+    if cfg.method == "lora":
+        return 0
+    return cfg.max_steps // shortest_inner_loop(cfg)
 
 
 def _is_number(value: Any) -> bool:

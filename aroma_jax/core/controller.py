@@ -13,7 +13,9 @@ Per module (DESIGN-NOTES section 1):
 * outer step, per active module: ``rho_out = |s a b| / |W0 + dW|`` (eq. 6, factored);
   ``rho_out < outer_tol`` discards the pair and marks the module done; otherwise the pair is
   merged into the next frozen slot (and folded into an fp32 kernel when folding), ``a`` is
-  re-initialised and ``b`` zeroed. A module whose slots are full is done after its last merge.
+  re-initialised and ``b`` zeroed. ``keep_first_pair`` skips the stop at a module's first outer
+  step (the authors' code). A module that has filled all but its last slot (an explicit, binding
+  ``rank_capacity``) stops merging and keeps training its pair; `finalize` merges it.
 
 LoRA never triggers; ReLoRA triggers every ``inner_max_steps`` with no criteria.
 """
@@ -51,6 +53,8 @@ class OuterInfo(NamedTuple):
     rho_out: Array  # f32 (n,); NaN for modules that were already done
     merged: Array  # bool (n,)
     newly_done: Array  # bool (n,)
+    full: Array  # bool (n,): would have merged, but only the final-merge slot is left
+    converged: Array  # bool (n,): the module's inner loop ended by eq. 5 (its sticky label)
 
 
 def init(
@@ -128,13 +132,16 @@ def outer_step(
     are (they already hold ``W0 + dW``) and returned updated. Everything else uses factors.
     """
     s = cfg.scale
-    cap = capacity(cfg)
+    # The last slot is kept for `AromaTrainer.finalize`: a module that has filled the others
+    # stops growing but keeps training its current pair (it is not marked done, so a binding
+    # capacity never ends training early).
+    growth_slots = capacity(cfg) - 1
     key, sub = jax.random.split(ctrl.key)
     paths = sorted(adapters.pairs)
     fresh_all = fresh_pairs(sub, {p: specs[p] for p in paths}, cfg.r)
     pairs, frozen, merges, done = {}, {}, {}, {}
     new_kernels = {}
-    rho_out, merged, newly_done = {}, {}, {}
+    rho_out, merged, newly_done, full_now, converged = {}, {}, {}, {}, {}
     for p in paths:
         pair, fz, m, was_done = (
             adapters.pairs[p],
@@ -151,16 +158,21 @@ def outer_step(
             base_sq = norms.base_plus_product_sq_norm(ctrl.base_sq[p], w0, fz.a, fz.b, s)
             base_norm = jnp.sqrt(base_sq)
         rho = norms.outer_ratio(pair_norm, base_norm, s)
-        stop = active & (rho < cfg.outer_tol) if cfg.method == "aroma" else jnp.zeros((), bool)
-        merge = active & ~stop & (m < cap)
+        if cfg.method == "aroma":
+            stop = active & (rho < cfg.outer_tol)
+            if cfg.keep_first_pair:  # the authors' code skips eq. 6 at the first outer step
+                stop = stop & (m > 0)
+        else:
+            stop = jnp.zeros((), bool)
+        merge = active & ~stop & (m < growth_slots)
+        full = active & ~stop & ~merge
         fz = _write_slot(fz, pair, m, cfg.r, merge)
         m = m + merge.astype(jnp.int32)
-        full = m >= cap
-        now_done = was_done | stop | full
+        now_done = was_done | stop
         fresh = fresh_all[p]
         zero = Pair(jnp.zeros_like(pair.a), jnp.zeros_like(pair.b))
-        # Merged and still growing: a fresh pair. Stopped (pair discarded) or full: zeros.
-        renew, discard = merge & ~full, now_done
+        # Merged: a fresh pair. Stopped: the pair is discarded (zeros). Full: it keeps training.
+        renew, discard = merge, stop
 
         def pick(old, f, z, renew=renew, discard=discard):
             return jnp.where(renew, f, jnp.where(discard, z, old))
@@ -174,6 +186,8 @@ def outer_step(
         rho_out[p] = jnp.where(active, rho, jnp.nan)
         merged[p] = merge
         newly_done[p] = now_done & ~was_done
+        full_now[p] = full
+        converged[p] = active & ctrl.inner_conv[p]
     adapters = AdapterState(pairs, frozen, merges, done)
     ctrl = ctrl._replace(
         inner_t=jnp.zeros((), jnp.int32),
@@ -182,15 +196,16 @@ def outer_step(
         inner_conv={p: jnp.zeros((), jnp.bool_) for p in paths},
         key=key,
     )
-    info = OuterInfo(_stack(rho_out), _stack(merged), _stack(newly_done))
+    info = OuterInfo(
+        _stack(rho_out), _stack(merged), _stack(newly_done), _stack(full_now), _stack(converged)
+    )
     return ctrl, adapters, new_kernels, info
 
 
 def no_outer_info(n: int) -> OuterInfo:
     """The `OuterInfo` of a step without an outer step (for ``lax.cond``'s other branch)."""
-    return OuterInfo(
-        jnp.full((n,), jnp.nan, jnp.float32), jnp.zeros((n,), bool), jnp.zeros((n,), bool)
-    )
+    no = jnp.zeros((n,), bool)
+    return OuterInfo(jnp.full((n,), jnp.nan, jnp.float32), no, no, no, no)
 
 
 def all_done(adapters: AdapterState) -> Array:

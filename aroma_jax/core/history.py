@@ -27,7 +27,10 @@ def _num(x: Any) -> float | None:
 
 class History:
     """Inner checks ``{step, module, rho_in, converged}`` and outer steps
-    ``{step, module, rho_out, action, rank}`` where ``action`` is merged, done or full."""
+    ``{step, module, rho_out, action, rank, trigger, inner_converged}``: ``action`` is merged,
+    done (eq. 6 stopped it; the pair is discarded) or full (capacity reached: the pair keeps
+    training); ``trigger`` is ``eq5`` (every active module was inner-converged) or ``cap``
+    (``inner_max_steps`` reached); ``inner_converged`` is the module's own eq. 5 label."""
 
     def __init__(self, paths: Sequence[str], inner_tol: float | None = None):
         self.paths = tuple(paths)
@@ -67,7 +70,9 @@ class History:
                     if rho is None:
                         continue
                     if bool(info.merged[i]):
-                        action = "merged_full" if bool(info.newly_done[i]) else "merged"
+                        action = "merged"
+                    elif bool(info.full[i]):
+                        action = "full"
                     else:
                         action = "done" if bool(info.newly_done[i]) else "kept"
                     self.outer_steps.append(
@@ -77,6 +82,8 @@ class History:
                             "rho_out": rho,
                             "action": action,
                             "rank": int(ranks[i]),
+                            "trigger": "cap" if bool(info.by_cap) else "eq5",
+                            "inner_converged": bool(info.converged[i]),
                         }
                     )
 
@@ -89,6 +96,24 @@ class History:
         for r in self.outer_steps:
             out[r["module"]].append((r["step"], r["rank"]))
         return out
+
+    def full_modules(self) -> list[str]:
+        """Modules that reached their capacity (stopped merging, kept training their pair)."""
+        return sorted({r["module"] for r in self.outer_steps if r["action"] == "full"})
+
+    def inner_loop_endings(self) -> dict[str, int]:
+        """How the run's inner loops ended: outer steps triggered by eq. 5 (every active module
+        converged) or by the T_in cap, and module-level counts of converged/unconverged pairs."""
+        outer = {}
+        for r in self.outer_steps:
+            outer[r["step"]] = r.get("trigger")
+        mods = [r for r in self.outer_steps if "inner_converged" in r]
+        return {
+            "outer_by_eq5": sum(1 for v in outer.values() if v == "eq5"),
+            "outer_by_cap": sum(1 for v in outer.values() if v == "cap"),
+            "module_loops_converged": sum(1 for r in mods if r["inner_converged"]),
+            "module_loops_capped": sum(1 for r in mods if not r["inner_converged"]),
+        }
 
     def as_dict(self) -> dict:
         return {

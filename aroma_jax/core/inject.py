@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import zlib
 from collections.abc import Iterator, Mapping
 
 import flax.linen as nn
@@ -166,9 +167,18 @@ def _flatten_input(module: nn.Module, x: Array, in_ndim: int) -> tuple[Array, tu
     return x.reshape(lead + (-1,)), lead
 
 
+def dropped(x: Array, rate: float, key: Array) -> Array:
+    """Inverted dropout (``torch.nn.Dropout`` semantics): zero a ``rate`` share, scale the rest."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
 @contextlib.contextmanager
 def adapters_applied(
-    modules: ModuleAdapters, scale: float, in_ndim: Mapping[str, int] | None = None
+    modules: ModuleAdapters,
+    scale: float,
+    in_ndim: Mapping[str, int] | None = None,
+    dropout: tuple[float, Array] | None = None,
 ) -> Iterator[set[str]]:
     """Within the block, matched Dense calls add their adapter's output.
 
@@ -177,12 +187,21 @@ def adapters_applied(
         once it is folded into the kernel).
       scale: ``alpha / r``.
       in_ndim: per path, the number of contracted input axes (for DenseGeneral); default 1.
+      dropout: ``(rate, key)``: dropout on the trainable pair's input only, PEFT's
+        ``lora_dropout`` (``s * b(a(dropout(x)))``); the frozen factors see ``x``. Each module
+        call draws its own mask (the key folded with the module's path and call count).
 
     Yields the set of paths whose adapter was applied, filled in as the model runs (at trace
     time under ``jit``), so callers can detect adapters that never met their module.
     """
     hits: set[str] = set()
     in_ndim = dict(in_ndim or {})
+    calls: dict[str, int] = {}
+
+    def drop_key(path: str) -> Array:
+        calls[path] = calls.get(path, 0) + 1
+        key = jax.random.fold_in(dropout[1], zlib.crc32(path.encode()) & 0x7FFFFFFF)
+        return jax.random.fold_in(key, calls[path])
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
@@ -198,7 +217,11 @@ def adapters_applied(
         x2 = x2.astype(y.dtype)
         pair, frozen = entry
         has_frozen = frozen is not None and frozen.a.shape[-1] > 0
-        if pair is not None and has_frozen:
+        if pair is not None and dropout is not None and dropout[0] > 0:
+            delta = lowrank_delta(dropped(x2, dropout[0], drop_key(path)), pair.a, pair.b, scale)
+            if has_frozen:
+                delta = delta + frozen_delta(x2, frozen.a, frozen.b, scale)
+        elif pair is not None and has_frozen:
             delta = joint_delta(x2, pair.a, pair.b, frozen.a, frozen.b, scale)
         elif pair is not None:
             delta = lowrank_delta(x2, pair.a, pair.b, scale)

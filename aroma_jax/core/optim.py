@@ -13,9 +13,11 @@ which modules are done changes while training:
 
 All of it is pure and jit-safe (``jnp.where`` blends, no Python branching on values).
 
-Adam's bias-correction ``count`` is shared by all leaves and is not restarted by a reset (the
-paper's behaviour): the first update after a prune is then about ``(1-b1)/sqrt(1-b2) ~ 3.2x`` a
-first Adam step; the re-warmup's first factor ``1/rewarmup_steps`` more than absorbs it.
+Adam's bias correction: with ``bias_correction="shared"`` (the paper's code) one count serves
+every leaf and survives resets, so a reset pair's pruned moments are corrected at the global
+step and it moves faster than the nominal rate for hundreds of steps (see `aroma_jax.core.adam`);
+the re-warmup only covers the first few. ``"per_module"`` uses `adam.scale_by_adam_per_leaf` and
+`reset` restarts the count of every reset leaf, so a fresh pair starts with Adam's first step.
 
 Example:
     >>> import jax.numpy as jnp, optax
@@ -38,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from aroma_jax.core import adam
 from aroma_jax.core.config import AromaConfig
 
 Array = jax.Array
@@ -143,6 +146,8 @@ def reset(
         )
     elif mode != "none":
         raise ValueError(f"unknown reset mode {mode!r}: accepted 'prune', 'full', 'none'")
+    if mode != "none":  # per-leaf Adam counts (bias_correction="per_module") start over too
+        new_inner = adam.restart_all(new_inner, mask)
     return WrappedState(new_inner, state.count, state.count)
 
 
@@ -153,6 +158,7 @@ def base_schedule(cfg: AromaConfig) -> Callable[[Array], Array]:
     rather than zero.
     """
     peak, warm, total = cfg.learning_rate, cfg.warmup_steps, cfg.max_steps
+    floor = cfg.min_lr_ratio
 
     def schedule(count):
         t = jnp.asarray(count, jnp.float32) + 1.0
@@ -164,16 +170,45 @@ def base_schedule(cfg: AromaConfig) -> Callable[[Array], Array]:
             decay = 0.5 * (1.0 + jnp.cos(jnp.pi * p))
         else:
             decay = 1.0
+        if floor > 0 and cfg.schedule != "constant":
+            decay = floor + (1.0 - floor) * decay  # decays to floor * peak, not to 0
         return peak * w * decay
 
     return schedule
 
 
+# Leaves HF's AdamW grouping exempts from weight decay: biases, norm scales, embeddings.
+_NO_DECAY = ("bias", "layernorm", "layer_norm", "rmsnorm", "norm", "ln_", "embed")
+
+
+def hf_decay_mask(trainable: Any) -> Any:
+    """``weight_decay_mask="hf"``: True where a trained leaf decays (see `_NO_DECAY`).
+
+    Adapter pairs always decay (PEFT's LoRA weights are in HF's decay group); other leaves decay
+    unless a name on their path is a bias, a norm or an embedding.
+    """
+
+    def decays(path, _leaf) -> bool:
+        names = [str(getattr(k, "key", getattr(k, "name", k))).lower() for k in path]
+        if names and names[0] == "pairs":
+            return True
+        return not any(tag in n for n in names for tag in _NO_DECAY)
+
+    return jax.tree_util.tree_map_with_path(decays, trainable)
+
+
 def make_optimizer(cfg: AromaConfig) -> optax.GradientTransformationExtraArgs:
-    """AdamW on the base schedule, wrapped for masking, resets and re-warmups."""
-    parts = [optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)]
+    """AdamW on the base schedule (optionally clipped), wrapped for masking, resets, re-warmups."""
+    parts = []
+    if cfg.max_grad_norm > 0:
+        parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
+    if cfg.bias_correction == "per_module":
+        parts.append(adam.scale_by_adam_per_leaf(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
+    else:
+        parts.append(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
     if cfg.weight_decay > 0:
-        parts.append(optax.add_decayed_weights(cfg.weight_decay))
+        mask = hf_decay_mask if cfg.weight_decay_mask == "hf" else None
+        parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=mask))
     parts.append(optax.scale_by_learning_rate(base_schedule(cfg)))
     return wrap(optax.chain(*parts), rewarmup_steps=cfg.rewarmup_steps if cfg.grows else 0)
 

@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -46,6 +47,12 @@ from aroma_jax.core.config import AromaConfig, ConfigError
 
 Array = jax.Array
 Params = Mapping[str, Any]
+SLOT_COST_COLUMNS = 64  # above this many frozen columns per unfolded kernel, warn about cost
+
+
+class SlotCostWarning(UserWarning):
+    """Unfolded kernels with many frozen slots: every step multiplies all of them."""
+
 LossFn = Callable[[Params, Any, Array], Any]
 
 
@@ -72,6 +79,9 @@ class StepInfo(NamedTuple):
     newly_done: Array  # (n,) bool
     ranks: Array  # (n,) int32 merged rank after this step
     finished: Array
+    by_cap: Array  # an outer step ran because T_in was reached (not every module converged)
+    converged: Array  # (n,) bool at an outer step: the module's inner loop ended by eq. 5
+    full: Array  # (n,) bool at an outer step: the module could not merge (capacity)
 
 
 def _get(tree: Mapping, path: str) -> Any:
@@ -137,6 +147,7 @@ class AromaTrainer:
         )
         self.paths = tuple(sorted(self.specs))
         self.folded = frozenset(p for p, s in self.specs.items() if self._folds(s))
+        self._warn_slot_cost()
         self.tx = optim.make_optimizer(cfg)
         self._traces = 0
         self._donate = (0,) if donate else ()
@@ -154,6 +165,23 @@ class AromaTrainer:
             out_shardings=(state_sharding, None),
             donate_argnums=self._donate,
         )
+
+    def _warn_slot_cost(self) -> None:
+        # Unfolded (non-fp32) kernels apply all of their frozen slots in every step, so a large
+        # derived capacity (a long run) costs compute, not just memory.
+        unfolded = [p for p in self.paths if p not in self.folded]
+        columns = adapters_lib.capacity(self.cfg) * self.cfg.r
+        if unfolded and self.cfg.method != "lora" and columns > SLOT_COST_COLUMNS:
+            warnings.warn(
+                f"{len(unfolded)} adapted kernels are not fp32, so their frozen factors are "
+                f"applied every step with {columns} columns (rank_capacity "
+                f"{self.cfg.rank_capacity or 'derived from max_steps'}: "
+                f"{adapters_lib.capacity(self.cfg)} slots of r={self.cfg.r}); set "
+                "aroma.rank_capacity to the rank you expect, e.g. 32 (a binding capacity stops "
+                "growth, never training)",
+                SlotCostWarning,
+                stacklevel=3,
+            )
 
     def _folds(self, spec: ModuleSpec) -> bool:
         if self.cfg.fold == "never" or self.cfg.method == "lora":
@@ -219,8 +247,12 @@ class AromaTrainer:
     def _loss(self, trainable: dict, state: TrainState, batch: Any, rng: Array):
         adapters = state.adapters._replace(pairs=trainable["pairs"])
         in_ndim = {p: s.in_ndim for p, s in self.specs.items()}
+        dropout = None
+        if self.cfg.adapter_dropout > 0:  # a separate stream, so rate 0 keeps the old ones
+            rng, drop_rng = jax.random.split(rng)
+            dropout = (self.cfg.adapter_dropout, drop_rng)
         with inject.adapters_applied(
-            self.modules(adapters, training=True), self.cfg.scale, in_ndim
+            self.modules(adapters, training=True), self.cfg.scale, in_ndim, dropout=dropout
         ) as hits:
             out = self.loss_fn(merge_params(state.base, trainable["extra"]), batch, rng)
         missing = sorted(set(self.paths) - hits)
@@ -287,6 +319,7 @@ class AromaTrainer:
 
         # Outer step (eq. 6, merge, re-init, reset) when triggered, for all modules at once.
         outer = controller.outer_due(ctrl, adapters, cfg)
+        by_cap = outer & (ctrl.inner_t >= cfg.inner_max_steps)
         base = state.base
         if cfg.grows:
             kernels = self.kernels(base)
@@ -338,6 +371,9 @@ class AromaTrainer:
             newly_done=info.newly_done,
             ranks=ranks,
             finished=finished,
+            by_cap=by_cap,
+            converged=info.converged,
+            full=info.full,
         )
         return new_state, step_info
 

@@ -57,6 +57,22 @@ def head_patterns(arch: str, kind: str) -> tuple[str, ...]:
     return ()
 
 
+def head_adapter_patterns(arch: str, kind: str) -> tuple[str, ...]:
+    """The head's Dense layers that ``train.head: paper`` adapts instead of training the head.
+
+    The authors' RoBERTa runs target the substring "dense", which also wraps
+    ``classifier.dense``; ``classifier.out_proj`` stays frozen at its random init. BERT's head is
+    one Dense (``classifier``), adapted the same way.
+    """
+    if kind == "generation":
+        return ()
+    if arch == "roberta":
+        return ("classifier/dense",)
+    if arch == "bert":
+        return ("classifier",)
+    return ()
+
+
 def torch_module_name(arch: str, flax_path: str) -> str:
     """The PyTorch module name of a Flax module path (the HF layouts agree up to separators)."""
     del arch

@@ -49,6 +49,7 @@ def save_final(directory: str | Path, trainer: AromaTrainer, state: TrainState) 
         "r": trainer.cfg.r,
         "alpha": trainer.cfg.alpha,
         "method": trainer.cfg.method,
+        "adapter_dropout": trainer.cfg.adapter_dropout,
         "paths": list(trainer.paths),
         "kernel_shapes": {p: list(s.kernel_shape) for p, s in trainer.specs.items()},
         "folded": sorted(trainer.folded),

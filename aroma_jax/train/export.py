@@ -135,7 +135,7 @@ def peft_files(
         "task_type": task_type,
         "r": default_r,
         "lora_alpha": float(meta["scale"]) * default_r,
-        "lora_dropout": 0.0,
+        "lora_dropout": float(meta.get("adapter_dropout", 0.0)),  # for users who train on
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,

@@ -64,7 +64,10 @@ def build_pipeline(cfg: Mapping[str, Any]) -> Pipeline:
         seed=cfg["train"]["seed"],
     )
     aroma = run_config.aroma_config(
-        cfg, models.preset_targets(loaded.arch), models.head_patterns(loaded.arch, task.kind)
+        cfg,
+        models.preset_targets(loaded.arch),
+        models.head_patterns(loaded.arch, task.kind),
+        models.head_adapter_patterns(loaded.arch, task.kind),
     )
     if loaded.arch == "llama":
         return _causal_lm_pipeline(cfg, task, loaded, aroma)

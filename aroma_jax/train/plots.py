@@ -25,7 +25,7 @@ def trainable_trajectory(
 ) -> tuple[list[int], list[int]]:
     """(steps, trainable parameters) from the outer-step records: a module stops costing
     trainable parameters at the step it is marked done."""
-    stops = ("done", "merged_full")
+    stops = ("done",)
     done_at = {r["module"]: r["step"] for r in history.outer_steps if r["action"] in stops}
     steps = [s["step"] for s in history.steps]
     counts = [

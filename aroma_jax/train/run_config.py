@@ -32,6 +32,8 @@ import yaml
 
 from aroma_jax.core.config import AromaConfig, ConfigError, field_names
 
+HEAD_MODES = ("train", "frozen", "paper")
+
 SECTIONS: dict[str, dict[str, Any]] = {
     "model": {
         "name": "minilm",  # asset name, tiny-<arch>, HF hub name or local directory
@@ -57,7 +59,11 @@ SECTIONS: dict[str, dict[str, Any]] = {
         "save_every": 200,
         "keep_checkpoints": 2,
         "seed": 0,
-        "train_head": True,  # train the task head in full (PEFT's modules_to_save)
+        "train_head": True,  # legacy switch: false is head=frozen
+        # train: the task head is trained in full (PEFT's modules_to_save); frozen: kept at its
+        # (random) init; paper: the authors' RoBERTa setup, the head frozen but its dense layer
+        # adapted like the other targets (their "dense" substring target matched it)
+        "head": "train",
         "generate_max_len": 24,
         "eval_at_start": True,  # held-out metrics before training (the "before" of the run)
         "progress": True,
@@ -153,6 +159,10 @@ def resolve(raw: Mapping[str, Any] | None, overrides: Iterable[str] = ()) -> dic
         value = cfg["train"][name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"invalid train.{name}={value!r}: accepted an integer >= 1")
+    if cfg["train"]["head"] not in HEAD_MODES:
+        raise ConfigError(
+            f"invalid train.head={cfg['train']['head']!r}: accepted one of {HEAD_MODES}"
+        )
     if cfg["model"]["dtype"] not in ("float32", "bfloat16"):
         raise ConfigError(
             f"invalid model.dtype={cfg['model']['dtype']!r}: accepted float32, bfloat16"
@@ -177,13 +187,28 @@ def load(path: str | Path | None, overrides: Iterable[str] = ()) -> dict[str, An
     return resolve(raw, overrides)
 
 
+def head_mode(cfg: Mapping[str, Any]) -> str:
+    """``train.head``, with the legacy ``train.train_head: false`` meaning ``frozen``."""
+    mode = cfg["train"].get("head", "train")
+    return "frozen" if mode == "train" and not cfg["train"]["train_head"] else mode
+
+
 def aroma_config(
-    cfg: Mapping[str, Any], preset_targets: tuple[str, ...], head_patterns: tuple[str, ...]
+    cfg: Mapping[str, Any],
+    preset_targets: tuple[str, ...],
+    head_patterns: tuple[str, ...],
+    head_adapters: tuple[str, ...] = (),
 ) -> AromaConfig:
-    """The `AromaConfig` of a run: preset targets and the head unless the config says otherwise."""
+    """The `AromaConfig` of a run: preset targets and the head unless the config says otherwise.
+
+    ``head_patterns`` are trained in full under ``train.head: train``; ``head_adapters`` (the
+    head's Dense layers) join the targets under ``train.head: paper``.
+    """
     values = dict(cfg["aroma"])
-    values.setdefault("target_modules", tuple(preset_targets))
-    if cfg["train"]["train_head"]:
+    mode = head_mode(cfg)
+    targets = tuple(preset_targets) + (tuple(head_adapters) if mode == "paper" else ())
+    values.setdefault("target_modules", targets)
+    if mode == "train":
         values.setdefault("train_patterns", tuple(head_patterns))
     values.setdefault("seed", cfg["train"]["seed"])
     return AromaConfig(**values)

@@ -44,7 +44,7 @@ def test_suffix_and_regex_matching():
 
 def test_init_pair_kaiming_and_zero_b():
     _, params = setup()
-    cfg = AromaConfig(target_modules=("up", "down"), r=2, rank_capacity=5)
+    cfg = AromaConfig(target_modules=("up", "down"), r=2, rank_capacity=5, max_steps=80)
     specs = adapters.find_targets(params, cfg.target_modules)
     st = adapters.init(specs, cfg, jax.random.key(1))
     assert st.pairs["up"].a.shape == (6, 2) and st.pairs["up"].b.shape == (2, 16)

@@ -30,6 +30,22 @@ def test_preset_targets_when_unset():
     assert aroma.target_modules == ("query", "value") and aroma.train_patterns == ()
 
 
+def test_head_modes():
+    cfg = run_config.resolve({}, [])
+    assert run_config.head_mode(cfg) == "train"
+    heads = ("classifier",)
+    paper = run_config.resolve({}, ["train.head=paper"])
+    aroma = run_config.aroma_config(paper, ("query",), heads, ("classifier/dense",))
+    assert aroma.target_modules == ("query", "classifier/dense") and aroma.train_patterns == ()
+    frozen = run_config.resolve({}, ["train.head=frozen"])
+    aroma = run_config.aroma_config(frozen, ("query",), heads, ("classifier/dense",))
+    assert aroma.target_modules == ("query",) and aroma.train_patterns == ()
+    aroma = run_config.aroma_config(cfg, ("query",), heads, ("classifier/dense",))
+    assert aroma.target_modules == ("query",) and aroma.train_patterns == heads
+    with pytest.raises(ConfigError, match="train.head='adapted'.*'train', 'frozen', 'paper'"):
+        run_config.resolve({}, ["train.head=adapted"])
+
+
 @pytest.mark.parametrize(
     "raw,overrides,words",
     [

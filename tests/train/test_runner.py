@@ -193,3 +193,19 @@ def test_mesh_run_matches_single_device(fake_assets, tmp_path):
         return [r["loss"] for r in recs if r["split"] == "train"][-1]
 
     assert last_loss(tmp_path / "mesh") == pytest.approx(last_loss(tmp_path / "one"), rel=1e-5)
+
+
+def test_paper_head_mode_adapts_the_classifier_dense_and_trains_no_head(fake_assets, tmp_path):
+    s = runner.train(
+        cfg("tiny-roberta", "train.head=paper", "aroma.max_steps=12", "aroma.keep_first_pair=true"),
+        tmp_path / "paper",
+    )
+    assert s["head_params"] == 0
+    assert "classifier/dense" in s["ranks"] and "classifier/out_proj" not in s["ranks"]
+    assert s["rank_capacity"] == 12 // 8 + 1 and s["capacity_full"] == []
+    assert set(s["inner_loops"]) == {
+        "outer_by_eq5",
+        "outer_by_cap",
+        "module_loops_converged",
+        "module_loops_capped",
+    }

@@ -1,0 +1,74 @@
+"""Rank capacity: derived from the run by default; an explicit, binding one warns and never
+ends training; filling it is recorded."""
+
+import warnings
+
+import jax.numpy as jnp
+import pytest
+
+from aroma_jax import AromaConfig, AromaTrainer
+from aroma_jax.core import loop
+from aroma_jax.core.config import CapacityWarning, max_outer_steps, shortest_inner_loop
+from aroma_jax.examples.toy import batches, make_problem, toy_config
+
+
+def run(cfg, steps):
+    model, student, teacher = make_problem(0)
+
+    def loss_fn(params, batch, rng):
+        pred = model.apply({"params": params}, batch["x"])
+        return jnp.mean(jnp.sum((pred - batch["y"]) ** 2, axis=-1))
+
+    trainer = AromaTrainer(loss_fn, student, cfg)
+    state, history = loop.run(trainer, trainer.init(student), batches(teacher, model, 16, steps))
+    return trainer, state, history
+
+
+def test_derived_capacity_is_the_most_outer_steps_plus_the_final_merge():
+    relora = AromaConfig(target_modules=("x",), method="relora", inner_max_steps=10, max_steps=600)
+    assert shortest_inner_loop(relora) == 10 and max_outer_steps(relora) == 60
+    assert relora.slots == 61
+    aroma = AromaConfig(target_modules=("x",), inner_check_every=10, max_steps=300)
+    assert shortest_inner_loop(aroma) == 20 and aroma.slots == 16  # the 1st check never converges
+    short_cap = aroma.replace(inner_max_steps=15)
+    assert shortest_inner_loop(short_cap) == 15 and short_cap.slots == 21
+    assert aroma.replace(method="lora").slots == 1
+    assert aroma.replace(rank_capacity=7).slots == 7
+
+
+def test_explicit_binding_capacity_warns_and_a_sufficient_one_does_not():
+    base = dict(target_modules=("x",), method="relora", inner_max_steps=10, max_steps=600)
+    with pytest.warns(CapacityWarning, match="rank_capacity=32 can bind.*up to 60 outer steps"):
+        AromaConfig(**base, rank_capacity=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AromaConfig(**base, rank_capacity=61)
+        AromaConfig(**base)
+
+
+def test_relora_trains_to_max_steps_with_the_default_capacity():
+    # The defect: with 32 fixed slots this run used to stop at step 320 with every module done.
+    cfg = toy_config(method="relora", inner_max_steps=10, max_steps=600, warmup_steps=5)
+    trainer, state, history = run(cfg, 600)
+    assert int(state.ctrl.step) == 600
+    assert len(history.outer_step_numbers()) == 60
+    assert history.full_modules() == []
+    assert all(r == 60 for r in trainer.ranks(state).values())
+
+
+def test_a_binding_capacity_stops_growth_not_training_and_is_recorded():
+    with pytest.warns(CapacityWarning):
+        cfg = toy_config(
+            method="relora", inner_max_steps=10, max_steps=100, warmup_steps=5, rank_capacity=4
+        )
+    trainer, state, history = run(cfg, 100)
+    assert int(state.ctrl.step) == 100  # training went on to max_steps
+    assert all(r == 3 for r in trainer.ranks(state).values())  # the last slot is kept free
+    assert history.full_modules() == sorted(trainer.paths)
+    assert not any(bool(d) for d in state.adapters.done.values())
+    pair_b = state.adapters.pairs["m1"].b
+    assert float(jnp.abs(pair_b).max()) > 0  # the full module's pair kept training
+    final = trainer.finalize(state)
+    # finalize merged the trained pairs into the last slot; m0 has no signal (its planted rank
+    # is 0), so its pair stayed zero and there was nothing to merge.
+    assert trainer.ranks(final) == {"m0": 3, "m1": 4, "m3": 4}
