@@ -11,8 +11,10 @@ Offline tasks (from `aroma_jax.data.offline` assets), split 80/10/10 by a seeded
 * ``bbc_headline_match`` — (headline, article lead) pairs, 1 if they belong together (balanced);
 * ``bbc_headline`` — article lead -> headline (one-line summary generation, like XSum).
 
-``glue/<task>`` loads GLUE from the hub (for users who can reach it); ``local:<file>`` loads a
-csv/json/jsonl/parquet file with ``text_field``/``label_field`` (``text_pair_field`` optional).
+The paper's tasks have their own modules: ``glue/<task>`` (`aroma_jax.data.glue`),
+``commonsense170k`` (`aroma_jax.data.commonsense`) and ``xsum`` (`aroma_jax.data.xsum`), each from
+the hub or a local copy in the hub schema. ``local:<file>`` loads a csv/json/jsonl/parquet file
+with ``text_field``/``label_field`` (``text_pair_field`` optional).
 """
 
 from __future__ import annotations
@@ -196,38 +198,6 @@ def bbc(name: str, seed: int = 0, data_dir=None) -> Task:
     raise DataError(f"unknown BBC task {name!r}")
 
 
-GLUE = {  # task: (kind, num_labels, text, text_pair, metrics)
-    "cola": ("classification", 2, "sentence", None, ("mcc", "accuracy")),
-    "sst2": ("classification", 2, "sentence", None, ("accuracy",)),
-    "mrpc": ("pair_classification", 2, "sentence1", "sentence2", ("accuracy", "f1")),
-    "qqp": ("pair_classification", 2, "question1", "question2", ("accuracy", "f1")),
-    "stsb": ("regression", 1, "sentence1", "sentence2", ("pearson", "spearman")),
-    "mnli": ("pair_classification", 3, "premise", "hypothesis", ("accuracy",)),
-    "qnli": ("pair_classification", 2, "question", "sentence", ("accuracy",)),
-    "rte": ("pair_classification", 2, "sentence1", "sentence2", ("accuracy",)),
-}
-
-
-def glue(task: str, seed: int = 0) -> Task:
-    """GLUE from the hub; the labelled validation split becomes our test split and a seeded 10%
-    of train our validation split (GLUE's test labels are hidden)."""
-    if task not in GLUE:
-        raise DataError(f"unknown GLUE task {task!r}: accepted {sorted(GLUE)}")
-    kind, n, text, pair, metrics = GLUE[task]
-    ds = datasets.load_dataset("nyu-mll/glue", task)
-    val_name = "validation_matched" if task == "mnli" else "validation"
-    parts = ds["train"].train_test_split(test_size=0.1, seed=seed)
-    return Task(
-        f"glue/{task}",
-        kind,
-        n,
-        {"train": parts["train"], "validation": parts["test"], "test": ds[val_name]},
-        text_field=text,
-        text_pair_field=pair,
-        metrics=metrics,
-    )
-
-
 def local(
     path: str,
     seed: int = 0,
@@ -285,10 +255,32 @@ def local(
 
 
 OFFLINE = ("rotten_tomatoes", "vader_movies", "bbc_topic", "bbc_headline", "bbc_headline_match")
+PAPER = ("glue/<task>", "commonsense170k[/<set>,...]", "xsum")
 
 
-def get_task(name: str, seed: int = 0, data_dir=None, **fields: Any) -> Task:
-    """A task by name: an offline task, ``glue/<task>`` or ``local:<file>``."""
+def get_task(
+    name: str,
+    seed: int = 0,
+    data_dir=None,
+    source: str | None = None,
+    eval_source: str | None = None,
+    dev_examples: int = 0,
+    **fields: Any,
+) -> Task:
+    """A task by name: an offline task, one of the paper's (`PAPER`) or ``local:<file>``.
+
+    ``source`` (a hub name or a local copy in the hub schema), ``eval_source`` (commonsense
+    evaluation sets) and ``dev_examples`` (a seeded dev split carved from train) apply to the
+    paper's tasks; see `aroma_jax.data.glue`, `aroma_jax.data.commonsense`, `aroma_jax.data.xsum`.
+    """
+    is_cs = name == "commonsense170k" or name.startswith("commonsense170k/")
+    is_paper = name.startswith("glue/") or is_cs or name == "xsum"
+    if ((source is not None or dev_examples) and not is_paper) or (eval_source and not is_cs):
+        raise DataError(
+            f"task {name!r} takes no task.source / task.eval_source / task.dev_examples: "
+            "task.source and task.dev_examples apply to glue/<task>, commonsense170k and xsum; "
+            "task.eval_source to commonsense170k only"
+        )
     if name == "rotten_tomatoes":
         task = rotten_tomatoes(seed, data_dir)
     elif name == "vader_movies":
@@ -296,13 +288,25 @@ def get_task(name: str, seed: int = 0, data_dir=None, **fields: Any) -> Task:
     elif name.startswith("bbc_"):
         task = bbc(name, seed, data_dir)
     elif name.startswith("glue/"):
-        task = glue(name.split("/", 1)[1], seed)
+        from aroma_jax.data.glue import glue
+
+        task = glue(name.split("/", 1)[1], seed, source, dev_examples)
+    elif is_cs:
+        from aroma_jax.data.commonsense import commonsense
+
+        sets = name.split("/", 1)[1] if "/" in name else None
+        task = commonsense(sets, seed, source, eval_source, dev_examples)
+    elif name == "xsum":
+        from aroma_jax.data.xsum import xsum
+
+        task = xsum(seed, source, dev_examples)
     elif name.startswith("local:"):
         task = local(name.split(":", 1)[1], seed, **fields)
     else:
         raise DataError(
-            f"unknown task {name!r}: accepted {', '.join(OFFLINE)}, glue/<task> "
-            f"({', '.join(sorted(GLUE))}) or local:<file.csv|json|jsonl|parquet>"
+            f"unknown task {name!r}: accepted {', '.join(OFFLINE)}, {', '.join(PAPER)} "
+            f"(GLUE tasks: cola, mnli, mrpc, qnli, qqp, rte, sst2, stsb) or "
+            "local:<file.csv|json|jsonl|parquet>"
         )
     validate(task)
     return task
@@ -332,11 +336,21 @@ def validate(task: Task) -> None:
 
 
 def limit(task: Task, max_train: int | None, max_eval: int | None) -> Task:
-    """Caps split sizes (the first rows of the already shuffled splits)."""
+    """Caps split sizes (the first rows of the already shuffled splits). A split made of several
+    evaluation sets (a ``set`` column, as in commonsense170k) is capped per set."""
     splits = {}
     for s, ds in task.splits.items():
         cap = max_train if s == "train" else max_eval
-        splits[s] = ds.select(range(min(cap, len(ds)))) if cap else ds
+        if cap and s != "train" and "set" in ds.column_names:
+            seen: dict[str, int] = {}
+            keep = []
+            for i, name in enumerate(ds["set"]):
+                seen[name] = seen.get(name, 0) + 1
+                if seen[name] <= cap:
+                    keep.append(i)
+            splits[s] = ds.select(keep)
+        else:
+            splits[s] = ds.select(range(min(cap, len(ds)))) if cap else ds
     return dataclasses.replace(task, splits=splits)
 
 
