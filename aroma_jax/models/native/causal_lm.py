@@ -68,6 +68,9 @@ class NativeCausalLM:
     ):
         self.config = config
         self.dtype = dtype
+        self.source: Path | None = None  # the directory it was loaded from (tokenizer files)
+        # save_pretrained writes PyTorch-layout safetensors itself (no torch round trip needed)
+        self.writes_pytorch_layout = True
         self.module = CausalLM(config, dtype, param_dtype, remat, attention_impl)
         if params is None:
             params = self.init_params(seed)
@@ -107,7 +110,16 @@ class NativeCausalLM:
         eos_token_id: int | list[int] | None = None,
         **unused,
     ) -> GenerateOutput:
-        """Greedy continuation of (left-padded) prompts; finished rows get ``pad_token_id``."""
+        """Greedy continuation of (left-padded) prompts; finished rows get ``pad_token_id``.
+
+        HF's other keywords are accepted when they ask for greedy search (``num_beams=1``,
+        ``do_sample=False``); beam search and sampling are rejected.
+        """
+        if unused.get("num_beams", 1) != 1 or unused.get("do_sample", False):
+            raise ValueError(
+                f"native generate is greedy: got num_beams={unused.get('num_beams')}, "
+                f"do_sample={unused.get('do_sample')}; accepted num_beams=1, do_sample=False"
+            )
         params = self.params if params is None else params
         ids = jnp.asarray(input_ids)
         b, length = ids.shape
@@ -171,7 +183,9 @@ class NativeCausalLM:
                 f"no weights in {str(path)!r}: accepted model.safetensors, "
                 "model.safetensors.index.json or flax_model.msgpack"
             )
-        return cls(config, params, dtype, param_dtype, remat, attention_impl)
+        model = cls(config, params, dtype, param_dtype, remat, attention_impl)
+        model.source = path
+        return model
 
     def save_pretrained(self, out: str | Path, params: Any = None) -> Path:
         """``config.json`` + ``model.safetensors`` (PyTorch layout) in ``out``."""

@@ -1,0 +1,134 @@
+"""AROMA on the native LLaMA: the same run as on the fixed HF Flax LLaMA, ``model.impl`` selection,
+remat and injection under it, the SmolLM2 asset."""
+
+import numpy as np
+import pytest
+import transformers
+
+from aroma_jax import AromaConfig, AromaTrainer
+from aroma_jax.data import objectives
+from aroma_jax.models import hf
+from aroma_jax.models.llama import FixedFlaxLlamaForCausalLM
+from aroma_jax.models.native import NativeCausalLM, NativeConfig
+
+CFG = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+    rope_theta=1e5,
+    tie_word_embeddings=False,
+)
+
+
+def batches(n, seed=0):
+    for i in range(n):
+        rng = np.random.default_rng(seed + i % 2)  # two batches in turn: the loss can fall
+        ids = rng.integers(3, 64, (4, 16)).astype(np.int32)
+        ids[:, 8:] = ids[:, :8]  # a copy task: learnable, so the adapters move
+        mask = np.ones_like(ids)
+        mask[0, :3] = 0
+        loss_mask = np.zeros_like(ids)
+        loss_mask[:, 8:] = 1
+        yield {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask}
+
+
+def run(model, params, steps=15):
+    loss_fn, _ = objectives.causal_lm(model)
+    cfg = AromaConfig(
+        target_modules=hf.PRESETS["llama"],
+        r=1,
+        alpha=2.0,
+        learning_rate=2e-2,
+        max_steps=steps,
+        inner_max_steps=5,
+        inner_check_every=3,
+        outer_tol=1e-4,
+        warmup_steps=2,
+        rewarmup_steps=2,
+    )
+    trainer = AromaTrainer(loss_fn, params, cfg, donate=False)
+    state = trainer.init(params)
+    losses, ranks = [], []
+    for batch in batches(steps):
+        state, info = trainer.step(state, batch)
+        losses.append(float(info.loss))
+        ranks.append(np.asarray(info.ranks).tolist())
+    return np.asarray(losses), ranks, trainer.paths
+
+
+def test_aroma_run_on_native_equals_fixed_hf_flax_llama():
+    fixed = FixedFlaxLlamaForCausalLM(transformers.LlamaConfig(**CFG), seed=0)
+    native = NativeCausalLM(NativeConfig.from_dict({**CFG, "model_type": "llama"}))
+    params = fixed.params  # one param tree serves both: the native paths mirror HF's
+    hf_loss, hf_ranks, hf_paths = run(fixed, params)
+    nat_loss, nat_ranks, nat_paths = run(native, params)
+    print(
+        f"max |loss native - loss hf| over {len(hf_loss)} steps: "
+        f"{np.abs(nat_loss - hf_loss).max():.2e}; final ranks {nat_ranks[-1]}"
+    )
+    assert nat_paths == hf_paths and len(nat_paths) == 10
+    assert nat_ranks == hf_ranks
+    assert max(hf_ranks[-1]) >= 1  # outer steps merged something: the comparison has teeth
+    np.testing.assert_allclose(nat_loss, hf_loss, atol=1e-5, rtol=0)
+    assert hf_loss[-1] < hf_loss[0]
+
+
+def test_remat_keeps_adapter_gradients():
+    """Adapters inject through nn.remat: the same loss and adapter gradients as without it."""
+    import jax
+
+    cfg = NativeConfig.from_dict({**CFG, "model_type": "llama"})
+    plain = NativeCausalLM(cfg)
+    batch = next(batches(1))
+    out = {}
+    for remat in ("none", "full", "dots"):
+        loss_fn, _ = objectives.causal_lm(NativeCausalLM(cfg, params=plain.params, remat=remat))
+        trainer = AromaTrainer(loss_fn, plain.params, AromaConfig(target_modules=("q_proj",)))
+        state = trainer.init(plain.params)
+        pairs = jax.tree.map(lambda x: x + 0.1, state.adapters.pairs)  # b != 0: non-zero grads
+
+        def f(pairs, state=state, trainer=trainer, loss_fn=loss_fn):
+            s = state._replace(adapters=state.adapters._replace(pairs=pairs))
+            with trainer.applied(s) as params:
+                return loss_fn(params, batch, None)
+
+        out[remat] = jax.jit(jax.value_and_grad(f))(pairs)
+    for remat in ("full", "dots"):
+        np.testing.assert_allclose(out[remat][0], out["none"][0], rtol=1e-6)
+        grads, want = jax.tree.leaves(out[remat][1]), jax.tree.leaves(out["none"][1])
+        for g1, g2 in zip(grads, want, strict=True):
+            assert float(np.abs(g2).max()) > 0
+            np.testing.assert_allclose(g1, g2, atol=1e-6)
+
+
+def test_impl_selection(fake_assets):
+    from aroma_jax.data import tasks
+
+    task = tasks.limit(tasks.get_task("rotten_tomatoes", seed=0), 32, 8)
+    assert isinstance(hf.load_for_task("tiny-llama", task).model, NativeCausalLM)
+    fixed = hf.load_for_task("tiny-llama", task, impl="hf").model
+    assert isinstance(fixed, FixedFlaxLlamaForCausalLM)
+    qwen = hf.load_for_task("tiny-qwen2", task)
+    assert qwen.arch == "llama" and qwen.model.config.qkv_bias
+    with pytest.raises(ValueError, match="model.impl=native runs"):
+        hf.load_for_task("tiny-roberta", task, impl="native")
+    with pytest.raises(ValueError, match="accepted"):
+        hf.load_for_task("tiny-llama", task, impl="jax")
+
+
+def test_native_loads_hf_flax_msgpack_like_the_smollm2_asset(tmp_path):
+    """The SmolLM2 asset is an HF Flax checkpoint (flax_model.msgpack, tied embeddings): the
+    native model loads it and computes the fixed HF model's logits."""
+    cfg = transformers.LlamaConfig(**{**CFG, "tie_word_embeddings": True})
+    fixed = FixedFlaxLlamaForCausalLM(cfg, seed=1)
+    fixed.save_pretrained(tmp_path)
+    native = NativeCausalLM.from_pretrained(tmp_path)
+    x = next(batches(1))
+    want = np.asarray(fixed(x["input_ids"], x["attention_mask"]).logits)
+    got = np.asarray(native(x["input_ids"], attention_mask=x["attention_mask"]).logits)
+    valid = x["attention_mask"].astype(bool)
+    np.testing.assert_allclose(got[valid], want[valid], atol=1e-5)
