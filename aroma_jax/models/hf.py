@@ -34,6 +34,10 @@ PRESETS = {
 }
 PRESETS["roberta"] = PRESETS["bert"]
 LLAMA_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# model_types the native models (`aroma_jax.models.native`) implement; ``model.impl: auto`` runs
+# them natively (arch "llama": same presets and pipeline), everything else through HF Flax.
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+IMPLS = ("auto", "native", "hf")
 
 
 @dataclasses.dataclass
@@ -217,14 +221,89 @@ def load_for_task(
     dtype=jnp.float32,
     param_dtype=jnp.float32,
     seed: int = 0,
+    impl: str = "auto",
 ) -> Loaded:
+    """``impl``: ``auto`` (native for the LLaMA family, HF Flax otherwise), ``native`` or ``hf``."""
     if name.startswith("tiny-"):
-        loaded = build_tiny(name[len("tiny-") :], task, num_labels or task.num_labels, dtype, seed)
+        arch = name[len("tiny-") :]
+        if choose_impl(impl, arch if arch in LLAMA_FAMILY else None, name) == "native":
+            loaded = build_tiny_native(arch, task, dtype, seed)
+        else:
+            loaded = build_tiny(arch, task, num_labels or task.num_labels, dtype, seed)
     else:
-        loaded = _load_pretrained(resolve_path(name), task, num_labels, dtype, seed)
+        path = resolve_path(name)
+        if choose_impl(impl, model_type_of(path), name) == "native":
+            loaded = load_native(path, dtype, param_dtype)
+        else:
+            loaded = _load_pretrained(path, task, num_labels, dtype, seed)
     if param_dtype != jnp.float32:
         loaded.params = jax.tree.map(lambda x: x.astype(param_dtype), loaded.params)
     return loaded
+
+
+# ---------------------------------------------------------------------------- native models
+def model_type_of(path: str) -> str | None:
+    """``model_type`` from a local directory's or a hub repo's ``config.json`` (None: unknown)."""
+    import json
+
+    local = Path(path) / "config.json"
+    if local.exists():
+        return json.loads(local.read_text()).get("model_type")
+    if Path(path).exists():
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(path, "config.json")).read_text()).get("model_type")
+    except Exception:  # offline or not a hub repo: let the HF loader report it
+        return None
+
+
+def choose_impl(impl: str, model_type: str | None, name: str) -> str:
+    """``native`` or ``hf`` for ``model.impl`` and the checkpoint's model_type."""
+    if impl not in IMPLS:
+        raise ValueError(f"invalid model.impl={impl!r}: accepted {IMPLS}")
+    if impl == "auto":
+        return "native" if model_type in LLAMA_FAMILY else "hf"
+    if impl == "native" and model_type not in LLAMA_FAMILY:
+        raise ValueError(
+            f"model.impl=native runs model types {LLAMA_FAMILY}; {name!r} is {model_type!r}: "
+            "use model.impl=hf (or auto)"
+        )
+    return impl
+
+
+def load_native(path: str, dtype=jnp.float32, param_dtype=jnp.float32) -> Loaded:
+    """A LLaMA-family checkpoint (safetensors or HF Flax msgpack) on the native model."""
+    from aroma_jax.models.native import NativeCausalLM, load_tokenizer
+
+    model = NativeCausalLM.from_pretrained(path, dtype=dtype, param_dtype=param_dtype)
+    return Loaded("llama", model, load_tokenizer(model.source), model.params)
+
+
+def build_tiny_native(arch: str, task, dtype, seed: int) -> Loaded:
+    """``tiny-llama`` (and ``tiny-mistral``, ``tiny-qwen2``) on the native model."""
+    from aroma_jax.models.native import NativeCausalLM, NativeConfig
+
+    tok = simple_tokenizer(_task_texts(task))
+    cfg = NativeConfig.from_dict(
+        dict(
+            model_type=arch,
+            vocab_size=len(tok),
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    )
+    model = NativeCausalLM(cfg, dtype=dtype, seed=seed)
+    return Loaded("llama", model, tok, model.params)
 
 
 def _load_pretrained(path: str, task, num_labels, dtype, seed) -> Loaded:

@@ -63,8 +63,11 @@ def save_pytorch_weights(flax_model: Any, params: Mapping, out: Path) -> Path | 
     """Also writes PyTorch ``model.safetensors`` when torch is installed.
 
     transformers 4.57's ``from_pretrained(..., from_flax=True)`` leaves weights on the meta
-    device, so the conversion is done here, once, with a real CPU model.
+    device, so the conversion is done here, once, with a real CPU model. Native models
+    (`aroma_jax.models.native`) write PyTorch-layout safetensors in ``save_pretrained``.
     """
+    if getattr(flax_model, "writes_pytorch_layout", False):
+        return None
     try:
         import torch  # noqa: F401
         import transformers

@@ -62,6 +62,7 @@ def build_pipeline(cfg: Mapping[str, Any]) -> Pipeline:
         dtype=_dtype(mcfg["dtype"]),
         param_dtype=_dtype(mcfg["param_dtype"]),
         seed=cfg["train"]["seed"],
+        impl=mcfg.get("impl", "auto"),
     )
     aroma = run_config.aroma_config(
         cfg,

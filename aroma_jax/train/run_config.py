@@ -40,6 +40,7 @@ SECTIONS: dict[str, dict[str, Any]] = {
         "dtype": "float32",  # compute dtype: float32 or bfloat16
         "param_dtype": "float32",  # dtype of the frozen base weights
         "num_labels": None,  # overrides the task's
+        "impl": "auto",  # auto (native for LLaMA/Mistral/Qwen2, else hf) | native | hf
     },
     "task": {
         "name": "rotten_tomatoes",
@@ -163,6 +164,8 @@ def resolve(raw: Mapping[str, Any] | None, overrides: Iterable[str] = ()) -> dic
         raise ConfigError(
             f"invalid train.head={cfg['train']['head']!r}: accepted one of {HEAD_MODES}"
         )
+    if cfg["model"]["impl"] not in ("auto", "native", "hf"):
+        raise ConfigError(f"invalid model.impl={cfg['model']['impl']!r}: accepted auto, native, hf")
     if cfg["model"]["dtype"] not in ("float32", "bfloat16"):
         raise ConfigError(
             f"invalid model.dtype={cfg['model']['dtype']!r}: accepted float32, bfloat16"
