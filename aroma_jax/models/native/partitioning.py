@@ -1,0 +1,87 @@
+"""Logical axes of the native models, and their mapping onto the ``fsdp`` / ``tensor`` mesh.
+
+Every param and the main activations have logical axis names (``embed``, ``heads``, ``kv``,
+``mlp``, ``vocab``, ``batch``, ``length``); `LOGICAL_RULES` maps them to mesh axes the way
+`aroma_jax.core.sharding` shards weights: the model width over ``fsdp``, heads / FFN width /
+vocabulary over ``tensor``, the batch over ``data`` and ``fsdp``.
+
+* `sharding_rules` turns the param table into `aroma_jax.core.sharding.Rule`s, so
+  ``shard_trainer(trainer, state, mesh, sharding_rules())`` shards a native model (and its
+  adapters and optimizer state, which inherit from the kernels) by logical axes.
+* `activation_rules` is the same mapping for ``flax.linen.logical_axis_rules``: inside
+  ``with jax.set_mesh(mesh), nn.logical_axis_rules(activation_rules(mesh)):`` the model's
+  ``with_logical_constraint`` calls pin its activations; outside, they are no-ops.
+
+Example:
+    >>> [r.axes for r in sharding_rules() if "q_proj" in r.pattern]
+    [('fsdp', 'tensor')]
+"""
+
+from __future__ import annotations
+
+from aroma_jax.core.sharding import Rule
+
+# logical name -> mesh axis (None: replicated)
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("norm", None),
+)
+
+# param path (regex, searched) -> logical names, one per array axis
+PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (r"self_attn/q_proj/kernel$", ("embed", "heads")),
+    (r"self_attn/(k_proj|v_proj)/kernel$", ("embed", "kv")),
+    (r"self_attn/q_proj/bias$", ("heads",)),
+    (r"self_attn/(k_proj|v_proj)/bias$", ("kv",)),
+    (r"self_attn/o_proj/kernel$", ("heads", "embed")),
+    (r"self_attn/o_proj/bias$", ("embed",)),
+    (r"mlp/(gate_proj|up_proj)/kernel$", ("embed", "mlp")),
+    (r"mlp/(gate_proj|up_proj)/bias$", ("mlp",)),
+    (r"mlp/down_proj/kernel$", ("mlp", "embed")),
+    (r"mlp/down_proj/bias$", ("embed",)),
+    (r"embed_tokens/embedding$", ("vocab", "embed")),
+    (r"lm_head/kernel$", ("embed", "vocab")),
+    (r"norm/weight$", ("norm",)),
+)
+
+
+def mesh_axis(logical: str) -> str | tuple[str, ...] | None:
+    """The mesh axis of a logical axis name."""
+    rules = dict(LOGICAL_RULES)
+    if logical not in rules:
+        raise ValueError(f"unknown logical axis {logical!r}: accepted {sorted(rules)}")
+    return rules[logical]
+
+
+def sharding_rules() -> tuple[Rule, ...]:
+    """`Rule`s for `aroma_jax.core.sharding` from the logical param axes (single mesh axes)."""
+    out = []
+    for pattern, names in PARAM_AXES:
+        axes = []
+        for n in names:
+            ax = mesh_axis(n)
+            axes.append(ax if isinstance(ax, str) or ax is None else ax[0])
+        out.append(Rule(pattern, tuple(axes)))
+    return tuple(out)
+
+
+def activation_rules(mesh=None) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+    """Rules for ``flax.linen.logical_axis_rules`` (activations' logical constraints); with a
+    ``mesh``, mesh axes it lacks (e.g. ``data`` on an fsdp x tensor mesh) are dropped."""
+    if mesh is None:
+        return LOGICAL_RULES
+    present = set(mesh.axis_names)
+
+    def keep(ax):
+        if ax is None or isinstance(ax, str):
+            return ax if ax in present else None
+        kept = tuple(a for a in ax if a in present)
+        return kept or None
+
+    return tuple((name, keep(ax)) for name, ax in LOGICAL_RULES)
