@@ -1,0 +1,293 @@
+"""Scale by simulation: the AROMA train step of a LLaMA-3 model, compiled for meshes of simulated
+devices from abstract shapes (no weights are ever created).
+
+    python experiments/scale_sim.py --model llama3-8b --devices 1,8,64 --out scale.json
+    python experiments/scale_sim.py --model llama3-70b --devices 64
+
+For each device count the step (bf16 base weights, fp32 adapters and optimizer state, AROMA
+r=1 on the paper's LLaMA targets) is traced with `jax.ShapeDtypeStruct` inputs, sharded with the
+native model's logical-axis rules, AOT-lowered and compiled for that many simulated CPU devices
+(``--xla_force_host_platform_device_count``, set before jax is imported). Reported per mesh:
+
+* XLA's memory analysis of the compiled step, per device: argument, output, alias (donated
+  state reused for the output) and temp bytes; their peak ``argument + output - alias + temp``;
+* the collectives in the optimized HLO, per kind: how many, and the bytes of their results per
+  device; those inside conditional branches (the controller's outer step and inner check, which
+  run on a few steps only) are counted apart from those every step runs;
+* FLOPs per step from XLA's cost analysis (per device; times the device count for the total).
+
+XLA:CPU is not the GPU/TPU compiler: fusion and scheduling differ (temp bytes are indicative,
+within tens of percent), and attention goes through XLA's reference path (it materialises the
+``(batch, heads, seq, seq)`` scores) where a GPU would use cuDNN flash attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+MODELS = {
+    "llama3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+    ),
+    "llama3-70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=128,
+    ),
+}
+# Table 13 (LLaMA-3-8B on Commonsense170K, AROMA r=1): batch 32, max sequence length 256.
+TABLE13 = dict(batch=32, seq=256)
+DEFAULT_MESHES = {1: "", 8: "fsdp=8", 64: "fsdp=16,tensor=4"}
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+DTYPE_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "bf16": 2,
+    "f16": 2,
+    "s16": 2,
+    "u16": 2,
+    "f32": 4,
+    "s32": 4,
+    "u32": 4,
+    "f64": 8,
+    "s64": 8,
+    "u64": 8,
+}
+GB = 1e9
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), default="llama3-8b", help="model shape")
+    p.add_argument(
+        "--devices", default="1,8,64", help="comma-separated simulated device counts (1,8,64)"
+    )
+    p.add_argument(
+        "--mesh",
+        action="append",
+        default=[],
+        metavar="N=SPEC",
+        help="mesh for N devices, e.g. 64=fsdp=64 (default: 1 none, 8 fsdp=8, 64 fsdp=16,tensor=4)",
+    )
+    p.add_argument("--batch", type=int, default=TABLE13["batch"], help="global batch (Table 13)")
+    p.add_argument("--seq", type=int, default=TABLE13["seq"], help="sequence length (Table 13)")
+    p.add_argument("--layers", type=int, default=None, help="override the layer count")
+    p.add_argument(
+        "--remat", choices=("none", "full", "dots"), default="none", help="per-layer remat"
+    )
+    p.add_argument(
+        "--rank-capacity", type=int, default=32, help="frozen slots per module (aroma rank cap)"
+    )
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    try:
+        args.device_counts = [int(x) for x in args.devices.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--devices {args.devices!r}: accepted comma-separated integers, e.g. 1,8,64")
+    if not args.device_counts or min(args.device_counts) < 1:
+        p.error(f"--devices {args.devices!r}: accepted positive integers")
+    args.meshes = dict(DEFAULT_MESHES)
+    for m in args.mesh:
+        n, _, spec = m.partition("=")
+        if not n.isdigit():
+            p.error(f"--mesh {m!r}: accepted N=SPEC, e.g. 64=fsdp=16,tensor=4")
+        args.meshes[int(n)] = spec
+    missing = [n for n in args.device_counts if n > 1 and n not in args.meshes]
+    if missing:
+        p.error(f"no mesh for {missing} devices: pass --mesh N=SPEC")
+    return args
+
+
+def _shape_bytes(shape: str) -> int:
+    """Bytes of an HLO shape string: ``f32[4,8]{1,0}`` or a tuple ``(f32[2], bf16[3,4])``."""
+    total = 0
+    for dt, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shape):
+        if dt not in DTYPE_BYTES:
+            continue
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        total += n * DTYPE_BYTES[dt]
+    return total
+
+
+def collectives(hlo: str) -> dict:
+    """Per kind: count and result bytes, split into every-step and conditional-branch ones."""
+    branch_names: set[str] = set()
+    for m in re.finditer(r"branch_computations=\{([^}]*)\}", hlo):
+        branch_names |= {x.strip().lstrip("%") for x in m.group(1).split(",")}
+    for m in re.finditer(r"(?:true|false)_computation=%?([\w.\-]+)", hlo):
+        branch_names.add(m.group(1))
+    out: dict = {"every_step": {}, "conditional": {}}
+    current = None
+    op_re = re.compile(
+        r"=\s+(\([^=]*?\)|[a-z]+\d*\[[\d,]*\]\S*)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\("
+    )
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        if head and not line.startswith(" "):
+            current = head.group(1)
+            continue
+        m = op_re.search(line)
+        if not m:
+            continue
+        where = "conditional" if current in branch_names else "every_step"
+        rec = out[where].setdefault(m.group(2), {"count": 0, "bytes": 0})
+        rec["count"] += 1
+        rec["bytes"] += _shape_bytes(m.group(1))
+    return out
+
+
+def simulate(args, n_devices: int, jax) -> dict:
+    import jax.numpy as jnp
+
+    from aroma_jax import AromaConfig, AromaTrainer
+    from aroma_jax.core import sharding
+    from aroma_jax.data import objectives
+    from aroma_jax.models.hf import PRESETS
+    from aroma_jax.models.native import NativeCausalLM, NativeConfig
+    from aroma_jax.models.native.partitioning import sharding_rules
+
+    shape = dict(MODELS[args.model])
+    if args.layers:
+        shape["num_hidden_layers"] = args.layers
+    cfg = NativeConfig.from_dict({"model_type": "llama", "tie_word_embeddings": False, **shape})
+    # `params={}` skips the random init: only the module and its config are needed here.
+    model = NativeCausalLM(cfg, params={}, dtype=jnp.bfloat16, remat=args.remat)
+    ids = jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32)
+    params = jax.eval_shape(
+        lambda: model.module.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"]
+    )
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16), params)
+    model.params = params
+    loss_fn, _ = objectives.causal_lm(model)
+    aroma = AromaConfig(
+        target_modules=PRESETS["llama"],
+        r=1,
+        alpha=2.0,
+        learning_rate=1e-4,
+        max_steps=100_000,
+        inner_max_steps=1000,
+        inner_check_every=10,
+        inner_tol=0.1,
+        outer_tol=1e-3,
+        rank_capacity=args.rank_capacity,
+    )
+    trainer = AromaTrainer(loss_fn, params, aroma)
+    state = jax.eval_shape(trainer.init, params)
+    batch = {"input_ids": ids, "attention_mask": ids, "loss_mask": ids}
+    mesh_spec = args.meshes.get(n_devices, "")
+    if n_devices > 1:
+        mesh = sharding.parse_mesh(mesh_spec, jax.devices()[:n_devices])
+        shardings = sharding.state_shardings(trainer, state, mesh, sharding_rules())
+        trainer.set_shardings(shardings, sharding.batch_sharding(mesh))
+    t0 = time.perf_counter()
+    lowered = trainer._step.lower(state, batch)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    peak = (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+    )
+    param_count = sum(int(x.size) for x in jax.tree.leaves(params))
+    return {
+        "model": args.model,
+        "layers": cfg.num_hidden_layers,
+        "params": param_count,
+        "devices": n_devices,
+        "mesh": mesh_spec or "single device",
+        "batch": args.batch,
+        "seq": args.seq,
+        "remat": args.remat,
+        "adapted_modules": len(trainer.paths),
+        "lower_s": round(t1 - t0, 1),
+        "compile_s": round(t2 - t1, 1),
+        "argument_bytes": mem.argument_size_in_bytes,
+        "output_bytes": mem.output_size_in_bytes,
+        "alias_bytes": mem.alias_size_in_bytes,
+        "temp_bytes": mem.temp_size_in_bytes,
+        "peak_bytes": peak,
+        "flops_per_device": float(cost.get("flops", float("nan"))),
+        "collectives": collectives(compiled.as_text()),
+    }
+
+
+def fmt(r: dict) -> str:
+    every = r["collectives"]["every_step"]
+    cond = r["collectives"]["conditional"]
+    coll = ", ".join(f"{k} x{v['count']} {v['bytes'] / GB:.2f} GB" for k, v in every.items())
+    ccoll = ", ".join(f"{k} x{v['count']} {v['bytes'] / GB:.3f} GB" for k, v in cond.items())
+    return (
+        f"{r['model']} L={r['layers']} on {r['devices']} ({r['mesh']}): "
+        f"args {r['argument_bytes'] / GB:.2f} GB, out {r['output_bytes'] / GB:.2f} GB, "
+        f"alias {r['alias_bytes'] / GB:.2f} GB, temp {r['temp_bytes'] / GB:.2f} GB, "
+        f"peak {r['peak_bytes'] / GB:.2f} GB/device; "
+        f"{r['flops_per_device'] / 1e12:.1f} TFLOP/device/step; "
+        f"collectives every step: {coll or 'none'}; in branches: {ccoll or 'none'}; "
+        f"lower {r['lower_s']}s compile {r['compile_s']}s"
+    )
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    flag = f"--xla_force_host_platform_device_count={max(args.device_counts)}"
+    if "jax" in sys.modules:
+        import jax
+
+        if jax.device_count() < max(args.device_counts):
+            raise SystemExit(
+                f"jax is already imported with {jax.device_count()} devices; run scale_sim in a "
+                f"fresh process (it sets {flag})"
+            )
+    else:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import jax
+
+    results = []
+    for n in args.device_counts:
+        r = simulate(args, n, jax)
+        print(fmt(r), flush=True)
+        results.append(r)
+        if args.out:  # after every mesh, so a slow later mesh leaves the earlier results
+            args.out.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
