@@ -9,7 +9,9 @@ tokenizes every split into fixed-shape numpy arrays (one compile), picks the obj
 * generation on an encoder-decoder (BART): teacher-forced loss, greedy generation -> ROUGE;
 * a decoder-only LM (LLaMA): classification tasks become text ("... Topic: business"),
   evaluated by multiple-choice scoring of every label's log-likelihood; generation tasks are
-  trained on the target tokens and evaluated by greedy generation -> ROUGE.
+  trained on the target tokens and evaluated by greedy generation -> ROUGE;
+* instruction tasks (commonsense170k) on a decoder-only LM: LLM-Adapters' protocol, greedy
+  generation -> answer extraction -> per-set accuracy and their average.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from aroma_jax.data import objectives
 from aroma_jax.data import scores as metrics_lib
 from aroma_jax.data import tasks as data
 from aroma_jax.models import hf as models
-from aroma_jax.train import run_config
+from aroma_jax.train import generation, run_config
 
 
 @dataclasses.dataclass
@@ -64,17 +66,29 @@ def build_pipeline(cfg: Mapping[str, Any]) -> Pipeline:
         seed=cfg["train"]["seed"],
         impl=mcfg.get("impl", "auto"),
     )
-    aroma = run_config.aroma_config(
-        cfg,
-        models.preset_targets(loaded.arch),
-        models.head_patterns(loaded.arch, task.kind),
-        models.head_adapter_patterns(loaded.arch, task.kind),
-    )
+    aroma = aroma_for(cfg, loaded.arch, task.kind)
+    if task.kind == "instruction":
+        if loaded.arch != "llama":
+            raise ValueError(
+                f"task {task.name!r} is answered by generation from a decoder-only LM; "
+                f"{mcfg['name']!r} is a {loaded.arch} model: accepted a LLaMA model"
+            )
+        return _instruction_pipeline(cfg, task, loaded, aroma)
     if loaded.arch == "llama":
         return _causal_lm_pipeline(cfg, task, loaded, aroma)
     if loaded.arch == "bart":
         return _seq2seq_pipeline(cfg, task, loaded, aroma)
     return _encoder_pipeline(cfg, task, loaded, aroma)
+
+
+def aroma_for(cfg: Mapping[str, Any], arch: str, kind: str) -> AromaConfig:
+    """The run's `AromaConfig` for a model architecture and task kind (targets, head)."""
+    return run_config.aroma_config(
+        cfg,
+        models.preset_targets(arch),
+        models.head_patterns(arch, kind),
+        models.head_adapter_patterns(arch, kind),
+    )
 
 
 def _make(loaded, task, aroma, loss_fn, train, evals, evaluator) -> Pipeline:
@@ -93,8 +107,11 @@ def _make(loaded, task, aroma, loss_fn, train, evals, evaluator) -> Pipeline:
 
 
 def _task_kwargs(tcfg: Mapping[str, Any]) -> dict:
-    keys = ("text_field", "text_pair_field", "label_field")
-    return {k: tcfg[k] for k in keys if tcfg.get(k) is not None}
+    keys = ("text_field", "text_pair_field", "label_field", "source", "eval_source")
+    out = {k: tcfg[k] for k in keys if tcfg.get(k) is not None}
+    if tcfg.get("dev_examples"):
+        out["dev_examples"] = tcfg["dev_examples"]
+    return out
 
 
 # ----------------------------------------------------------------------------- encoders
@@ -150,7 +167,7 @@ def _batched(fn: Callable, arrays: Mapping[str, np.ndarray], batch_size: int) ->
 
 # ---------------------------------------------------------------------------- seq2seq
 def _seq2seq_pipeline(cfg, task, loaded, aroma) -> Pipeline:
-    loss_fn, generate_fn = objectives.seq2seq(loaded.model)
+    loss_fn, _ = objectives.seq2seq(loaded.model)
     tcfg = cfg["task"]
     start_id = loaded.model.config.decoder_start_token_id
     enc = {
@@ -159,8 +176,14 @@ def _seq2seq_pipeline(cfg, task, loaded, aroma) -> Pipeline:
         )
         for s in task.splits
     }
-    gen_len = cfg["train"]["generate_max_len"]
-    generate = _with_adapters(lambda p, b: generate_fn(p, b, max_length=gen_len))
+    search = generation.search_kwargs(cfg)
+
+    def gen_fn(params, batch):
+        return loaded.model.generate(
+            batch["input_ids"], attention_mask=batch["attention_mask"], params=params, **search
+        ).sequences
+
+    generate = _with_adapters(gen_fn)
 
     def evaluator(pipe, trainer, state, split, batch_size):
         arrays = pipe.eval_examples[split]
@@ -219,3 +242,42 @@ def _causal_lm_pipeline(cfg, task, loaded, aroma) -> Pipeline:
         return metrics_lib.compute(["mc_accuracy"], preds, labels)
 
     return _make(loaded, task, aroma, loss_fn, train, choices, evaluator)
+
+
+# -------------------------------------------------------- instructions (commonsense170k)
+def _instruction_pipeline(cfg, task, loaded, aroma) -> Pipeline:
+    """LLM-Adapters' protocol: train on prompt -> response, evaluate by greedy generation of
+    ``train.generate_max_len`` new tokens, answer extraction and per-set accuracy."""
+    from aroma_jax.data import commonsense
+
+    loss_fn, _ = objectives.causal_lm(loaded.model)
+    max_len, tok = cfg["task"]["max_len"], loaded.tokenizer
+    train = commonsense.encode_train(task.splits["train"], tok, max_len)
+    new_tokens = cfg["train"]["generate_max_len"]
+
+    def gen_fn(params, batch):
+        return loaded.model.generate(
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            params=params,
+            max_new_tokens=new_tokens,
+            num_beams=1,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        ).sequences
+
+    generate = _with_adapters(gen_fn)
+    prompts = {
+        s: commonsense.encode_prompts(task.splits[s], tok, max_len) for s in ("validation", "test")
+    }
+
+    def evaluator(pipe, trainer, state, split, batch_size):
+        arrays = prompts[split]
+        seqs = _batched(lambda b: generate(trainer, state, b), arrays, batch_size)
+        responses = tok.batch_decode(
+            seqs[:, arrays["input_ids"].shape[1] :], skip_special_tokens=True
+        )
+        return commonsense.score(task.splits[split], responses)
+
+    return _make(loaded, task, aroma, loss_fn, train, prompts, evaluator)

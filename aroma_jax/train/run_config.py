@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -51,6 +52,11 @@ SECTIONS: dict[str, dict[str, Any]] = {
         "text_field": None,  # local files only
         "text_pair_field": None,
         "label_field": None,
+        # the paper's tasks (glue/<task>, commonsense170k, xsum): a hub name or a local copy in
+        # the hub's schema; null = the usual hub dataset
+        "source": None,
+        "eval_source": None,  # commonsense170k: directory of the eight evaluation sets
+        "dev_examples": 0,  # > 0: a seeded dev split of this many training rows (validation)
     },
     "train": {
         "batch_size": 32,
@@ -66,6 +72,12 @@ SECTIONS: dict[str, dict[str, Any]] = {
         # adapted like the other targets (their "dense" substring target matched it)
         "head": "train",
         "generate_max_len": 24,
+        # generation search (seq2seq evaluation): beams, length penalty, minimum length and
+        # no-repeat n-gram size (0 = off), as in HF's generate
+        "num_beams": 1,
+        "length_penalty": 1.0,
+        "generate_min_len": 0,
+        "no_repeat_ngram_size": 0,
         "eval_at_start": True,  # held-out metrics before training (the "before" of the run)
         "progress": True,
     },
@@ -164,6 +176,7 @@ def resolve(raw: Mapping[str, Any] | None, overrides: Iterable[str] = ()) -> dic
         raise ConfigError(
             f"invalid train.head={cfg['train']['head']!r}: accepted one of {HEAD_MODES}"
         )
+    _check_generation_and_dev(cfg)
     if cfg["model"]["impl"] not in ("auto", "native", "hf"):
         raise ConfigError(f"invalid model.impl={cfg['model']['impl']!r}: accepted auto, native, hf")
     if cfg["model"]["dtype"] not in ("float32", "bfloat16"):
@@ -175,6 +188,23 @@ def resolve(raw: Mapping[str, Any] | None, overrides: Iterable[str] = ()) -> dic
             f"invalid model.param_dtype={cfg['model']['param_dtype']!r}: accepted float32, bfloat16"
         )
     return cfg
+
+
+def _check_generation_and_dev(cfg: Mapping[str, Any]) -> None:
+    """Generation-search and dev-split keys: integers in range, a finite length penalty."""
+    limits = {
+        ("train", "num_beams"): 1,
+        ("train", "generate_min_len"): 0,
+        ("train", "no_repeat_ngram_size"): 0,
+        ("task", "dev_examples"): 0,
+    }
+    for (section, name), low in limits.items():
+        value = cfg[section][name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"invalid {section}.{name}={value!r}: accepted an integer >= {low}")
+    lp = cfg["train"]["length_penalty"]
+    if isinstance(lp, bool) or not isinstance(lp, (int, float)) or not math.isfinite(lp):
+        raise ConfigError(f"invalid train.length_penalty={lp!r}: accepted a finite number")
 
 
 def load(path: str | Path | None, overrides: Iterable[str] = ()) -> dict[str, Any]:

@@ -1,0 +1,239 @@
+"""What a paper preset will do, without weights: steps, adapted modules, trainable parameters, rank.
+
+`plan` builds the model's parameter *shapes* with ``jax.eval_shape`` of the HF Flax model's init
+from a config (no weights are allocated or downloaded), matches the run's target patterns
+against them exactly as training does (`aroma_jax.core.adapters.find_targets`), and counts.
+
+The hub is not needed: the three models of the paper are described by their published
+``config.json`` values, written out in `PUBLISHED` (roberta-base, facebook/bart-large,
+meta-llama/Meta-Llama-3-8B). ``tiny=True`` swaps in a small model of the same architecture (the
+stand-in the tests build); ``tiny-<arch>`` model names always use it.
+
+Example:
+    >>> import sys; sys.path.insert(0, "experiments")
+    >>> from aroma_jax.train import run_config
+    >>> cfg = run_config.load("experiments/paper/glue/aroma-mrpc.yaml")
+    >>> p = plan(cfg)
+    >>> p.modules, p.trainable
+    (73, 167424)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+# Published config.json values of the paper's models (the hub is not reachable from every
+# machine; these are the fields that decide parameter shapes).
+PUBLISHED: dict[str, tuple[str, dict[str, Any]]] = {
+    "roberta-base": (
+        "roberta",
+        dict(
+            vocab_size=50265,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            max_position_embeddings=514,
+            type_vocab_size=1,
+            layer_norm_eps=1e-5,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+        ),
+    ),
+    "facebook/bart-large": (
+        "bart",
+        dict(
+            vocab_size=50265,
+            d_model=1024,
+            encoder_layers=12,
+            decoder_layers=12,
+            encoder_attention_heads=16,
+            decoder_attention_heads=16,
+            encoder_ffn_dim=4096,
+            decoder_ffn_dim=4096,
+            max_position_embeddings=1024,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            forced_bos_token_id=0,
+            forced_eos_token_id=2,
+        ),
+    ),
+    "meta-llama/Meta-Llama-3-8B": (
+        "llama",
+        dict(
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=8192,
+            rope_theta=500000.0,
+            rms_norm_eps=1e-5,
+            bos_token_id=128000,
+            eos_token_id=128001,
+            tie_word_embeddings=False,
+        ),
+    ),
+}
+
+TINY: dict[str, dict[str, Any]] = {
+    "roberta": dict(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    ),
+    "bart": dict(
+        vocab_size=100,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+    ),
+    "llama": dict(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+class PlanError(ValueError):
+    """A preset that cannot be planned; the message names the model or task and what works."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    model: str
+    arch: str
+    task: str
+    method: str
+    steps: int  # aroma.max_steps, the run's step budget T
+    modules: int  # adapted Dense modules
+    trainable: int  # initial trainable parameters: pairs plus any fully trained head
+    max_rank: int  # the largest rank one module can reach (r x merge slots; r for LoRA)
+    slot_bytes: int  # device memory of the preallocated fp32 frozen-factor slots
+    base_params: int  # the frozen model's parameters
+    head: int  # of ``trainable``: the fully trained head (0 unless train.head is "train")
+
+
+def task_kind(name: str) -> tuple[str, int]:
+    """(task kind, number of labels) of a paper task name, without loading data."""
+    from aroma_jax.data.glue import GLUE_TASKS
+
+    if name.startswith("glue/") and name[5:] in GLUE_TASKS:
+        spec = GLUE_TASKS[name[5:]]
+        return spec.kind, spec.num_labels
+    if name == "commonsense170k" or name.startswith("commonsense170k/"):
+        return "instruction", 0
+    if name == "xsum":
+        return "generation", 0
+    raise PlanError(f"cannot plan task {name!r}: accepted glue/<task>, commonsense170k, xsum")
+
+
+def model_config(name: str, tiny: bool, num_labels: int):
+    """(arch, HF config) for a published model name or ``tiny-<arch>``."""
+    import transformers as tf
+
+    if name.startswith("tiny-"):
+        arch = name[5:]
+        tiny = True
+    elif name in PUBLISHED:
+        arch = PUBLISHED[name][0]
+    else:
+        raise PlanError(
+            f"no published config for model {name!r} here: accepted {', '.join(PUBLISHED)} "
+            "or tiny-<roberta|bart|llama>"
+        )
+    if arch not in TINY:
+        raise PlanError(f"unknown architecture {arch!r}: accepted {', '.join(TINY)}")
+    values = dict(TINY[arch]) if tiny else dict(PUBLISHED[name][1])
+    cls = {"roberta": tf.RobertaConfig, "bart": tf.BartConfig, "llama": tf.LlamaConfig}[arch]
+    return arch, cls(**values, num_labels=max(num_labels, 1))
+
+
+def param_shapes(arch: str, config) -> Mapping[str, Any]:
+    """The model's params as ``jax.ShapeDtypeStruct`` leaves (``eval_shape`` of its init)."""
+    import transformers as tf
+
+    from aroma_jax.models.hf import llama_class
+
+    cls = {
+        "roberta": tf.FlaxRobertaForSequenceClassification,
+        "bart": tf.FlaxBartForConditionalGeneration,
+        "llama": llama_class(),
+    }[arch]
+    model = cls(config, _do_init=False)
+    return jax.eval_shape(lambda key: model.init_weights(key, (1, 8)), jax.random.key(0))
+
+
+def _size(leaf) -> int:
+    return math.prod(leaf.shape)
+
+
+def plan(cfg: Mapping[str, Any], tiny: bool = False) -> Plan:
+    """The plan of a resolved run config (see the module docstring)."""
+    from aroma_jax.core.adapters import capacity, find_targets
+    from aroma_jax.core.train_step import split_params
+    from aroma_jax.train.pipeline import aroma_for
+
+    name, task = cfg["model"]["name"], cfg["task"]["name"]
+    kind, num_labels = task_kind(task)
+    arch, config = model_config(name, tiny, cfg["model"]["num_labels"] or num_labels)
+    if kind == "instruction" and arch != "llama":
+        raise PlanError(f"task {task!r} needs a decoder-only LM (LLaMA), not {arch}")
+    shapes = param_shapes(arch, config)
+    aroma = aroma_for(cfg, arch, kind)
+    specs = find_targets(shapes, aroma.target_modules)
+    pairs = sum((s.fan_in + s.fan_out) * aroma.r for s in specs.values())
+    head = sum(_size(x) for x in jax.tree.leaves(split_params(shapes, aroma.train_patterns)[1]))
+    max_rank = aroma.r * capacity(aroma) if aroma.grows else aroma.r
+    return Plan(
+        model=("tiny-" + arch) if tiny and not name.startswith("tiny-") else name,
+        arch=arch,
+        task=task,
+        method=aroma.method,
+        steps=aroma.max_steps,
+        modules=len(specs),
+        trainable=pairs + head,
+        max_rank=max_rank,
+        slot_bytes=4
+        * aroma.r
+        * capacity(aroma)
+        * sum(s.fan_in + s.fan_out for s in specs.values()),
+        base_params=sum(_size(x) for x in jax.tree.leaves(shapes)),
+        head=head,
+    )
+
+
+def human(n: float) -> str:
+    """0.17M-style counts, as the paper prints them."""
+    if n >= 1e12:
+        return f"{n / 1e12:.2f}T"
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    if n >= 1e6:
+        return f"{n / 1e6:.2f}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f}K"
+    return str(int(n))
