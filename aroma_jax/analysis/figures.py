@@ -89,6 +89,8 @@ def plot_rank_map(reports: Sequence[Mapping], path: str | Path) -> Path:
         rk_a, er_a = np.asarray(rk, float), np.asarray(er, float)
         ax.scatter(xs, ys, s=area * rk_a / vmax, c="#f4a6a6", edgecolors="tab:red", lw=1.0)
         ax.scatter(xs, ys, s=area * er_a / vmax, c="#9ec5ef", edgecolors="tab:blue", lw=0.8)
+        # the rank's outline again on top: visible even where erank == rank covers its fill
+        ax.scatter(xs, ys, s=area * rk_a / vmax, facecolors="none", edgecolors="tab:red", lw=1.0)
         for x, y, e in zip(xs, ys, er, strict=True):
             ax.text(x, y, f"{e:.1f}", ha="center", va="center", fontsize=6)
         ax.set_xticks(range(len(layers)), ["-" if x is None else str(x) for x in layers])

@@ -38,12 +38,7 @@ def build(runs: Sequence[Run], module: str | None = None) -> dict:
             f"--module {module!r} is not adapted in every run; modules all runs share: "
             + (", ".join(shared) if shared else "none")
         )
-    reports = [summary.analyze_run(r) for r in runs]
-    comparisons = [
-        summary.compare_runs(runs[i], runs[j], grid_module=module)
-        for i in range(len(runs))
-        for j in range(i + 1, len(runs))
-    ]
+    reports, comparisons = summary.analyze_runs(runs, grid_module=module)
     return {
         "module": module,
         "runs": reports,

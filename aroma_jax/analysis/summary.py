@@ -22,11 +22,12 @@ from aroma_jax.analysis import spectra, timeseries
 from aroma_jax.analysis.runs import ModuleFactors, Run, locate
 
 
-def module_report(m: ModuleFactors) -> dict:
-    """Location and spectrum numbers of one module's update."""
+def module_report(m: ModuleFactors, svd: spectra.UpdateSVD | None = None) -> dict:
+    """Location and spectrum numbers of one module's update (``svd``: its `update_svd`, when
+    the caller already has it)."""
     fan_in, fan_out, k = m.a.shape[0], m.b.shape[1], m.a.shape[1]
     loc = locate(m.path)
-    sigma = spectra.singular_values(m.a, m.b, m.scale)
+    sigma = (svd or spectra.update_svd(m.a, m.b, m.scale)).s
     return {
         "layer": loc.layer,
         "stack": loc.stack,
@@ -93,9 +94,8 @@ def run_timeseries(run: Run) -> dict | None:
     }
 
 
-def analyze_run(run: Run) -> dict:
-    """Every per-run number: metadata, per-module spectra, totals and time series."""
-    modules = {m.path: module_report(m) for m in run.iter_factors()}
+def run_info(run: Run, modules: dict[str, dict]) -> dict:
+    """A run's metadata, its per-module reports, totals and time series, as one dict."""
     s = run.summary
     return {
         "name": run.name,
@@ -115,27 +115,36 @@ def analyze_run(run: Run) -> dict:
     }
 
 
-def _basis(m: ModuleFactors, side: str) -> np.ndarray:
-    """Orthonormal top singular directions of a module's update, its numerical rank of them."""
-    svd = spectra.update_svd(m.a, m.b, m.scale)
-    n = spectra.numerical_rank(svd.s, (m.a.shape[0], m.b.shape[1]))
+def analyze_run(run: Run) -> dict:
+    """Every per-run number: metadata, per-module spectra, totals and time series."""
+    return run_info(run, {m.path: module_report(m) for m in run.iter_factors()})
+
+
+def _basis(svd: spectra.UpdateSVD, shape: tuple[int, int], side: str) -> np.ndarray:
+    """The top singular directions of an update, as many as its numerical rank."""
+    n = spectra.numerical_rank(svd.s, shape)
     return svd.u[:, :n] if side == "input" else svd.vt[:n].T
 
 
-def compare_modules(m1: ModuleFactors, m2: ModuleFactors, grid: bool = False) -> dict:
-    """Subspace similarity of two updates of the same module (LoRA paper, section 7).
+def compare_svds(
+    s1: spectra.UpdateSVD, s2: spectra.UpdateSVD, ranks: tuple[int, int], grid: bool = False
+) -> dict:
+    """Subspace similarity of two updates of one module (LoRA paper, section 7).
 
     Over the top ``k = min(k1, k2)`` directions (each capped at its numerical rank):
     ``similarity`` is ``phi(k, k)`` on the input side, ``similarity_output`` on the output side,
     ``similarity_top1`` is ``phi(1, 1)``, and ``angles_deg`` the principal angles between the
     input-side subspaces. ``grid`` adds the whole input-side ``phi(i, j)`` table.
     """
-    if (m1.a.shape[0], m1.b.shape[1]) != (m2.a.shape[0], m2.b.shape[1]):
-        raise ValueError(f"module {m1.path!r} has different shapes in the two runs")
-    u1, u2 = _basis(m1, "input"), _basis(m2, "input")
-    v1, v2 = _basis(m1, "output"), _basis(m2, "output")
+    shape = (s1.u.shape[0], s1.vt.shape[1])
+    if shape != (s2.u.shape[0], s2.vt.shape[1]):
+        raise ValueError(
+            f"updates of different shapes: {shape} and {s2.u.shape[0], s2.vt.shape[1]}"
+        )
+    u1, u2 = _basis(s1, shape, "input"), _basis(s2, shape, "input")
+    v1, v2 = _basis(s1, shape, "output"), _basis(s2, shape, "output")
     k = min(u1.shape[1], u2.shape[1])
-    out: dict[str, Any] = {"k": k, "ranks": [m1.a.shape[1], m2.a.shape[1]]}
+    out: dict[str, Any] = {"k": k, "ranks": list(ranks)}
     if k == 0:
         out.update(similarity=None, similarity_output=None, similarity_top1=None, angles_deg=[])
     else:
@@ -150,6 +159,15 @@ def compare_modules(m1: ModuleFactors, m2: ModuleFactors, grid: bool = False) ->
     return out
 
 
+def compare_modules(m1: ModuleFactors, m2: ModuleFactors, grid: bool = False) -> dict:
+    """`compare_svds` of two runs' factors of the same module."""
+    if (m1.a.shape[0], m1.b.shape[1]) != (m2.a.shape[0], m2.b.shape[1]):
+        raise ValueError(f"module {m1.path!r} has different shapes in the two runs")
+    s1 = spectra.update_svd(m1.a, m1.b, m1.scale)
+    s2 = spectra.update_svd(m2.a, m2.b, m2.scale)
+    return compare_svds(s1, s2, (m1.a.shape[1], m2.a.shape[1]), grid)
+
+
 def common_paths(runs: Sequence[Run]) -> list[str]:
     paths = set(runs[0].paths)
     for r in runs[1:]:
@@ -157,16 +175,45 @@ def common_paths(runs: Sequence[Run]) -> list[str]:
     return sorted(paths)
 
 
+def _comparison(names: Sequence[str], modules: dict[str, dict]) -> dict:
+    sims = [m["similarity"] for m in modules.values() if m["similarity"] is not None]
+    return {"runs": list(names), "modules": modules, "mean_similarity": _mean(sims)}
+
+
 def compare_runs(a: Run, b: Run, grid_module: str | None = None) -> dict:
     """`compare_modules` for every module the two runs share (two modules in memory at a time)."""
-    paths = common_paths([a, b])
-    modules = {p: compare_modules(a.factors(p), b.factors(p), grid=p == grid_module) for p in paths}
-    sims = [m["similarity"] for m in modules.values() if m["similarity"] is not None]
-    return {
-        "runs": [a.name, b.name],
-        "modules": modules,
-        "mean_similarity": _mean(sims),
+    modules = {
+        p: compare_modules(a.factors(p), b.factors(p), grid=p == grid_module)
+        for p in common_paths([a, b])
     }
+    return _comparison([a.name, b.name], modules)
+
+
+def analyze_runs(runs: Sequence[Run], grid_module: str | None = None) -> tuple[list, list]:
+    """`analyze_run` of every run and `compare_runs` of every pair ``i < j`` in one pass.
+
+    Module by module: each run's factors of that module are loaded and decomposed once, used
+    for its report and for every pair, then dropped, so memory holds one module per run.
+    """
+    modules: list[dict[str, dict]] = [{} for _ in runs]
+    pairs = [(i, j) for i in range(len(runs)) for j in range(i + 1, len(runs))]
+    compared: list[dict[str, dict]] = [{} for _ in pairs]
+    for p in sorted(set().union(*(r.paths for r in runs))):
+        here = [i for i, r in enumerate(runs) if p in r.shapes]
+        facs = {i: runs[i].factors(p) for i in here}
+        svds = {i: spectra.update_svd(f.a, f.b, f.scale) for i, f in facs.items()}
+        for i in here:
+            modules[i][p] = module_report(facs[i], svds[i])
+        for n, (i, j) in enumerate(pairs):
+            if i in svds and j in svds:
+                ranks = (facs[i].a.shape[1], facs[j].a.shape[1])
+                compared[n][p] = compare_svds(svds[i], svds[j], ranks, grid=p == grid_module)
+    reports = [run_info(r, m) for r, m in zip(runs, modules, strict=True)]
+    comparisons = [
+        _comparison([runs[i].name, runs[j].name], c)
+        for (i, j), c in zip(pairs, compared, strict=True)
+    ]
+    return reports, comparisons
 
 
 def pick_module(runs: Sequence[Run]) -> str:
@@ -225,13 +272,16 @@ def clean(x: Any) -> Any:
 
 __all__ = [
     "analyze_run",
+    "analyze_runs",
     "clean",
     "common_paths",
     "compare_modules",
+    "compare_svds",
     "compare_runs",
     "cosine_study",
     "module_report",
     "pick_module",
+    "run_info",
     "run_timeseries",
     "totals",
 ]
