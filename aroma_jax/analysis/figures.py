@@ -147,7 +147,19 @@ def _panels(n: int, size: float = 4.0):
     return fig, list(axes.flat[:n])
 
 
+def _empty(ax, arr: np.ndarray) -> bool:
+    """A module of rank 0 in a run has no components: say so instead of an empty image."""
+    if arr.size:
+        return False
+    ax.text(0.5, 0.5, "rank 0: no components", ha="center", va="center", fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return True
+
+
 def _heat(ax, m: np.ndarray, vmin: float, vmax: float, cmap: str):
+    if _empty(ax, m):
+        return None
     im = ax.imshow(m, vmin=vmin, vmax=vmax, cmap=cmap, interpolation="nearest")
     if m.size and max(m.shape) <= 12:
         for (i, j), v in np.ndenumerate(m):
@@ -167,8 +179,9 @@ def plot_cosines(study: Mapping, path: str | Path) -> Path:
     im = None
     for ax, (rows, cols, m) in zip(axes, panels, strict=True):
         arr = np.asarray(m, float).reshape(len(m), -1) if len(m) else np.zeros((0, 0))
-        im = _heat(ax, arr, -1.0, 1.0, "RdBu_r")
-        _component_ticks(ax, arr.shape)
+        im = _heat(ax, arr, -1.0, 1.0, "RdBu_r") or im
+        if arr.size:
+            _component_ticks(ax, arr.shape)
         ax.set_ylabel(f"component of {rows} (merge order)", fontsize=8)
         ax.set_xlabel(f"component of {cols} (merge order)", fontsize=8)
     fig.suptitle(f"cosine similarity of rank-one components\n{study['module']}", fontsize=9)
@@ -194,8 +207,9 @@ def plot_subspace(comparisons: Sequence[Mapping], module: str, path: str | Path)
     for ax, c in zip(axes, panels, strict=False):
         g = c["modules"][module]["grid"]
         arr = np.asarray(g, float).reshape(len(g), -1) if len(g) else np.zeros((0, 0))
-        im = ax.imshow(arr, vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
-        _component_ticks(ax, arr.shape)
+        im = _heat(ax, arr, 0.0, 1.0, "viridis") or im
+        if arr.size:
+            _component_ticks(ax, arr.shape)
         ax.set_ylabel(f"i: top directions of {c['runs'][0]}", fontsize=8)
         ax.set_xlabel(f"j: top directions of {c['runs'][1]}", fontsize=8)
     if not panels:

@@ -182,3 +182,29 @@ def test_from_live_state_matches_dense_update():
     rep = summary.analyze_run(run)
     assert rep["timeseries"]["steps"] == list(range(1, 13))
     assert [e["step"] for e in rep["timeseries"]["inner_loop_ends"]] == [5, 10]
+
+
+@pytest.mark.filterwarnings("error")
+def test_report_with_a_rank_zero_module(tmp_path):
+    from aroma_jax.analysis import report
+
+    r1 = write_run(tmp_path / "a", "aroma", 1, random_comps([3, 0, 2], 0))
+    r2 = write_run(tmp_path / "b", "aroma", 1, random_comps([1, 0, 2], 1))
+    zero = "bert/encoder/layer/0/intermediate/dense"
+    res = report.analyze([r1, r2], tmp_path / "out", module=zero)
+    assert res["files"] == [
+        "analysis.json",
+        "cosine.png",
+        "rank_map.png",
+        "report.md",
+        "subspace.png",
+    ]
+    assert res["cosine"]["pairs"][0]["matrix"] == [] and res["module"] == zero
+    sub = res["subspace"][0]["modules"]
+    assert sub[zero]["similarity"] is None and sub[zero]["grid"] == []
+    data = json.loads((tmp_path / "out/analysis.json").read_text())
+    assert data["runs"][0]["modules"][zero]["effective_rank_ratio"] is None  # NaN -> null
+    # default module: the most components where it has fewest (layer 1 value: 2 in both)
+    assert report.build([open_run(r1), open_run(r2)])["module"].endswith(
+        "layer/1/attention/self/value"
+    )

@@ -46,7 +46,13 @@ def runs(fake_assets, tmp_path_factory):
     lora = root / "seed0" / "lora"
     (lora / "final").mkdir(parents=True)
     save_file(tensors, str(lora / "final/adapters.safetensors"))
-    lmeta = {**meta, "method": "lora", "r": 2, "scale": 8.0, "ranks": dict.fromkeys(meta["paths"], 2)}
+    lmeta = {
+        **meta,
+        "method": "lora",
+        "r": 2,
+        "scale": 8.0,
+        "ranks": dict.fromkeys(meta["paths"], 2),
+    }
     (lora / "final/meta.json").write_text(json.dumps(lmeta))
     steps = [{"step": s, "loss": 0.7, "lr": 1e-3, "total_rank": 0} for s in range(1, 9)]
     hist = {"modules": meta["paths"], "inner_checks": [], "outer_steps": [], "steps": steps}
