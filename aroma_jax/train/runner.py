@@ -16,6 +16,7 @@ uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -238,6 +239,7 @@ def train(
         log.write({"step": 0, "split": "validation", **initial_metrics})
     if bool(jax.device_get(state.ctrl.finished)):
         stopped, step = "all_modules_done", max(step, int(jax.device_get(state.ctrl.step)))
+    clock = _StepClock()
     with _Interrupt() as interrupt:
         while step < total_steps and stopped != "all_modules_done":
             batch = batch_at(pipe.train_arrays, tcfg["batch_size"], seed, step)
@@ -249,11 +251,15 @@ def train(
             finished = False
             if len(pending) >= tcfg["log_every"] or step == total_steps:
                 finished = sync()
+            if len(pending) == 0 and clock.start is None:  # first sync: compiled and warm
+                clock.begin(step)
             if step % tcfg["save_every"] == 0:
                 sync()
-                ckpt.save(step, state, meta(step))
+                with clock.paused():
+                    ckpt.save(step, state, meta(step))
             if step % tcfg["eval_every"] == 0 and not finished:
-                last_eval = _evaluate(pipe, trainer, state, "validation", cfg)
+                with clock.paused():
+                    last_eval = _evaluate(pipe, trainer, state, "validation", cfg)
                 log.write({"step": step, "split": "validation", **last_eval})
             if interrupt.hit or step == interrupt_at:
                 sync()
@@ -262,9 +268,11 @@ def train(
                 break
             if finished:
                 done = jax.device_get(state.adapters.done)
-                stopped = "all_modules_done" if all(map(bool, done.values())) else "max_steps"
+                all_done = all(map(bool, done.values())) and aroma.method != "head"
+                stopped = "all_modules_done" if all_done else "max_steps"
                 break
         sync()
+    step_ms = clock.ms_per_step(step)  # before the final checkpoint, merge and test eval
     if bar is not None:
         bar.close()
     if stopped == "interrupted":
@@ -313,6 +321,7 @@ def train(
         "rank_capacity": aroma.slots,
         "capacity_full": history.full_modules(),
         "steps": step,
+        "step_ms": step_ms,
         "wall_s": round(time.perf_counter() - t0, 2),
         "compiles": trainer.compiles,
         "plots": [str(plots_dir / "rank_growth.png"), str(plots_dir / "rank_map.png")],
@@ -333,6 +342,33 @@ def _save_adapters(out: Path, trainer: AromaTrainer, state: TrainState) -> None:
     from aroma_jax.train.artifacts import save_final
 
     save_final(out / "final", trainer, state)
+
+
+class _StepClock:
+    """Milliseconds per train step after the first synced window (so the compile is excluded),
+    with evaluations and checkpoint writes paused out."""
+
+    def __init__(self):
+        self.start: float | None = None
+        self.first_step = 0
+        self.paused_s = 0.0
+
+    def begin(self, step: int) -> None:
+        self.start, self.first_step = time.perf_counter(), step
+
+    @contextlib.contextmanager
+    def paused(self):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - t
+
+    def ms_per_step(self, step: int) -> float | None:
+        if self.start is None or step <= self.first_step:
+            return None
+        busy = time.perf_counter() - self.start - self.paused_s
+        return round(1000.0 * busy / (step - self.first_step), 2)
 
 
 def _history_dict(history: History) -> dict:

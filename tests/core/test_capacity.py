@@ -72,3 +72,11 @@ def test_a_binding_capacity_stops_growth_not_training_and_is_recorded():
     # finalize merged the trained pairs into the last slot; m0 has no signal (its planted rank
     # is 0), so its pair stayed zero and there was nothing to merge.
     assert trainer.ranks(final) == {"m0": 3, "m1": 4, "m3": 4}
+
+
+def test_head_only_method_trains_no_adapter_and_runs_to_max_steps():
+    cfg = toy_config(method="head", max_steps=30)
+    trainer, state, history = run(cfg, 30)
+    assert int(state.ctrl.step) == 30 and history.outer_step_numbers() == []
+    assert all(float(jnp.abs(p.b).max()) == 0.0 for p in state.adapters.pairs.values())
+    assert set(trainer.ranks(trainer.finalize(state)).values()) == {0}

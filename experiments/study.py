@@ -1,0 +1,440 @@
+"""A multi-seed study: a grid of task x method x seed, each cell an ordinary training run.
+
+    python experiments/study.py experiments/study/claims.yaml --out runs/study [--jobs 2]
+    python experiments/study.py experiments/study/claims.yaml --out runs/study --report-only
+
+The grid file names a base run config, the tasks (each with its overrides and the metric that
+scores it), the methods (overrides on top) and the seeds. Every cell is a run directory
+``OUT/<task>/<method>/seed<k>/`` written by `aroma_jax.train.runner.train`, exactly what
+``aroma-jax train --config BASE --set ... --output DIR`` writes; ``train.seed`` sets the data
+split, the data order and the adapter initialisation, so two methods with the same seed see the
+same data in the same order (the comparisons below are paired).
+
+The grid is resumable: a finished cell (``summary.json`` with ``status: finished``) is skipped,
+an interrupted one resumes from its checkpoint. A progress bar covers the grid. ``--jobs N``
+runs N cells in parallel processes.
+
+The report (``OUT/report.md``, ``OUT/results.csv``, ``OUT/plots/``):
+
+* ``results.csv``: one row per cell: test and validation metrics, ranks, trained and final
+  adapter parameters, the average trained parameters over training (the paper's figure 1a),
+  outer steps, how the inner loops ended (eq. 5 or the T_in cap), capacity, step time, wall time;
+* mean +- std over seeds with n, per task and method;
+* paired comparisons (same seeds): the mean difference, its 95% t interval and the paired
+  t-test's p-value (``scipy.stats.ttest_rel``), plus the Wilcoxon signed-rank p where n >= 6;
+* plots: score against average trained parameters; total rank against step per method.
+
+Settings are chosen on validation only (the grid file says how each was chosen); the test score
+of every cell is computed once, at the end of its run, and reported as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import csv
+import json
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------------ grid
+def load_grid(path: Path) -> dict[str, Any]:
+    """Reads and checks a grid file (see ``experiments/study/claims.yaml``)."""
+    grid = yaml.safe_load(Path(path).read_text())
+    for key in ("base", "tasks", "methods", "seeds"):
+        if key not in grid:
+            raise SystemExit(
+                f"grid {str(path)!r} has no {key!r}: it needs base, tasks, methods, seeds"
+            )
+    base = Path(grid["base"])
+    grid["base"] = base if base.is_absolute() else (ROOT / base)
+    grid.setdefault("overrides", [])
+    grid.setdefault("compare", [])
+    for name, task in grid["tasks"].items():
+        if "metric" not in task:
+            raise SystemExit(f"task {name!r} in {str(path)!r} names no metric")
+        task.setdefault("overrides", [])
+    return grid
+
+
+def cells(grid: Mapping[str, Any], tasks=None, methods=None, seeds=None) -> list[dict]:
+    """Every (task, method, seed) cell with its full override list."""
+    out = []
+    for task, tcfg in grid["tasks"].items():
+        if tasks and task not in tasks:
+            continue
+        for method, overrides in grid["methods"].items():
+            if methods and method not in methods:
+                continue
+            if method in tcfg.get("skip", ()):
+                continue
+            for seed in seeds or grid["seeds"]:
+                sets = [
+                    *grid["overrides"],
+                    *tcfg["overrides"],
+                    *(overrides or ()),
+                    f"train.seed={seed}",
+                    "train.progress=false",
+                ]
+                out.append({"task": task, "method": method, "seed": int(seed), "sets": sets})
+    return out
+
+
+def cell_dir(out: Path, cell: Mapping[str, Any]) -> Path:
+    return out / cell["task"] / cell["method"] / f"seed{cell['seed']}"
+
+
+def status(run: Path) -> str:
+    try:
+        return json.loads((run / "summary.json").read_text()).get("status", "unknown")
+    except (OSError, ValueError):
+        return "missing" if not run.exists() else "partial"
+
+
+def run_cell(base: str, sets: Sequence[str], run: str) -> str:
+    """Trains one cell (in this process); resumes a partial run directory."""
+    from aroma_jax.train import run_config, runner
+
+    run_path = Path(run)
+    cfg = run_config.load(base, list(sets))
+    resume = run_path.exists() and (run_path / "checkpoints").exists()
+    summary = runner.train(cfg, run_path, resume=resume)
+    return summary.get("status", "unknown")
+
+
+def run_grid(grid: Mapping[str, Any], todo: list[dict], out: Path, jobs: int) -> None:
+    from tqdm.auto import tqdm
+
+    pending = [c for c in todo if status(cell_dir(out, c)) != "finished"]
+    bar = tqdm(total=len(todo), initial=len(todo) - len(pending), desc="study", unit="run")
+    args = [(str(grid["base"]), c["sets"], str(cell_dir(out, c))) for c in pending]
+    if jobs <= 1:
+        for c, a in zip(pending, args, strict=True):
+            bar.set_postfix_str(f"{c['task']}/{c['method']}/seed{c['seed']}")
+            run_cell(*a)
+            bar.update(1)
+    else:
+        ctx = __import__("multiprocessing").get_context("spawn")
+        with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            running = {pool.submit(run_cell, *a): c for c, a in zip(pending, args, strict=True)}
+            for fut in futures.as_completed(running):
+                fut.result()
+                bar.update(1)
+    bar.close()
+
+
+# --------------------------------------------------------------------------------- results
+def _average_trained(summary: Mapping, history: Mapping, meta: Mapping | None) -> float | None:
+    """Mean trained adapter parameters per step (figure 1a): a module's pair costs
+    ``r * (in + out)`` until the outer step that marks it done."""
+    if not meta:
+        return None
+    r = int(meta.get("r", 1))
+    sizes = {}
+    for p, shape in meta.get("kernel_shapes", {}).items():
+        sizes[p] = r * (int(np.prod(shape[:-1])) + int(shape[-1]))
+    steps = int(summary.get("steps", 0))
+    if not steps:
+        return None
+    done_at = {
+        o["module"]: o["step"] for o in history.get("outer_steps", []) if o["action"] == "done"
+    }
+    total = sum(n * min(done_at.get(p, steps), steps) for p, n in sizes.items())
+    return total / steps
+
+
+def collect(out: Path, todo: list[dict], tasks: Mapping[str, Any]) -> list[dict]:
+    """One flat row per finished cell."""
+    rows = []
+    for c in todo:
+        run = cell_dir(out, c)
+        if status(run) != "finished":
+            continue
+        s = json.loads((run / "summary.json").read_text())
+        hist = json.loads((run / "history.json").read_text())
+        meta_path = run / "final" / "meta.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
+        metric = tasks[c["task"]]["metric"]
+        ranks = list(s.get("ranks", {}).values())
+        loops = s.get("inner_loops", {})
+        row = {
+            "task": c["task"],
+            "method": c["method"],
+            "seed": c["seed"],
+            "metric": metric,
+            "test": s["metrics"].get(metric),
+            "validation": (s.get("validation_metrics") or {}).get(metric),
+            "total_rank": s.get("total_rank"),
+            "mean_rank": float(np.mean(ranks)) if ranks else None,
+            "min_rank": min(ranks) if ranks else None,
+            "max_rank": max(ranks) if ranks else None,
+            "distinct_ranks": len(set(ranks)),
+            "modules_stopped_by_eq6": sum(
+                1 for o in hist.get("outer_steps", []) if o["action"] == "done"
+            ),
+            "adapter_params": s.get("adapter_params"),
+            "avg_trained_params": _average_trained(s, hist, meta),
+            "final_adapter_params": s.get("final_adapter_params"),
+            "head_params": s.get("head_params"),
+            "outer_steps": s.get("outer_steps"),
+            "outer_by_eq5": loops.get("outer_by_eq5"),
+            "outer_by_cap": loops.get("outer_by_cap"),
+            "module_loops_converged": loops.get("module_loops_converged"),
+            "module_loops_capped": loops.get("module_loops_capped"),
+            "capacity_full": len(s.get("capacity_full", [])),
+            "steps": s.get("steps"),
+            "step_ms": s.get("step_ms"),
+            "wall_s": s.get("wall_s"),
+        }
+        for k, v in s["metrics"].items():
+            row[f"test_{k}"] = v
+        rows.append(row)
+    return rows
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], float)
+    if not len(v):
+        return float("nan"), float("nan"), 0
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
+
+
+def paired(rows: list[dict], task: str, a: str, b: str, key: str = "test") -> dict | None:
+    """Paired comparison of method ``a`` against ``b`` on the seeds both finished."""
+    from scipy import stats
+
+    va = {r["seed"]: r[key] for r in rows if r["task"] == task and r["method"] == a}
+    vb = {r["seed"]: r[key] for r in rows if r["task"] == task and r["method"] == b}
+    seeds = sorted(set(va) & set(vb))
+    if len(seeds) < 2:
+        return None
+    d = np.array([va[s] - vb[s] for s in seeds], float)
+    n = len(d)
+    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    half = float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)) if sd > 0 else 0.0
+    p = (
+        float(stats.ttest_rel([va[s] for s in seeds], [vb[s] for s in seeds]).pvalue)
+        if sd > 0
+        else (0.0 if mean != 0 else 1.0)
+    )
+    wil = None
+    if n >= 6 and np.any(d != 0):
+        wil = float(stats.wilcoxon(d).pvalue)
+    return {
+        "task": task,
+        "a": a,
+        "b": b,
+        "n": n,
+        "diff": mean,
+        "ci_low": mean - half,
+        "ci_high": mean + half,
+        "p_ttest": p,
+        "p_wilcoxon": wil,
+        "wins": int(np.sum(d > 0)),
+        "losses": int(np.sum(d < 0)),
+    }
+
+
+def _fmt(m: float, s: float, n: int, digits: int = 3) -> str:
+    if n == 0 or not math.isfinite(m):
+        return "-"
+    return f"{m:.{digits}f} ± {s:.{digits}f} (n={n})"
+
+
+def _fmt_num(x: Any) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    if isinstance(x, float):
+        return f"{x:,.1f}"
+    return f"{x:,}"
+
+
+def summary_table(rows: list[dict], grid: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for task, tcfg in grid["tasks"].items():
+        trs = [r for r in rows if r["task"] == task]
+        if not trs:
+            continue
+        metric = tcfg["metric"]
+        lines += [f"### {task} ({metric}; mean ± std over seeds)", ""]
+        lines.append(
+            "| method | test | validation | avg trained params | final adapter params | "
+            "mean rank (min-max) | outer steps | inner loops ended by eq. 5 / cap | ms/step |"
+        )
+        lines.append("|---|---|---|---:|---:|---|---:|---:|---:|")
+        for method in grid["methods"]:
+            mrs = [r for r in trs if r["method"] == method]
+            if not mrs:
+                continue
+            test, val = mean_std([r["test"] for r in mrs]), mean_std([r["validation"] for r in mrs])
+            avg = mean_std([r["avg_trained_params"] for r in mrs])
+            fin = mean_std([r["final_adapter_params"] for r in mrs])
+            rank = mean_std([r["mean_rank"] for r in mrs])
+            lo = min(r["min_rank"] for r in mrs if r["min_rank"] is not None)
+            hi = max(r["max_rank"] for r in mrs if r["max_rank"] is not None)
+            outer = mean_std([r["outer_steps"] for r in mrs])
+            eq5 = sum(r["module_loops_converged"] or 0 for r in mrs)
+            cap = sum(r["module_loops_capped"] or 0 for r in mrs)
+            ms = mean_std([r["step_ms"] for r in mrs])
+            lines.append(
+                f"| {method} | {_fmt(*test)} | {_fmt(*val)} | {_fmt_num(avg[0])} | "
+                f"{_fmt_num(fin[0])} | {rank[0]:.2f} ({lo}-{hi}) | {outer[0]:.1f} | "
+                f"{eq5} / {cap} | {ms[0]:.0f} |"
+            )
+        lines.append("")
+    return lines
+
+
+def comparison_table(comps: list[dict]) -> list[str]:
+    lines = [
+        "| task | A | B | n | mean(A - B) | 95% CI | paired t p | Wilcoxon p | A wins / losses |",
+        "|---|---|---|---:|---:|---|---:|---:|---|",
+    ]
+    for c in comps:
+        wil = "-" if c["p_wilcoxon"] is None else f"{c['p_wilcoxon']:.3f}"
+        lines.append(
+            f"| {c['task']} | {c['a']} | {c['b']} | {c['n']} | {c['diff']:+.4f} | "
+            f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] | {c['p_ttest']:.3f} | {wil} | "
+            f"{c['wins']} / {c['losses']} |"
+        )
+    return lines
+
+
+def plot(rows: list[dict], grid: Mapping[str, Any], out: Path, todo: list[dict]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for task, tcfg in grid["tasks"].items():
+        trs = [r for r in rows if r["task"] == task]
+        if not trs:
+            continue
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+        for method in grid["methods"]:
+            mrs = [r for r in trs if r["method"] == method and r["avg_trained_params"]]
+            if not mrs:
+                continue
+            x = np.mean([r["avg_trained_params"] for r in mrs])
+            m, s, _ = mean_std([r["test"] for r in mrs])
+            ax1.errorbar([max(x, 1.0)], [m], yerr=[s], fmt="o", capsize=3, label=method)
+            curves = []
+            for c in todo:
+                if c["task"] != task or c["method"] != method:
+                    continue
+                hist_path = cell_dir(Path(grid["_out"]), c) / "history.json"
+                if hist_path.exists():
+                    steps = json.loads(hist_path.read_text()).get("steps", [])
+                    curves.append(([s["step"] for s in steps], [s["total_rank"] for s in steps]))
+            if curves:
+                n = min(len(c[0]) for c in curves)
+                ax2.plot(
+                    curves[0][0][:n], np.mean([c[1][:n] for c in curves], axis=0), label=method
+                )
+        ax1.set_xscale("log")
+        ax1.set_xlabel("average trained adapter parameters (figure 1a)")
+        ax1.set_ylabel(f"test {tcfg['metric']} (mean ± std)")
+        ax1.set_title(f"{task}: score against trained parameters")
+        ax1.legend(fontsize=7)
+        ax2.set_xlabel("step")
+        ax2.set_ylabel("total merged rank (mean over seeds)")
+        ax2.set_title(f"{task}: rank growth")
+        ax2.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"{task}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def report(grid: Mapping[str, Any], todo: list[dict], out: Path) -> dict[str, Any]:
+    """Writes results.csv, comparisons.json, report.md and the plots; returns what it wrote."""
+    rows = collect(out, todo, grid["tasks"])
+    if rows:
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        with (out / "results.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+    comps = []
+    for task in grid["tasks"]:
+        for a, b in grid["compare"]:
+            c = paired(rows, task, a, b)
+            if c:
+                comps.append(c)
+    (out / "comparisons.json").write_text(json.dumps(comps, indent=1))
+    grid = {**grid, "_out": str(out)}
+    figs = plot(rows, grid, out / "plots", todo)
+    lines = [
+        "# Study report",
+        "",
+        f"Grid: `{grid.get('_file', '')}`; {len(rows)} of {len(todo)} runs finished. "
+        "Test scores are reported once; settings were not chosen on them.",
+        "",
+        *summary_table(rows, grid),
+        "## Paired comparisons (same seeds, same data order)",
+        "",
+        *comparison_table(comps),
+        "",
+        *[f"![{p.stem}](plots/{p.name})" for p in figs],
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(lines))
+    return {"rows": rows, "comparisons": comps, "figures": figs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description="Run a task x method x seed grid of training runs (resumable) and report "
+        "mean ± std, paired comparisons and plots.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    p.add_argument(
+        "grid", type=Path, help="grid YAML (base config, tasks, methods, seeds, compare)"
+    )
+    p.add_argument("--out", type=Path, required=True, help="study directory (created)")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="cells run in parallel processes (default 1)"
+    )
+    p.add_argument("--tasks", help="comma-separated subset of the grid's tasks")
+    p.add_argument("--methods", help="comma-separated subset of the grid's methods")
+    p.add_argument("--seeds", help="comma-separated seeds instead of the grid's")
+    p.add_argument("--report-only", action="store_true", help="only (re)write the report")
+    args = p.parse_args(argv)
+    grid = load_grid(args.grid)
+    grid["_file"] = str(args.grid)
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
+    unknown = [t for t in split(args.tasks) or [] if t not in grid["tasks"]]
+    unknown += [m for m in split(args.methods) or [] if m not in grid["methods"]]
+    if unknown:
+        p.error(
+            f"unknown task/method {unknown}: the grid has tasks {list(grid['tasks'])} and "
+            f"methods {list(grid['methods'])}"
+        )
+    seeds = [int(s) for s in split(args.seeds)] if args.seeds else None
+    todo = cells(grid, split(args.tasks), split(args.methods), seeds)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        run_grid(grid, todo, args.out, args.jobs)
+    res = report(grid, todo, args.out)
+    print((args.out / "report.md").read_text())
+    return 0 if res["rows"] else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    sys.exit(main())
