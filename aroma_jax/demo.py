@@ -45,6 +45,16 @@ def table(summaries: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _quiet_transformers() -> None:
+    """Silence what the main job's user need not read: transformers' Flax deprecation banner
+    and its expected weight-loading notes (MiniLM has no classifier, which the run trains from a
+    fresh init, and an unused ``position_ids`` buffer). Warnings from our code, JAX and Python's
+    ``warnings`` are untouched, and the run prints its own account of the head."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
 def main(
     output: Path = Path("runs/demo"), overrides: Sequence[str] = (), progress: bool = True
 ) -> int:
@@ -53,6 +63,7 @@ def main(
     from aroma_jax.train import run_config, runner
 
     offline.fetch(["minilm", "rotten_tomatoes"], prepare=ASSET_PREPARE)
+    _quiet_transformers()
     summaries = {}
     for name, cfg_file in RUNS:
         extra = list(overrides) + ([] if progress else ["train.progress=false"])
