@@ -375,7 +375,7 @@ def format_plan(specs: Sequence[RunSpec], tiny: bool) -> str:
         )
         rows.append(
             [spec.preset, p.task, p.model, p.method, str(p.steps), str(p.modules), trainable]
-            + [str(p.max_rank), paper_plan.human(p.slot_bytes) + "B"]
+            + [str(p.max_rank), paper_plan.human_bytes(p.slot_bytes)]
         )
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()

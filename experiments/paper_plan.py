@@ -237,3 +237,11 @@ def human(n: float) -> str:
     if n >= 1e3:
         return f"{n / 1e3:.1f}K"
     return str(int(n))
+
+
+def human_bytes(n: float) -> str:
+    """Bytes in decimal units (GB = 1e9 bytes)."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
