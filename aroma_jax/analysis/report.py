@@ -30,10 +30,11 @@ def build(runs: Sequence[Run], module: str | None = None) -> dict:
     """Every number of the report for ``runs`` (the content of ``analysis.json``)."""
     if not runs:
         raise ValueError("no runs to analyse: give at least one run directory")
+    shared = summary.common_paths(runs)
     if module is None:
-        module = summary.pick_module(runs)
-    elif module not in summary.common_paths(runs):
-        shared = summary.common_paths(runs)
+        # runs of different models share no module: their per-module figures are left out
+        module = summary.pick_module(runs) if shared else None
+    elif module not in shared:
         raise ValueError(
             f"--module {module!r} is not adapted in every run; modules all runs share: "
             + (", ".join(shared) if shared else "none")
@@ -43,7 +44,7 @@ def build(runs: Sequence[Run], module: str | None = None) -> dict:
         "module": module,
         "runs": reports,
         "subspace": comparisons,
-        "cosine": summary.cosine_study(runs, module),
+        "cosine": summary.cosine_study(runs, module) if module else None,
     }
 
 
@@ -72,9 +73,10 @@ def write(analysis: dict, out: str | Path) -> dict:
     if any(r["timeseries"] for r in analysis["runs"]):
         figures.plot_curves(analysis["runs"], out / FIGURES["curves"])
         drawn.append("curves")
-    figures.plot_cosines(analysis["cosine"], out / FIGURES["cosine"])
-    drawn.append("cosine")
-    if analysis["subspace"]:
+    if analysis["module"]:
+        figures.plot_cosines(analysis["cosine"], out / FIGURES["cosine"])
+        drawn.append("cosine")
+    if analysis["subspace"] and analysis["module"]:
         figures.plot_subspace(analysis["subspace"], analysis["module"], out / FIGURES["subspace"])
         drawn.append("subspace")
     (out / "analysis.json").write_text(json.dumps(summary.clean(analysis), indent=1))
@@ -194,13 +196,17 @@ def markdown(analysis: Mapping, drawn: Sequence[str]) -> str:
     }
     for key in drawn:
         lines += [f"**{captions[key]}**", "", f"![{key}]({FIGURES[key]})", ""]
-    lines += ["## Appendix E: component cosines", "", f"Module `{analysis['module']}`.", ""]
-    pairs = analysis["cosine"]["pairs"]
+    lines += ["## Appendix E: component cosines", ""]
+    pairs = analysis["cosine"]["pairs"] if analysis["cosine"] else []
+    if not analysis["module"]:
+        lines.append("The runs share no adapted module: no per-module comparison.")
+    else:
+        lines += [f"Module `{analysis['module']}`.", ""]
     if pairs:
         for p in pairs:
             diag = ", ".join(_f(x) for x in p["diagonal"])
             lines.append(f"- `{p['runs'][0]}` vs `{p['runs'][1]}`, diagonal: {diag or '-'}")
-    else:
+    elif analysis["module"]:
         lines.append("One run: the figure compares its components with each other.")
     lines += ["", "## Subspace similarity", ""]
     if analysis["subspace"]:

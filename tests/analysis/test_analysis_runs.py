@@ -208,3 +208,18 @@ def test_report_with_a_rank_zero_module(tmp_path):
     assert report.build([open_run(r1), open_run(r2)])["module"].endswith(
         "layer/1/attention/self/value"
     )
+
+
+def test_report_of_runs_that_share_no_module(tmp_path):
+    from aroma_jax.analysis import report
+
+    r1 = write_run(tmp_path / "a", "aroma", 1, random_comps([1, 2, 3], 0))
+    other = {p.replace("bert/", "roberta/"): f for p, f in random_comps([2, 2, 2], 1).items()}
+    r2 = write_run(tmp_path / "b", "lora", 2, other)
+    res = report.analyze([r1, r2], tmp_path / "out")
+    assert res["module"] is None and res["cosine"] is None
+    assert res["files"] == ["analysis.json", "rank_map.png", "report.md"]
+    assert res["subspace"][0]["modules"] == {}
+    assert "share no adapted module" in (tmp_path / "out/report.md").read_text()
+    with pytest.raises(ValueError, match="modules all runs share: none"):
+        report.analyze([r1, r2], tmp_path / "out", module=open_run(r1).paths[0])
