@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export PYTHONHASHSEED := 0
 
-.PHONY: demo test lint bench-smoke clean
+.PHONY: demo test test-v5 lint bench-smoke clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,25 @@ test: $(VENV)/.installed-test
 	$(PY) -m ruff check aroma_jax tests experiments
 	$(PY) -m pytest -q tests
 
+# A second environment with transformers 5.x (no Flax models there): the native LLaMA-family
+# tests, PyTorch parity included. `make test` covers everything on the pinned transformers 4.57.
+VENV5 := .venv-v5
+PY5 := $(VENV5)/bin/python
+NATIVE_TESTS := tests/models/test_native_parity.py tests/models/test_native_partitioning.py
+
+$(VENV5)/.installed: requirements-v5.txt pyproject.toml
+	test -x $(PY5) || $(PYTHON) -m venv $(VENV5)
+	$(PY5) -m pip install -q --upgrade pip
+	$(PY5) -m pip install -q -r requirements-v5.txt
+	$(PY5) -m pip install -q --no-deps -e .
+	touch $@
+
+test-v5: $(VENV5)/.installed
+	$(PY5) -c "import transformers; print('transformers', transformers.__version__)"
+	$(PY5) -m pytest -q $(NATIVE_TESTS)
+
 lint: $(VENV)/.installed-test
 	$(PY) -m ruff check aroma_jax tests experiments
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VENV5) .pytest_cache
