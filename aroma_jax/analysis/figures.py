@@ -164,12 +164,15 @@ def _heat(ax, m: np.ndarray, vmin: float, vmax: float, cmap: str):
     if m.size and max(m.shape) <= 12:
         for (i, j), v in np.ndenumerate(m):
             if np.isfinite(v):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6)
+                r, g, b, _ = im.cmap(im.norm(v))  # white text on dark cells
+                color = "w" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "k"
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color=color)
     return im
 
 
 def plot_cosines(study: Mapping, path: str | Path) -> Path:
-    """Run i's components (rows) vs run j's (columns) for each pair; one run: with itself."""
+    """Run i's components (rows) vs run j's (columns) for each pair; one run: with itself.
+    Components are numbered in storage order: merge order for AROMA, columns for LoRA."""
     if study["pairs"]:
         panels = [(p["runs"][0], p["runs"][1], p["matrix"]) for p in study["pairs"]]
     else:
@@ -182,8 +185,8 @@ def plot_cosines(study: Mapping, path: str | Path) -> Path:
         im = _heat(ax, arr, -1.0, 1.0, "RdBu_r") or im
         if arr.size:
             _component_ticks(ax, arr.shape)
-        ax.set_ylabel(f"component of {rows} (merge order)", fontsize=8)
-        ax.set_xlabel(f"component of {cols} (merge order)", fontsize=8)
+        ax.set_ylabel(f"component of {rows}", fontsize=8)
+        ax.set_xlabel(f"component of {cols}", fontsize=8)
     fig.suptitle(f"cosine similarity of rank-one components\n{study['module']}", fontsize=9)
     if im is not None:
         fig.colorbar(im, ax=axes, shrink=0.8)
