@@ -244,8 +244,18 @@ def main(argv: list[str] | None = None) -> int:
         toy.main()
         return 0
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"aroma-jax {args.command}: error: {err}", file=sys.stderr)
+        print(f"aroma-jax {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full or failing disk, a permission: the environment, not a bug
+        where = f" ({err.filename})" if err.filename else ""
+        reason = err.strerror or str(err)
+        print(f"aroma-jax {args.command}: error: {reason}{where}", file=sys.stderr)
+        return 2
+
+
+def _one_line(err: BaseException) -> str:
+    """An error message on one line (third-party messages sometimes span several)."""
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import bz2
 import csv
 import dataclasses
 import io
+import math
 import re
 import tarfile
 import unicodedata
@@ -198,20 +199,94 @@ def bbc(name: str, seed: int = 0, data_dir=None) -> Task:
     raise DataError(f"unknown BBC task {name!r}")
 
 
+BAD_ROWS = ("error", "drop")
+
+
+def _check_utf8(p: Path) -> None:
+    """Text formats must be UTF-8; the error names the line and byte (1-based line)."""
+    data = p.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(
+            f"local data file {str(p)!r} is not UTF-8: byte 0x{data[err.start]:02x} at line "
+            f"{line}; accepted UTF-8 text (re-save the file as UTF-8)"
+        ) from None
+
+
+def _row_problem(row: dict, text_fields: list[str], label_field: str) -> str | None:
+    """Why a row cannot be used (an empty text or label cell, a NaN label), or None."""
+    for field in text_fields:
+        value = row[field]
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return f"empty {field!r} cell"
+        if isinstance(value, str) and not value.strip():
+            return f"blank {field!r} cell"
+    label = row[label_field]
+    if label is None:
+        return f"empty {label_field!r} cell"
+    if isinstance(label, float) and not math.isfinite(label):
+        return f"{label_field!r} is {label}"
+    if isinstance(label, bool) or not isinstance(label, (int, float, np.integer, np.floating)):
+        return f"{label_field!r} is {label!r}, not a number"
+    return None
+
+
+def clean_rows(
+    rows: list[dict], text_fields: list[str], label_field: str, path: str, bad_rows: str
+) -> list[dict]:
+    """Rows with usable cells; a bad row (1-based row number, header not counted) is an error
+    under ``bad_rows="error"`` and left out, with a count on stderr, under ``"drop"``."""
+    if bad_rows not in BAD_ROWS:
+        raise DataError(f"invalid task.bad_rows={bad_rows!r}: accepted one of {BAD_ROWS}")
+    problems = [
+        (i + 1, why)
+        for i, r in enumerate(rows)
+        if (why := _row_problem(r, text_fields, label_field))
+    ]
+    if not problems:
+        return rows
+    listed = "; ".join(f"row {n}: {why}" for n, why in problems[:5])
+    more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+    if bad_rows == "error":
+        raise DataError(
+            f"{path!r} has {len(problems)} unusable row(s): {listed}{more}. Fix them, or set "
+            "task.bad_rows=drop to leave them out"
+        )
+    import sys
+
+    print(f"{path!r}: dropped {len(problems)} unusable row(s): {listed}{more}", file=sys.stderr)
+    dropped = {n - 1 for n, _ in problems}
+    return [r for i, r in enumerate(rows) if i not in dropped]
+
+
 def local(
     path: str,
     seed: int = 0,
     text_field: str = "text",
     label_field: str = "label",
     text_pair_field: str | None = None,
+    bad_rows: str = "error",
 ) -> Task:
+    """A task from one file; ``bad_rows`` (``error`` or ``drop``) decides what an empty text or
+    label cell, a NaN or a non-numeric label does."""
     p = Path(path)
     fmt = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(p.suffix)
     if fmt is None:
         raise DataError(f"local data {path!r}: accepted .csv, .json, .jsonl or .parquet files")
     if not p.exists():
         raise DataError(f"local data file {path!r} does not exist")
-    ds = datasets.load_dataset(fmt, data_files=str(p), split="train")
+    if fmt != "parquet":
+        _check_utf8(p)
+    try:
+        ds = datasets.load_dataset(fmt, data_files=str(p), split="train")
+    except Exception as err:  # pyarrow and datasets raise many types for malformed files
+        cause = err.__cause__ or err.__context__ or err
+        raise DataError(
+            f"cannot read local data file {path!r} as {fmt}: {type(cause).__name__}: "
+            f"{str(cause).splitlines()[0][:200] if str(cause) else ''}"
+        ) from None
     needed = [c for c in (text_field, text_pair_field, label_field) if c]
     missing = [c for c in needed if c not in ds.column_names]
     if missing:
@@ -219,20 +294,26 @@ def local(
             f"{path!r} has no column(s) {missing}; columns that exist: "
             f"{ds.column_names}. Set task.text_field / task.label_field."
         )
-    labels = ds[label_field]
+    texts = [c for c in (text_field, text_pair_field) if c]
+    rows = clean_rows([dict(r) for r in ds], texts, label_field, path, bad_rows)
+    if not rows:
+        raise DataError(f"{path!r} has no usable rows: accepted a file with text and label cells")
+    for r in rows:  # a column of numbers is text too
+        for field in texts:
+            r[field] = str(r[field])
+    labels = [r[label_field] for r in rows]
     if all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in labels):
         kind, n = "classification", int(max(labels)) + 1
         bad = [(i, x) for i, x in enumerate(labels) if x < 0]
         if bad:
             raise DataError(
-                f"{path!r}: label {bad[0][1]} in row {bad[0][0]} is out of range: "
+                f"{path!r}: label {bad[0][1]} in row {bad[0][0] + 1} is out of range: "
                 "accepted integer class ids >= 0"
             )
     else:
         kind, n = "regression", 1
     if text_pair_field and kind == "classification":
         kind = "pair_classification"
-    rows = [dict(r) for r in ds]
     parts = split_unique(rows, text_field, seed) if not text_pair_field else None
     if parts is None:
         order = np.random.default_rng(seed).permutation(len(rows))
@@ -313,8 +394,16 @@ def get_task(
 
 
 def validate(task: Task) -> None:
-    """Columns present and classification labels in range, with the offending row named."""
+    """Splits not empty, columns present and classification labels in range, with the offending
+    row named."""
     for split, ds in task.splits.items():
+        if len(ds) == 0:
+            sizes = {s: len(d) for s, d in task.splits.items()}
+            raise DataError(
+                f"task {task.name!r} split {split!r} is empty (split sizes {sizes}); the held-out "
+                "splits are 10% each of the usable, distinct rows: accepted data with at least "
+                "10 such rows"
+            )
         needed = [task.text_field]
         if task.text_pair_field:
             needed.append(task.text_pair_field)

@@ -13,7 +13,9 @@ fc1, fc2 in every attention block of encoder and decoder.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +199,88 @@ def llama_class():
 
 
 # ---------------------------------------------------------------------------- real models
+MODEL_ASSETS = ("minilm", "smollm2")
+TINY = ("tiny-bert", "tiny-roberta", "tiny-bart", "tiny-llama", "tiny-mistral", "tiny-qwen2")
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be loaded; the message says what was tried and what is accepted."""
+
+
+def hub_status(name: str) -> str:
+    """Whether the HF hub has ``name``, lacks it, or cannot be reached, as one phrase."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "not tried (HF_HUB_OFFLINE is set)"
+    try:
+        from huggingface_hub import model_info
+        from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+        model_info(name, timeout=10)
+    except HFValidationError:
+        return f"not tried: {name!r} is not a hub repo id (accepted owner/name)"
+    except RepositoryNotFoundError:
+        return f"reachable, but it has no (public) model {name!r}"
+    except Exception as err:  # requests/urllib3 raise many types when offline
+        text = str(err).lower()
+        if "resolve" in text or "name or service" in text:
+            why = "cannot resolve huggingface.co"
+        elif "timed out" in text or "timeout" in text:
+            why = "timed out"
+        else:
+            why = type(err).__name__
+        return f"unreachable ({why})"
+    return f"has {name!r}, but loading it failed"
+
+
+def _load_failure(name: str, path: str, what: str, err: BaseException) -> str:
+    detail = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err) else ''}"
+    if Path(path).exists():
+        hint = (
+            "; accepted tokenizer.json, or tokenizer_config.json with its vocabulary files "
+            "(vocab.txt, vocab.json + merges.txt or tokenizer.model)"
+            if what == "tokenizer"
+            else "; is a file missing or truncated? (re-copy or re-fetch it)"
+        )
+        return f"cannot load the {what} of model {name!r} from {str(path)!r}: {detail}{hint}"
+    return (
+        f"model {name!r} not found. Tried, in order: (1) offline asset: not one of "
+        f"{', '.join(MODEL_ASSETS)} (or a tiny random model: {', '.join(TINY)}); "
+        f"(2) local directory: {str(Path(path).absolute())!r} does not exist; "
+        f"(3) HF hub: {hub_status(name)}. Known assets: {', '.join(MODEL_ASSETS)} "
+        "(`aroma-jax assets list`)"
+    )
+
+
+@contextlib.contextmanager
+def _loading(name: str, path: str, what: str = "weights"):
+    """Turns any loader failure into a `ModelLoadError` that names what was tried.
+
+    transformers, safetensors, msgpack and the hub client raise many unrelated types for a
+    missing repo or a damaged file, so everything but our own errors is caught here.
+    """
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except Exception as err:
+        raise ModelLoadError(_load_failure(name, path, what, err)) from err
+
+
+def position_limit(loaded: Loaded) -> int | None:
+    """The longest sequence the model's position embeddings cover (None: no stated limit).
+
+    Out-of-range position ids do not fail under XLA (gathers clamp), so callers must check.
+    RoBERTa numbers positions from ``pad_token_id + 1``, which costs it that many slots.
+    """
+    cfg = getattr(loaded.model, "config", None)
+    limit = getattr(cfg, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+    if loaded.arch == "roberta":
+        limit -= (getattr(cfg, "pad_token_id", None) or 0) + 1
+    return limit
+
+
 def resolve_path(name: str) -> str:
     """Asset names become their directories; anything else is passed to ``from_pretrained``."""
     from aroma_jax.data import offline
@@ -232,10 +316,15 @@ def load_for_task(
             loaded = build_tiny(arch, task, num_labels or task.num_labels, dtype, seed)
     else:
         path = resolve_path(name)
-        if choose_impl(impl, model_type_of(path), name) == "native":
-            loaded = load_native(path, dtype, param_dtype)
+        with _loading(name, path, "config"):
+            model_type = model_type_of(path)
+        if choose_impl(impl, model_type, name) == "native":
+            with _loading(name, path):
+                model = load_native_model(path, dtype, param_dtype)
+            with _loading(name, path, "tokenizer"):
+                loaded = native_loaded(model)
         else:
-            loaded = _load_pretrained(path, task, num_labels, dtype, seed)
+            loaded = _load_pretrained(path, task, num_labels, dtype, seed, name)
     if param_dtype != jnp.float32:
         loaded.params = jax.tree.map(lambda x: x.astype(param_dtype), loaded.params)
     return loaded
@@ -275,9 +364,19 @@ def choose_impl(impl: str, model_type: str | None, name: str) -> str:
 
 def load_native(path: str, dtype=jnp.float32, param_dtype=jnp.float32) -> Loaded:
     """A LLaMA-family checkpoint (safetensors or HF Flax msgpack) on the native model."""
-    from aroma_jax.models.native import NativeCausalLM, load_tokenizer
+    return native_loaded(load_native_model(path, dtype, param_dtype))
 
-    model = NativeCausalLM.from_pretrained(path, dtype=dtype, param_dtype=param_dtype)
+
+def load_native_model(path: str, dtype=jnp.float32, param_dtype=jnp.float32):
+    from aroma_jax.models.native import NativeCausalLM
+
+    return NativeCausalLM.from_pretrained(path, dtype=dtype, param_dtype=param_dtype)
+
+
+def native_loaded(model) -> Loaded:
+    """A native model with its checkpoint's tokenizer."""
+    from aroma_jax.models.native import load_tokenizer
+
     return Loaded("llama", model, load_tokenizer(model.source), model.params)
 
 
@@ -306,10 +405,12 @@ def build_tiny_native(arch: str, task, dtype, seed: int) -> Loaded:
     return Loaded("llama", model, tok, model.params)
 
 
-def _load_pretrained(path: str, task, num_labels, dtype, seed) -> Loaded:
+def _load_pretrained(path: str, task, num_labels, dtype, seed, name: str = "") -> Loaded:
     import transformers as tf
 
-    config = tf.AutoConfig.from_pretrained(path)
+    name = name or path
+    with _loading(name, path, "config"):
+        config = tf.AutoConfig.from_pretrained(path)
     arch = config.model_type
     local = Path(path)
     from_pt = local.is_dir() and not (local / "flax_model.msgpack").exists()
@@ -319,18 +420,20 @@ def _load_pretrained(path: str, task, num_labels, dtype, seed) -> Loaded:
             raise ValueError(
                 f"{path!r} is an encoder ({arch}); generation tasks need BART or LLaMA"
             )
-        model = tf.FlaxAutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels or task.num_labels, **kw
-        )
-    elif arch == "bart":
-        model = tf.FlaxBartForConditionalGeneration.from_pretrained(path, **kw)
-    elif arch == "llama":
-        model = llama_class().from_pretrained(path, **kw)
+        with _loading(name, path):
+            model = tf.FlaxAutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels or task.num_labels, **kw
+            )
+    elif arch in ("bart", "llama"):
+        cls = tf.FlaxBartForConditionalGeneration if arch == "bart" else llama_class()
+        with _loading(name, path):
+            model = cls.from_pretrained(path, **kw)
     else:
         raise ValueError(
             f"unsupported model type {arch!r} in {path!r}: accepted bert, roberta, bart, llama"
         )
-    tok = tf.AutoTokenizer.from_pretrained(path)
+    with _loading(name, path, "tokenizer"):
+        tok = tf.AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return Loaded(arch, model, tok, model.params)

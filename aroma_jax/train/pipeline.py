@@ -66,6 +66,7 @@ def build_pipeline(cfg: Mapping[str, Any]) -> Pipeline:
         seed=cfg["train"]["seed"],
         impl=mcfg.get("impl", "auto"),
     )
+    check_lengths(cfg, loaded)
     aroma = aroma_for(cfg, loaded.arch, task.kind)
     if task.kind == "instruction":
         if loaded.arch != "llama":
@@ -79,6 +80,28 @@ def build_pipeline(cfg: Mapping[str, Any]) -> Pipeline:
     if loaded.arch == "bart":
         return _seq2seq_pipeline(cfg, task, loaded, aroma)
     return _encoder_pipeline(cfg, task, loaded, aroma)
+
+
+def check_lengths(cfg: Mapping[str, Any], loaded: models.Loaded) -> None:
+    """Sequence lengths within the model's position limit, before anything is tokenized.
+
+    Past the limit XLA clamps position ids (silently wrong) and attention memory grows as the
+    length squared, so a typo such as ``task.max_len=100000`` must stop here.
+    """
+    limit = models.position_limit(loaded)
+    if limit is None:
+        return
+    tcfg, name = cfg["task"], cfg["model"]["name"]
+    lengths = {"task.max_len": tcfg["max_len"]}
+    if loaded.arch == "bart":
+        lengths["task.target_max_len"] = tcfg["target_max_len"]
+        lengths["train.generate_max_len"] = cfg["train"]["generate_max_len"]
+    for key, value in lengths.items():
+        if value > limit:
+            raise ValueError(
+                f"{key}={value} is above the position limit of model {name!r} ({limit} tokens): "
+                f"accepted 1..{limit}"
+            )
 
 
 def aroma_for(cfg: Mapping[str, Any], arch: str, kind: str) -> AromaConfig:
@@ -107,7 +130,7 @@ def _make(loaded, task, aroma, loss_fn, train, evals, evaluator) -> Pipeline:
 
 
 def _task_kwargs(tcfg: Mapping[str, Any]) -> dict:
-    keys = ("text_field", "text_pair_field", "label_field", "source", "eval_source")
+    keys = ("text_field", "text_pair_field", "label_field", "source", "eval_source", "bad_rows")
     out = {k: tcfg[k] for k in keys if tcfg.get(k) is not None}
     if tcfg.get("dev_examples"):
         out["dev_examples"] = tcfg["dev_examples"]

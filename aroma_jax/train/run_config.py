@@ -52,6 +52,7 @@ SECTIONS: dict[str, dict[str, Any]] = {
         "text_field": None,  # local files only
         "text_pair_field": None,
         "label_field": None,
+        "bad_rows": "error",  # local files: an empty/NaN cell is an error, or "drop" the row
         # the paper's tasks (glue/<task>, commonsense170k, xsum): a hub name or a local copy in
         # the hub's schema; null = the usual hub dataset
         "source": None,
@@ -106,7 +107,16 @@ def _numbers(value: Any) -> Any:
 
 def _parse_value(text: str) -> Any:
     """``--set`` values are YAML scalars/lists: ``8``, ``1e-3``, ``true``, ``[query, value]``."""
-    return _numbers(yaml.safe_load(text)) if text != "" else ""
+    if text == "":
+        return ""
+    try:
+        return _numbers(yaml.safe_load(text))
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(
+            f"invalid --set value {text!r}: {problem}; accepted a YAML scalar or list, "
+            "e.g. 8, 1e-3, true, [query, value]"
+        ) from None
 
 
 def apply_override(cfg: dict, item: str) -> None:
@@ -177,6 +187,12 @@ def resolve(raw: Mapping[str, Any] | None, overrides: Iterable[str] = ()) -> dic
             f"invalid train.head={cfg['train']['head']!r}: accepted one of {HEAD_MODES}"
         )
     _check_generation_and_dev(cfg)
+    _check_task(cfg["task"])
+    if not isinstance(cfg["model"]["name"], str) or not cfg["model"]["name"]:
+        raise ConfigError(
+            f"invalid model.name={cfg['model']['name']!r}: accepted an asset (minilm, smollm2), "
+            "tiny-<arch>, a local directory or a hub name"
+        )
     if cfg["model"]["impl"] not in ("auto", "native", "hf"):
         raise ConfigError(f"invalid model.impl={cfg['model']['impl']!r}: accepted auto, native, hf")
     if cfg["model"]["dtype"] not in ("float32", "bfloat16"):
@@ -188,6 +204,24 @@ def resolve(raw: Mapping[str, Any] | None, overrides: Iterable[str] = ()) -> dic
             f"invalid model.param_dtype={cfg['model']['param_dtype']!r}: accepted float32, bfloat16"
         )
     return cfg
+
+
+def _check_task(task: Mapping[str, Any]) -> None:
+    """Lengths are integers >= 1, example caps integers >= 1 or null, bad_rows a policy."""
+    for name in ("max_len", "target_max_len"):
+        value = task[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"invalid task.{name}={value!r}: accepted an integer >= 1")
+    for name in ("max_train_examples", "max_eval_examples"):
+        value = task[name]
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ConfigError(f"invalid task.{name}={value!r}: accepted an integer >= 1 or null")
+    if task["bad_rows"] not in ("error", "drop"):
+        raise ConfigError(f"invalid task.bad_rows={task['bad_rows']!r}: accepted error, drop")
+    if not isinstance(task["name"], str) or not task["name"]:
+        raise ConfigError(f"invalid task.name={task['name']!r}: accepted a task name")
 
 
 def _check_generation_and_dev(cfg: Mapping[str, Any]) -> None:
@@ -207,6 +241,30 @@ def _check_generation_and_dev(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"invalid train.length_penalty={lp!r}: accepted a finite number")
 
 
+def parse_yaml(path: Path) -> Any:
+    """A YAML file's data; unreadable text or a syntax error is a `ConfigError` naming the file,
+    line and column (1-based, as editors count)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"config file {str(path)!r} is not UTF-8 text (byte {err.start}, line {line}): "
+            "accepted a UTF-8 YAML file"
+        ) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        context = getattr(err, "context", None)
+        detail = f"{problem} ({context})" if context else problem
+        raise ConfigError(
+            f"config file {str(path)!r} is not valid YAML:{where}: {detail}"
+        ) from None
+
+
 def load(path: str | Path | None, overrides: Iterable[str] = ()) -> dict[str, Any]:
     """Reads a YAML run config (or none: the defaults) and applies overrides."""
     raw: dict[str, Any] = {}
@@ -214,7 +272,7 @@ def load(path: str | Path | None, overrides: Iterable[str] = ()) -> dict[str, An
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = parse_yaml(path) or {}
         if not isinstance(raw, Mapping):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
     return resolve(raw, overrides)
