@@ -176,10 +176,13 @@ def train(
         out / "checkpoints", keep=tcfg["keep_checkpoints"], save_every=tcfg["save_every"]
     )
     start = 0
+    unlogged: list[float] = []  # losses of the log window so far (synced, not yet written)
     if resume and ckpt.latest_step() is not None:
         state, meta = ckpt.restore(state)
         start = int(meta["data"]["step"])
         _restore_history(history, meta.get("history", {}))
+        unlogged = [float(x) for x in meta.get("unlogged_losses", [])]
+        drop_records_after(out / "metrics.jsonl", start)
     log = MetricsLog(out)
     pair_sizes = {
         p: int(state.adapters.pairs[p].a.size + state.adapters.pairs[p].b.size)
@@ -194,10 +197,20 @@ def train(
     stopped = "max_steps"
 
     def meta(step_now: int) -> dict:
-        return {"data": {"step": step_now}, "history": _history_dict(history)}
+        return {
+            "data": {"step": step_now},
+            "history": _history_dict(history),
+            "unlogged_losses": list(unlogged),
+        }
 
-    def sync() -> bool:
-        nonlocal pending
+    def sync(write: bool = True) -> bool:
+        """Moves pending step infos to the history; ``write``: also log the window so far.
+
+        Records are written only at multiples of ``log_every`` (and at the end), so a run resumed
+        at step 161 logs at 170, 180, ... like an uninterrupted one; a window cut by a save or an
+        interrupt carries its losses (``unlogged``, kept in the checkpoint meta) to its record.
+        """
+        nonlocal pending, unlogged
         if not pending:
             return False
         infos = jax.device_get(pending)
@@ -205,6 +218,7 @@ def train(
         outer_now = any(bool(i.outer) for i in infos)
         last = infos[-1]
         losses = [float(i.loss) for i in infos]
+        unlogged = unlogged + losses
         bad = [int(i.step) for i, v in zip(infos, losses, strict=True) if not math.isfinite(v)]
         if bad:
             raise TrainingError(
@@ -212,23 +226,28 @@ def train(
                 f"(step {ckpt.latest_step()}) is kept in {str(out / 'checkpoints')!r}. Lower "
                 "aroma.learning_rate or check the data."
             )
+        pending = []
+        if not write:
+            if outer_now:
+                ckpt.save(int(last.step), state, meta(int(last.step)), force=True)
+            return bool(last.finished)
         record = {
             "step": int(last.step),
             "split": "train",
-            "loss": float(np.mean(losses)),
+            "loss": float(np.mean(unlogged)),
             "lr": float(last.lr),
             "total_rank": int(np.sum(last.ranks)),
             "trainable_params": _trainable_now(trainer, state, head_params),
             "outer_steps": len(history.outer_step_numbers()),
         }
         log.write(record)
+        unlogged = []
         if bar is not None:
             bar.set_postfix(
                 loss=f"{record['loss']:.4f}",
                 rank=record["total_rank"],
                 trainable=record["trainable_params"],
             )
-        pending = []
         if outer_now:  # never lose an outer step's work
             ckpt.save(int(last.step), state, meta(int(last.step)), force=True)
         return bool(last.finished)
@@ -249,12 +268,12 @@ def train(
             if bar is not None:
                 bar.update(1)
             finished = False
-            if len(pending) >= tcfg["log_every"] or step == total_steps:
+            if step % tcfg["log_every"] == 0 or step == total_steps:
                 finished = sync()
             if len(pending) == 0 and clock.start is None:  # first sync: compiled and warm
                 clock.begin(step)
             if step % tcfg["save_every"] == 0:
-                sync()
+                sync(write=False)
                 with clock.paused():
                     ckpt.save(step, state, meta(step))
             if step % tcfg["eval_every"] == 0 and not finished:
@@ -262,7 +281,7 @@ def train(
                     last_eval = _evaluate(pipe, trainer, state, "validation", cfg)
                 log.write({"step": step, "split": "validation", **last_eval})
             if interrupt.hit or step == interrupt_at:
-                sync()
+                sync(write=False)
                 ckpt.save(step, state, meta(step), force=True)
                 stopped = "interrupted"
                 break
@@ -329,6 +348,21 @@ def train(
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     _save_adapters(out, trainer, final)
     return summary
+
+
+def drop_records_after(path: Path, step: int) -> None:
+    """Keeps the metrics records of steps <= ``step`` (a resumed run rewrites the rest, so a run
+    killed after its last checkpoint leaves no duplicates)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+    write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def trainer_extra(pipe: Pipeline, trainer: AromaTrainer) -> Any:

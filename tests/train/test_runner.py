@@ -89,6 +89,8 @@ def test_resume_is_bit_identical(fake_assets, tmp_path, stop):
     sa = json.loads((full / "summary.json").read_text())
     sb = json.loads((part / "summary.json").read_text())
     assert sa["ranks"] == sb["ranks"] and sa["metrics"] == sb["metrics"]
+    # the resumed run keeps the log cadence (4, 8, 12, 16, ...): the same records, line by line
+    assert (part / "metrics.jsonl").read_text() == (full / "metrics.jsonl").read_text()
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(fake_assets, tmp_path):
