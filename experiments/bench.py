@@ -11,6 +11,9 @@ median seconds per step after warm-up:
 * aroma_r1_merged4 / merged16 — after 4 / 16 merges in every module (``_factors``: the same with
                folding off, so merged factors are applied every step, as for bf16 bases);
 * aroma_r8, lora_r1, lora_r8;
+* dora_r8, adalora_r8 — the rivals in the same step machinery: DoRA r=8 (magnitude and
+               column norms from factors) and AdaLoRA from rank 12 to an average of 8 (rank
+               allocation inside the step), both at alpha 16;
 * outer_step — one jitted outer step (eq. 6 for every module, merge, re-init, prune reset).
 
 Also, per variant: train-step compiles, trace and XLA compile time, XLA's memory analysis of
@@ -420,6 +423,12 @@ def bench(args) -> dict:
         "aroma_r8": (aroma.replace(r=8, alpha=16.0, rank_capacity=4), 0),
         "lora_r1": (aroma.replace(method="lora"), 0),
         "lora_r8": (aroma.replace(method="lora", r=8, alpha=16.0), 0),
+        "dora_r8": (aroma.replace(method="dora", r=8, alpha=16.0), 0),
+        # AdaLoRA's budget table has max_steps + 1 entries: a finite schedule, as a real run.
+        "adalora_r8": (
+            aroma.replace(method="adalora", init_r=12, target_r=8, alpha=16.0, max_steps=10_000),
+            0,
+        ),
     }
     if args.variants:
         unknown = sorted(set(args.variants) - set(variants))

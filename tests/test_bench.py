@@ -38,6 +38,8 @@ def test_bench_smoke(tmp_path):
         "aroma_r8_s",
         "lora_r1_s",
         "lora_r8_s",
+        "dora_r8_s",
+        "adalora_r8_s",
         "outer_step_s",
         "train_step_compiles",
         "compile_s",

@@ -36,16 +36,24 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from aroma_jax.core import dora
 from aroma_jax.core.config import AromaConfig, ConfigError
 
 Array = jax.Array
 
 
 class Pair(NamedTuple):
-    """The trainable rank-r pair: contribution ``s * (x @ a) @ b``."""
+    """The trainable rank-r pair: contribution ``s * (x @ a) @ b``.
+
+    DoRA and AdaLoRA train one more vector with it (``None`` for the other methods):
+    ``magnitude`` (DoRA's ``m``, `aroma_jax.core.dora`) and ``singular`` (AdaLoRA's
+    ``lambda``: the contribution is ``s * (x @ (a * lambda)) @ b``, `aroma_jax.core.adalora`).
+    """
 
     a: Array  # (in, r)
     b: Array  # (r, out)
+    magnitude: Array | None = None  # DoRA: (out,)
+    singular: Array | None = None  # AdaLoRA: (r,)
 
 
 class Frozen(NamedTuple):
@@ -172,17 +180,36 @@ def fresh_pairs(key: Array, specs: Mapping[str, ModuleSpec], r: int) -> dict[str
     return out
 
 
-def init(specs: Mapping[str, ModuleSpec], cfg: AromaConfig, key: Array) -> AdapterState:
-    """A fresh adapter state: new pairs, empty frozen slots, rank 0, nothing done."""
-    k = capacity(cfg) * cfg.r
-    pairs = fresh_pairs(key, specs, cfg.r)
+def init(
+    specs: Mapping[str, ModuleSpec],
+    cfg: AromaConfig,
+    key: Array,
+    kernels: Mapping[str, Array] | None = None,
+) -> AdapterState:
+    """A fresh adapter state: new pairs, empty frozen slots, rank 0, nothing done.
+
+    DoRA needs the 2-D base ``kernels`` (its magnitude starts at their column norms).
+    """
+    k = capacity(cfg) * cfg.pair_rank
+    if cfg.method == "adalora":
+        from aroma_jax.core import adalora
+
+        pairs = adalora.fresh_pairs(key, specs, cfg.pair_rank)
+    else:
+        pairs = fresh_pairs(key, specs, cfg.r)
+    if cfg.method == "dora":
+        if kernels is None:
+            raise ValueError("method 'dora' needs the base kernels to initialise its magnitude")
+        pairs = {
+            p: pair._replace(magnitude=dora.init_magnitude(kernels[p])) for p, pair in pairs.items()
+        }
     frozen, merges, done = {}, {}, {}
     for path, spec in sorted(specs.items()):
         frozen[path] = Frozen(
             jnp.zeros((spec.fan_in, k), jnp.float32), jnp.zeros((k, spec.fan_out), jnp.float32)
         )
         merges[path] = jnp.zeros((), jnp.int32)
-        done[path] = jnp.zeros((), jnp.bool_)
+        done[path] = jnp.asarray(cfg.method == "head")  # head-only: adapters never train
     return AdapterState(pairs, frozen, merges, done)
 
 
@@ -193,8 +220,8 @@ def ranks(state: AdapterState, cfg: AromaConfig) -> dict[str, int]:
 
 
 def adapter_param_count(state: AdapterState) -> int:
-    """Trainable adapter parameters (the pairs)."""
-    return sum(int(p.a.size + p.b.size) for p in state.pairs.values())
+    """Trainable adapter parameters (the pairs, with DoRA's and AdaLoRA's vectors)."""
+    return sum(int(x.size) for x in jax.tree.leaves(state.pairs))
 
 
 def merged_delta(frozen: Frozen, spec: ModuleSpec, scale: float) -> Array:

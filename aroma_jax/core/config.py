@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-METHODS = ("aroma", "lora", "relora")
+METHODS = ("aroma", "lora", "relora", "head", "dora", "adalora")
 RESET_MODES = ("prune", "full", "none")
 SCHEDULES = ("linear", "cosine", "constant")
 FOLD_MODES = ("auto", "always", "never")
@@ -49,7 +49,11 @@ class AromaConfig:
       target_modules: patterns over "/"-joined Dense paths (regex full match, or a path suffix
         such as ``"query"`` or ``"attention/output/dense"``), like PEFT's ``target_modules``.
       method: ``"aroma"`` (adaptive growth), ``"lora"`` (fixed rank ``r``, never merges) or
-        ``"relora"`` (merge and reset every ``inner_max_steps``, no stopping criteria).
+        ``"relora"`` (merge and reset every ``inner_max_steps``, no stopping criteria) or
+        ``"head"`` (no adapter is trained: only ``train_patterns``, the head-only baseline),
+        ``"dora"`` (LoRA with DoRA's magnitude and normalised direction, PEFT's ``use_dora``;
+        `aroma_jax.core.dora`) or ``"adalora"`` (SVD-form pairs whose rank-one triplets are
+        pruned to a budget, PEFT's ``AdaLoraConfig``; `aroma_jax.core.adalora`).
       r: inner rank of the trainable pair (paper: 1; AROMA_r=8 for LLaMA).
       alpha: the adapter's output is scaled by ``alpha / r``.
       inner_tol: epsilon_in of eq. 5; a module is inner-converged when the signed relative change
@@ -101,6 +105,14 @@ class AromaConfig:
       train_patterns: non-adapter parameters to train in full (task heads, like PEFT's
         ``modules_to_save``); patterns as for ``target_modules``.
       seed: seed for adapter initialisation and resets.
+      init_r, target_r, tinit, tfinal, delta_t, ipt_beta1, ipt_beta2, orth_reg_weight: AdaLoRA
+        only, PEFT's ``AdaLoraConfig`` fields and defaults (``deltaT``, ``beta1`` and ``beta2``
+        there): pairs start at rank ``init_r``; after ``tinit`` warmup steps the total rank
+        budget falls cubically to ``target_r`` per module ``tfinal`` steps before ``max_steps``
+        (PEFT's ``total_step``), re-allocated every ``delta_t`` steps by sensitivity times
+        uncertainty (EMAs with ``ipt_beta1``, ``ipt_beta2``); ``orth_reg_weight`` weighs the
+        orthogonality regulariser added to the loss. The adapter scale is PEFT's
+        ``alpha / (init_r + 1e-5)``.
     """
 
     target_modules: tuple[str, ...] = ()
@@ -132,6 +144,14 @@ class AromaConfig:
     fold: str = "auto"
     train_patterns: tuple[str, ...] = ()
     seed: int = 0
+    init_r: int = 12
+    target_r: int = 8
+    tinit: int = 0
+    tfinal: int = 0
+    delta_t: int = 1
+    ipt_beta1: float = 0.85
+    ipt_beta2: float = 0.85
+    orth_reg_weight: float = 0.5
 
     def __post_init__(self) -> None:
         # Lists from YAML/JSON become tuples, so the config stays hashable.
@@ -191,10 +211,48 @@ class AromaConfig:
             value = getattr(self, name)
             if not _is_number(value) or not 0.0 <= value < 1.0:
                 _fail(name, value, "a number in [0, 1)")
+        self._validate_methods()
+
+    def _validate_methods(self) -> None:
+        # The AdaLoRA fields are checked whatever the method (a typo should not wait for a
+        # method switch), their cross-field rules only under adalora, like PEFT's.
+        for name in ("init_r", "delta_t"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                _fail(name, value, "an integer >= 1")
+        for name in ("target_r", "tinit", "tfinal"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                _fail(name, value, "an integer >= 0")
+        for name in ("ipt_beta1", "ipt_beta2"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0.0 < value < 1.0:
+                _fail(name, value, "a number in (0, 1)")
+        w = self.orth_reg_weight
+        if not _is_number(w) or w < 0 or not math.isfinite(w):
+            _fail("orth_reg_weight", w, "a finite number >= 0")
+        if self.method == "adalora":
+            if self.target_r > self.init_r:
+                _fail("target_r", self.target_r, f"an integer <= init_r ({self.init_r})")
+            if self.tinit >= self.max_steps - self.tfinal:
+                _fail(
+                    "tinit",
+                    self.tinit,
+                    f"fewer than max_steps - tfinal ({self.max_steps} - {self.tfinal}) steps, "
+                    "so a budgeting phase is left (PEFT's rule)",
+                )
+        if self.method == "dora" and self.adapter_dropout > 0:
+            _fail(
+                "adapter_dropout",
+                self.adapter_dropout,
+                "0 with method dora (PEFT's DoRA re-applies the base layer to the dropped "
+                "input, a second pass over W0 that this implementation does not make)",
+            )
 
     def _warn_binding_capacity(self) -> None:
         needed = max_outer_steps(self) + 1
-        if self.rank_capacity is not None and self.method != "lora" and self.rank_capacity < needed:
+        grows = self.method in ("aroma", "relora")
+        if self.rank_capacity is not None and grows and self.rank_capacity < needed:
             warnings.warn(
                 f"rank_capacity={self.rank_capacity} can bind: this run can take up to "
                 f"{needed - 1} outer steps (max_steps={self.max_steps}, shortest inner loop "
@@ -209,14 +267,21 @@ class AromaConfig:
     def slots(self) -> int:
         """Merge slots per module: LoRA one (its final merge), the others `rank_capacity`,
         derived from the run when it is ``None``."""
-        if self.method == "lora":
+        if not self.grows:
             return 1
         return self.rank_capacity if self.rank_capacity is not None else max_outer_steps(self) + 1
 
     @property
     def scale(self) -> float:
         """The adapter scale s = alpha / r."""
+        if self.method == "adalora":  # PEFT: scaling / (ranknum + 1e-5), ranknum = init_r
+            return self.alpha / (self.init_r + 1e-5)
         return self.alpha / self.r
+
+    @property
+    def pair_rank(self) -> int:
+        """Columns of the trainable pair: ``init_r`` for AdaLoRA, ``r`` otherwise."""
+        return self.init_r if self.method == "adalora" else self.r
 
     @property
     def grows(self) -> bool:
@@ -242,7 +307,7 @@ def shortest_inner_loop(cfg: AromaConfig) -> int:
 
 def max_outer_steps(cfg: AromaConfig) -> int:
     """The most outer steps a run can take (0 for LoRA)."""
-    if cfg.method == "lora":
+    if not cfg.grows:
         return 0
     return cfg.max_steps // shortest_inner_loop(cfg)
 

@@ -23,7 +23,7 @@ LoRA never triggers; ReLoRA triggers every ``inner_max_steps`` with no criteria.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,8 @@ class ControllerState(NamedTuple):
     base_sq: dict[str, Array]  # |W0|_F^2 of unfolded kernels (eq. 6's denominator)
     key: Array  # PRNG key for re-inits and prunes
     finished: Array  # bool: every module done, or max_steps reached
+    # DoRA: path -> |W0_j|^2 (out,) (`core.dora`); AdaLoRA: `core.adalora.AllocatorState`.
+    method_state: Any = None
 
 
 class OuterInfo(NamedTuple):
@@ -100,7 +102,7 @@ def inner_check(
 
 def outer_due(ctrl: ControllerState, adapters: AdapterState, cfg: AromaConfig) -> Array:
     """The global trigger: all active modules inner-converged, or the inner step cap."""
-    if cfg.method == "lora":
+    if not cfg.grows:
         return jnp.zeros((), jnp.bool_)
     capped = ctrl.inner_t >= cfg.inner_max_steps
     if cfg.method == "relora":

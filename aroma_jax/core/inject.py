@@ -173,12 +173,28 @@ def dropped(x: Array, rate: float, key: Array) -> Array:
     return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
 
+def _dora_output(
+    module: nn.Module, y: Array, delta: Array | None, f: Array, lead: tuple[int, ...]
+) -> Array:
+    """``f * (y - bias + delta) + bias`` from the base call's ``y``: PEFT's DoRA output
+    ``y + (f - 1) * (x W0) + f * delta`` without a second pass over ``W0``."""
+    features = y.shape[len(lead) :]
+    f = f.reshape(features).astype(y.dtype)
+    bias = module.variables.get("params", {}).get("bias") if module.use_bias else None
+    base = y if bias is None else y - bias.astype(y.dtype)
+    out = y + (f - 1) * base
+    if delta is not None:
+        out = out + f * delta.reshape(lead + features).astype(y.dtype)
+    return out
+
+
 @contextlib.contextmanager
 def adapters_applied(
     modules: ModuleAdapters,
     scale: float,
     in_ndim: Mapping[str, int] | None = None,
     dropout: tuple[float, Array] | None = None,
+    column_scale: Mapping[str, Array] | None = None,
 ) -> Iterator[set[str]]:
     """Within the block, matched Dense calls add their adapter's output.
 
@@ -190,12 +206,15 @@ def adapters_applied(
       dropout: ``(rate, key)``: dropout on the trainable pair's input only, PEFT's
         ``lora_dropout`` (``s * b(a(dropout(x)))``); the frozen factors see ``x``. Each module
         call draws its own mask (the key folded with the module's path and call count).
+      column_scale: path -> DoRA's factor ``f = m / n`` ``(out,)`` (`aroma_jax.core.dora`):
+        those modules return ``f * (x W0 + delta) + bias`` instead of ``y + delta``.
 
     Yields the set of paths whose adapter was applied, filled in as the model runs (at trace
     time under ``jit``), so callers can detect adapters that never met their module.
     """
     hits: set[str] = set()
     in_ndim = dict(in_ndim or {})
+    column_scale = dict(column_scale or {})
     calls: dict[str, int] = {}
 
     def drop_key(path: str) -> Array:
@@ -230,6 +249,8 @@ def adapters_applied(
         else:
             delta = None
         hits.add(path)
+        if path in column_scale:
+            return _dora_output(module, y, delta, column_scale[path], lead)
         if delta is None:
             return y
         return y + delta.reshape(lead + y.shape[len(lead) :]).astype(y.dtype)

@@ -154,7 +154,16 @@ def state_shardings(
     base_specs = param_specs(state.base, mesh, rules)
     extra_specs = param_specs(state.extra, mesh, rules)
     io = adapter_specs(trainer, base_specs, mesh)
-    pairs = {p: Pair(P(io[p][0], None), P(None, io[p][1])) for p in trainer.paths}
+    live = state.adapters.pairs
+    pairs = {  # DoRA's magnitude (out,) follows b's output axis; AdaLoRA's lambda is replicated
+        p: Pair(
+            P(io[p][0], None),
+            P(None, io[p][1]),
+            magnitude=None if live[p].magnitude is None else P(io[p][1]),
+            singular=None if live[p].singular is None else P(),
+        )
+        for p in trainer.paths
+    }
     frozen = {p: Frozen(P(io[p][0], None), P(None, io[p][1])) for p in trainer.paths}
     adapters = AdapterState(
         pairs, frozen, {p: P() for p in trainer.paths}, {p: P() for p in trainer.paths}

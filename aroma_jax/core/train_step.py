@@ -40,8 +40,8 @@ from flax import traverse_util
 from flax.core import unfreeze
 from jax import lax
 
+from aroma_jax.core import adalora, controller, dora, inject, norms, optim
 from aroma_jax.core import adapters as adapters_lib
-from aroma_jax.core import controller, inject, norms, optim
 from aroma_jax.core.adapters import AdapterState, ModuleSpec
 from aroma_jax.core.config import AromaConfig, ConfigError
 
@@ -52,6 +52,7 @@ SLOT_COST_COLUMNS = 64  # above this many frozen columns per unfolded kernel, wa
 
 class SlotCostWarning(UserWarning):
     """Unfolded kernels with many frozen slots: every step multiplies all of them."""
+
 
 LossFn = Callable[[Params, Any, Array], Any]
 
@@ -152,6 +153,10 @@ class AromaTrainer:
         self._traces = 0
         self._donate = (0,) if donate else ()
         self._step = jax.jit(self._step_impl, donate_argnums=self._donate)
+        # AdaLoRA's budget per global step, computed once on the host (`adalora.budget_table`).
+        self._budget = (
+            adalora.budget_table(cfg, len(self.paths)) if cfg.method == "adalora" else None
+        )
 
     def set_shardings(self, state_sharding: Any, batch_sharding: Any = None) -> None:
         """Compiles the step for a sharded state (a `TrainState` of shardings) and batch.
@@ -184,7 +189,7 @@ class AromaTrainer:
             )
 
     def _folds(self, spec: ModuleSpec) -> bool:
-        if self.cfg.fold == "never" or self.cfg.method == "lora":
+        if self.cfg.fold == "never" or not self.cfg.grows:
             return False
         fp32 = jnp.dtype(spec.kernel_dtype) == jnp.float32
         if self.cfg.fold == "always" and not fp32:
@@ -212,9 +217,16 @@ class AromaTrainer:
         seed = self.cfg.seed if seed is None else seed
         k_adapt, k_ctrl, k_rng = jax.random.split(jax.random.key(seed), 3)
         base, extra = split_params(params, self.cfg.train_patterns)
-        adapters = adapters_lib.init(self.specs, self.cfg, k_adapt)
+        kernels = self.kernels(base)
+        adapters = adapters_lib.init(self.specs, self.cfg, k_adapt, kernels)
         opt_state = self.tx.init(self._trainable(adapters, extra))
-        ctrl = controller.init(adapters, self.kernels(base), k_ctrl, self.folded)
+        ctrl = controller.init(adapters, kernels, k_ctrl, self.folded)
+        if self.cfg.method == "dora":  # |W0_j|^2 once; the step adds the pair's terms
+            ctrl = ctrl._replace(
+                method_state={p: dora.column_sq_norms(kernels[p]) for p in kernels}
+            )
+        elif self.cfg.method == "adalora":
+            ctrl = ctrl._replace(method_state=adalora.init(adapters.pairs))
         return TrainState(base, extra, adapters, opt_state, ctrl, k_rng)
 
     @staticmethod
@@ -225,13 +237,37 @@ class AromaTrainer:
     def modules(self, adapters: AdapterState, training: bool = False) -> dict:
         """What `inject.adapters_applied` needs: ``(pair, frozen or None when folded)``.
 
-        LoRA's frozen slot only fills at `finalize`, so its train step skips the frozen part.
+        Methods that never merge (LoRA, DoRA, AdaLoRA) only fill their frozen slot at
+        `finalize`, so their train step skips the frozen part. AdaLoRA's pair is applied as
+        ``(a * lambda, b)``.
         """
-        use_frozen = not (training and self.cfg.method == "lora")
+        use_frozen = not (training and not self.cfg.grows)
         out = {}
         for p in self.paths:
             skip = p in self.folded or not use_frozen
-            out[p] = (adapters.pairs[p], None if skip else adapters.frozen[p])
+            pair = adapters.pairs[p]
+            if pair.singular is not None:
+                pair = adalora.effective(pair)
+            out[p] = (pair, None if skip else adapters.frozen[p])
+        return out
+
+    def column_scale(self, state: TrainState, adapters: AdapterState, training: bool = False):
+        """DoRA's factor ``m / n`` per module (`aroma_jax.core.dora`); ``None`` for the others.
+
+        ``n`` is the column norm of ``W0 + s * [A | a] @ [B; b]`` from factors, detached.
+        """
+        if self.cfg.method != "dora":
+            return None
+        kernels = self.kernels(state.base)
+        out = {}
+        for p, (pair, frozen) in self.modules(adapters, training).items():
+            a, b = pair.a, pair.b
+            if frozen is not None:
+                a = jnp.concatenate([frozen.a, a], axis=1)
+                b = jnp.concatenate([frozen.b, b], axis=0)
+            mag = adapters.pairs[p].magnitude
+            col_sq = state.ctrl.method_state[p]
+            out[p] = dora.factor(mag, col_sq, kernels[p], a, b, self.cfg.scale)
         return out
 
     @contextlib.contextmanager
@@ -241,7 +277,10 @@ class AromaTrainer:
         >>> # with trainer.applied(state) as params: logits = model.apply({"params": params}, x)
         """
         in_ndim = {p: s.in_ndim for p, s in self.specs.items()}
-        with inject.adapters_applied(self.modules(state.adapters), self.cfg.scale, in_ndim):
+        cols = self.column_scale(state, state.adapters)
+        with inject.adapters_applied(
+            self.modules(state.adapters), self.cfg.scale, in_ndim, column_scale=cols
+        ):
             yield merge_params(state.base, state.extra)
 
     def _loss(self, trainable: dict, state: TrainState, batch: Any, rng: Array):
@@ -251,8 +290,13 @@ class AromaTrainer:
         if self.cfg.adapter_dropout > 0:  # a separate stream, so rate 0 keeps the old ones
             rng, drop_rng = jax.random.split(rng)
             dropout = (self.cfg.adapter_dropout, drop_rng)
+        cols = self.column_scale(state, adapters, training=True)
         with inject.adapters_applied(
-            self.modules(adapters, training=True), self.cfg.scale, in_ndim, dropout=dropout
+            self.modules(adapters, training=True),
+            self.cfg.scale,
+            in_ndim,
+            dropout=dropout,
+            column_scale=cols,
         ) as hits:
             out = self.loss_fn(merge_params(state.base, trainable["extra"]), batch, rng)
         missing = sorted(set(self.paths) - hits)
@@ -262,6 +306,9 @@ class AromaTrainer:
                 "nn.Dense/nn.DenseGeneral module at that path ran inside loss_fn"
             )
         loss, aux = out if isinstance(out, tuple) else (out, None)
+        if self.cfg.method == "adalora" and self.cfg.orth_reg_weight > 0:
+            # PEFT adds it to the model's loss, so the reported loss includes it too.
+            loss = loss + self.cfg.orth_reg_weight * adalora.orth_penalty(trainable["pairs"])
         return loss, aux
 
     # ------------------------------------------------------------------- step
@@ -298,10 +345,20 @@ class AromaTrainer:
             grads, state.opt_state, trainable, active=active, rewarm=rewarm
         )
         trainable = jax.tree.map(lambda p, u: p + u.astype(p.dtype), trainable, updates)
+        ctrl_method = state.ctrl.method_state
+        if cfg.method == "adalora":  # PEFT's update_and_allocate, after the optimizer step
+            tables = tuple(jnp.asarray(t) for t in self._budget)
+            alloc, pairs = adalora.allocate(
+                ctrl_method, trainable["pairs"], grads["pairs"], state.ctrl.step, cfg, tables
+            )
+            keep = lambda new, old: jnp.where(live, new, old)  # noqa: E731
+            ctrl_method = jax.tree.map(keep, alloc, ctrl_method)
+            trainable = {**trainable, "pairs": jax.tree.map(keep, pairs, trainable["pairs"])}
         adapters = state.adapters._replace(pairs=trainable["pairs"])
         ctrl = state.ctrl._replace(
             step=state.ctrl.step + live.astype(jnp.int32),
             inner_t=state.ctrl.inner_t + live.astype(jnp.int32),
+            method_state=ctrl_method,
         )
 
         # Inner check (eq. 5) when due.
@@ -319,7 +376,12 @@ class AromaTrainer:
 
         # Outer step (eq. 6, merge, re-init, reset) when triggered, for all modules at once.
         outer = controller.outer_due(ctrl, adapters, cfg)
-        by_cap = outer & (ctrl.inner_t >= cfg.inner_max_steps)
+        # "cap" only when the cap fired with some active module unconverged: a loop whose
+        # every module converged at the capping step ended by eq. 5.
+        all_conv = jnp.all(
+            jnp.stack([ctrl.inner_conv[p] | adapters.done[p] for p in self.paths])
+        )
+        by_cap = outer & (ctrl.inner_t >= cfg.inner_max_steps) & ~all_conv
         base = state.base
         if cfg.grows:
             kernels = self.kernels(base)
@@ -355,10 +417,15 @@ class AromaTrainer:
         else:
             info = controller.no_outer_info(n)
 
-        finished = controller.all_done(adapters) | (ctrl.step >= cfg.max_steps)
+        finished = ctrl.step >= cfg.max_steps
+        if cfg.method != "head":  # head-only runs have every module "done" from the start
+            finished = finished | controller.all_done(adapters)
         ctrl = ctrl._replace(finished=finished)
         new_state = TrainState(base, trainable["extra"], adapters, opt_state, ctrl, rng)
         ranks = jnp.stack([adapters.merges[p] for p in self.paths]) * cfg.r
+        if cfg.method == "adalora":  # kept triplets, whatever has been merged
+            kept = adalora.ranks(ctrl.method_state)
+            ranks = jnp.stack([kept[p] for p in self.paths])
         step_info = StepInfo(
             step=ctrl.step,
             loss=loss,
@@ -393,17 +460,27 @@ class AromaTrainer:
                 adapters.merges[p],
                 adapters.done[p],
             )
-            nonzero = norms.product_sq_norm(pair.a, pair.b) > 0
+            final = pair
+            if pair.singular is not None:  # AdaLoRA: the latest allocation's triplets only
+                kept = state.ctrl.method_state.kept[p]
+                final = adalora.effective(pair._replace(singular=pair.singular * kept))
+            nonzero = norms.product_sq_norm(final.a, final.b) > 0
+            if pair.magnitude is not None:  # DoRA adapts through m even when a b = 0
+                nonzero = jnp.ones((), bool)
             write = ~d & nonzero & (m < adapters_lib.capacity(self.cfg))
-            frozen[p] = controller._write_slot(fz, pair, m, self.cfg.r, write)
+            frozen[p] = controller._write_slot(fz, final, m, self.cfg.pair_rank, write)
             merges[p] = m + write.astype(jnp.int32)
             if p in self.folded:
                 k = _get(base, p + "/kernel")
                 delta = ((self.cfg.scale * pair.a) @ pair.b).reshape(k.shape)
                 base = _set(base, p + "/kernel", jnp.where(write, k + delta.astype(k.dtype), k))
-            pairs[p] = jax.tree.map(jnp.zeros_like, pair)
+            # DoRA's magnitude (and AdaLoRA's lambda) stay: the frozen slot holds the pair only.
+            pairs[p] = pair._replace(a=jnp.zeros_like(pair.a), b=jnp.zeros_like(pair.b))
             done[p] = jnp.ones((), bool)
         return state._replace(base=base, adapters=AdapterState(pairs, frozen, merges, done))
 
     def ranks(self, state: TrainState) -> dict[str, int]:
+        if self.cfg.method == "adalora":
+            kept = jax.device_get(adalora.ranks(state.ctrl.method_state))
+            return {p: int(kept[p]) for p in self.paths}
         return adapters_lib.ranks(state.adapters, self.cfg)

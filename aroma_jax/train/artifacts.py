@@ -5,7 +5,10 @@ the factors, their merge counts and the trained head, never the (large) base mod
 
     final/adapters.safetensors   frozen/<path>/a (in, k), frozen/<path>/b (k, out),
                                  merges/<path>, extra/<param path>
+                                 magnitude/<path> (DoRA's m), kept/<path> (AdaLoRA's
+                                 latest allocation, 0/1 per triplet)
     final/meta.json              scale, r, target paths and kernel shapes, folded paths
+                                 (AdaLoRA: its settings, for PEFT's config)
 
 `rebuild_state` turns it back into a finalized `TrainState` on top of the pretrained base:
 folded kernels are recomputed as ``W0 + s * A @ B`` in fp32 (once, at load), the others keep
@@ -24,7 +27,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from aroma_jax.core.adapters import AdapterState, Frozen, Pair
+from aroma_jax.core.adapters import AdapterState, Frozen
 from aroma_jax.core.train_step import AromaTrainer, TrainState
 
 
@@ -35,9 +38,16 @@ def save_final(directory: str | Path, trainer: AromaTrainer, state: TrainState) 
     tmp.mkdir(parents=True, exist_ok=True)
     host = jax.device_get((state.adapters.frozen, state.adapters.merges, state.extra))
     frozen, merges, extra = host
+    pairs = jax.device_get(state.adapters.pairs)
+    cfg = trainer.cfg
     tensors: dict[str, np.ndarray] = {}
     for p in trainer.paths:
-        k = int(merges[p]) * trainer.cfg.r
+        k = int(merges[p]) * cfg.pair_rank
+        if pairs[p].magnitude is not None:
+            tensors[f"magnitude/{p}"] = np.asarray(pairs[p].magnitude, np.float32)
+        if cfg.method == "adalora":
+            kept = jax.device_get(state.ctrl.method_state.kept[p])
+            tensors[f"kept/{p}"] = np.asarray(kept, np.uint8)
         tensors[f"frozen/{p}/a"] = np.ascontiguousarray(np.asarray(frozen[p].a)[:, :k])
         tensors[f"frozen/{p}/b"] = np.ascontiguousarray(np.asarray(frozen[p].b)[:k, :])
         tensors[f"merges/{p}"] = np.asarray(merges[p], np.int32).reshape(1)
@@ -53,8 +63,14 @@ def save_final(directory: str | Path, trainer: AromaTrainer, state: TrainState) 
         "paths": list(trainer.paths),
         "kernel_shapes": {p: list(s.kernel_shape) for p, s in trainer.specs.items()},
         "folded": sorted(trainer.folded),
-        "ranks": {p: int(merges[p]) * trainer.cfg.r for p in trainer.paths},
+        "ranks": trainer.ranks(state),
     }
+    if cfg.method == "adalora":
+        meta["adalora"] = {
+            name: getattr(cfg, name)
+            for name in ("init_r", "target_r", "tinit", "tfinal", "delta_t", "ipt_beta1")
+            + ("ipt_beta2", "orth_reg_weight", "max_steps")
+        }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     if directory.exists():
         old = directory.with_name(f".{directory.name}.old")
@@ -103,6 +119,10 @@ def rebuild_state(trainer: AromaTrainer, params: Any, directory: str | Path) -> 
     base = state.base
     frozen, merges, pairs, done = {}, {}, {}, {}
     cap = state.adapters.frozen
+    ctrl = state.ctrl
+    if trainer.cfg.method == "adalora":
+        kept = {p: jnp.asarray(tensors[f"kept/{p}"].astype(bool)) for p in trainer.paths}
+        ctrl = ctrl._replace(method_state=ctrl.method_state._replace(kept=kept))
     for p in trainer.paths:
         a, b = factors(tensors, p)
         k = a.shape[1]
@@ -111,9 +131,10 @@ def rebuild_state(trainer: AromaTrainer, params: Any, directory: str | Path) -> 
         fa[:, :k], fb[:k, :] = a, b
         frozen[p] = Frozen(jnp.asarray(fa), jnp.asarray(fb))
         merges[p] = jnp.asarray(int(tensors[f"merges/{p}"][0]), jnp.int32)
-        pairs[p] = Pair(
-            jnp.zeros_like(state.adapters.pairs[p].a), jnp.zeros_like(state.adapters.pairs[p].b)
-        )
+        fresh = state.adapters.pairs[p]
+        pairs[p] = fresh._replace(a=jnp.zeros_like(fresh.a), b=jnp.zeros_like(fresh.b))
+        if fresh.magnitude is not None:
+            pairs[p] = pairs[p]._replace(magnitude=jnp.asarray(tensors[f"magnitude/{p}"]))
         done[p] = jnp.ones((), bool)
         if p in trainer.folded and k:
             spec = trainer.specs[p]
@@ -129,7 +150,7 @@ def rebuild_state(trainer: AromaTrainer, params: Any, directory: str | Path) -> 
     if not extra:
         extra = state.extra
     return state._replace(
-        base=base, extra=extra, adapters=AdapterState(pairs, frozen, merges, done)
+        base=base, extra=extra, adapters=AdapterState(pairs, frozen, merges, done), ctrl=ctrl
     )
 
 

@@ -4,7 +4,9 @@
   head put back, then ``save_pretrained`` (Flax weights, config, tokenizer). Loads back with the
   same Flax class, and in PyTorch transformers with ``from_flax=True``.
 * ``export_peft``: ``adapter_config.json`` (``peft_type: LORA``, per-module ``rank_pattern`` and
-  ``alpha_pattern`` so that PEFT's ``alpha / r`` equals our scale) and
+  ``alpha_pattern`` so that PEFT's ``alpha / r`` equals our scale; DoRA adds ``use_dora: true``
+  and ``lora_magnitude_vector``; AdaLoRA writes ``peft_type: ADALORA`` with its ``rank_pattern``
+  and ``lora_A``/``lora_E``/``lora_B``) and
   ``adapter_model.safetensors`` with ``base_model.model.<torch module>.lora_A.weight (k, in)``
   and ``.lora_B.weight (out, k)`` — Flax kernels are ``(in, out)``, so factors are transposed.
   Modules that ended at rank 0 are left out; a trained head goes to ``modules_to_save``.
@@ -22,6 +24,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import save_file
 
+from aroma_jax.core import dora
 from aroma_jax.train import artifacts, run_config
 
 
@@ -43,8 +46,14 @@ def merged_params(params: Mapping, tensors: Mapping[str, np.ndarray], meta: Mapp
             continue
         key = f"{path}/kernel"
         w = np.asarray(flat[key])
-        dw = meta["scale"] * (a.astype(np.float32) @ b.astype(np.float32))
-        flat[key] = (w.astype(np.float32) + dw.reshape(w.shape)).astype(w.dtype)
+        w2 = w.astype(np.float32).reshape(a.shape[0], b.shape[1])
+        if meta.get("method") == "dora":  # m * (W0 + s A B) / n, per output column
+            new = np.asarray(
+                dora.merged_kernel(w2, a, b, tensors[f"magnitude/{path}"], meta["scale"])
+            )
+        else:
+            new = w2 + meta["scale"] * (a.astype(np.float32) @ b.astype(np.float32))
+        flat[key] = new.reshape(w.shape).astype(w.dtype)
     extra = traverse_util.flatten_dict(artifacts.extra_params(dict(tensors)), sep="/")
     for key, value in extra.items():
         flat[key] = value
@@ -101,11 +110,33 @@ def peft_files(
     task_type: str | None,
     head_modules: list[str],
 ) -> tuple[dict, dict[str, np.ndarray]]:
-    """(adapter_config, safetensors dict) in HF PEFT's LoRA layout."""
+    """(adapter_config, safetensors dict) in HF PEFT's format for the run's method: LoRA
+    (AROMA, LoRA, ReLoRA), LoRA with ``use_dora`` (DoRA) or ``ADALORA``."""
+    if meta.get("method") == "adalora":
+        config, state = _adalora_files(tensors, meta, torch_name)
+    else:
+        config, state = _lora_files(tensors, meta, torch_name)
+    state.update(_head_tensors(tensors, torch_name))
+    config.update(
+        base_model_name_or_path=base_model,
+        task_type=task_type,
+        lora_dropout=float(meta.get("adapter_dropout", 0.0)),  # for users who train on
+        bias="none",
+        fan_in_fan_out=False,
+        init_lora_weights=True,
+        modules_to_save=head_modules or None,
+        inference_mode=True,
+        use_rslora=False,
+    )
+    return config, state
+
+
+def _lora_files(tensors, meta, torch_name) -> tuple[dict, dict[str, np.ndarray]]:
     state: dict[str, np.ndarray] = {}
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
     targets = []
+    dora = meta.get("method") == "dora"
     for path in meta["paths"]:
         a, b = artifacts.factors(tensors, path)
         k = a.shape[1]
@@ -115,9 +146,72 @@ def peft_files(
         prefix = f"base_model.model.{name}"
         state[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a.T.astype(np.float32))
         state[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b.T.astype(np.float32))
+        if dora:
+            state[f"{prefix}.lora_magnitude_vector"] = np.asarray(
+                tensors[f"magnitude/{path}"], np.float32
+            ).reshape(-1)
         targets.append(name)
         rank_pattern[name] = k
         alpha_pattern[name] = float(meta["scale"]) * k  # PEFT scales by alpha / r
+    default_r = max(rank_pattern.values(), default=meta["r"])
+    config = {
+        "peft_type": "LORA",
+        "r": default_r,
+        "lora_alpha": float(meta["scale"]) * default_r,
+        "target_modules": sorted(targets),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_dora": dora,
+    }
+    return config, state
+
+
+def _adalora_files(tensors, meta, torch_name) -> tuple[dict, dict[str, np.ndarray]]:
+    """PEFT's AdaLoRA layout: per module ``lora_A (k, in)``, ``lora_E (k, 1)``,
+    ``lora_B (out, k)`` for the ``k`` kept triplets, and ``rank_pattern`` over all ``init_r``.
+
+    The finished factors hold ``P diag(lambda)`` and ``Q``, so ``lora_E`` is written as ones and
+    ``lora_A`` carries the singular values: PEFT computes the same product. PEFT scales by
+    ``lora_alpha / (init_r + 1e-5)``, our scale too, so ``lora_alpha`` is ``alpha``.
+    """
+    settings = meta["adalora"]
+    state: dict[str, np.ndarray] = {}
+    rank_pattern: dict[str, list[bool]] = {}
+    targets = []
+    for path in meta["paths"]:
+        a, b = artifacts.factors(tensors, path)
+        kept = np.asarray(tensors[f"kept/{path}"]).astype(bool)
+        if a.shape[1] == 0 or not kept.any():
+            continue  # nothing kept (or never written): the module is not adapted
+        name = torch_name(path)
+        prefix = f"base_model.model.{name}"
+        state[f"{prefix}.lora_A"] = np.ascontiguousarray(a[:, kept].T.astype(np.float32))
+        state[f"{prefix}.lora_E"] = np.ones((int(kept.sum()), 1), np.float32)
+        state[f"{prefix}.lora_B"] = np.ascontiguousarray(b[kept].T.astype(np.float32))
+        targets.append(name)
+        rank_pattern[f"{name}.lora_E"] = kept.tolist()
+    config = {
+        "peft_type": "ADALORA",
+        "lora_alpha": float(meta["alpha"]),
+        "target_modules": sorted(targets),
+        "init_r": settings["init_r"],
+        "target_r": settings["target_r"],
+        "tinit": settings["tinit"],
+        "tfinal": settings["tfinal"],
+        "deltaT": settings["delta_t"],
+        "beta1": settings["ipt_beta1"],
+        "beta2": settings["ipt_beta2"],
+        "orth_reg_weight": settings["orth_reg_weight"],
+        "total_step": settings["max_steps"],
+        "rank_pattern": rank_pattern,
+        "use_dora": False,
+    }
+    return config, state
+
+
+def _head_tensors(tensors, torch_name) -> dict[str, np.ndarray]:
+    """A trained head (PEFT's ``modules_to_save``) under its plain module names."""
+    state: dict[str, np.ndarray] = {}
     for key, value in tensors.items():
         if not key.startswith("extra/"):
             continue
@@ -131,26 +225,25 @@ def peft_files(
             state[f"base_model.model.{name}.bias"] = value
         elif leaf in ("embedding", "scale"):
             state[f"base_model.model.{name}.weight"] = value
-    default_r = max(rank_pattern.values(), default=meta["r"])
-    config = {
-        "peft_type": "LORA",
-        "base_model_name_or_path": base_model,
-        "task_type": task_type,
-        "r": default_r,
-        "lora_alpha": float(meta["scale"]) * default_r,
-        "lora_dropout": float(meta.get("adapter_dropout", 0.0)),  # for users who train on
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "target_modules": sorted(targets),
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "modules_to_save": head_modules or None,
-        "inference_mode": True,
-        "use_rslora": False,
-        "use_dora": False,
-    }
-    return config, state
+    return state
+
+
+# The hub ids of the offline assets, so `AutoPeftModel*.from_pretrained(adapter_dir)` can load
+# the base model the adapter was trained on.
+ASSET_HUB_IDS = {
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
+    "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
+
+def base_model_id(name: str) -> str:
+    """``base_model_name_or_path`` for a run's ``model.name``: an offline asset's hub id, a local
+    directory's absolute path, anything else (a hub id, a tiny random model) as it is."""
+    if name in ASSET_HUB_IDS:
+        return ASSET_HUB_IDS[name]
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser().resolve())
+    return name
 
 
 def export_peft(run_dir: str | Path, out: str | Path) -> Path:
@@ -167,7 +260,8 @@ def export_peft(run_dir: str | Path, out: str | Path) -> Path:
         }
     )
     task_type = {"llama": "CAUSAL_LM", "bart": "SEQ_2_SEQ_LM"}.get(pipe.arch, "SEQ_CLS")
-    config, state = peft_files(tensors, meta, torch_name, cfg["model"]["name"], task_type, heads)
+    base = base_model_id(cfg["model"]["name"])
+    config, state = peft_files(tensors, meta, torch_name, base, task_type, heads)
     out.mkdir(parents=True, exist_ok=True)
     # PEFT stores modules_to_save weights under their plain module names.
     save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})

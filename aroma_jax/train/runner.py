@@ -76,7 +76,7 @@ def batch_at(arrays: Mapping[str, np.ndarray], batch_size: int, seed: int, step:
     if per_epoch == 0:
         raise TrainingError(
             f"the training split has {n} examples, fewer than one batch "
-            f"({batch_size}); lower train.batch_size"
+            f"(train.batch_size={batch_size}): accepted train.batch_size <= {n}"
         )
     epoch, index = divmod(step, per_epoch)
     order = np.random.default_rng([seed, epoch]).permutation(n)
@@ -135,11 +135,14 @@ class MetricsLog:
             self._tb.close()
 
 
+def _pair_size(pair) -> int:
+    """Trained entries of a pair, DoRA's magnitude and AdaLoRA's singular values included."""
+    return sum(int(x.size) for x in jax.tree.leaves(pair))
+
+
 def _trainable_now(trainer: AromaTrainer, state: TrainState, head: int) -> int:
     done = jax.device_get(state.adapters.done)
-    return head + sum(
-        int(p.a.size + p.b.size) for k, p in state.adapters.pairs.items() if not bool(done[k])
-    )
+    return head + sum(_pair_size(p) for k, p in state.adapters.pairs.items() if not bool(done[k]))
 
 
 def train(
@@ -157,6 +160,7 @@ def train(
     t0 = time.perf_counter()
     out = prepare_run_dir(output, resume)
     pipe: Pipeline = build_pipeline(cfg)
+    batch_at(pipe.train_arrays, cfg["train"]["batch_size"], 0, 0)  # fewer rows than a batch?
     aroma = pipe.aroma
     resolved = run_config.to_plain(cfg, aroma)
     write_atomic(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
@@ -184,10 +188,7 @@ def train(
         unlogged = [float(x) for x in meta.get("unlogged_losses", [])]
         drop_records_after(out / "metrics.jsonl", start)
     log = MetricsLog(out)
-    pair_sizes = {
-        p: int(state.adapters.pairs[p].a.size + state.adapters.pairs[p].b.size)
-        for p in trainer.paths
-    }
+    pair_sizes = {p: _pair_size(state.adapters.pairs[p]) for p in trainer.paths}
     total_steps = aroma.max_steps
     bar = _progress(tcfg["progress"], total_steps, start)
     seed = tcfg["seed"]

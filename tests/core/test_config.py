@@ -20,7 +20,7 @@ def test_defaults_and_scale():
         ("inner_tol", -0.1, ">= 0"),
         ("prune_ratio", 1.5, "[0, 1]"),
         ("reset", "zero", "'prune', 'full', 'none'"),
-        ("method", "adalora", "'aroma', 'lora', 'relora'"),
+        ("method", "vera", "'aroma', 'lora', 'relora'"),
         ("schedule", "step", "'linear'"),
         ("fold", "yes", "'auto'"),
         ("b2", 1.0, "[0, 1)"),

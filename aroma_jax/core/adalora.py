@@ -1,0 +1,200 @@
+"""AdaLoRA (Zhang et al. 2023; PEFT's ``AdaLoraConfig``): SVD-form pairs pruned to a budget.
+
+Each target module's update is ``s * P diag(lambda) Q`` with ``P = a: (in, r)``,
+``lambda = singular: (r,)`` and ``Q = b: (r, out)`` (PEFT's ``lora_A.T``, ``lora_E`` and
+``lora_B.T``), ``r = init_r`` and ``s = alpha / (init_r + 1e-5)``. Training adds the
+orthogonality regulariser ``orth_reg_weight * mean(|P^T P - I|_F, |Q Q^T - I|_F)`` to the loss.
+
+After every optimizer update the rank allocator (PEFT's ``RankAllocator``, called with
+``global_step`` = the number of earlier steps) runs inside the compiled step:
+
+* importance of every entry of ``P``, ``lambda`` and ``Q``: ``I = |theta * grad|``, smoothed
+  ``I_bar = b1 I_bar + (1 - b1) I`` (sensitivity), ``U = b2 U + (1 - b2) |I - I_bar|``
+  (uncertainty); a triplet's score is ``I_bar U`` of its singular value plus the means over its
+  ``P`` column and ``Q`` row;
+* the budget (total kept triplets) stays ``n * init_r`` for ``tinit`` steps, then falls
+  cubically to ``n * target_r`` at ``max_steps - tfinal`` (`budget_table`, computed on the host
+  exactly as PEFT's Python does); every ``delta_t`` steps the lowest-scoring triplets beyond the
+  budget get ``lambda = 0`` (ties at the threshold go too, as in PEFT);
+* at ``max_steps - tfinal`` the allocation is final: from then on the same triplets are masked
+  after every update.
+
+Pruning never changes a shape: it zeroes entries of ``lambda`` (as PEFT's ``masked_fill_``), and
+`AllocatorState.kept` records the latest pattern (PEFT's ``rank_pattern``; a module's rank is
+its count). A pruned ``lambda`` can grow back before the next allocation, also as in PEFT.
+
+Example:
+    >>> from aroma_jax.core.config import AromaConfig
+    >>> from aroma_jax.core import adalora
+    >>> cfg = AromaConfig(target_modules=("q",), method="adalora", init_r=4, target_r=2,
+    ...                   max_steps=10, tinit=2, tfinal=3)
+    >>> budget, due = adalora.budget_table(cfg, n_modules=3)
+    >>> budget.tolist()
+    [12, 12, 12, 9, 7, 6, 6, 6, 6, 6, 6]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from aroma_jax.core.adapters import ModuleSpec, Pair
+from aroma_jax.core.config import AromaConfig
+
+Array = jax.Array
+
+
+class AllocatorState(NamedTuple):
+    """The rank allocator's state; ``ipt`` and ``unc`` are shaped like the pairs."""
+
+    ipt: dict[str, Pair]  # sensitivity EMA (PEFT's exp_avg_ipt)
+    unc: dict[str, Pair]  # uncertainty EMA (PEFT's exp_avg_unc)
+    kept: dict[str, Array]  # (r,) bool: the latest allocation (PEFT's rank_pattern)
+
+
+def fresh_pairs(key: Array, specs: Mapping[str, ModuleSpec], r: int) -> dict[str, Pair]:
+    """PEFT's init: ``P``, ``Q`` normal with std 0.02, ``lambda = 0`` (the update starts at 0)."""
+    out = {}
+    for i, p in enumerate(sorted(specs)):
+        ka, kb = jax.random.split(jax.random.fold_in(key, i))
+        spec = specs[p]
+        a = 0.02 * jax.random.normal(ka, (spec.fan_in, r), jnp.float32)
+        b = 0.02 * jax.random.normal(kb, (r, spec.fan_out), jnp.float32)
+        out[p] = Pair(a, b, singular=jnp.zeros((r,), jnp.float32))
+    return out
+
+
+def init(pairs: Mapping[str, Pair]) -> AllocatorState:
+    zeros = {p: jax.tree.map(jnp.zeros_like, pair) for p, pair in pairs.items()}
+    zeros2 = {p: jax.tree.map(jnp.zeros_like, pair) for p, pair in pairs.items()}
+    kept = {p: jnp.ones(pair.singular.shape, bool) for p, pair in pairs.items()}
+    return AllocatorState(zeros, zeros2, kept)
+
+
+def effective(pair: Pair) -> Pair:
+    """The plain pair the forward applies: ``(P diag(lambda), Q)``."""
+    return Pair(pair.a * pair.singular[None, :], pair.b)
+
+
+def orth_penalty(pairs: Mapping[str, Pair]) -> Array:
+    """PEFT's regulariser: the mean of ``|P^T P - I|_F`` and ``|Q Q^T - I|_F`` over all modules."""
+    terms = []
+    for p in sorted(pairs):
+        a, b = pairs[p].a.astype(jnp.float32), pairs[p].b.astype(jnp.float32)
+        eye = jnp.eye(a.shape[1], dtype=jnp.float32)
+        terms.append(jnp.linalg.norm(a.T @ a - eye))
+        terms.append(jnp.linalg.norm(b @ b.T - eye))
+    return sum(terms) / len(terms)
+
+
+def budget_table(cfg: AromaConfig, n_modules: int) -> tuple[np.ndarray, np.ndarray]:
+    """(budget, allocation due) for every ``global_step`` in ``[0, max_steps]``.
+
+    PEFT's ``budget_schedule`` evaluated in Python floats on the host, so the compiled step
+    reads the same integers PEFT computes (an fp32 cubic could round across an integer).
+    """
+    init_bgt, target_bgt = cfg.init_r * n_modules, cfg.target_r * n_modules
+    total, tinit, tfinal = cfg.max_steps, cfg.tinit, cfg.tfinal
+    budget = np.zeros(total + 1, np.int32)
+    due = np.zeros(total + 1, bool)
+    for step in range(total + 1):
+        if step <= tinit:
+            budget[step], due[step] = init_bgt, False
+        elif step > total - tfinal:
+            budget[step], due[step] = target_bgt, True
+        else:
+            mul = 1 - (step - tinit) / (total - tfinal - tinit)
+            budget[step] = int((init_bgt - target_bgt) * (mul**3) + target_bgt)
+            due[step] = step % cfg.delta_t == 0
+    return budget, due
+
+
+def update_importance(
+    state: AllocatorState, pairs: Mapping[str, Pair], grads: Mapping[str, Pair], cfg: AromaConfig
+) -> AllocatorState:
+    """One EMA step of sensitivity and uncertainty for every entry (PEFT's ``update_ipt``)."""
+    b1, b2 = cfg.ipt_beta1, cfg.ipt_beta2
+    ipt, unc = {}, {}
+    for p in sorted(pairs):
+
+        def one(theta, g, avg, u):
+            now = jnp.abs(theta * g)
+            avg = b1 * avg + (1 - b1) * now
+            return avg, b2 * u + (1 - b2) * jnp.abs(now - avg)
+
+        pair, grad = pairs[p], grads[p]
+        out = [
+            one(
+                getattr(pair, f),
+                getattr(grad, f),
+                getattr(state.ipt[p], f),
+                getattr(state.unc[p], f),
+            )
+            for f in ("a", "b", "singular")
+        ]
+        ipt[p] = Pair(out[0][0], out[1][0], singular=out[2][0])
+        unc[p] = Pair(out[0][1], out[1][1], singular=out[2][1])
+    return state._replace(ipt=ipt, unc=unc)
+
+
+def triplet_scores(state: AllocatorState) -> dict[str, Array]:
+    """Per module ``(r,)``: score of lambda_i + (mean score of P's column i + of Q's row i)."""
+    out = {}
+    for p in sorted(state.ipt):
+        s = jax.tree.map(lambda i, u: i * u, state.ipt[p], state.unc[p])
+        out[p] = s.singular + (jnp.mean(s.a, axis=0) + jnp.mean(s.b, axis=1))
+    return out
+
+
+def mask_to_budget(state: AllocatorState, budget: Array) -> dict[str, Array]:
+    """Which triplets survive a budget: all but the ``init - budget`` lowest scores (ties at the
+    threshold are pruned too, PEFT's ``<= kthvalue``); ``budget >= init`` keeps everything."""
+    scores = triplet_scores(state)
+    flat = jnp.concatenate([scores[p] for p in sorted(scores)])
+    k = flat.shape[0] - budget  # PEFT: kthvalue(k = init_bgt - budget)
+    threshold = jnp.sort(flat)[jnp.clip(k - 1, 0, flat.shape[0] - 1)]
+    return {p: ~((k > 0) & (s <= threshold)) for p, s in scores.items()}
+
+
+def allocate(
+    state: AllocatorState,
+    pairs: Mapping[str, Pair],
+    grads: Mapping[str, Pair],
+    global_step: Array,
+    cfg: AromaConfig,
+    tables: tuple[Array, Array],
+) -> tuple[AllocatorState, dict[str, Pair]]:
+    """PEFT's ``update_and_allocate(global_step)`` after an update: returns the new allocator
+    state and the pairs with the pruned singular values zeroed.
+
+    ``tables`` is `budget_table` as device arrays; ``global_step`` counts the steps before this
+    one (PEFT's training loops pass 0 after the first update).
+    """
+    budget_t, due_t = tables
+    final_at = cfg.max_steps - cfg.tfinal
+    g = jnp.clip(global_step, 0, cfg.max_steps)
+    budgeting = global_step < final_at
+    updated = update_importance(state, pairs, grads, cfg)
+    state = jax.tree.map(lambda new, old: jnp.where(budgeting, new, old), updated, state)
+    fix = global_step == final_at  # the final allocation (PEFT: force_mask, then reset_ipt)
+    reallocate = (budgeting & due_t[g]) | fix
+    fresh = mask_to_budget(state, budget_t[g])
+    kept = {p: jnp.where(reallocate, fresh[p], state.kept[p]) for p in state.kept}
+    # Past the final allocation the fixed pattern masks every step (mask_using_rank_pattern).
+    apply = reallocate | (global_step > final_at)
+    new_pairs = {
+        p: pair._replace(singular=jnp.where(apply & ~kept[p], 0.0, pair.singular))
+        for p, pair in pairs.items()
+    }
+    zero = lambda t: jax.tree.map(lambda x: jnp.where(fix, jnp.zeros_like(x), x), t)  # noqa: E731
+    state = AllocatorState(zero(state.ipt), zero(state.unc), kept)
+    return state, new_pairs
+
+
+def ranks(state: AllocatorState) -> dict[str, Array]:
+    """Kept triplets per module (int32 scalars)."""
+    return {p: jnp.sum(k.astype(jnp.int32)) for p, k in state.kept.items()}

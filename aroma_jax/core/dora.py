@@ -1,0 +1,82 @@
+"""DoRA (Liu et al. 2024; PEFT's ``use_dora``): a magnitude times a normalised direction.
+
+For a kernel ``W0: (in, out)`` and a LoRA pair ``a: (in, r)``, ``b: (r, out)`` DoRA's adapted
+kernel is ``W = m * (W0 + s a b) / n`` with a trainable magnitude ``m: (out,)`` (initialised to
+the column norms of ``W0``) and ``n_j = |W0[:, j] + s (a b)[:, j]|`` the direction's norm per
+output column (Flax kernels are ``(in, out)``, so PEFT's "row of weight" is our column). ``n`` is
+treated as a constant in the backward pass (the DoRA paper's section 4.3, PEFT's ``detach``).
+
+Nothing here forms an ``(in, out)`` matrix: ``n_j^2 = |W0_j|^2 + 2 s (a^T W0)_j . b_j +
+s^2 b_j^T (a^T a) b_j``, with ``|W0_j|^2`` computed once (`column_sq_norms`) and the rest from
+``a^T W0: (r, out)`` and ``a^T a: (r, r)``. The module's output is then, like PEFT's
+``DoraLinearLayer.forward``, ``y = f * (x W0 + s (x a) b) + bias`` with ``f = m / n``, applied by
+`aroma_jax.core.inject` from the base call's output (``(f - 1) * (y0 - bias)``), so the base
+matmul is not repeated.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from aroma_jax.core import dora
+    >>> w0 = jnp.array([[3.0, 0.0], [4.0, 1.0]])  # column norms 5 and 1
+    >>> col_sq = dora.column_sq_norms(w0)
+    >>> a, b = jnp.zeros((2, 1)), jnp.zeros((1, 2))
+    >>> dora.column_norms(col_sq, w0, a, b, 2.0).tolist()
+    [5.0, 1.0]
+    >>> dora.factor(jnp.array([10.0, 1.0]), col_sq, w0, a, b, 2.0).tolist()  # m / n
+    [2.0, 1.0]
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+
+
+def column_sq_norms(w0: Array) -> Array:
+    """``|W0[:, j]|^2`` per output column ``j`` of a 2-D kernel, in fp32 (computed once)."""
+    w0 = w0.astype(jnp.float32)
+    return jnp.sum(w0 * w0, axis=0)
+
+
+def column_norms(col_sq: Array, w0: Array, a: Array, b: Array, scale: float) -> Array:
+    """``|W0[:, j] + s (a b)[:, j]|`` for every ``j`` from factors (no ``(in, out)`` product).
+
+    Args:
+      col_sq: `column_sq_norms` of ``w0``.
+      w0: the 2-D base kernel ``(in, out)``.
+      a, b: the low-rank factors ``(in, k)`` and ``(k, out)`` (pair, or frozen slots and pair
+        concatenated).
+      scale: ``s``.
+    """
+    f32 = jnp.float32
+    a, b = a.astype(f32), b.astype(f32)
+    # (k, out): one pass over W0 with k vectors, like k extra tokens through the layer.
+    atw = lax.dot_general(a, w0.astype(f32), (((0,), (0,)), ((), ())))
+    cross = jnp.sum(atw * b, axis=0)
+    gram = a.T @ a  # (k, k)
+    ab_sq = jnp.sum(b * (gram @ b), axis=0)
+    sq = col_sq + 2.0 * scale * cross + scale**2 * ab_sq
+    # The expansion can round below zero only when the update cancels a column exactly.
+    return jnp.sqrt(jnp.maximum(sq, 0.0))
+
+
+def factor(magnitude: Array, col_sq: Array, w0: Array, a: Array, b: Array, scale: float) -> Array:
+    """DoRA's per-column factor ``f = m / n`` with ``n`` detached (gradients reach ``m`` only
+    through this factor; ``a`` and ``b`` get theirs through the low-rank term it multiplies)."""
+    n = lax.stop_gradient(column_norms(col_sq, w0, a, b, scale))
+    safe = jnp.maximum(n, jnp.finfo(jnp.float32).tiny)
+    return magnitude.astype(jnp.float32) / safe
+
+
+def init_magnitude(w0: Array) -> Array:
+    """The magnitude at initialisation (``b = 0``): the column norms of ``W0``, as PEFT."""
+    return jnp.sqrt(column_sq_norms(w0))
+
+
+def merged_kernel(w0: Array, a: Array, b: Array, magnitude: Array, scale: float) -> Array:
+    """The dense adapted kernel ``m * (W0 + s a b) / n`` for export (never in the train step)."""
+    direction = w0.astype(jnp.float32) + scale * (a.astype(jnp.float32) @ b.astype(jnp.float32))
+    n = jnp.linalg.norm(direction, axis=0)
+    return direction * (magnitude.astype(jnp.float32) / n)[None, :]
