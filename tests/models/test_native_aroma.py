@@ -57,15 +57,22 @@ def run(model, params, steps=15):
         state, info = trainer.step(state, batch)
         losses.append(float(info.loss))
         ranks.append(np.asarray(info.ranks).tolist())
-    return np.asarray(losses), ranks, trainer.paths
+    return np.asarray(losses), ranks, trainer.paths, trainer, state
 
 
-def test_aroma_run_on_native_equals_fixed_hf_flax_llama():
+@pytest.fixture(scope="module")
+def fixed_and_native_runs():
     fixed = FixedFlaxLlamaForCausalLM(transformers.LlamaConfig(**CFG), seed=0)
     native = NativeCausalLM(NativeConfig.from_dict({**CFG, "model_type": "llama"}))
     params = fixed.params  # one param tree serves both: the native paths mirror HF's
-    hf_loss, hf_ranks, hf_paths = run(fixed, params)
-    nat_loss, nat_ranks, nat_paths = run(native, params)
+    native.params = params
+    return run(fixed, params), run(native, params), native
+
+
+def test_aroma_run_on_native_equals_fixed_hf_flax_llama(fixed_and_native_runs):
+    (hf_loss, hf_ranks, hf_paths, _, _), (nat_loss, nat_ranks, nat_paths, _, _), _ = (
+        fixed_and_native_runs
+    )
     print(
         f"max |loss native - loss hf| over {len(hf_loss)} steps: "
         f"{np.abs(nat_loss - hf_loss).max():.2e}; final ranks {nat_ranks[-1]}"
@@ -75,6 +82,33 @@ def test_aroma_run_on_native_equals_fixed_hf_flax_llama():
     assert max(hf_ranks[-1]) >= 1  # outer steps merged something: the comparison has teeth
     np.testing.assert_allclose(nat_loss, hf_loss, atol=1e-5, rtol=0)
     assert hf_loss[-1] < hf_loss[0]
+
+
+def test_merged_export_of_a_native_run_loads_in_pytorch(fixed_and_native_runs, tmp_path):
+    """`aroma-jax export --merged` for native runs: merged weights, PyTorch-layout safetensors."""
+    import torch
+
+    from aroma_jax.train import artifacts
+    from aroma_jax.train.export import merged_params, save_pytorch_weights
+
+    _, (_, ranks, _, trainer, state), native = fixed_and_native_runs
+    final = trainer.finalize(state)
+    artifacts.save_final(tmp_path / "final", trainer, final)
+    tensors, meta = artifacts.load_final(tmp_path / "final")
+    merged = merged_params(native.params, tensors, meta)
+    assert save_pytorch_weights(native, merged, tmp_path / "merged") is None  # not needed
+    native.save_pretrained(tmp_path / "merged", params=merged)
+    x = next(batches(1))
+    with trainer.applied(final) as p:
+        want = np.asarray(native(x["input_ids"], x["attention_mask"], params=p).logits)
+    pt = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        got = pt(
+            torch.tensor(x["input_ids"]).long(), attention_mask=torch.tensor(x["attention_mask"])
+        ).logits.numpy()
+    valid = x["attention_mask"].astype(bool)
+    assert max(ranks[-1]) >= 1
+    np.testing.assert_allclose(got[valid], want[valid], atol=1e-4)
 
 
 def test_remat_keeps_adapter_gradients():
