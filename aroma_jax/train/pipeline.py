@@ -67,6 +67,7 @@ def build_pipeline(cfg: Mapping[str, Any]) -> Pipeline:
         impl=mcfg.get("impl", "auto"),
     )
     check_lengths(cfg, loaded)
+    check_labels(cfg, task)
     aroma = aroma_for(cfg, loaded.arch, task.kind)
     if task.kind == "instruction":
         if loaded.arch != "llama":
@@ -101,6 +102,23 @@ def check_lengths(cfg: Mapping[str, Any], loaded: models.Loaded) -> None:
             raise ValueError(
                 f"{key}={value} is above the position limit of model {name!r} ({limit} tokens): "
                 f"accepted 1..{limit}"
+            )
+
+
+def check_labels(cfg: Mapping[str, Any], task: data.Task) -> None:
+    """``model.num_labels`` must cover every label id of every split (XLA would not notice an
+    out-of-range class id: losses and metrics would silently be wrong)."""
+    n = cfg["model"]["num_labels"]
+    if n is None or task.kind not in ("classification", "pair_classification"):
+        return
+    for split, ds in task.splits.items():
+        labels = np.asarray(ds[task.label_field])
+        bad = np.nonzero((labels < 0) | (labels >= n))[0]
+        if len(bad):
+            raise ValueError(
+                f"model.num_labels={n} but task {task.name!r} split {split!r} row {int(bad[0])} "
+                f"has label {labels[bad[0]]}: accepted model.num_labels >= {task.num_labels} "
+                "(or null: the task's own count)"
             )
 
 

@@ -188,6 +188,13 @@ def resolve(raw: Mapping[str, Any] | None, overrides: Iterable[str] = ()) -> dic
         )
     _check_generation_and_dev(cfg)
     _check_task(cfg["task"])
+    n_labels = cfg["model"]["num_labels"]
+    if n_labels is not None and (
+        isinstance(n_labels, bool) or not isinstance(n_labels, int) or n_labels < 1
+    ):
+        raise ConfigError(
+            f"invalid model.num_labels={n_labels!r}: accepted an integer >= 1 or null"
+        )
     if not isinstance(cfg["model"]["name"], str) or not cfg["model"]["name"]:
         raise ConfigError(
             f"invalid model.name={cfg['model']['name']!r}: accepted an asset (minilm, smollm2), "

@@ -163,6 +163,8 @@ def train(
     batch_at(pipe.train_arrays, cfg["train"]["batch_size"], 0, 0)  # fewer rows than a batch?
     aroma = pipe.aroma
     resolved = run_config.to_plain(cfg, aroma)
+    if resume:
+        check_resume_config(out / "config.yaml", resolved)
     write_atomic(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     tcfg = cfg["train"]
 
@@ -349,6 +351,39 @@ def train(
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     _save_adapters(out, trainer, final)
     return summary
+
+
+RESUME_MAY_CHANGE = ("train.progress", "train.eval_batch_size", "mesh")  # no effect on the state
+
+
+def check_resume_config(path: Path, resolved: Mapping[str, Any]) -> None:
+    """A resumed run must use the config it was started with (another method, model, task or
+    schedule would continue someone else's state); only `RESUME_MAY_CHANGE` keys may differ."""
+    if not path.exists():
+        return
+    old = yaml.safe_load(path.read_text()) or {}
+    new = yaml.safe_load(yaml.safe_dump(dict(resolved), sort_keys=False))
+
+    def flat(cfg: Mapping[str, Any]) -> dict[str, Any]:
+        out = {}
+        for section, values in cfg.items():
+            items = values.items() if isinstance(values, Mapping) else [("", values)]
+            for key, value in items:
+                out[f"{section}.{key}" if key else section] = value
+        return out
+
+    a, b = flat(old), flat(new)
+    diff = [
+        k for k in sorted(set(a) | set(b)) if k not in RESUME_MAY_CHANGE and a.get(k) != b.get(k)
+    ]
+    if diff:
+        shown = "; ".join(f"{k}: {a.get(k)!r} in the run, {b.get(k)!r} now" for k in diff[:4])
+        more = f" (and {len(diff) - 4} more)" if len(diff) > 4 else ""
+        raise TrainingError(
+            f"--resume with a config that differs from the run in {str(path.parent)!r}: "
+            f"{shown}{more}. Resume with the run's own config (--config {path}), or train "
+            "into a new --output directory"
+        )
 
 
 def drop_records_after(path: Path, step: int) -> None:
