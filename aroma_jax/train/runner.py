@@ -32,7 +32,7 @@ import yaml
 from aroma_jax.core.adapters import adapter_param_count
 from aroma_jax.core.history import History
 from aroma_jax.core.train_step import AromaTrainer, StepInfo, TrainState
-from aroma_jax.train import plots, run_config
+from aroma_jax.train import memory, plots, run_config
 from aroma_jax.train.pipeline import Pipeline, build_pipeline
 
 
@@ -170,6 +170,7 @@ def train(
 
     trainer = AromaTrainer(pipe.loss_fn, pipe.params, aroma)
     head_params = sum(int(x.size) for x in jax.tree.leaves(trainer_extra(pipe, trainer)))
+    memory.check_run(cfg, pipe, trainer)  # refuse now rather than be killed mid-run
     state = trainer.init(pipe.params)
     pipe.params = None  # the state owns the buffers now (the step donates them)
     if cfg.get("mesh"):
