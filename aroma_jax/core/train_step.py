@@ -176,7 +176,7 @@ class AromaTrainer:
         # derived capacity (a long run) costs compute, not just memory.
         unfolded = [p for p in self.paths if p not in self.folded]
         columns = adapters_lib.capacity(self.cfg) * self.cfg.r
-        if unfolded and self.cfg.method != "lora" and columns > SLOT_COST_COLUMNS:
+        if unfolded and self.cfg.grows and columns > SLOT_COST_COLUMNS:
             warnings.warn(
                 f"{len(unfolded)} adapted kernels are not fp32, so their frozen factors are "
                 f"applied every step with {columns} columns (rank_capacity "
