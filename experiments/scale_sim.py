@@ -121,6 +121,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="aroma",
         help="aroma (controller in the step) or lora (same adapters, no controller)",
     )
+    p.add_argument(
+        "--topology",
+        default=None,
+        metavar="NAME",
+        help="compile for a TPU topology instead of simulated CPU devices, e.g. v5p:2x2x2 (8 "
+        "chips); needs libtpu (pip install libtpu), no TPU: XLA's TPU compiler runs on the host. "
+        "--devices is then the topology's chip count",
+    )
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     try:
@@ -181,6 +189,19 @@ def collectives(hlo: str) -> dict:
     return out
 
 
+def _devices(args, n_devices: int, jax) -> list:
+    if args.topology is None:
+        return jax.devices()[:n_devices]
+    from jax.experimental import topologies
+
+    devices = topologies.get_topology_desc(topology_name=args.topology, platform="tpu").devices
+    if len(devices) != n_devices:
+        raise SystemExit(
+            f"--topology {args.topology} has {len(devices)} chips; pass --devices {len(devices)}"
+        )
+    return list(devices)
+
+
 def simulate(args, n_devices: int, jax) -> dict:
     import jax.numpy as jnp
 
@@ -221,8 +242,8 @@ def simulate(args, n_devices: int, jax) -> dict:
     state = jax.eval_shape(trainer.init, params)
     batch = {"input_ids": ids, "attention_mask": ids, "loss_mask": ids}
     mesh_spec = args.meshes.get(n_devices, "")
-    if n_devices > 1:
-        mesh = sharding.parse_mesh(mesh_spec, jax.devices()[:n_devices])
+    if n_devices > 1 or args.topology:  # a topology's programs need explicit shardings
+        mesh = sharding.parse_mesh(mesh_spec or "data=1", _devices(args, n_devices, jax))
         shardings = sharding.state_shardings(trainer, state, mesh, sharding_rules())
         trainer.set_shardings(shardings, sharding.batch_sharding(mesh))
     # CPU seconds next to wall seconds: on a shared machine the wall clock measures the
@@ -248,6 +269,7 @@ def simulate(args, n_devices: int, jax) -> dict:
         "params": param_count,
         "devices": n_devices,
         "mesh": mesh_spec or "single device",
+        "target": f"TPU {args.topology}" if args.topology else "simulated CPU devices",
         "batch": args.batch,
         "seq": args.seq,
         "remat": args.remat,
@@ -273,7 +295,8 @@ def fmt(r: dict) -> str:
     coll = ", ".join(f"{k} x{v['count']} {v['bytes'] / GB:.2f} GB" for k, v in every.items())
     ccoll = ", ".join(f"{k} x{v['count']} {v['bytes'] / GB:.3f} GB" for k, v in cond.items())
     return (
-        f"{r['model']} {r['method']} L={r['layers']} on {r['devices']} ({r['mesh']}): "
+        f"[{r['target']}] {r['model']} {r['method']} L={r['layers']} "
+        f"on {r['devices']} ({r['mesh']}): "
         f"args {r['argument_bytes'] / GB:.2f} GB, out {r['output_bytes'] / GB:.2f} GB, "
         f"alias {r['alias_bytes'] / GB:.2f} GB, temp {r['temp_bytes'] / GB:.2f} GB, "
         f"peak {r['peak_bytes'] / GB:.2f} GB/device; "
@@ -295,8 +318,11 @@ def main(argv=None) -> list[dict]:
                 f"jax is already imported with {jax.device_count()} devices; run scale_sim in a "
                 f"fresh process (it sets {flag})"
             )
-    else:
+    elif args.topology is None:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    else:  # no TPU attached: libtpu's compiler only; quiet its worker discovery
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import jax
