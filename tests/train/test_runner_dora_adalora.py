@@ -40,7 +40,9 @@ def cfg(method):
     return run_config.load(CONFIGS / "tiny-roberta.yaml", FAST + METHODS[method])
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+# DoRA's run differs from AdaLoRA's only inside the trainer (tested in tests/core) and in its
+# final tensors (tests/train/test_export_dora_adalora.py); one method keeps this test short.
+@pytest.mark.parametrize("method", ["adalora"])
 def test_run_and_peft_export(fake_assets, tmp_path, method):
     run = tmp_path / "run"
     s = runner.train(cfg(method), run)
