@@ -96,7 +96,8 @@ class AromaConfig:
         Trainer's default is 1.0); 0 disables clipping.
       adapter_dropout: dropout on the trainable pair's input during training, PEFT's
         ``lora_dropout`` semantics (``s * b(a(dropout(x)))``; the frozen path and evaluation see
-        ``x`` unchanged).
+        ``x`` unchanged; DoRA, as PEFT's, also applies ``W0`` to the dropped input for its
+        magnitude term, one more pass over each adapted kernel).
       b1, b2, eps: Adam hyperparameters.
       fold: fold each merged pair into an fp32 base kernel at its merge (an exact, once-per-merge
         rank-one add) instead of applying frozen factors every step. ``"auto"`` folds fp32 kernels
@@ -241,13 +242,6 @@ class AromaConfig:
                     f"fewer than max_steps - tfinal ({self.max_steps} - {self.tfinal}) steps, "
                     "so a budgeting phase is left (PEFT's rule)",
                 )
-        if self.method == "dora" and self.adapter_dropout > 0:
-            _fail(
-                "adapter_dropout",
-                self.adapter_dropout,
-                "0 with method dora (PEFT's DoRA re-applies the base layer to the dropped "
-                "input, a second pass over W0 that this implementation does not make)",
-            )
 
     def _warn_binding_capacity(self) -> None:
         needed = max_outer_steps(self) + 1

@@ -174,14 +174,25 @@ def dropped(x: Array, rate: float, key: Array) -> Array:
 
 
 def _dora_output(
-    module: nn.Module, y: Array, delta: Array | None, f: Array, lead: tuple[int, ...]
+    module: nn.Module,
+    y: Array,
+    delta: Array | None,
+    f: Array,
+    lead: tuple[int, ...],
+    dropped_base: Array | None = None,
 ) -> Array:
-    """``f * (y - bias + delta) + bias`` from the base call's ``y``: PEFT's DoRA output
-    ``y + (f - 1) * (x W0) + f * delta`` without a second pass over ``W0``."""
+    """PEFT's DoRA output ``y + (f - 1) * (x' W0) + f * delta`` from the base call's ``y``.
+
+    Without dropout ``x' = x`` and ``x W0 = y - bias``, so ``W0`` is not applied again; with
+    dropout ``x'`` is the dropped input and ``dropped_base = x' W0`` (PEFT's second pass).
+    """
     features = y.shape[len(lead) :]
     f = f.reshape(features).astype(y.dtype)
-    bias = module.variables.get("params", {}).get("bias") if module.use_bias else None
-    base = y if bias is None else y - bias.astype(y.dtype)
+    if dropped_base is not None:
+        base = dropped_base.reshape(lead + features)
+    else:
+        bias = module.variables.get("params", {}).get("bias") if module.use_bias else None
+        base = y if bias is None else y - bias.astype(y.dtype)
     out = y + (f - 1) * base
     if delta is not None:
         out = out + f * delta.reshape(lead + features).astype(y.dtype)
@@ -236,8 +247,14 @@ def adapters_applied(
         x2 = x2.astype(y.dtype)
         pair, frozen = entry
         has_frozen = frozen is not None and frozen.a.shape[-1] > 0
+        dropped_base = None
         if pair is not None and dropout is not None and dropout[0] > 0:
-            delta = lowrank_delta(dropped(x2, dropout[0], drop_key(path)), pair.a, pair.b, scale)
+            xd = dropped(x2, dropout[0], drop_key(path))
+            delta = lowrank_delta(xd, pair.a, pair.b, scale)
+            if path in column_scale:  # PEFT's DoRA applies W0 to the dropped input as well
+                kernel = module.variables["params"]["kernel"]
+                w0 = kernel.reshape(xd.shape[-1], -1)
+                dropped_base = _contract(xd, w0, (xd.ndim - 1,), (0,)).astype(y.dtype)
             if has_frozen:
                 delta = delta + frozen_delta(x2, frozen.a, frozen.b, scale)
         elif pair is not None and has_frozen:
@@ -250,7 +267,7 @@ def adapters_applied(
             delta = None
         hits.add(path)
         if path in column_scale:
-            return _dora_output(module, y, delta, column_scale[path], lead)
+            return _dora_output(module, y, delta, column_scale[path], lead, dropped_base)
         if delta is None:
             return y
         return y + delta.reshape(lead + y.shape[len(lead) :]).astype(y.dtype)

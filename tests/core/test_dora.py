@@ -1,12 +1,14 @@
 """DoRA: factored column norms, parity with PEFT's DoRA layer, the train step (no dense dW)."""
 
+import zlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aroma_jax import AromaConfig, AromaTrainer
+from aroma_jax import AromaTrainer
 from aroma_jax.core import dora, inject
 from aroma_jax.core.adapters import Pair
 from aroma_jax.examples.toy import D_IN, D_OUT, batches, make_problem, toy_config
@@ -161,6 +163,47 @@ def test_dora_step_forms_no_dense_in_out_array():
     assert _dense_outputs(naive, (D_IN, D_OUT))
 
 
-def test_dora_rejects_adapter_dropout():
-    with pytest.raises(ValueError, match="adapter_dropout"):
-        AromaConfig(target_modules=("q",), method="dora", adapter_dropout=0.1)
+def test_dropout_matches_peft_dora_in_training_mode():
+    # PEFT's DoRA with dropout: y + (f - 1) * (x' W0) + f * s * B A x' for the dropped x'.
+    # Its dropout module is replaced by one applying our mask, so both see the same x'.
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    rng = np.random.default_rng(6)
+    w0, a, b = factors(7)
+    bias = rng.normal(size=OUT).astype(np.float32)
+    m = (np.linalg.norm(w0, axis=0) * rng.uniform(0.5, 1.5, OUT)).astype(np.float32)
+    x = rng.normal(size=(3, IN)).astype(np.float32)
+    rate, key, scale = 0.3, jax.random.key(5), ALPHA / R
+    params = {"lin": {"kernel": w0, "bias": bias}}
+    f = dora.factor(m, dora.column_sq_norms(w0), w0, a, b, scale)
+    with inject.adapters_applied(
+        {"lin": (Pair(a, b), None)}, scale, dropout=(rate, key), column_scale={"lin": f}
+    ):
+        y = np.asarray(Lin().apply({"params": params}, x))
+    # The mask `adapters_applied` draws for the first call of "lin".
+    k = jax.random.fold_in(jax.random.fold_in(key, zlib.crc32(b"lin") & 0x7FFFFFFF), 1)
+    xd = np.asarray(inject.dropped(jnp.asarray(x), rate, k))
+    assert (xd == 0).any() and not np.allclose(xd, x)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, t):
+            return torch.tensor(xd)
+
+    base = torch.nn.Sequential()
+    base.add_module("lin", torch.nn.Linear(IN, OUT))
+    with torch.no_grad():
+        base.lin.weight.copy_(torch.tensor(w0.T))
+        base.lin.bias.copy_(torch.tensor(bias))
+    cfg = peft.LoraConfig(
+        r=R, lora_alpha=ALPHA, target_modules=["lin"], use_dora=True, lora_dropout=rate
+    )
+    pm = peft.get_peft_model(base, cfg).train()
+    layer = pm.base_model.model.lin
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(torch.tensor(a.T))
+        layer.lora_B["default"].weight.copy_(torch.tensor(b.T))
+        layer.lora_magnitude_vector["default"].weight.copy_(torch.tensor(m))
+    layer.lora_dropout["default"] = Fixed()
+    with torch.no_grad():
+        want = pm(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(y, want, atol=1e-5)
