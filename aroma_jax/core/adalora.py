@@ -69,10 +69,13 @@ def fresh_pairs(key: Array, specs: Mapping[str, ModuleSpec], r: int) -> dict[str
 
 
 def init(pairs: Mapping[str, Pair]) -> AllocatorState:
-    zeros = {p: jax.tree.map(jnp.zeros_like, pair) for p, pair in pairs.items()}
-    zeros2 = {p: jax.tree.map(jnp.zeros_like, pair) for p, pair in pairs.items()}
+    """Zero EMAs and every triplet kept (PEFT's allocator before its first allocation)."""
+
+    def zeros() -> dict[str, Pair]:  # separate buffers: the train step donates its state
+        return {p: jax.tree.map(jnp.zeros_like, pair) for p, pair in pairs.items()}
+
     kept = {p: jnp.ones(pair.singular.shape, bool) for p, pair in pairs.items()}
-    return AllocatorState(zeros, zeros2, kept)
+    return AllocatorState(zeros(), zeros(), kept)
 
 
 def effective(pair: Pair) -> Pair:
