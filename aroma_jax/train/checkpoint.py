@@ -24,9 +24,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -168,6 +171,48 @@ def save_summary_atomic(path: str | Path, obj: Any, indent: int | None = 2) -> N
     write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
 
 
+def _os_error(err: BaseException) -> OSError | None:
+    """The `OSError` behind ``err`` (itself, or in its cause/context chain), if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@contextlib.contextmanager
+def staged_export(final: str | Path, last: str):
+    """Yields an empty directory beside ``final`` to write an export into; on success its files
+    move into ``final`` so that no reader ever finds a half-written set.
+
+    ``last`` is the file a loader opens first (``adapter_config.json`` for PEFT, ``config.json``
+    for ``from_pretrained``): an old copy is removed before anything moves and the new one moves
+    in last, each move an atomic rename. On any error the staging directory is removed, and
+    ``final`` keeps its old files (a failure while moving leaves it without ``last``, which no
+    loader accepts). Other files already in ``final`` stay.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        yield stage
+        names = sorted(p.name for p in stage.iterdir())
+        for f in stage.rglob("*"):  # durable before they become visible
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        final.mkdir(exist_ok=True)
+        (final / last).unlink(missing_ok=True)
+        for name in sorted(names, key=lambda n: n == last):
+            if (stage / name).is_dir() and (final / name).is_dir():
+                shutil.rmtree(final / name)
+            os.replace(stage / name, final / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------------- manager
 class CheckpointManager:
     """Saves every ``save_every`` steps (or when forced, e.g. after outer steps), keeps ``keep``.
@@ -247,6 +292,7 @@ class CheckpointManager:
             "leaves": _describe(state),
             "fingerprints": fingerprints(state),
         }
+        before = set(threading.enumerate())
         try:
             self._mgr.save(
                 step,
@@ -258,12 +304,27 @@ class CheckpointManager:
                 force=True,
             )
             self._mgr.wait_until_finished()
-        except OSError as err:
-            raise CheckpointError(
-                self._os_message(f"saving checkpoint step {step} failed in", err)
-            ) from err
+        except Exception as err:  # a full or failing disk, from any of orbax's writers
+            self._abandon(step, before)
+            cause = _os_error(err)
+            what = f"saving checkpoint step {step} failed in"
+            if cause is not None:
+                message = self._os_message(what, cause)
+            else:
+                message = f"{what} {str(self.directory)!r}: {type(err).__name__}: {err}"
+            previous = [s for s in self.all_steps() if s != step]
+            kept = f"step {previous[-1]}" if previous else "none yet"
+            raise CheckpointError(f"{message}; the previous checkpoint is intact ({kept})") from err
         self._damaged.discard(step)
         return True
+
+    def _abandon(self, step: int, before: set) -> None:
+        """After a failed save: let the writer threads it started finish (a thread still writing
+        at interpreter exit prints a traceback) and remove its temporary directory."""
+        for thread in set(threading.enumerate()) - before:
+            thread.join(timeout=60)
+        for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
     # ------------------------------------------------------------------------------ restore
     def _check_layout(self, step: int, saved: list[dict], target: Any) -> None:
@@ -394,5 +455,6 @@ __all__ = [
     "arrays_equal",
     "fingerprints",
     "save_summary_atomic",
+    "staged_export",
     "write_text_atomic",
 ]

@@ -26,6 +26,7 @@ from safetensors.numpy import save_file
 
 from aroma_jax.core import dora
 from aroma_jax.train import artifacts, run_config
+from aroma_jax.train.checkpoint import staged_export
 
 
 def _load(run_dir: Path):
@@ -94,11 +95,11 @@ def export_merged(run_dir: str | Path, out: str | Path) -> Path:
     run_dir, out = Path(run_dir), Path(out)
     _, pipe, tensors, meta = _load(run_dir)
     params = merged_params(pipe.params, tensors, meta)
-    out.mkdir(parents=True, exist_ok=True)
-    save_pytorch_weights(pipe.model, params, out)
-    pipe.model.save_pretrained(str(out), params=params)
-    if pipe.tokenizer is not None:
-        pipe.tokenizer.save_pretrained(str(out))
+    with staged_export(out, "config.json") as stage:  # a failed write leaves no half model
+        save_pytorch_weights(pipe.model, params, stage)
+        pipe.model.save_pretrained(str(stage), params=params)
+        if pipe.tokenizer is not None:
+            pipe.tokenizer.save_pretrained(str(stage))
     return out
 
 
@@ -262,8 +263,9 @@ def export_peft(run_dir: str | Path, out: str | Path) -> Path:
     task_type = {"llama": "CAUSAL_LM", "bart": "SEQ_2_SEQ_LM"}.get(pipe.arch, "SEQ_CLS")
     base = base_model_id(cfg["model"]["name"])
     config, state = peft_files(tensors, meta, torch_name, base, task_type, heads)
-    out.mkdir(parents=True, exist_ok=True)
-    # PEFT stores modules_to_save weights under their plain module names.
-    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    # PEFT stores modules_to_save weights under their plain module names. A failed write leaves
+    # no half adapter: PEFT opens adapter_config.json first, and it is moved in last.
+    with staged_export(out, "adapter_config.json") as stage:
+        save_file(state, str(stage / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (stage / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return out

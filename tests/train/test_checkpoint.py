@@ -236,7 +236,7 @@ def test_no_readable_checkpoint_names_every_step(tmp_path, states):
 
 
 def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, states, monkeypatch):
-    """A save that dies after the arrays are written leaves only a temporary directory."""
+    """A save that fails after the arrays are written leaves the previous checkpoints only."""
     d = tmp_path / "ck"
     mgr = _write(d, states)
 
@@ -249,9 +249,9 @@ def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, states, monkeypa
     with pytest.raises(RuntimeError, match="simulated crash"):
         mgr.save(30, states[30], {"data": {"index": 30}})
     monkeypatch.undo()
-    leftovers = [p.name for p in d.iterdir() if ".orbax-checkpoint-tmp" in p.name]
-    assert [n.split(".")[0] for n in leftovers] == ["30"]  # written aside, never renamed
-    assert sorted(os.listdir(d)) == sorted(["10", "20", *leftovers])
+    # written aside, never renamed, and removed once the failed save's writers have stopped
+    # (a killed process leaves it: test_leftover_tmp_dir_is_ignored_and_cleaned)
+    assert sorted(os.listdir(d)) == ["10", "20"]
     del mgr  # the crashed process
 
     mgr = CheckpointManager(d, keep=3, save_every=10)  # the next process
