@@ -120,25 +120,32 @@ def reset(
       mask: a params-shaped tree of bool scalars: which leaves' state to reset.
       key: PRNG key for ``"prune"``.
       params: the (new) parameters; ``"full"`` re-initialises from them.
-      mode: ``"prune"`` zeroes a random ``prune_ratio`` of each masked leaf's state entries,
+      mode: ``"prune"`` zeroes a random ``prune_ratio`` of each masked leaf's entries (all of an
+        entry's state together, so no first moment survives without its second moment),
         ``"full"`` sets them to a fresh ``init``, ``"none"`` leaves them as they are.
     """
     inner = tx.update.inner  # type: ignore[attr-defined]
     new_inner = state.inner
     if mode == "prune":
-        # One uniform draw for every leaf, sliced in traversal order: a single random-number
-        # kernel in the compiled step rather than one per optimizer leaf.
-        total = sum(x.size for x in _param_leaves(inner, state.inner))
-        u = jax.random.uniform(key, (max(total, 1),))
-        offset = [0]
+        # One keep/zero draw per *parameter entry*, shared by all of that entry's state (Adam's
+        # mu and nu alike). Independent masks (ReLoRA's `random_pruning_`) keep a first moment
+        # whose second moment was zeroed for ~0.1% of entries; a fresh pair's `a` gets an exactly
+        # zero gradient at its first step (b = 0), so such an entry's update is m / eps: a jump of
+        # ~1e4-1e5 x lr that blew fresh pairs up to 3-15x |W| in real runs (docs/REPRODUCTION.md).
+        # One uniform draw over all parameters, sliced in traversal order: a single random-number
+        # kernel in the compiled step.
+        leaves, treedef = jax.tree.flatten(params)
+        u = jax.random.uniform(key, (max(sum(x.size for x in leaves), 1),))
+        keeps, start = [], 0
+        for x in leaves:
+            keeps.append(u[start : start + x.size].reshape(x.shape) < 1.0 - prune_ratio)
+            start += x.size
+        keep_tree = treedef.unflatten(keeps)
 
-        def prune(x, m):
-            start = offset[0]
-            offset[0] += x.size
-            keep = u[start : start + x.size].reshape(x.shape) < 1.0 - prune_ratio
+        def prune(x, m, keep):
             return jnp.where(m & ~keep, jnp.zeros_like(x), x)
 
-        new_inner = optax.tree_utils.tree_map_params(inner, prune, state.inner, mask)
+        new_inner = optax.tree_utils.tree_map_params(inner, prune, state.inner, mask, keep_tree)
     elif mode == "full":
         fresh = iter(_param_leaves(inner, inner.init(params)))
         new_inner = optax.tree_utils.tree_map_params(

@@ -129,3 +129,38 @@ def test_rewarmup_only_on_masked_leaves():
     g = jax.tree.map(lambda x: -jnp.ones_like(x), ps)
     upd, _ = tx.update(g, state, ps, rewarm={"pair": jnp.array(True), "head": jnp.array(False)})
     assert float(upd["pair"][0]) == 0.25 and float(upd["head"][0]) == 1.0
+
+
+def test_prune_keeps_or_zeroes_each_entrys_mu_and_nu_together():
+    ps = {"a": jnp.zeros((64, 64))}
+    tx = optim.wrap(optax.adam(1e-2))
+    state = tx.init(ps)
+    for _ in range(3):
+        _, state = tx.update({"a": jnp.ones((64, 64))}, state, ps)
+    new = optim.reset(tx, state, {"a": jnp.array(True)}, jax.random.key(3), ps, "prune", 0.5)
+    mu, nu = new.inner[0].mu["a"], new.inner[0].nu["a"]
+    np.testing.assert_array_equal(mu == 0, nu == 0)  # one mask for both moments
+    assert 0.4 < float(jnp.mean(mu == 0)) < 0.6
+
+
+@pytest.mark.parametrize("bias_correction", ["shared", "per_module"])
+def test_first_step_of_a_fresh_zero_gradient_factor_stays_bounded(bias_correction):
+    # A fresh pair's `a` sees an exactly zero gradient while b = 0. With ReLoRA's independent
+    # masks an entry could keep mu but lose nu, and its first update would be mu / eps.
+    cfg = AromaConfig(
+        target_modules=("x",),
+        warmup_steps=0,
+        rewarmup_steps=0,
+        learning_rate=1.0,
+        schedule="constant",
+        bias_correction=bias_correction,
+        prune_ratio=0.5,
+    )
+    tx = optim.make_optimizer(cfg)
+    ps = {"a": jnp.zeros((256,))}
+    state = tx.init(ps)
+    for _ in range(50):
+        _, state = tx.update({"a": jnp.ones((256,))}, state, ps)
+    state = optim.reset(tx, state, {"a": jnp.array(True)}, jax.random.key(0), ps, "prune", 0.5)
+    upd, _ = tx.update({"a": jnp.zeros((256,))}, state, ps)
+    assert float(jnp.abs(upd["a"]).max()) < 10.0  # kept entries: bounded by ~9 m / sqrt(999 v)
