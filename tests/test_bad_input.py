@@ -119,7 +119,7 @@ CASES = [
         "missing-tokenizer",
         train("--set", "model.name={tmp}/m"),
         {"m": "@bert-without-tokenizer"},
-        "cannot load the tokenizer of model",
+        "(files there: config.json, flax_model.msgpack)",
         2,
     ),
     (
@@ -403,7 +403,7 @@ def markdown() -> str:
     sys.path.insert(0, str(Path(__file__).parent))
     import fake_assets as fa
 
-    out = ["| case | command | exit | what the user sees |", "|---|---|---|---|"]
+    out = ["| case | command | files | exit | what the user sees |", "|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as root:
         os.environ["AROMA_DATA"] = str(fa.make(Path(root) / "assets"))
         for name, argv, files, _, _ in CASES:
@@ -411,8 +411,15 @@ def markdown() -> str:
             tmp.mkdir()
             code, stderr = run_row(argv, files, tmp)
             shown = error_line(stderr).replace(str(tmp), "{tmp}").replace("|", "\\|")
-            cmd = " ".join(a for a in argv if a not in TINY + SMALL + OUT)
-            out.append(f"| {name} | `aroma-jax {cmd}` | {code} | {shown} |")
+            cmd = " ".join(argv)
+            for common in (TINY, SMALL, OUT):  # shared by most rows: listed under the table
+                cmd = cmd.replace(" ".join(common), "")
+            made = ", ".join(
+                f"{k}: {v[1:]}" if isinstance(v, str) and v.startswith("@") else k
+                for k, v in files.items()
+            )
+            cmd = " ".join(cmd.split()).replace("|", "\\|")
+            out.append(f"| {name} | `aroma-jax {cmd}` | {made} | {code} | {shown} |")
     return "\n".join(out)
 
 

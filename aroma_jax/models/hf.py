@@ -262,13 +262,17 @@ def _not_found(name: str, path: str, status: str) -> str:
 def _load_failure(name: str, path: str, what: str, err: BaseException) -> str:
     detail = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err) else ''}"
     if Path(path).exists():
-        hint = (
-            "; accepted tokenizer.json, or tokenizer_config.json with its vocabulary files "
-            "(vocab.txt, vocab.json + merges.txt or tokenizer.model)"
-            if what == "tokenizer"
-            else "; is a file missing or truncated? (re-copy or re-fetch it)"
+        if what == "tokenizer":
+            found = sorted(p.name for p in Path(path).iterdir()) if Path(path).is_dir() else []
+            return (
+                f"cannot load the tokenizer of model {name!r} from {str(path)!r} (files there: "
+                f"{', '.join(found)}): accepted tokenizer.json, or tokenizer_config.json with its "
+                "vocabulary files (vocab.txt, vocab.json + merges.txt or tokenizer.model)"
+            )
+        return (
+            f"cannot load the {what} of model {name!r} from {str(path)!r}: {detail}; is a file "
+            "missing or truncated? (re-copy or re-fetch it)"
         )
-        return f"cannot load the {what} of model {name!r} from {str(path)!r}: {detail}{hint}"
     return _not_found(name, path, hub_status(name))
 
 

@@ -155,15 +155,19 @@ def check(est: Estimate, batch: int, length: int, free: Mapping[str, int | None]
     if limit is None or est.needed_now <= limit:
         return
     raise InsufficientMemoryError(
-        f"this run needs about {est.device / GIB:.2f} GiB of {where} memory "
-        f"(state {est.state / GIB:.2f} GiB incl. params and optimizer, gradients "
-        f"{2 * est.trained / GIB:.2f} GiB, activations {est.activations / GIB:.2f} GiB for "
-        f"batch {batch} x length {length}); {est.needed_now / GIB:.2f} GiB more than is loaded "
-        f"already, but only {limit / GIB:.2f} GiB is free. Lower train.batch_size or "
-        "task.max_len (activations grow with both, attention with length squared), use "
-        "model.dtype=bfloat16, or spread the run over more devices (--mesh); "
-        "AROMA_MEMORY_CHECK=0 skips this check"
+        f"this run needs about {size(est.device)} of {where} memory (state {size(est.state)} "
+        f"incl. params and optimizer, gradients {size(2 * est.trained)}, activations "
+        f"{size(est.activations)} for batch {batch} x length {length}); "
+        f"{size(est.needed_now)} more than is loaded already, but only {size(limit)} is free. "
+        "Lower train.batch_size or task.max_len (activations grow with both, attention with "
+        "length squared), use model.dtype=bfloat16, or spread the run over more devices "
+        "(--mesh); AROMA_MEMORY_CHECK=0 skips this check"
     )
+
+
+def size(n: int) -> str:
+    """Bytes as GiB, or MiB below one GiB."""
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / (1 << 20):.1f} MiB"
 
 
 def enabled() -> bool:

@@ -116,9 +116,9 @@ def check_labels(cfg: Mapping[str, Any], task: data.Task) -> None:
         bad = np.nonzero((labels < 0) | (labels >= n))[0]
         if len(bad):
             raise ValueError(
-                f"model.num_labels={n} but task {task.name!r} split {split!r} row {int(bad[0])} "
-                f"has label {labels[bad[0]]}: accepted model.num_labels >= {task.num_labels} "
-                "(or null: the task's own count)"
+                f"model.num_labels={n} but task {task.name!r} split {split!r} row "
+                f"{int(bad[0]) + 1} has label {labels[bad[0]]}: accepted model.num_labels >= "
+                f"{task.num_labels} (or null: the task's own count)"
             )
 
 

@@ -51,15 +51,15 @@ def test_short_memory_is_refused_with_numbers_and_advice(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert "GiB of host memory" in err and "batch 32 x length 64" in err
-    assert "Lower train.batch_size" in err and "only 0.00 GiB is free" in err
+    assert "MiB of host memory" in err and "batch 32 x length 64" in err
+    assert "Lower train.batch_size" in err and "only 1.0 MiB is free" in err
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_check_only_refuses_what_does_not_fit(monkeypatch):
     est = memory.Estimate(state=10 * memory.GIB, trained=0, activations=0, resident=8 * memory.GIB)
     memory.check(est, 1, 1, {"host": 3 * memory.GIB, "device": None})  # 2 GiB still to allocate
-    with pytest.raises(memory.InsufficientMemoryError, match="GiB of device memory"):
+    with pytest.raises(memory.InsufficientMemoryError, match="10.00 GiB of device memory"):
         memory.check(est, 1, 1, {"host": 100 * memory.GIB, "device": memory.GIB})
     monkeypatch.setenv("AROMA_MEMORY_CHECK", "0")
     assert not memory.enabled()
