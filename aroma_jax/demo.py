@@ -25,6 +25,13 @@ def _rank_summary(ranks: dict[str, int]) -> str:
     return ", ".join(f"{m}: {sum(v)}" for m, v in sorted(by_matrix.items()))
 
 
+def _loops(s: dict) -> str:
+    loops = s.get("inner_loops") or {}
+    if not s.get("outer_steps"):
+        return "-"
+    return f"{loops.get('module_loops_converged', 0)} / {loops.get('module_loops_capped', 0)}"
+
+
 def table(summaries: dict[str, dict]) -> str:
     rows = [
         ("held-out accuracy", lambda s: f"{s['metrics'].get('accuracy', float('nan')):.4f}"),
@@ -33,6 +40,9 @@ def table(summaries: dict[str, dict]) -> str:
         ("head params", lambda s: f"{s['head_params']:,}"),
         ("total rank", lambda s: str(s["total_rank"])),
         ("outer steps", lambda s: str(s["outer_steps"])),
+        ("inner loops ended by eq.5 / cap", _loops),
+        ("ranks (distinct values)", lambda s: ",".join(map(str, sorted(set(s["ranks"].values()))))),
+        ("ms / step (no compile, eval)", lambda s: f"{s.get('step_ms') or float('nan'):.0f}"),
         ("steps", lambda s: str(s["steps"])),
         ("wall time (s)", lambda s: f"{s['wall_s']:.0f}"),
         ("train-step compiles", lambda s: str(s["compiles"])),
