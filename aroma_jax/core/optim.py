@@ -131,7 +131,7 @@ def reset(
         # mu and nu alike). Independent masks (ReLoRA's `random_pruning_`) keep a first moment
         # whose second moment was zeroed for ~0.1% of entries; a fresh pair's `a` gets an exactly
         # zero gradient at its first step (b = 0), so such an entry's update is m / eps: a jump of
-        # ~1e4-1e5 x lr that blew fresh pairs up to 3-15x |W| in real runs (docs/REPRODUCTION.md).
+        # ~1e4-1e5 x lr that blew fresh pairs up to 21x |W| in real runs (docs/REPRODUCTION.md).
         # One uniform draw over all parameters, sliced in traversal order: a single random-number
         # kernel in the compiled step.
         leaves, treedef = jax.tree.flatten(params)
