@@ -378,9 +378,7 @@ class AromaTrainer:
         outer = controller.outer_due(ctrl, adapters, cfg)
         # "cap" only when the cap fired with some active module unconverged: a loop whose
         # every module converged at the capping step ended by eq. 5.
-        all_conv = jnp.all(
-            jnp.stack([ctrl.inner_conv[p] | adapters.done[p] for p in self.paths])
-        )
+        all_conv = jnp.all(jnp.stack([ctrl.inner_conv[p] | adapters.done[p] for p in self.paths]))
         by_cap = outer & (ctrl.inner_t >= cfg.inner_max_steps) & ~all_conv
         base = state.base
         if cfg.grows:
