@@ -139,6 +139,8 @@ def _average_trained(summary: Mapping, history: Mapping, meta: Mapping | None) -
     ``r * (in + out)`` until the outer step that marks it done."""
     if not meta:
         return None
+    if meta.get("method") == "head":  # head-only: no pair is ever trained
+        return 0.0
     r = int(meta.get("r", 1))
     sizes = {}
     for p, shape in meta.get("kernel_shapes", {}).items():
