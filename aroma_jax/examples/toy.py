@@ -63,6 +63,25 @@ def batches(teacher, model, batch_size: int, steps: int, seed: int = 1):
         yield {"x": x, "y": apply(x)}
 
 
+def squared_error_loss(model: nn.Module):
+    """``loss_fn(params, batch, rng)``: summed squared error of ``model`` against the teacher."""
+
+    def loss_fn(params, batch, rng):
+        pred = model.apply({"params": params}, batch["x"])
+        return jnp.mean(jnp.sum((pred - batch["y"]) ** 2, axis=-1))
+
+    return loss_fn
+
+
+def train_toy(cfg: AromaConfig, steps: int, batch_size: int = 16, seed: int = 0):
+    """(trainer, state, history) after ``steps`` steps on the toy, not finalized."""
+    model, student, teacher = make_problem(seed)
+    trainer = AromaTrainer(squared_error_loss(model), student, cfg)
+    batches_ = batches(teacher, model, batch_size, steps)
+    state, history = loop.run(trainer, trainer.init(student), batches_)
+    return trainer, state, history
+
+
 def toy_config(**overrides) -> AromaConfig:
     """Settings under which AROMA recovers the planted ranks (see tests/test_toy.py)."""
     cfg = AromaConfig(
@@ -85,11 +104,7 @@ def toy_config(**overrides) -> AromaConfig:
 def run_toy(cfg: AromaConfig, steps: int | None = None, batch_size: int = 64, seed: int = 0):
     """Trains on the toy; returns ranks, final loss, adapter params, outer steps and compiles."""
     model, student, teacher = make_problem(seed)
-
-    def loss_fn(params, batch, rng):
-        pred = model.apply({"params": params}, batch["x"])
-        return jnp.mean(jnp.sum((pred - batch["y"]) ** 2, axis=-1))
-
+    loss_fn = squared_error_loss(model)
     eval_batch = next(batches(teacher, model, 1024, 1, seed + 2))
     start_loss = float(loss_fn(student, eval_batch, None))
     trainer = AromaTrainer(loss_fn, student, cfg)

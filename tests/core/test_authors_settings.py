@@ -6,30 +6,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from aroma_jax import AromaConfig, AromaTrainer
-from aroma_jax.core import inject, loop, optim
+from aroma_jax import AromaConfig
+from aroma_jax.core import inject, optim
 from aroma_jax.core.adapters import Frozen, Pair
-from aroma_jax.examples.toy import D_IN, D_OUT, batches, make_problem, toy_config
-
-
-def run(cfg, steps):
-    model, student, teacher = make_problem(0)
-
-    def loss_fn(params, batch, rng):
-        pred = model.apply({"params": params}, batch["x"])
-        return jnp.mean(jnp.sum((pred - batch["y"]) ** 2, axis=-1))
-
-    trainer = AromaTrainer(loss_fn, student, cfg)
-    state, history = loop.run(trainer, trainer.init(student), batches(teacher, model, 16, steps))
-    return trainer, state, history
+from aroma_jax.examples.toy import D_IN, D_OUT, toy_config, train_toy
 
 
 def test_keep_first_pair_skips_eq6_at_a_modules_first_outer_step():
     # outer_tol so large that eq. 6 stops every module at its first check.
     cfg = toy_config(outer_tol=10.0, inner_max_steps=40, max_steps=120)
-    trainer, state, _ = run(cfg, 120)
+    trainer, state, _ = train_toy(cfg, 120)
     assert set(trainer.ranks(state).values()) == {0}
-    trainer, state, history = run(cfg.replace(keep_first_pair=True), 120)
+    trainer, state, history = train_toy(cfg.replace(keep_first_pair=True), 120)
     assert set(trainer.ranks(state).values()) == {1}  # merged once, then stopped by eq. 6
     first = min(history.outer_step_numbers())
     assert {r["action"] for r in history.outer_steps if r["step"] == first} == {"merged"}
@@ -38,7 +26,7 @@ def test_keep_first_pair_skips_eq6_at_a_modules_first_outer_step():
 def test_history_records_how_each_inner_loop_ended():
     # eq. 5 can only fire from the second check (step 40); T_in=30 ends the first loop by cap.
     cfg = toy_config(inner_max_steps=30, inner_check_every=20, max_steps=30, outer_tol=0.0)
-    _, _, history = run(cfg, 30)
+    _, _, history = train_toy(cfg, 30)
     assert {r["trigger"] for r in history.outer_steps} == {"cap"}
     assert not any(r["inner_converged"] for r in history.outer_steps)
     ends = history.inner_loop_endings()
@@ -47,7 +35,7 @@ def test_history_records_how_each_inner_loop_ended():
     # out: its planted rank is 0, its pair never moves and 0/0 never converges).
     cfg = toy_config(inner_tol=1e9, inner_check_every=10, inner_max_steps=1000, max_steps=20)
     cfg = cfg.replace(target_modules=("m1", "m3"))
-    _, _, history = run(cfg.replace(outer_tol=0.0), 20)
+    _, _, history = train_toy(cfg.replace(outer_tol=0.0), 20)
     assert history.outer_step_numbers() == [20]
     assert {r["trigger"] for r in history.outer_steps} == {"eq5"}
     assert all(r["inner_converged"] for r in history.outer_steps)
@@ -171,7 +159,7 @@ def _crc(path: str) -> int:
 
 def test_adapter_dropout_in_the_train_step_keeps_one_compile_and_learns():
     cfg = toy_config(adapter_dropout=0.1, max_steps=60, inner_max_steps=30)
-    trainer, state, history = run(cfg, 60)
+    trainer, state, history = train_toy(cfg, 60)
     assert trainer.compiles == 1
     losses = [s["loss"] for s in history.steps]
     assert np.mean(losses[-10:]) < np.mean(losses[:10])

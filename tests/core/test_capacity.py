@@ -6,22 +6,9 @@ import warnings
 import jax.numpy as jnp
 import pytest
 
-from aroma_jax import AromaConfig, AromaTrainer
-from aroma_jax.core import loop
+from aroma_jax import AromaConfig
 from aroma_jax.core.config import CapacityWarning, max_outer_steps, shortest_inner_loop
-from aroma_jax.examples.toy import batches, make_problem, toy_config
-
-
-def run(cfg, steps):
-    model, student, teacher = make_problem(0)
-
-    def loss_fn(params, batch, rng):
-        pred = model.apply({"params": params}, batch["x"])
-        return jnp.mean(jnp.sum((pred - batch["y"]) ** 2, axis=-1))
-
-    trainer = AromaTrainer(loss_fn, student, cfg)
-    state, history = loop.run(trainer, trainer.init(student), batches(teacher, model, 16, steps))
-    return trainer, state, history
+from aroma_jax.examples.toy import toy_config, train_toy
 
 
 def test_derived_capacity_is_the_most_outer_steps_plus_the_final_merge():
@@ -49,7 +36,7 @@ def test_explicit_binding_capacity_warns_and_a_sufficient_one_does_not():
 def test_relora_trains_to_max_steps_with_the_default_capacity():
     # The defect: with 32 fixed slots this run used to stop at step 320 with every module done.
     cfg = toy_config(method="relora", inner_max_steps=10, max_steps=600, warmup_steps=5)
-    trainer, state, history = run(cfg, 600)
+    trainer, state, history = train_toy(cfg, 600)
     assert int(state.ctrl.step) == 600
     assert len(history.outer_step_numbers()) == 60
     assert history.full_modules() == []
@@ -61,7 +48,7 @@ def test_a_binding_capacity_stops_growth_not_training_and_is_recorded():
         cfg = toy_config(
             method="relora", inner_max_steps=10, max_steps=100, warmup_steps=5, rank_capacity=4
         )
-    trainer, state, history = run(cfg, 100)
+    trainer, state, history = train_toy(cfg, 100)
     assert int(state.ctrl.step) == 100  # training went on to max_steps
     assert all(r == 3 for r in trainer.ranks(state).values())  # the last slot is kept free
     assert history.full_modules() == sorted(trainer.paths)
@@ -76,7 +63,7 @@ def test_a_binding_capacity_stops_growth_not_training_and_is_recorded():
 
 def test_head_only_method_trains_no_adapter_and_runs_to_max_steps():
     cfg = toy_config(method="head", max_steps=30)
-    trainer, state, history = run(cfg, 30)
+    trainer, state, history = train_toy(cfg, 30)
     assert int(state.ctrl.step) == 30 and history.outer_step_numbers() == []
     assert all(float(jnp.abs(p.b).max()) == 0.0 for p in state.adapters.pairs.values())
     assert set(trainer.ranks(trainer.finalize(state)).values()) == {0}
