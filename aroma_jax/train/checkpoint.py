@@ -30,6 +30,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -214,6 +215,20 @@ def staged_export(final: str | Path, last: str):
 
 
 # ----------------------------------------------------------------------------------- manager
+def _join(thread: threading.Thread, deadline: float) -> None:
+    """Joins ``thread`` by ``deadline``. `threading.enumerate` also lists a thread whose
+    ``start()`` has not returned yet, and joining that one raises ``RuntimeError``, so wait for
+    it to start first."""
+    while True:
+        try:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            return
+        except RuntimeError:  # created but not yet started
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.001)
+
+
 class CheckpointManager:
     """Saves every ``save_every`` steps (or when forced, e.g. after outer steps), keeps ``keep``.
 
@@ -321,8 +336,9 @@ class CheckpointManager:
     def _abandon(self, step: int, before: set) -> None:
         """After a failed save: let the writer threads it started finish (a thread still writing
         at interpreter exit prints a traceback) and remove its temporary directory."""
-        for thread in set(threading.enumerate()) - before:
-            thread.join(timeout=60)
+        deadline = time.monotonic() + 60
+        for thread in set(threading.enumerate()) - before - {threading.current_thread()}:
+            _join(thread, deadline)
         for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
@@ -217,3 +218,19 @@ def test_summary_write_on_full_disk_keeps_the_old(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"status": "finished"}
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_abandon_joins_a_writer_thread_that_has_not_started_yet():
+    """`threading.enumerate` lists a thread between ``start()`` and its first instruction;
+    joining it then raises ``RuntimeError`` (seen once in CI). `_join` waits for it instead."""
+    from aroma_jax.train.checkpoint import _join
+
+    ran = threading.Event()
+    writer = threading.Thread(target=ran.set)
+    starter = threading.Timer(0.02, writer.start)
+    starter.start()
+    _join(writer, time.monotonic() + 10)  # called before the writer has started
+    assert ran.is_set() and not writer.is_alive()
+    never = threading.Thread(target=ran.set)
+    _join(never, time.monotonic() + 0.01)  # never started: gives up at the deadline, no error
+    starter.join()
