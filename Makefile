@@ -29,7 +29,8 @@ test: $(VENV)/.installed-test
 # tests, PyTorch parity included. `make test` covers everything on the pinned transformers 4.57.
 VENV5 := .venv-v5
 PY5 := $(VENV5)/bin/python
-NATIVE_TESTS := tests/models/test_native_parity.py tests/models/test_native_partitioning.py
+NATIVE_TESTS := tests/models/test_native_parity.py tests/models/test_native_partitioning.py \
+	tests/models/test_native_scan.py
 
 $(VENV5)/.installed: requirements-v5.txt pyproject.toml
 	test -x $(PY5) || $(PYTHON) -m venv $(VENV5)

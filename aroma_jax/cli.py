@@ -215,7 +215,7 @@ def _eval(args) -> int:
     from aroma_jax.train import run_config, runner
 
     _require_finished(args.run_dir)
-    cfg = run_config.load(args.run_dir / "config.yaml")
+    cfg = run_config.load_run(args.run_dir)
     print(json.dumps(runner.evaluate_only(cfg, args.run_dir, args.split), indent=2))
     return 0
 

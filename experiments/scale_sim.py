@@ -110,6 +110,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=TABLE13["seq"], help="sequence length (Table 13)")
     p.add_argument("--layers", type=int, default=None, help="override the layer count")
     p.add_argument(
+        "--scan",
+        choices=("on", "off"),
+        default="on",
+        help="layers under nn.scan with stacked adapters (on, the default for native models) or "
+        "unrolled (off)",
+    )
+    p.add_argument(
         "--remat", choices=("none", "full", "dots"), default="none", help="per-layer remat"
     )
     p.add_argument(
@@ -217,7 +224,8 @@ def simulate(args, n_devices: int, jax) -> dict:
         shape["num_hidden_layers"] = args.layers
     cfg = NativeConfig.from_dict({"model_type": "llama", "tie_word_embeddings": False, **shape})
     # `params={}` skips the random init: only the module and its config are needed here.
-    model = NativeCausalLM(cfg, params={}, dtype=jnp.bfloat16, remat=args.remat)
+    scan = args.scan == "on"
+    model = NativeCausalLM(cfg, params={}, dtype=jnp.bfloat16, remat=args.remat, scan_layers=scan)
     ids = jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32)
     params = jax.eval_shape(
         lambda: model.module.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"]
@@ -238,7 +246,8 @@ def simulate(args, n_devices: int, jax) -> dict:
         rank_capacity=args.rank_capacity,
         method=args.method,
     )
-    trainer = AromaTrainer(loss_fn, params, aroma)
+    stacked = {"model/layers": cfg.num_hidden_layers} if scan else None
+    trainer = AromaTrainer(loss_fn, params, aroma, stacked=stacked)
     state = jax.eval_shape(trainer.init, params)
     batch = {"input_ids": ids, "attention_mask": ids, "loss_mask": ids}
     mesh_spec = args.meshes.get(n_devices, "")
@@ -274,6 +283,7 @@ def simulate(args, n_devices: int, jax) -> dict:
         "seq": args.seq,
         "remat": args.remat,
         "method": args.method,
+        "scan_layers": scan,
         "adapted_modules": len(trainer.paths),
         "lower_s": round(t1 - t0, 1),
         "compile_s": round(t2 - t1, 1),

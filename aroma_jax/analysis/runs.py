@@ -202,17 +202,23 @@ def from_state(
     `History` or its dict.
     """
     cfg = trainer.cfg
-    merges = {p: int(m) for p, m in jax.device_get(state.adapters.merges).items()}
-    done = {p: bool(d) for p, d in jax.device_get(state.adapters.done).items()}
+    # One layer per entry (a scanned model's stacked adapters are sliced on the host).
+    entries = trainer.unstacked(
+        state.adapters._replace(
+            merges=jax.device_get(state.adapters.merges), done=jax.device_get(state.adapters.done)
+        )
+    )
+    merges = {p: int(m) for p, m in entries.merges.items()}
+    done = {p: bool(d) for p, d in entries.done.items()}
     # A fresh pair has b = 0 (no update yet): it is no component. Fetch only the small b's.
     live = {
         p: include_pair and not done[p] and bool(np.any(jax.device_get(pair.b)))
-        for p, pair in state.adapters.pairs.items()
+        for p, pair in entries.pairs.items()
     }
 
     def loader(path: str) -> tuple[np.ndarray, np.ndarray]:
         k = merges[path] * cfg.r
-        frozen, pair = jax.device_get((state.adapters.frozen[path], state.adapters.pairs[path]))
+        frozen, pair = jax.device_get((entries.frozen[path], entries.pairs[path]))
         a = np.asarray(frozen.a, np.float32)[:, :k]
         b = np.asarray(frozen.b, np.float32)[:k]
         if live[path]:
@@ -222,8 +228,8 @@ def from_state(
 
     shapes = {
         p: (
-            trainer.specs[p].fan_in,
-            trainer.specs[p].fan_out,
+            trainer.entry_specs[p].fan_in,
+            trainer.entry_specs[p].fan_out,
             merges[p] * cfg.r + (cfg.r if live[p] else 0),
         )
         for p in trainer.paths

@@ -26,6 +26,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -36,21 +38,38 @@ Array = jax.Array
 
 
 class PerLeafAdamState(NamedTuple):
-    # One int32 per parameter leaf, in `jax.tree.leaves` order. A vector rather than a
-    # params-shaped tree: optax's `tree_map_params` (used for prunes and sharding) must not
-    # mistake it for a copy of the parameters.
+    # One int32 per parameter leaf (per layer of a stacked leaf), in `jax.tree.leaves` order.
+    # A vector rather than a params-shaped tree: optax's `tree_map_params` (used for prunes and
+    # sharding) must not mistake it for a copy of the parameters.
     counts: Array
     mu: Any
     nu: Any
 
 
+LeadNdim = Callable[[Any], Any]
+
+
+def _lead_shapes(params: Any, lead_ndim: LeadNdim | None) -> list[tuple[int, ...]]:
+    leaves = jax.tree.leaves(params)
+    # optax's `tree_map_params` calls `init` on a placeholder object: it has no leaf shapes.
+    if lead_ndim is None or not leaves or not all(hasattr(x, "shape") for x in leaves):
+        return [() for _ in leaves]
+    ks = jax.tree.leaves(lead_ndim(params))
+    return [tuple(x.shape[:k]) for x, k in zip(leaves, ks, strict=True)]
+
+
 def scale_by_adam_per_leaf(
-    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, lead_ndim: LeadNdim | None = None
 ) -> optax.GradientTransformation:
-    """``scale_by_adam`` with a per-leaf bias-correction count (see the module docstring)."""
+    """``scale_by_adam`` with a per-leaf bias-correction count (see the module docstring).
+
+    ``lead_ndim(params)``: a params-shaped tree of ints, the leading *stack* axes of each leaf
+    (1 for a layer-stacked adapter leaf ``(L, in, r)``); such a leaf gets one count per layer,
+    so each layer's pair restarts on its own. Default: no stacked leaves.
+    """
 
     def init_fn(params):
-        n = len(jax.tree.leaves(params))
+        n = sum(math.prod(s) for s in _lead_shapes(params, lead_ndim))
         zeros = optax.tree_utils.tree_zeros_like(params)
         return PerLeafAdamState(
             jnp.zeros((n,), jnp.int32), zeros, optax.tree_utils.tree_zeros_like(params)
@@ -65,19 +84,31 @@ def scale_by_adam_per_leaf(
         bc1, bc2 = 1 - b1**c, 1 - b2**c
         mu_leaves, treedef = jax.tree.flatten(mu)
         nu_leaves = treedef.flatten_up_to(nu)
-        out = [
-            (m / bc1[i].astype(m.dtype)) / (jnp.sqrt(v / bc2[i].astype(v.dtype)) + eps)
-            for i, (m, v) in enumerate(zip(mu_leaves, nu_leaves, strict=True))
-        ]
+        out, start = [], 0
+        for m, v, lead in zip(mu_leaves, nu_leaves, _lead_shapes(mu, lead_ndim), strict=True):
+            size = math.prod(lead)
+            shape = lead + (1,) * (m.ndim - len(lead))
+            c1 = bc1[start : start + size].reshape(shape).astype(m.dtype)
+            c2 = bc2[start : start + size].reshape(shape).astype(v.dtype)
+            out.append((m / c1) / (jnp.sqrt(v / c2) + eps))
+            start += size
         return treedef.unflatten(out), PerLeafAdamState(counts, mu, nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
 def restart(state: PerLeafAdamState, mask: Any) -> PerLeafAdamState:
-    """Sets the count of every leaf where ``mask`` (a params-shaped tree of bools) is True to 0."""
-    flags = jnp.stack([jnp.asarray(m, bool) for m in jax.tree.leaves(mask)])
-    return state._replace(counts=jnp.where(flags, 0, state.counts))
+    """Sets the count of every leaf where ``mask`` (a params-shaped tree of bools) is True to 0.
+
+    A stacked leaf (see ``lead_ndim``) takes a mask of shape ``(L, 1, ...)``: one flag per layer.
+    """
+    flat = jnp.concatenate([jnp.ravel(jnp.asarray(m, bool)) for m in jax.tree.leaves(mask)])
+    if flat.shape[0] != state.counts.shape[0]:
+        raise ValueError(
+            f"restart mask has {flat.shape[0]} flags but the state has {state.counts.shape[0]} "
+            "counts: an unstacked leaf takes a scalar, a stacked one an (L, 1, ...) mask"
+        )
+    return state._replace(counts=jnp.where(flat, 0, state.counts))
 
 
 def restart_all(opt_state: Any, mask: Any) -> Any:

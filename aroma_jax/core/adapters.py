@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from aroma_jax.core import dora
@@ -74,12 +75,39 @@ class AdapterState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class ModuleSpec:
-    """Static facts about one target module (not part of the pytree)."""
+    """Static facts about one target module (not part of the pytree).
+
+    A *stacked* module (``stack > 0``) is one Dense of a layer stack run under ``nn.scan``: its
+    kernel is ``(stack,) + kernel_shape`` and every adapter leaf gains the same leading axis
+    (``a: (stack, in, r)``, ``merges: (stack,)``, ...). Each layer is still its own module for
+    the algorithm: the controller decides per (module, layer) exactly as for unrolled layers.
+    ``stack_prefix`` is the scanned module's path (e.g. ``model/layers``); layer ``i``'s *entry*
+    name puts ``i`` after it (``model/layers/3/self_attn/q_proj``), the unrolled model's path.
+    """
 
     path: str
-    kernel_shape: tuple[int, ...]
+    kernel_shape: tuple[int, ...]  # one layer's kernel
     kernel_dtype: Any
     in_ndim: int = 1  # number of leading kernel axes contracted with the input
+    stack: int = 0  # layers along a leading axis (0: not stacked)
+    stack_prefix: str = ""
+
+    @property
+    def lead(self) -> tuple[int, ...]:
+        """The shape every per-module scalar has: ``(stack,)`` or ``()``."""
+        return (self.stack,) if self.stack else ()
+
+    @property
+    def entries(self) -> tuple[str, ...]:
+        """The per-layer names (the path itself when not stacked)."""
+        if not self.stack:
+            return (self.path,)
+        rest = self.path[len(self.stack_prefix) :]
+        return tuple(f"{self.stack_prefix}/{i}{rest}" for i in range(self.stack))
+
+    def layer(self, i: int) -> ModuleSpec:
+        """Layer ``i``'s spec as an unstacked module named by its entry."""
+        return dataclasses.replace(self, path=self.entries[i], stack=0, stack_prefix="")
 
     @property
     def fan_in(self) -> int:
@@ -138,21 +166,101 @@ def select(paths: Iterable[str], patterns: Iterable[str], what: str) -> list[str
     return sorted(chosen)
 
 
+def _stack_of(path: str, stacked: Mapping[str, int]) -> tuple[str, int]:
+    for prefix, n in stacked.items():
+        if path.startswith(prefix + "/"):
+            return prefix, n
+    return "", 0
+
+
 def find_targets(
-    params: Mapping[str, Any], patterns: Iterable[str], in_ndim: Mapping[str, int] | None = None
+    params: Mapping[str, Any],
+    patterns: Iterable[str],
+    in_ndim: Mapping[str, int] | None = None,
+    stacked: Mapping[str, int] | None = None,
 ) -> dict[str, ModuleSpec]:
     """Specs of the Dense modules matched by ``patterns`` (see `matches`).
 
     ``in_ndim`` gives, per path, how many leading kernel axes a DenseGeneral contracts (default 1,
     which is right for ``nn.Dense`` and for ``DenseGeneral(axis=-1, features=...)``).
+    ``stacked`` maps the path of a scanned layer stack to its length (``{"model/layers": 32}``):
+    kernels under it carry a leading layer axis. Patterns match the per-layer entry names
+    (``model/layers/3/self_attn/q_proj``), so one config fits the scanned and unrolled model;
+    a stacked module must be targeted in all of its layers or none.
     """
+    stacked = dict(stacked or {})
     kernels = dense_paths(params)
-    chosen = select(kernels, patterns, "target_modules")
-    in_ndim = dict(in_ndim or {})
-    return {
-        p: ModuleSpec(p, tuple(kernels[p].shape), kernels[p].dtype, in_ndim.get(p, 1))
-        for p in chosen
-    }
+    names: dict[str, tuple[str, int]] = {}  # entry name -> (module path, layer or -1)
+    specs: dict[str, ModuleSpec] = {}
+    for p, k in kernels.items():
+        prefix, n = _stack_of(p, stacked)
+        shape = tuple(k.shape[1:] if n else k.shape)
+        spec = ModuleSpec(p, shape, k.dtype, in_ndim.get(p, 1) if in_ndim else 1, n, prefix)
+        if n and (k.ndim < 3 or k.shape[0] != n):
+            raise ValueError(f"kernel {p!r} {tuple(k.shape)} is not stacked {n} layers deep")
+        specs[p] = spec
+        for i, e in enumerate(spec.entries):
+            names[e] = (p, i if n else -1)
+    chosen = select(names, patterns, "target_modules")
+    out: dict[str, ModuleSpec] = {}
+    for p in sorted({names[e][0] for e in chosen}):
+        spec = specs[p]
+        missing = [e for e in spec.entries if e not in chosen]
+        if missing:
+            raise ConfigError(
+                f"target_modules select {len(spec.entries) - len(missing)} of the {spec.stack} "
+                f"scanned layers of {p!r} (not {missing[:3]}...): a scanned layer stack is "
+                "adapted in all of its layers or none; target them all, or unroll the layers "
+                "(model.scan_layers: false)"
+            )
+        out[p] = spec
+    return out
+
+
+def entry_names(specs: Mapping[str, ModuleSpec]) -> tuple[str, ...]:
+    """Every (module, layer) in the order of per-entry vectors: sorted paths, then layers."""
+    return tuple(e for p in sorted(specs) for e in specs[p].entries)
+
+
+def entry_specs(specs: Mapping[str, ModuleSpec]) -> dict[str, ModuleSpec]:
+    """Entry name -> that layer's unstacked spec."""
+    out = {}
+    for p in sorted(specs):
+        spec = specs[p]
+        for i, e in enumerate(spec.entries):
+            out[e] = spec.layer(i) if spec.stack else spec
+    return out
+
+
+def unstack(state: AdapterState, specs: Mapping[str, ModuleSpec]) -> AdapterState:
+    """The same adapters keyed by entry name, every leaf of one layer (for export, analysis)."""
+    fields = []
+    for d in state:
+        out = {}
+        for p in sorted(specs):
+            spec = specs[p]
+            if not spec.stack:
+                out[p] = d[p]
+                continue
+            for i, e in enumerate(spec.entries):
+                out[e] = jax.tree.map(lambda x, i=i: x[i], d[p])
+        fields.append(out)
+    return AdapterState(*fields)
+
+
+def restack(state: AdapterState, specs: Mapping[str, ModuleSpec]) -> AdapterState:
+    """The inverse of `unstack`: entry-keyed adapters back to module-keyed, stacked leaves."""
+    fields = []
+    for d in state:
+        out = {}
+        for p in sorted(specs):
+            spec = specs[p]
+            if spec.stack:
+                out[p] = jax.tree.map(lambda *xs: jnp.stack(xs), *[d[e] for e in spec.entries])
+            else:
+                out[p] = d[p]
+        fields.append(out)
+    return AdapterState(*fields)
 
 
 def capacity(cfg: AromaConfig) -> int:
@@ -168,14 +276,14 @@ def fresh_pairs(key: Array, specs: Mapping[str, ModuleSpec], r: int) -> dict[str
     of one per module (72 inlined Threefry kernels made the outer step's compile 4x longer).
     """
     paths = sorted(specs)
-    sizes = [specs[p].fan_in * r for p in paths]
+    sizes = [math.prod(specs[p].lead) * specs[p].fan_in * r for p in paths]
     u = jax.random.uniform(key, (max(sum(sizes), 1),), jnp.float32, -1.0, 1.0)
     out, start = {}, 0
     for p, n in zip(paths, sizes, strict=True):
         spec = specs[p]
         bound = 1.0 / jnp.sqrt(jnp.asarray(spec.fan_in, jnp.float32))
-        a = (u[start : start + n] * bound).reshape(spec.fan_in, r)
-        out[p] = Pair(a, jnp.zeros((r, spec.fan_out), jnp.float32))
+        a = (u[start : start + n] * bound).reshape(spec.lead + (spec.fan_in, r))
+        out[p] = Pair(a, jnp.zeros(spec.lead + (r, spec.fan_out), jnp.float32))
         start += n
     return out
 
@@ -205,18 +313,33 @@ def init(
         }
     frozen, merges, done = {}, {}, {}
     for path, spec in sorted(specs.items()):
+        lead = spec.lead
         frozen[path] = Frozen(
-            jnp.zeros((spec.fan_in, k), jnp.float32), jnp.zeros((k, spec.fan_out), jnp.float32)
+            jnp.zeros(lead + (spec.fan_in, k), jnp.float32),
+            jnp.zeros(lead + (k, spec.fan_out), jnp.float32),
         )
-        merges[path] = jnp.zeros((), jnp.int32)
-        done[path] = jnp.asarray(cfg.method == "head")  # head-only: adapters never train
+        merges[path] = jnp.zeros(lead, jnp.int32)
+        done[path] = jnp.full(lead, cfg.method == "head")  # head-only: adapters never train
     return AdapterState(pairs, frozen, merges, done)
 
 
-def ranks(state: AdapterState, cfg: AromaConfig) -> dict[str, int]:
-    """Host-side rank per module (merged components times ``r``)."""
+def ranks(
+    state: AdapterState, cfg: AromaConfig, specs: Mapping[str, ModuleSpec] | None = None
+) -> dict[str, int]:
+    """Host-side rank per module (merged components times ``r``); stacked modules (which need
+    ``specs``) per layer, under their entry names."""
     merges = jax.device_get(state.merges)
-    return {p: int(m) * cfg.r for p, m in sorted(merges.items())}
+    out = {}
+    for p, m in sorted(merges.items()):
+        m = np.asarray(m)
+        if m.ndim == 0:
+            out[p] = int(m) * cfg.r
+            continue
+        if specs is None:
+            raise ValueError(f"module {p!r} is stacked: pass its specs to name its layers")
+        for e, mi in zip(specs[p].entries, m.reshape(-1), strict=True):
+            out[e] = int(mi) * cfg.r
+    return out
 
 
 def adapter_param_count(state: AdapterState) -> int:

@@ -62,18 +62,20 @@ class OuterInfo(NamedTuple):
 def init(
     adapters: AdapterState, kernels: Mapping[str, Array], key: Array, folded: frozenset[str]
 ) -> ControllerState:
+    """``kernels``: the 2-D view of each base kernel (``(L, in, out)`` for stacked modules)."""
     paths = sorted(adapters.pairs)
+    lead = {p: adapters.done[p].shape for p in paths}
     # Separate buffers (not one shared zero): the train step donates its state.
     return ControllerState(
         step=jnp.zeros((), jnp.int32),
         inner_t=jnp.zeros((), jnp.int32),
         outer_count=jnp.zeros((), jnp.int32),
-        prev_norm={p: jnp.zeros((), jnp.float32) for p in paths},
-        inner_conv={p: jnp.zeros((), jnp.bool_) for p in paths},
+        prev_norm={p: jnp.zeros(lead[p], jnp.float32) for p in paths},
+        inner_conv={p: jnp.zeros(lead[p], jnp.bool_) for p in paths},
         base_sq={
-            p: jnp.zeros((), jnp.float32)
+            p: jnp.zeros(lead[p], jnp.float32)
             if p in folded
-            else jnp.sum(jnp.square(kernels[p].astype(jnp.float32)))
+            else jnp.sum(jnp.square(kernels[p].astype(jnp.float32)), axis=(-2, -1))
             for p in paths
         },
         key=key,
@@ -82,7 +84,15 @@ def init(
 
 
 def _stack(d: Mapping[str, Array]) -> Array:
-    return jnp.stack([d[p] for p in sorted(d)])
+    """Per-entry vector: modules in sorted path order, a stacked module's layers in order."""
+    return jnp.concatenate([jnp.ravel(d[p]) for p in sorted(d)])
+
+
+def per_layer(fn, lead_ndim: int):
+    """``fn`` written for one module, mapped over a stacked module's leading layer axis."""
+    for _ in range(lead_ndim):
+        fn = jax.vmap(fn)
+    return fn
 
 
 def inner_check(
@@ -90,13 +100,17 @@ def inner_check(
 ) -> tuple[ControllerState, Array]:
     """Eq. 5 for every module; returns the new state and ``rho_in`` (n,) (NaN where done)."""
     conv, prev, rhos = {}, {}, {}
+
+    def one(a, b, prev_norm, was_conv, done):
+        n = norms.product_norm(a, b)
+        rho = norms.inner_ratio(n, prev_norm)
+        return was_conv | (~done & (rho < cfg.inner_tol)), n, jnp.where(done, jnp.nan, rho)
+
     for p, pair in adapters.pairs.items():
-        n = norms.product_norm(pair.a, pair.b)
-        rho = norms.inner_ratio(n, ctrl.prev_norm[p])
         done = adapters.done[p]
-        conv[p] = ctrl.inner_conv[p] | (~done & (rho < cfg.inner_tol))
-        prev[p] = n
-        rhos[p] = jnp.where(done, jnp.nan, rho)
+        conv[p], prev[p], rhos[p] = per_layer(one, done.ndim)(
+            pair.a, pair.b, ctrl.prev_norm[p], ctrl.inner_conv[p], done
+        )
     return ctrl._replace(inner_conv=conv, prev_norm=prev), _stack(rhos)
 
 
@@ -141,24 +155,15 @@ def outer_step(
     key, sub = jax.random.split(ctrl.key)
     paths = sorted(adapters.pairs)
     fresh_all = fresh_pairs(sub, {p: specs[p] for p in paths}, cfg.r)
-    pairs, frozen, merges, done = {}, {}, {}, {}
-    new_kernels = {}
-    rho_out, merged, newly_done, full_now, converged = {}, {}, {}, {}, {}
-    for p in paths:
-        pair, fz, m, was_done = (
-            adapters.pairs[p],
-            adapters.frozen[p],
-            adapters.merges[p],
-            adapters.done[p],
-        )
+
+    def one(pair, fz, m, was_done, conv, fresh, kernel, base_sq, folds):
+        """One module (one layer of a stacked one): eq. 6, then merge, stop or keep training."""
         active = ~was_done
         pair_norm = norms.product_norm(pair.a, pair.b)
-        if p in folded:
-            base_norm = jnp.sqrt(jnp.sum(jnp.square(kernels[p].astype(jnp.float32))))
+        if folds:  # the kernel already holds W0 + dW
+            base_norm = jnp.sqrt(jnp.sum(jnp.square(kernel.astype(jnp.float32))))
         else:
-            w0 = kernels[p]
-            base_sq = norms.base_plus_product_sq_norm(ctrl.base_sq[p], w0, fz.a, fz.b, s)
-            base_norm = jnp.sqrt(base_sq)
+            base_norm = jnp.sqrt(norms.base_plus_product_sq_norm(base_sq, kernel, fz.a, fz.b, s))
         rho = norms.outer_ratio(pair_norm, base_norm, s)
         if cfg.method == "aroma":
             stop = active & (rho < cfg.outer_tol)
@@ -168,39 +173,53 @@ def outer_step(
             stop = jnp.zeros((), bool)
         merge = active & ~stop & (m < growth_slots)
         full = active & ~stop & ~merge
-        fz = _write_slot(fz, pair, m, cfg.r, merge)
-        m = m + merge.astype(jnp.int32)
-        now_done = was_done | stop
-        fresh = fresh_all[p]
+        new_fz = _write_slot(fz, pair, m, cfg.r, merge)
         zero = Pair(jnp.zeros_like(pair.a), jnp.zeros_like(pair.b))
+
         # Merged: a fresh pair. Stopped: the pair is discarded (zeros). Full: it keeps training.
-        renew, discard = merge, stop
+        def pick(old, f, z):
+            return jnp.where(merge, f, jnp.where(stop, z, old))
 
-        def pick(old, f, z, renew=renew, discard=discard):
-            return jnp.where(renew, f, jnp.where(discard, z, old))
+        new_pair = jax.tree.map(pick, pair, fresh, zero)
+        new_kernel = kernel
+        if folds:
+            delta = (s * pair.a) @ pair.b  # once per merge, allowed
+            new_kernel = jnp.where(merge, kernel + delta.astype(kernel.dtype), kernel)
+        now_done = was_done | stop
+        info = (jnp.where(active, rho, jnp.nan), merge, now_done & ~was_done, full, active & conv)
+        return new_pair, new_fz, m + merge.astype(jnp.int32), now_done, new_kernel, info
 
-        pair = jax.tree.map(pick, pair, fresh, zero)
-        if p in folded:
-            delta = (s * adapters.pairs[p].a) @ adapters.pairs[p].b  # once per merge, allowed
-            k = kernels[p]
-            new_kernels[p] = jnp.where(merge, k + delta.astype(k.dtype), k)
-        pairs[p], frozen[p], merges[p], done[p] = pair, fz, m, now_done
-        rho_out[p] = jnp.where(active, rho, jnp.nan)
-        merged[p] = merge
-        newly_done[p] = now_done & ~was_done
-        full_now[p] = full
-        converged[p] = active & ctrl.inner_conv[p]
+    pairs, frozen, merges, done = {}, {}, {}, {}
+    new_kernels = {}
+    infos = {}
+    for p in paths:
+        folds = p in folded
+        lead_ndim = adapters.done[p].ndim
+        pair, fz, m, d, k, info = per_layer(
+            lambda *xs, folds=folds: one(*xs, folds=folds), lead_ndim
+        )(
+            adapters.pairs[p],
+            adapters.frozen[p],
+            adapters.merges[p],
+            adapters.done[p],
+            ctrl.inner_conv[p],
+            fresh_all[p],
+            kernels[p],
+            ctrl.base_sq[p],
+        )
+        pairs[p], frozen[p], merges[p], done[p] = pair, fz, m, d
+        if folds:
+            new_kernels[p] = k
+        infos[p] = info
     adapters = AdapterState(pairs, frozen, merges, done)
     ctrl = ctrl._replace(
         inner_t=jnp.zeros((), jnp.int32),
         outer_count=ctrl.outer_count + 1,
-        prev_norm={p: jnp.zeros((), jnp.float32) for p in paths},
-        inner_conv={p: jnp.zeros((), jnp.bool_) for p in paths},
+        prev_norm={p: jnp.zeros_like(ctrl.prev_norm[p]) for p in paths},
+        inner_conv={p: jnp.zeros_like(ctrl.inner_conv[p]) for p in paths},
         key=key,
     )
-    info = OuterInfo(
-        _stack(rho_out), _stack(merged), _stack(newly_done), _stack(full_now), _stack(converged)
-    )
+    info = OuterInfo(*(_stack({p: infos[p][j] for p in paths}) for j in range(5)))
     return ctrl, adapters, new_kernels, info
 
 

@@ -146,6 +146,33 @@ def joint_delta(
 
 ModuleAdapters = Mapping[str, tuple[Pair | None, Frozen | None]]
 
+# A stacked module's adapters (one layer of an ``nn.scan``-ed stack) travel as leaves of the
+# Dense's own params, which the scan slices per layer like the kernel: `stacked_leaves` makes
+# them, `adapters_applied` reads them where its ``modules`` map a path to `IN_PARAMS`.
+IN_PARAMS = "in_params"
+_LEAVES = ("aroma_a", "aroma_b", "aroma_frozen_a", "aroma_frozen_b")
+DROP_KEY = "aroma_dropout_key"
+
+
+def stacked_leaves(pair: Pair | None, frozen: Frozen | None) -> dict[str, Array]:
+    """The params leaves carrying a stacked module's ``(pair, frozen)`` (see `IN_PARAMS`)."""
+    out = {}
+    if pair is not None:
+        out["aroma_a"], out["aroma_b"] = pair.a, pair.b
+    if frozen is not None:
+        out["aroma_frozen_a"], out["aroma_frozen_b"] = frozen.a, frozen.b
+    return out
+
+
+def _from_params(module: nn.Module) -> tuple[Pair | None, Frozen | None, Array | None]:
+    params = module.variables.get("params", {})
+    pair = Pair(params["aroma_a"], params["aroma_b"]) if "aroma_a" in params else None
+    frozen = None
+    if "aroma_frozen_a" in params:
+        frozen = Frozen(params["aroma_frozen_a"], params["aroma_frozen_b"])
+    key = params.get(DROP_KEY)
+    return pair, frozen, None if key is None else jax.random.wrap_key_data(key)
+
 
 def _module_path(module: nn.Module) -> str:
     return "/".join(str(p) for p in module.path)
@@ -245,11 +272,25 @@ def adapters_applied(
         x = args[0] if args else kwargs["inputs"]
         x2, lead = _flatten_input(module, x, in_ndim.get(path, 1))
         x2 = x2.astype(y.dtype)
-        pair, frozen = entry
+        layer_key = None
+        if isinstance(entry, str):  # IN_PARAMS
+            pair, frozen, layer_key = _from_params(module)
+        else:
+            pair, frozen = entry
+        if pair is not None and pair.a.shape[-2] != x2.shape[-1]:
+            raise ValueError(
+                f"module {path!r}: its adapter expects {pair.a.shape[-2]} input features but "
+                f"the module got {x2.shape[-1]}; a kernel of shape "
+                f"{module.variables['params']['kernel'].shape} with a leading layer axis is a "
+                "layer stack under nn.scan: pass AromaTrainer(..., stacked={prefix: layers})"
+            )
         has_frozen = frozen is not None and frozen.a.shape[-1] > 0
         dropped_base = None
         if pair is not None and dropout is not None and dropout[0] > 0:
-            xd = dropped(x2, dropout[0], drop_key(path))
+            key = drop_key(path)
+            if layer_key is not None:  # under a scan the path repeats: the layer's own key
+                key = jax.random.fold_in(layer_key, calls[path])
+            xd = dropped(x2, dropout[0], key)
             delta = lowrank_delta(xd, pair.a, pair.b, scale)
             if path in column_scale:  # PEFT's DoRA applies W0 to the dropped input as well
                 kernel = module.variables["params"]["kernel"]

@@ -117,7 +117,8 @@ def reset(
     Args:
       tx: the transformation made by `wrap`.
       state: its state.
-      mask: a params-shaped tree of bool scalars: which leaves' state to reset.
+      mask: a params-shaped tree of bools: which leaves' state to reset; a scalar per leaf, or
+        ``(L, 1, ...)`` per layer for a layer-stacked leaf.
       key: PRNG key for ``"prune"``.
       params: the (new) parameters; ``"full"`` re-initialises from them.
       mode: ``"prune"`` zeroes a random ``prune_ratio`` of each masked leaf's entries (all of an
@@ -204,13 +205,20 @@ def hf_decay_mask(trainable: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decays, trainable)
 
 
-def make_optimizer(cfg: AromaConfig) -> optax.GradientTransformationExtraArgs:
-    """AdamW on the base schedule (optionally clipped), wrapped for masking, resets, re-warmups."""
+def make_optimizer(
+    cfg: AromaConfig, lead_ndim: adam.LeadNdim | None = None
+) -> optax.GradientTransformationExtraArgs:
+    """AdamW on the base schedule (optionally clipped), wrapped for masking, resets, re-warmups.
+
+    ``lead_ndim``: see `adam.scale_by_adam_per_leaf` (layer-stacked adapter leaves).
+    """
     parts = []
     if cfg.max_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
     if cfg.bias_correction == "per_module":
-        parts.append(adam.scale_by_adam_per_leaf(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
+        parts.append(
+            adam.scale_by_adam_per_leaf(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, lead_ndim=lead_ndim)
+        )
     else:
         parts.append(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
     if cfg.weight_decay > 0:

@@ -113,15 +113,28 @@ def _fit(shape: tuple[int, ...], axes: tuple[str | None, ...], mesh: Mesh) -> P:
     return P(*out)
 
 
-def param_specs(params: Mapping, mesh: Mesh, rules: Sequence[Rule]) -> dict:
-    """A PartitionSpec per param leaf (nested like ``params``)."""
+def param_specs(
+    params: Mapping, mesh: Mesh, rules: Sequence[Rule], stacked: Mapping[str, int] | None = None
+) -> dict:
+    """A PartitionSpec per param leaf (nested like ``params``).
+
+    Leaves under a ``stacked`` prefix (layers under ``nn.scan``) have a leading layer axis: it
+    is replicated and the rule applies to the rest, as to one unrolled layer's leaf.
+    """
     flat = traverse_util.flatten_dict(dict(params), sep="/")
+    stacked = dict(stacked or {})
     specs = {}
     for path, leaf in flat.items():
+        lead = any(path.startswith(prefix + "/") for prefix in stacked)
+        shape = tuple(leaf.shape[1:] if lead else leaf.shape)
         spec = P()
         for rule in rules:
             if re.search(rule.pattern, path):
-                spec = _fit(tuple(leaf.shape), rule.axes, mesh)
+                if lead and len(rule.axes) == leaf.ndim:  # a rule written for the stacked leaf
+                    spec = _fit(tuple(leaf.shape), rule.axes, mesh)
+                else:
+                    spec = _fit(shape, rule.axes, mesh)
+                    spec = P(None, *spec) if lead else spec
                 break
         specs[path] = spec
     return traverse_util.unflatten_dict(specs, sep="/") if specs else {}
@@ -137,7 +150,7 @@ def adapter_specs(trainer: AromaTrainer, base_specs: Mapping, mesh: Mesh) -> dic
     """(in-axis spec, out-axis spec) per adapted module, from its kernel's spec."""
     out = {}
     for p, spec in trainer.specs.items():
-        kspec = tuple(_get(base_specs, p + "/kernel"))
+        kspec = tuple(_get(base_specs, p + "/kernel"))[len(spec.lead) :]
         kspec = kspec + (None,) * (len(spec.kernel_shape) - len(kspec))
         if spec.in_ndim == 1 and len(spec.kernel_shape) == 2:
             out[p] = (kspec[0], kspec[1])
@@ -151,23 +164,25 @@ def state_shardings(
 ) -> TrainState:
     """A `TrainState` of `NamedSharding`s for ``state`` on ``mesh``."""
     ns = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
-    base_specs = param_specs(state.base, mesh, rules)
-    extra_specs = param_specs(state.extra, mesh, rules)
+    stacked = getattr(trainer, "stacked", {})
+    base_specs = param_specs(state.base, mesh, rules, stacked)
+    extra_specs = param_specs(state.extra, mesh, rules, stacked)
     io = adapter_specs(trainer, base_specs, mesh)
     live = state.adapters.pairs
+    paths = trainer.module_paths
+    # A stacked module's leaves lead with the (replicated) layer axis.
+    lead = {p: (None,) * len(trainer.specs[p].lead) for p in paths}
     pairs = {  # DoRA's magnitude (out,) follows b's output axis; AdaLoRA's lambda is replicated
         p: Pair(
-            P(io[p][0], None),
-            P(None, io[p][1]),
-            magnitude=None if live[p].magnitude is None else P(io[p][1]),
+            P(*lead[p], io[p][0], None),
+            P(*lead[p], None, io[p][1]),
+            magnitude=None if live[p].magnitude is None else P(*lead[p], io[p][1]),
             singular=None if live[p].singular is None else P(),
         )
-        for p in trainer.paths
+        for p in paths
     }
-    frozen = {p: Frozen(P(io[p][0], None), P(None, io[p][1])) for p in trainer.paths}
-    adapters = AdapterState(
-        pairs, frozen, {p: P() for p in trainer.paths}, {p: P() for p in trainer.paths}
-    )
+    frozen = {p: Frozen(P(*lead[p], io[p][0], None), P(*lead[p], None, io[p][1])) for p in paths}
+    adapters = AdapterState(pairs, frozen, {p: P() for p in paths}, {p: P() for p in paths})
     trainable_specs = {"pairs": pairs, "extra": extra_specs}
     is_spec = lambda x: isinstance(x, P)  # noqa: E731
     opt_specs = optax.tree_utils.tree_map_params(

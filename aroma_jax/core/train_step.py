@@ -99,6 +99,12 @@ def _set(tree: dict, path: str, value: Any) -> dict:
     return out
 
 
+def _lead(mask: Array, leaf: Array) -> Array:
+    """A per-module mask (scalar, or ``(L,)`` for a stacked module) shaped to broadcast over
+    one of its leaves (``(L, in, r)``, ...)."""
+    return mask.reshape(mask.shape + (1,) * (leaf.ndim - mask.ndim))
+
+
 def split_params(params: Params, patterns: tuple[str, ...]) -> tuple[dict, dict]:
     """(base, extra): leaves under any module path matched by ``patterns`` go to ``extra``."""
     flat = traverse_util.flatten_dict(unfreeze(adapters_lib.strip_collection(params)), sep="/")
@@ -130,6 +136,12 @@ class AromaTrainer:
       cfg: the AROMA config.
       in_ndim: per module path, the contracted axes of a DenseGeneral kernel (default 1).
       donate: donate the state's buffers to the step (off for tests that reuse a state).
+      stacked: path of a layer stack run under ``nn.scan`` -> its length (e.g.
+        ``{"model/layers": 32}``): its adapters are stacked along a leading layer axis and
+        enter the model as extra params leaves the scan slices (`aroma_jax.core.inject`).
+
+    ``specs`` and ``module_paths`` name modules (a stacked module once); ``paths`` names every
+    (module, layer) *entry*, the order of `StepInfo`'s vectors and of the history.
     """
 
     def __init__(
@@ -139,17 +151,33 @@ class AromaTrainer:
         cfg: AromaConfig,
         in_ndim: Mapping[str, int] | None = None,
         donate: bool = True,
+        stacked: Mapping[str, int] | None = None,
     ):
         self.cfg = cfg
         self.loss_fn = loss_fn
+        self.stacked = dict(stacked or {})
         base, _ = split_params(params, cfg.train_patterns)
         self.specs: dict[str, ModuleSpec] = adapters_lib.find_targets(
-            base, cfg.target_modules, in_ndim
+            base, cfg.target_modules, in_ndim, self.stacked
         )
-        self.paths = tuple(sorted(self.specs))
+        self.module_paths = tuple(sorted(self.specs))
+        self.paths = adapters_lib.entry_names(self.specs)
+        self.entry_specs = adapters_lib.entry_specs(self.specs)
+        # entry -> (module path, layer index; None when the module is not stacked)
+        self.entry_origin = {
+            e: (p, i if sp.stack else None)
+            for p, sp in self.specs.items()
+            for i, e in enumerate(sp.entries)
+        }
+        if cfg.method in ("dora", "adalora") and any(sp.stack for sp in self.specs.values()):
+            raise ConfigError(
+                f"method {cfg.method!r} does not support scanned layers yet; accepted with "
+                "scanned layers: aroma, relora, lora, head (or unroll them: "
+                "model.scan_layers: false)"
+            )
         self.folded = frozenset(p for p, s in self.specs.items() if self._folds(s))
         self._warn_slot_cost()
-        self.tx = optim.make_optimizer(cfg)
+        self.tx = optim.make_optimizer(cfg, self._lead_ndim)
         self._traces = 0
         self._donate = (0,) if donate else ()
         self._step = jax.jit(self._step_impl, donate_argnums=self._donate)
@@ -174,7 +202,9 @@ class AromaTrainer:
     def _warn_slot_cost(self) -> None:
         # Unfolded (non-fp32) kernels apply all of their frozen slots in every step, so a large
         # derived capacity (a long run) costs compute, not just memory.
-        unfolded = [p for p in self.paths if p not in self.folded]
+        unfolded = [
+            e for p in self.module_paths if p not in self.folded for e in self.specs[p].entries
+        ]
         columns = adapters_lib.capacity(self.cfg) * self.cfg.r
         if unfolded and self.cfg.grows and columns > SLOT_COST_COLUMNS:
             warnings.warn(
@@ -199,14 +229,41 @@ class AromaTrainer:
             )
         return fp32
 
+    def _offsets(self) -> dict[str, tuple[int, int]]:
+        """Module path -> (start, count) of its entries in the per-entry vectors."""
+        out, start = {}, 0
+        for p in self.module_paths:
+            n = len(self.specs[p].entries)
+            out[p] = (start, n)
+            start += n
+        return out
+
+    def _lead_ndim(self, trainable: dict) -> dict:
+        """Per trainable leaf: its leading layer axes (1 for a stacked module's, else 0)."""
+        return {
+            "pairs": {
+                p: jax.tree.map(lambda _, p=p: len(self.specs[p].lead), pair)
+                for p, pair in trainable["pairs"].items()
+            },
+            "extra": jax.tree.map(lambda _: 0, trainable["extra"]),
+        }
+
     # ------------------------------------------------------------------ state
     def kernels(self, base: Mapping) -> dict[str, Array]:
-        """The 2-D view of every target kernel in ``base``."""
+        """The 2-D view of every target kernel in ``base`` (``(L, in, out)`` when stacked)."""
         out = {}
         for p, spec in self.specs.items():
             k = _get(base, p + "/kernel")
-            out[p] = k if k.ndim == 2 else k.reshape(spec.fan_in, spec.fan_out)
+            out[p] = k.reshape(spec.lead + (spec.fan_in, spec.fan_out))
         return out
+
+    def unstacked(self, adapters: AdapterState) -> AdapterState:
+        """The adapters keyed by entry name (one layer each), as an unrolled model has them."""
+        return adapters_lib.unstack(adapters, self.specs)
+
+    def restacked(self, adapters: AdapterState) -> AdapterState:
+        """The inverse of `unstacked`."""
+        return adapters_lib.restack(adapters, self.specs)
 
     def init(self, params: Params, seed: int | None = None) -> TrainState:
         """A fresh state from the model's pretrained params.
@@ -243,13 +300,36 @@ class AromaTrainer:
         """
         use_frozen = not (training and not self.cfg.grows)
         out = {}
-        for p in self.paths:
+        for p in self.module_paths:
             skip = p in self.folded or not use_frozen
             pair = adapters.pairs[p]
             if pair.singular is not None:
                 pair = adalora.effective(pair)
             out[p] = (pair, None if skip else adapters.frozen[p])
         return out
+
+    def with_stacked(self, params: dict, modules: dict, drop_key: Array | None = None) -> dict:
+        """``params`` with the stacked modules' adapters added as leaves beside their kernels.
+
+        Under ``nn.scan`` the layer stack is one module traced once, so a path-keyed adapter
+        cannot tell layers apart; leaves in the params tree are sliced per layer like the
+        kernel, and `aroma_jax.core.inject` reads them from the Dense's own params.
+        """
+        stacked = [p for p in self.module_paths if self.specs[p].stack]
+        if not stacked:
+            return params
+        keys = None
+        if drop_key is not None:  # one dropout key per (module, layer)
+            keys = jax.random.split(drop_key, len(stacked))
+        for j, p in enumerate(stacked):
+            pair, frozen = modules[p]
+            node = dict(_get(params, p))
+            node.update(inject.stacked_leaves(pair, frozen))
+            if keys is not None:
+                layer_keys = jax.random.split(keys[j], self.specs[p].stack)
+                node[inject.DROP_KEY] = jax.random.key_data(layer_keys)
+            params = _set(params, p, node)
+        return params
 
     def column_scale(self, state: TrainState, adapters: AdapterState, training: bool = False):
         """DoRA's factor ``m / n`` per module (`aroma_jax.core.dora`); ``None`` for the others.
@@ -278,10 +358,15 @@ class AromaTrainer:
         """
         in_ndim = {p: s.in_ndim for p, s in self.specs.items()}
         cols = self.column_scale(state, state.adapters)
+        modules = self.modules(state.adapters)
         with inject.adapters_applied(
-            self.modules(state.adapters), self.cfg.scale, in_ndim, column_scale=cols
+            self._unstacked_only(modules), self.cfg.scale, in_ndim, column_scale=cols
         ):
-            yield merge_params(state.base, state.extra)
+            yield self.with_stacked(merge_params(state.base, state.extra), modules)
+
+    def _unstacked_only(self, modules: dict) -> dict:
+        """Path-keyed adapters for unstacked modules; stacked ones travel in the params."""
+        return {p: inject.IN_PARAMS if self.specs[p].stack else m for p, m in modules.items()}
 
     def _loss(self, trainable: dict, state: TrainState, batch: Any, rng: Array):
         adapters = state.adapters._replace(pairs=trainable["pairs"])
@@ -291,15 +376,19 @@ class AromaTrainer:
             rng, drop_rng = jax.random.split(rng)
             dropout = (self.cfg.adapter_dropout, drop_rng)
         cols = self.column_scale(state, adapters, training=True)
+        modules = self.modules(adapters, training=True)
+        params = merge_params(state.base, trainable["extra"])
+        stack_key = None if dropout is None else jax.random.fold_in(dropout[1], 1)
+        params = self.with_stacked(params, modules, stack_key)
         with inject.adapters_applied(
-            self.modules(adapters, training=True),
+            self._unstacked_only(modules),
             self.cfg.scale,
             in_ndim,
             dropout=dropout,
             column_scale=cols,
         ) as hits:
-            out = self.loss_fn(merge_params(state.base, trainable["extra"]), batch, rng)
-        missing = sorted(set(self.paths) - hits)
+            out = self.loss_fn(params, batch, rng)
+        missing = sorted(set(self.module_paths) - hits)
         if missing:
             raise ValueError(
                 f"adapters for {missing} were never applied: these paths hold a kernel but no "
@@ -331,7 +420,7 @@ class AromaTrainer:
         live = ~state.ctrl.finished
         active = {
             "pairs": {
-                p: jax.tree.map(lambda _, d=state.adapters.done[p]: ~d & live, pair)
+                p: jax.tree.map(lambda x, d=state.adapters.done[p]: _lead(~d & live, x), pair)
                 for p, pair in trainable["pairs"].items()
             },
             "extra": jax.tree.map(lambda _: live, trainable["extra"]),
@@ -378,7 +467,9 @@ class AromaTrainer:
         outer = controller.outer_due(ctrl, adapters, cfg)
         # "cap" only when the cap fired with some active module unconverged: a loop whose
         # every module converged at the capping step ended by eq. 5.
-        all_conv = jnp.all(jnp.stack([ctrl.inner_conv[p] | adapters.done[p] for p in self.paths]))
+        all_conv = jnp.all(
+            controller._stack({p: ctrl.inner_conv[p] | adapters.done[p] for p in self.module_paths})
+        )
         by_cap = outer & (ctrl.inner_t >= cfg.inner_max_steps) & ~all_conv
         base = state.base
         if cfg.grows:
@@ -390,10 +481,15 @@ class AromaTrainer:
                 ctrl_, adapters_, new_k, info = controller.outer_step(
                     ctrl_, adapters_, {**kernels, **folded_}, self.specs, cfg, self.folded
                 )
+                offsets = self._offsets()
+                merged = {  # per module: a scalar, or (L,) for a stacked one
+                    p: info.merged[i : i + n].reshape(self.specs[p].lead)
+                    for p, (i, n) in offsets.items()
+                }
                 mask = {
                     "pairs": {
-                        p: jax.tree.map(lambda _, i=i: info.merged[i], adapters_.pairs[p])
-                        for i, p in enumerate(self.paths)
+                        p: jax.tree.map(lambda x, p=p: _lead(merged[p], x), adapters_.pairs[p])
+                        for p in self.module_paths
                     },
                     "extra": jax.tree.map(lambda _: jnp.zeros((), bool), trainable["extra"]),
                 }
@@ -411,7 +507,7 @@ class AromaTrainer:
             )
             for p, k in folded.items():
                 spec = self.specs[p]
-                base = _set(base, p + "/kernel", k.reshape(spec.kernel_shape))
+                base = _set(base, p + "/kernel", k.reshape(spec.lead + spec.kernel_shape))
         else:
             info = controller.no_outer_info(n)
 
@@ -420,10 +516,10 @@ class AromaTrainer:
             finished = finished | controller.all_done(adapters)
         ctrl = ctrl._replace(finished=finished)
         new_state = TrainState(base, trainable["extra"], adapters, opt_state, ctrl, rng)
-        ranks = jnp.stack([adapters.merges[p] for p in self.paths]) * cfg.r
+        ranks = controller._stack(adapters.merges) * cfg.r
         if cfg.method == "adalora":  # kept triplets, whatever has been merged
             kept = adalora.ranks(ctrl.method_state)
-            ranks = jnp.stack([kept[p] for p in self.paths])
+            ranks = jnp.stack([kept[p] for p in self.module_paths])
         step_info = StepInfo(
             step=ctrl.step,
             loss=loss,
@@ -450,35 +546,48 @@ class AromaTrainer:
         final rank and the frozen factors (plus folded kernels) hold the whole update.
         """
         adapters, base = state.adapters, state.base
+        cfg = self.cfg
         pairs, frozen, merges, done = {}, {}, {}, {}
-        for p in self.paths:
-            pair, fz, m, d = (
-                adapters.pairs[p],
-                adapters.frozen[p],
-                adapters.merges[p],
-                adapters.done[p],
-            )
+
+        def one(pair, fz, m, d, kept, kernel, folds):
             final = pair
             if pair.singular is not None:  # AdaLoRA: the latest allocation's triplets only
-                kept = state.ctrl.method_state.kept[p]
                 final = adalora.effective(pair._replace(singular=pair.singular * kept))
             nonzero = norms.product_sq_norm(final.a, final.b) > 0
             if pair.magnitude is not None:  # DoRA adapts through m even when a b = 0
                 nonzero = jnp.ones((), bool)
-            write = ~d & nonzero & (m < adapters_lib.capacity(self.cfg))
-            frozen[p] = controller._write_slot(fz, final, m, self.cfg.pair_rank, write)
-            merges[p] = m + write.astype(jnp.int32)
-            if p in self.folded:
-                k = _get(base, p + "/kernel")
-                delta = ((self.cfg.scale * pair.a) @ pair.b).reshape(k.shape)
-                base = _set(base, p + "/kernel", jnp.where(write, k + delta.astype(k.dtype), k))
+            write = ~d & nonzero & (m < adapters_lib.capacity(cfg))
+            new_fz = controller._write_slot(fz, final, m, cfg.pair_rank, write)
+            if folds:
+                delta = (cfg.scale * pair.a) @ pair.b
+                kernel = jnp.where(write, kernel + delta.astype(kernel.dtype), kernel)
             # DoRA's magnitude (and AdaLoRA's lambda) stay: the frozen slot holds the pair only.
-            pairs[p] = pair._replace(a=jnp.zeros_like(pair.a), b=jnp.zeros_like(pair.b))
-            done[p] = jnp.ones((), bool)
+            cleared = pair._replace(a=jnp.zeros_like(pair.a), b=jnp.zeros_like(pair.b))
+            return cleared, new_fz, m + write.astype(jnp.int32), jnp.ones_like(d), kernel
+
+        kernels = self.kernels(base)
+        for p in self.module_paths:
+            spec, folds = self.specs[p], p in self.folded
+            kept = None
+            if cfg.method == "adalora":
+                kept = state.ctrl.method_state.kept[p]
+            fn = controller.per_layer(
+                lambda *xs, folds=folds: one(*xs, folds=folds), len(spec.lead)
+            )
+            pairs[p], frozen[p], merges[p], done[p], k = fn(
+                adapters.pairs[p],
+                adapters.frozen[p],
+                adapters.merges[p],
+                adapters.done[p],
+                kept,
+                kernels[p],
+            )
+            if folds:
+                base = _set(base, p + "/kernel", k.reshape(spec.lead + spec.kernel_shape))
         return state._replace(base=base, adapters=AdapterState(pairs, frozen, merges, done))
 
     def ranks(self, state: TrainState) -> dict[str, int]:
         if self.cfg.method == "adalora":
             kept = jax.device_get(adalora.ranks(state.ctrl.method_state))
-            return {p: int(kept[p]) for p in self.paths}
-        return adapters_lib.ranks(state.adapters, self.cfg)
+            return {p: int(kept[p]) for p in self.module_paths}
+        return adapters_lib.ranks(state.adapters, self.cfg, self.specs)

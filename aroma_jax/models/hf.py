@@ -48,6 +48,8 @@ class Loaded:
     model: Any  # the HF Flax model object
     tokenizer: Any
     params: Any  # the params collection (HF layout, no "params" wrapper)
+    # Layer stacks run under nn.scan: their path -> length (`AromaTrainer`'s ``stacked``).
+    stacked: dict = dataclasses.field(default_factory=dict)
 
 
 def preset_targets(arch: str) -> tuple[str, ...]:
@@ -331,12 +333,18 @@ def load_for_task(
     param_dtype=jnp.float32,
     seed: int = 0,
     impl: str = "auto",
+    scan_layers: bool | str = "auto",
 ) -> Loaded:
-    """``impl``: ``auto`` (native for the LLaMA family, HF Flax otherwise), ``native`` or ``hf``."""
+    """``impl``: ``auto`` (native for the LLaMA family, HF Flax otherwise), ``native`` or ``hf``.
+
+    ``scan_layers``: run a native model's layers under ``nn.scan`` (``auto``: yes; HF Flax
+    models always unroll them).
+    """
+    scan = scan_layers in (True, "auto")
     if name.startswith("tiny-"):
         arch = name[len("tiny-") :]
         if choose_impl(impl, arch if arch in LLAMA_FAMILY else None, name) == "native":
-            loaded = build_tiny_native(arch, task, dtype, seed)
+            loaded = build_tiny_native(arch, task, dtype, seed, scan)
         else:
             loaded = build_tiny(arch, task, num_labels or task.num_labels, dtype, seed)
     else:
@@ -347,7 +355,7 @@ def load_for_task(
             model_type = model_type_of(path)
         if choose_impl(impl, model_type, name) == "native":
             with _loading(name, path):
-                model = load_native_model(path, dtype, param_dtype)
+                model = load_native_model(path, dtype, param_dtype, scan)
             with _loading(name, path, "tokenizer"):
                 loaded = native_loaded(model)
         else:
@@ -394,20 +402,32 @@ def load_native(path: str, dtype=jnp.float32, param_dtype=jnp.float32) -> Loaded
     return native_loaded(load_native_model(path, dtype, param_dtype))
 
 
-def load_native_model(path: str, dtype=jnp.float32, param_dtype=jnp.float32):
+def load_native_model(
+    path: str, dtype=jnp.float32, param_dtype=jnp.float32, scan_layers: bool = False
+):
     from aroma_jax.models.native import NativeCausalLM
 
-    return NativeCausalLM.from_pretrained(path, dtype=dtype, param_dtype=param_dtype)
+    return NativeCausalLM.from_pretrained(
+        path, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers
+    )
+
+
+def stacked_of(model) -> dict:
+    """``{"model/layers": L}`` for a native model that scans its layers, else ``{}``."""
+    if not getattr(model, "scan_layers", False):
+        return {}
+    return {"model/layers": model.config.num_hidden_layers}
 
 
 def native_loaded(model) -> Loaded:
     """A native model with its checkpoint's tokenizer."""
     from aroma_jax.models.native import load_tokenizer
 
-    return Loaded("llama", model, load_tokenizer(model.source), model.params)
+    tok = load_tokenizer(model.source)
+    return Loaded("llama", model, tok, model.params, stacked_of(model))
 
 
-def build_tiny_native(arch: str, task, dtype, seed: int) -> Loaded:
+def build_tiny_native(arch: str, task, dtype, seed: int, scan_layers: bool = False) -> Loaded:
     """``tiny-llama`` (and ``tiny-mistral``, ``tiny-qwen2``) on the native model."""
     from aroma_jax.models.native import NativeCausalLM, NativeConfig
 
@@ -428,8 +448,8 @@ def build_tiny_native(arch: str, task, dtype, seed: int) -> Loaded:
             eos_token_id=2,
         )
     )
-    model = NativeCausalLM(cfg, dtype=dtype, seed=seed)
-    return Loaded("llama", model, tok, model.params)
+    model = NativeCausalLM(cfg, dtype=dtype, seed=seed, scan_layers=scan_layers)
+    return Loaded("llama", model, tok, model.params, stacked_of(model))
 
 
 def _load_pretrained(path: str, task, num_labels, dtype, seed, name: str = "") -> Loaded:

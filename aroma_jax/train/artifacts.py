@@ -36,16 +36,16 @@ def save_final(directory: str | Path, trainer: AromaTrainer, state: TrainState) 
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    host = jax.device_get((state.adapters.frozen, state.adapters.merges, state.extra))
-    frozen, merges, extra = host
-    pairs = jax.device_get(state.adapters.pairs)
+    entries = trainer.unstacked(jax.device_get(state.adapters))  # one layer per entry
+    frozen, merges, pairs = entries.frozen, entries.merges, entries.pairs
+    extra = jax.device_get(state.extra)
     cfg = trainer.cfg
     tensors: dict[str, np.ndarray] = {}
     for p in trainer.paths:
         k = int(merges[p]) * cfg.pair_rank
         if pairs[p].magnitude is not None:
             tensors[f"magnitude/{p}"] = np.asarray(pairs[p].magnitude, np.float32)
-        if cfg.method == "adalora":
+        if cfg.method == "adalora":  # (never stacked)
             kept = jax.device_get(state.ctrl.method_state.kept[p])
             tensors[f"kept/{p}"] = np.asarray(kept, np.uint8)
         tensors[f"frozen/{p}/a"] = np.ascontiguousarray(np.asarray(frozen[p].a)[:, :k])
@@ -61,8 +61,9 @@ def save_final(directory: str | Path, trainer: AromaTrainer, state: TrainState) 
         "method": trainer.cfg.method,
         "adapter_dropout": trainer.cfg.adapter_dropout,
         "paths": list(trainer.paths),
-        "kernel_shapes": {p: list(s.kernel_shape) for p, s in trainer.specs.items()},
-        "folded": sorted(trainer.folded),
+        "kernel_shapes": {p: list(s.kernel_shape) for p, s in trainer.entry_specs.items()},
+        "folded": sorted(e for e, (p, _) in trainer.entry_origin.items() if p in trainer.folded),
+        "stacked": trainer.stacked,
         "ranks": trainer.ranks(state),
     }
     if cfg.method == "adalora":
@@ -118,7 +119,8 @@ def rebuild_state(trainer: AromaTrainer, params: Any, directory: str | Path) -> 
     state = trainer.init(params)
     base = state.base
     frozen, merges, pairs, done = {}, {}, {}, {}
-    cap = state.adapters.frozen
+    fresh_entries = trainer.unstacked(state.adapters)
+    cap = fresh_entries.frozen
     ctrl = state.ctrl
     if trainer.cfg.method == "adalora":
         kept = {p: jnp.asarray(tensors[f"kept/{p}"].astype(bool)) for p in trainer.paths}
@@ -131,27 +133,30 @@ def rebuild_state(trainer: AromaTrainer, params: Any, directory: str | Path) -> 
         fa[:, :k], fb[:k, :] = a, b
         frozen[p] = Frozen(jnp.asarray(fa), jnp.asarray(fb))
         merges[p] = jnp.asarray(int(tensors[f"merges/{p}"][0]), jnp.int32)
-        fresh = state.adapters.pairs[p]
+        fresh = fresh_entries.pairs[p]
         pairs[p] = fresh._replace(a=jnp.zeros_like(fresh.a), b=jnp.zeros_like(fresh.b))
         if fresh.magnitude is not None:
             pairs[p] = pairs[p]._replace(magnitude=jnp.asarray(tensors[f"magnitude/{p}"]))
         done[p] = jnp.ones((), bool)
-        if p in trainer.folded and k:
-            spec = trainer.specs[p]
+        module, layer = trainer.entry_origin[p]
+        if module in trainer.folded and k:
+            spec = trainer.entry_specs[p]
             node = base
-            for key in p.split("/"):
+            for key in module.split("/"):
                 node = node[key]
-            w = np.asarray(node["kernel"], np.float32).reshape(spec.fan_in, spec.fan_out)
+            kernel = node["kernel"]
+            w = np.asarray(kernel if layer is None else kernel[layer], np.float32)
+            w = w.reshape(spec.fan_in, spec.fan_out)
             w = w + trainer.cfg.scale * (a.astype(np.float32) @ b.astype(np.float32))
-            base = _set_kernel(
-                base, p, jnp.asarray(w.reshape(spec.kernel_shape), node["kernel"].dtype)
-            )
+            w = jnp.asarray(w.reshape(spec.kernel_shape), kernel.dtype)
+            if layer is not None:
+                w = jnp.asarray(kernel).at[layer].set(w)
+            base = _set_kernel(base, module, w)
     extra = extra_params(tensors)
     if not extra:
         extra = state.extra
-    return state._replace(
-        base=base, extra=extra, adapters=AdapterState(pairs, frozen, merges, done), ctrl=ctrl
-    )
+    adapters = trainer.restacked(AdapterState(pairs, frozen, merges, done))
+    return state._replace(base=base, extra=extra, adapters=adapters, ctrl=ctrl)
 
 
 def _set_kernel(tree: dict, path: str, value) -> dict:

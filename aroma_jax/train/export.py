@@ -32,15 +32,24 @@ from aroma_jax.train.checkpoint import staged_export
 def _load(run_dir: Path):
     from aroma_jax.train.pipeline import build_pipeline
 
-    cfg = run_config.load(run_dir / "config.yaml")
+    cfg = run_config.load_run(run_dir)
     pipe = build_pipeline(cfg)
     tensors, meta = artifacts.load_final(run_dir / "final")
     return cfg, pipe, tensors, meta
 
 
 def merged_params(params: Mapping, tensors: Mapping[str, np.ndarray], meta: Mapping) -> dict:
-    """The base params with every update merged in fp32 and the head replaced."""
-    flat = traverse_util.flatten_dict(jax.device_get(dict(params)), sep="/")
+    """The base params with every update merged in fp32 and the head replaced.
+
+    The artefact names one layer per module (``model/layers/3/self_attn/q_proj``); a scanned
+    native model's stacked params are unstacked to match (its ``save_pretrained`` takes both).
+    """
+    params = jax.device_get(dict(params))
+    from aroma_jax.models.native import is_scanned, unstack_layers
+
+    if is_scanned(params):
+        params = unstack_layers(params)
+    flat = traverse_util.flatten_dict(params, sep="/")
     for path in meta["paths"]:
         a, b = artifacts.factors(tensors, path)
         if a.shape[1] == 0:

@@ -44,6 +44,7 @@ class Pipeline:
     train_arrays: dict[str, np.ndarray]
     eval_examples: dict[str, Any]  # split -> encoded eval data
     evaluator: Callable  # (pipeline, trainer, state, split, batch_size) -> metrics dict
+    stacked: dict = dataclasses.field(default_factory=dict)  # scanned layer stacks: path -> L
 
     def evaluate(self, trainer, state, split: str, batch_size: int) -> dict:
         return self.evaluator(self, trainer, state, split, batch_size)
@@ -65,6 +66,7 @@ def build_pipeline(cfg: Mapping[str, Any]) -> Pipeline:
         param_dtype=_dtype(mcfg["param_dtype"]),
         seed=cfg["train"]["seed"],
         impl=mcfg.get("impl", "auto"),
+        scan_layers=mcfg.get("scan_layers", "auto"),
     )
     check_lengths(cfg, loaded)
     check_labels(cfg, task)
@@ -144,6 +146,7 @@ def _make(loaded, task, aroma, loss_fn, train, evals, evaluator) -> Pipeline:
         train,
         evals,
         evaluator,
+        stacked=dict(loaded.stacked),
     )
 
 

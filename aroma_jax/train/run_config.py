@@ -42,6 +42,8 @@ SECTIONS: dict[str, dict[str, Any]] = {
         "param_dtype": "float32",  # dtype of the frozen base weights
         "num_labels": None,  # overrides the task's
         "impl": "auto",  # auto (native for LLaMA/Mistral/Qwen2, else hf) | native | hf
+        # native models: layers under nn.scan, traced once (auto = true); HF Flax ones unroll
+        "scan_layers": "auto",
     },
     "task": {
         "name": "rotten_tomatoes",
@@ -202,6 +204,10 @@ def resolve(raw: Mapping[str, Any] | None, overrides: Iterable[str] = ()) -> dic
         )
     if cfg["model"]["impl"] not in ("auto", "native", "hf"):
         raise ConfigError(f"invalid model.impl={cfg['model']['impl']!r}: accepted auto, native, hf")
+    if cfg["model"]["scan_layers"] not in ("auto", True, False):
+        raise ConfigError(
+            f"invalid model.scan_layers={cfg['model']['scan_layers']!r}: accepted auto, true, false"
+        )
     if cfg["model"]["dtype"] not in ("float32", "bfloat16"):
         raise ConfigError(
             f"invalid model.dtype={cfg['model']['dtype']!r}: accepted float32, bfloat16"
@@ -283,6 +289,33 @@ def load(path: str | Path | None, overrides: Iterable[str] = ()) -> dict[str, An
         if not isinstance(raw, Mapping):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
     return resolve(raw, overrides)
+
+
+# Keys added after runs were first written, with the behaviour such a run had: a run directory
+# whose config.yaml lacks one is resumed, evaluated and exported as it was trained.
+LEGACY_DEFAULTS = {("model", "scan_layers"): False}
+
+
+def adopt_legacy(cfg: Mapping[str, Any], saved: Mapping[str, Any]) -> dict[str, Any]:
+    """``cfg`` with `LEGACY_DEFAULTS` applied where the run's ``saved`` config lacks the key and
+    ``cfg`` holds the current default (an explicit choice is kept, and then checked)."""
+    out = copy.deepcopy(dict(cfg))
+    for (section, key), value in LEGACY_DEFAULTS.items():
+        old = saved.get(section)
+        if (
+            isinstance(old, Mapping)
+            and key not in old
+            and out[section][key] == SECTIONS[section][key]
+        ):
+            out[section][key] = value
+    return out
+
+
+def load_run(run_dir: str | Path, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """A run directory's own config (`load` of its config.yaml, `adopt_legacy` applied)."""
+    path = Path(run_dir) / "config.yaml"
+    cfg = load(path, overrides)
+    return adopt_legacy(cfg, parse_yaml(path) or {})
 
 
 def head_mode(cfg: Mapping[str, Any]) -> str:

@@ -142,7 +142,11 @@ def _pair_size(pair) -> int:
 
 def _trainable_now(trainer: AromaTrainer, state: TrainState, head: int) -> int:
     done = jax.device_get(state.adapters.done)
-    return head + sum(_pair_size(p) for k, p in state.adapters.pairs.items() if not bool(done[k]))
+    # A stacked module's pair spans its layers: each layer not done trains its share.
+    return head + sum(
+        _pair_size(p) * int((~np.asarray(done[k])).sum()) // max(np.asarray(done[k]).size, 1)
+        for k, p in state.adapters.pairs.items()
+    )
 
 
 def train(
@@ -159,6 +163,8 @@ def train(
 
     t0 = time.perf_counter()
     out = prepare_run_dir(output, resume)
+    if resume and (out / "config.yaml").is_file():
+        cfg = run_config.adopt_legacy(cfg, yaml.safe_load((out / "config.yaml").read_text()) or {})
     pipe: Pipeline = build_pipeline(cfg)
     batch_at(pipe.train_arrays, cfg["train"]["batch_size"], 0, 0)  # fewer rows than a batch?
     aroma = pipe.aroma
@@ -168,7 +174,7 @@ def train(
     write_atomic(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     tcfg = cfg["train"]
 
-    trainer = AromaTrainer(pipe.loss_fn, pipe.params, aroma)
+    trainer = AromaTrainer(pipe.loss_fn, pipe.params, aroma, stacked=pipe.stacked)
     head_params = sum(int(x.size) for x in jax.tree.leaves(trainer_extra(pipe, trainer)))
     memory.check_run(cfg, pipe, trainer)  # refuse now rather than be killed mid-run
     state = trainer.init(pipe.params)
@@ -191,7 +197,8 @@ def train(
         unlogged = [float(x) for x in meta.get("unlogged_losses", [])]
         drop_records_after(out / "metrics.jsonl", start)
     log = MetricsLog(out)
-    pair_sizes = {p: _pair_size(state.adapters.pairs[p]) for p in trainer.paths}
+    entry_pairs = trainer.unstacked(state.adapters).pairs
+    pair_sizes = {p: _pair_size(entry_pairs[p]) for p in trainer.paths}
     total_steps = aroma.max_steps
     bar = _progress(tcfg["progress"], total_steps, start)
     seed = tcfg["seed"]
@@ -291,7 +298,8 @@ def train(
                 break
             if finished:
                 done = jax.device_get(state.adapters.done)
-                all_done = all(map(bool, done.values())) and aroma.method != "head"
+                all_done = all(bool(np.all(d)) for d in done.values())
+                all_done = all_done and aroma.method != "head"
                 stopped = "all_modules_done" if all_done else "max_steps"
                 break
         sync()
@@ -336,7 +344,10 @@ def train(
         "total_rank": int(sum(ranks.values())),
         "adapter_params": adapter_param_count(state.adapters),
         "final_adapter_params": int(
-            sum((trainer.specs[p].fan_in + trainer.specs[p].fan_out) * r for p, r in ranks.items())
+            sum(
+                (trainer.entry_specs[p].fan_in + trainer.entry_specs[p].fan_out) * r
+                for p, r in ranks.items()
+            )
         ),
         "head_params": head_params,
         "outer_steps": len(history.outer_step_numbers()),
@@ -471,6 +482,8 @@ def evaluate_only(cfg: Mapping[str, Any], run_dir: str | Path, split: str = "tes
     from aroma_jax.train.artifacts import rebuild_state
 
     pipe = build_pipeline(cfg)
-    trainer = AromaTrainer(pipe.loss_fn, pipe.params, pipe.aroma, donate=False)
+    trainer = AromaTrainer(
+        pipe.loss_fn, pipe.params, pipe.aroma, donate=False, stacked=pipe.stacked
+    )
     state = rebuild_state(trainer, pipe.params, Path(run_dir) / "final")
     return pipe.evaluate(trainer, state, split, cfg["train"]["eval_batch_size"])

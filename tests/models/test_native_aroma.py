@@ -36,6 +36,16 @@ def batches(n, seed=0):
         yield {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask}
 
 
+def torch_logits(directory, x):
+    """Logits of the PyTorch model saved in ``directory`` on batch ``x``."""
+    import torch
+
+    pt = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    with torch.no_grad():
+        ids = torch.tensor(x["input_ids"]).long()
+        return pt(ids, attention_mask=torch.tensor(x["attention_mask"])).logits.numpy()
+
+
 def run(model, params, steps=15):
     loss_fn, _ = objectives.causal_lm(model)
     cfg = AromaConfig(
@@ -86,8 +96,6 @@ def test_aroma_run_on_native_equals_fixed_hf_flax_llama(fixed_and_native_runs):
 
 def test_merged_export_of_a_native_run_loads_in_pytorch(fixed_and_native_runs, tmp_path):
     """`aroma-jax export --merged` for native runs: merged weights, PyTorch-layout safetensors."""
-    import torch
-
     from aroma_jax.train import artifacts
     from aroma_jax.train.export import merged_params, save_pytorch_weights
 
@@ -101,11 +109,7 @@ def test_merged_export_of_a_native_run_loads_in_pytorch(fixed_and_native_runs, t
     x = next(batches(1))
     with trainer.applied(final) as p:
         want = np.asarray(native(x["input_ids"], x["attention_mask"], params=p).logits)
-    pt = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    with torch.no_grad():
-        got = pt(
-            torch.tensor(x["input_ids"]).long(), attention_mask=torch.tensor(x["attention_mask"])
-        ).logits.numpy()
+    got = torch_logits(tmp_path / "merged", x)
     valid = x["attention_mask"].astype(bool)
     assert max(ranks[-1]) >= 1
     np.testing.assert_allclose(got[valid], want[valid], atol=1e-4)
@@ -166,3 +170,63 @@ def test_native_loads_hf_flax_msgpack_like_the_smollm2_asset(tmp_path):
     got = np.asarray(native(x["input_ids"], attention_mask=x["attention_mask"]).logits)
     valid = x["attention_mask"].astype(bool)
     np.testing.assert_allclose(got[valid], want[valid], atol=1e-5)
+
+
+def test_scanned_native_run_equals_the_unrolled_run_and_exports(tmp_path):
+    """Layers under nn.scan with stacked adapters: the same run as the unrolled native model
+    (one target kind and a full reset, so both draw the same random numbers in the same order),
+    then the saved artefact rebuilds the state and the merged export loads in PyTorch."""
+    from aroma_jax.models.native import stack_layers
+    from aroma_jax.train import artifacts
+    from aroma_jax.train.export import merged_params
+
+    unrolled = NativeCausalLM(NativeConfig.from_dict({**CFG, "model_type": "llama"}))
+    scanned = NativeCausalLM(
+        unrolled.config, params=stack_layers(unrolled.params, 2), scan_layers=True
+    )
+    cfg = AromaConfig(
+        target_modules=("v_proj",),
+        r=1,
+        alpha=2.0,
+        learning_rate=2e-2,
+        max_steps=15,
+        inner_max_steps=5,
+        inner_check_every=3,
+        outer_tol=1e-4,
+        warmup_steps=2,
+        rewarmup_steps=2,
+        reset="full",
+    )
+    runs = []
+    for model, stacked in ((unrolled, None), (scanned, hf.stacked_of(scanned))):
+        loss_fn, _ = objectives.causal_lm(model)
+        trainer = AromaTrainer(loss_fn, model.params, cfg, donate=False, stacked=stacked)
+        state = trainer.init(model.params)
+        losses, ranks = [], []
+        for batch in batches(cfg.max_steps):
+            state, info = trainer.step(state, batch)
+            losses.append(float(info.loss))
+            ranks.append(np.asarray(info.ranks).tolist())
+        runs.append((np.asarray(losses), ranks, trainer, state))
+    (u_loss, u_ranks, u_tr, _), (s_loss, s_ranks, s_tr, s_state) = runs
+    assert s_tr.module_paths == ("model/layers/self_attn/v_proj",)
+    assert s_tr.paths == u_tr.paths and s_tr.compiles == 1
+    assert s_ranks == u_ranks and max(s_ranks[-1]) >= 1
+    np.testing.assert_allclose(s_loss, u_loss, atol=1e-5, rtol=0)
+
+    final = s_tr.finalize(s_state)
+    artifacts.save_final(tmp_path / "final", s_tr, final)
+    rebuilt = artifacts.rebuild_state(s_tr, scanned.params, tmp_path / "final")
+    x = next(batches(1))
+    with s_tr.applied(final) as p:
+        want = np.asarray(scanned(x["input_ids"], x["attention_mask"], params=p).logits)
+    with s_tr.applied(rebuilt) as p:
+        again = np.asarray(scanned(x["input_ids"], x["attention_mask"], params=p).logits)
+    np.testing.assert_allclose(again, want, atol=1e-5)
+    tensors, meta = artifacts.load_final(tmp_path / "final")
+    assert meta["paths"] == list(u_tr.paths)  # per-layer names, as an unrolled run writes
+    merged = merged_params(scanned.params, tensors, meta)
+    scanned.save_pretrained(tmp_path / "merged", params=merged)
+    got = torch_logits(tmp_path / "merged", x)
+    valid = x["attention_mask"].astype(bool)
+    np.testing.assert_allclose(got[valid], want[valid], atol=1e-4)

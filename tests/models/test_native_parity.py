@@ -136,6 +136,20 @@ def test_save_pretrained_loads_in_pytorch(tmp_path):
     )
 
 
+@pytest.mark.parametrize("case", ["llama3.2_tied_head_dim", "qwen2.5_untied"])
+def test_scanned_load_matches_pytorch_and_saves_back(case, tmp_path):
+    pt = build(case, tmp_path / "src", dtype=torch.bfloat16, max_shard_size="20KB")
+    x = ids()
+    want = torch_logits(pt, x)
+    model = NativeCausalLM.from_pretrained(tmp_path / "src", scan_layers=True)  # sharded, bf16
+    q = model.params["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert q.shape[0] == 2 and q.dtype == np.float32
+    np.testing.assert_allclose(np.asarray(model(x.astype(np.int32)).logits), want, atol=1e-4)
+    model.save_pretrained(tmp_path / "out")  # per-layer HF names from the stacked tree
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    np.testing.assert_allclose(torch_logits(back, x), want, atol=1e-4)
+
+
 def test_rejects_unsupported_configs(tmp_path):
     base = {**COMMON, "model_type": "llama"}
     with pytest.raises(NativeConfigError, match="accepted"):

@@ -23,7 +23,7 @@ def test_estimate_tracks_xla_memory_analysis(fake_assets, name, batch, length):
     """Estimate / XLA (arguments + temporaries + outputs - aliases of the compiled step) within
     [0.8, 1.25]; measured 0.90 (RoBERTa) and 1.16 (LLaMA) on CPU when the constants were fit."""
     cfg, pipe = _pipeline(name, batch, length)
-    trainer = AromaTrainer(pipe.loss_fn, pipe.params, pipe.aroma)
+    trainer = AromaTrainer(pipe.loss_fn, pipe.params, pipe.aroma, stacked=pipe.stacked)
     shapes = jax.eval_shape(trainer.init, pipe.params)
     step_batch = batch_at(pipe.train_arrays, batch, 0, 0)
     ma = trainer._step.lower(shapes, step_batch).compile().memory_analysis()

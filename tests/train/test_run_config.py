@@ -69,3 +69,21 @@ def test_bad_keys_and_values_name_what_is_accepted(raw, overrides, words):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         run_config.load(tmp_path / "nope.yaml")
+
+
+def test_a_run_written_before_scan_layers_existed_keeps_its_unrolled_layers(tmp_path):
+    """`model.scan_layers` (default auto: scanned native models) was added after runs were
+    written; a run directory without the key resumes, evaluates and exports unrolled."""
+    import yaml
+
+    resolved = run_config.load(None, ["model.name=tiny-llama"])
+    old = {k: dict(v) if isinstance(v, dict) else v for k, v in resolved.items()}
+    del old["model"]["scan_layers"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert run_config.load_run(tmp_path)["model"]["scan_layers"] is False
+    assert run_config.adopt_legacy(resolved, old)["model"]["scan_layers"] is False
+    chosen = run_config.load(None, ["model.scan_layers=true"])
+    assert run_config.adopt_legacy(chosen, old)["model"]["scan_layers"] is True  # explicit
+    assert run_config.adopt_legacy(resolved, resolved)["model"]["scan_layers"] == "auto"
+    with pytest.raises(ConfigError, match="model.scan_layers"):
+        run_config.load(None, ["model.scan_layers=sometimes"])

@@ -7,10 +7,20 @@ HF's Flax param paths so adapters inject unchanged, and attend through
 Example:
     >>> # from aroma_jax.models.native import NativeCausalLM
     >>> # model = NativeCausalLM.from_pretrained("meta-llama/Llama-3.2-1B", param_dtype="bfloat16")
+    >>> # scanned = NativeCausalLM.from_pretrained("meta-llama/Llama-3.2-1B", scan_layers=True)
 """
 
 from aroma_jax.models.native.causal_lm import NativeCausalLM, load_tokenizer
 from aroma_jax.models.native.config import NativeConfig, NativeConfigError
-from aroma_jax.models.native.modeling import CausalLM
+from aroma_jax.models.native.modeling import CausalLM, is_scanned, stack_layers, unstack_layers
 
-__all__ = ["CausalLM", "NativeCausalLM", "NativeConfig", "NativeConfigError", "load_tokenizer"]
+__all__ = [
+    "CausalLM",
+    "NativeCausalLM",
+    "NativeConfig",
+    "NativeConfigError",
+    "is_scanned",
+    "load_tokenizer",
+    "stack_layers",
+    "unstack_layers",
+]

@@ -12,6 +12,9 @@ interface, so ``model.impl: native`` changes nothing else.
   param trees agree. No torch and no transformers model class is involved.
 * `save_pretrained` writes ``config.json`` and ``model.safetensors`` in PyTorch layout, which
   PyTorch transformers (4.x and 5.x) loads with ``from_pretrained``.
+* ``scan_layers=True`` runs the layers under ``nn.scan`` with the params in the stacked layout
+  (`aroma_jax.models.native.modeling.stack_layers`); `from_pretrained` loads straight into it
+  and `save_pretrained` writes per-layer HF names from it.
 * `generate` is greedy decoding in one compiled loop over a fixed-size buffer (each step re-runs
   the prompt and the tokens so far; no KV cache), honouring left padding through position ids.
 
@@ -40,7 +43,7 @@ import jax.numpy as jnp
 
 from aroma_jax.models.native import checkpoint_io
 from aroma_jax.models.native.config import NativeConfig
-from aroma_jax.models.native.modeling import CausalLM
+from aroma_jax.models.native.modeling import CausalLM, is_scanned, stack_layers
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
 
@@ -54,7 +57,12 @@ class GenerateOutput(NamedTuple):
 
 
 class NativeCausalLM:
-    """A `CausalLM` module with its config, params and the HF Flax calling convention."""
+    """A `CausalLM` module with its config, params and the HF Flax calling convention.
+
+    With ``scan_layers=True`` the module scans its layers and ``params`` are kept in the
+    stacked layout; unrolled ``params`` given to the constructor are stacked
+    (`stack_layers`). ``params`` passed to `__call__` / `generate` must already match.
+    """
 
     def __init__(
         self,
@@ -65,15 +73,26 @@ class NativeCausalLM:
         remat: str = "none",
         attention_impl: str | None = None,
         seed: int = 0,
+        scan_layers: bool = False,
     ):
         self.config = config
         self.dtype = dtype
+        self.scan_layers = scan_layers
         self.source: Path | None = None  # the directory it was loaded from (tokenizer files)
         # save_pretrained writes PyTorch-layout safetensors itself (no torch round trip needed)
         self.writes_pytorch_layout = True
-        self.module = CausalLM(config, dtype, param_dtype, remat, attention_impl)
+        self.module = CausalLM(
+            config, dtype, param_dtype, remat, attention_impl, scan_layers=scan_layers
+        )
         if params is None:
             params = self.init_params(seed)
+        elif scan_layers and params and not is_scanned(params):  # {}: no weights yet
+            params = stack_layers(params, config.num_hidden_layers)
+        elif not scan_layers and is_scanned(params):
+            raise ValueError(
+                "params are in the scanned layout (model/layers/<sub-path> (L, ...)): pass "
+                "scan_layers=True, or unstack_layers(params) first"
+            )
         self.params = params
 
     def init_params(self, seed: int = 0) -> dict:
@@ -162,9 +181,14 @@ class NativeCausalLM:
         remat: str = "none",
         attention_impl: str | None = None,
         sharding_for=None,
+        scan_layers: bool = False,
         **unused,
     ) -> NativeCausalLM:
-        """From a local directory or a hub name; see `checkpoint_io.load_params`."""
+        """From a local directory or a hub name; see `checkpoint_io.load_params`.
+
+        ``scan_layers=True`` loads the weights straight into the scanned layout (stacked leaf
+        by leaf; ``sharding_for`` sees the stacked paths and shapes) for a scanned model.
+        """
         path = resolve(name_or_path)
         config = NativeConfig.from_file(path)
         msgpack = path / "flax_model.msgpack"
@@ -173,22 +197,27 @@ class NativeCausalLM:
         ).exists()
         if has_st:
             params = checkpoint_io.load_params(
-                path, config.tie_word_embeddings, param_dtype, sharding_for
+                path, config.tie_word_embeddings, param_dtype, sharding_for, scan_layers
             )
         elif msgpack.exists():
             tree = flax.serialization.msgpack_restore(msgpack.read_bytes())
+            if scan_layers:  # numpy stacking, before anything goes to the device
+                tree = stack_layers(tree, config.num_hidden_layers)
             params = jax.tree.map(lambda x: jnp.asarray(x, param_dtype), tree)
         else:
             raise FileNotFoundError(
                 f"no weights in {str(path)!r}: accepted model.safetensors, "
                 "model.safetensors.index.json or flax_model.msgpack"
             )
-        model = cls(config, params, dtype, param_dtype, remat, attention_impl)
+        model = cls(
+            config, params, dtype, param_dtype, remat, attention_impl, scan_layers=scan_layers
+        )
         model.source = path
         return model
 
     def save_pretrained(self, out: str | Path, params: Any = None) -> Path:
-        """``config.json`` + ``model.safetensors`` (PyTorch layout) in ``out``."""
+        """``config.json`` + ``model.safetensors`` (PyTorch layout) in ``out``; scanned params
+        are written under per-layer names."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         params = self.params if params is None else params

@@ -10,6 +10,10 @@
   ``model/layers/3/self_attn/q_proj/kernel (in, out)``; norms keep ``weight``; the embedding
   becomes ``embedding``. A tied model's ``lm_head.weight``, if stored, is skipped.
 * `save_safetensors` writes the reverse mapping: a directory PyTorch transformers loads.
+* Scanned layout (``scan_layers``): `load_params` stacks each layer leaf across layers into
+  ``model/layers/<sub-path> (L, ...)``, one stacked leaf at a time (with a sharding, each
+  device's shard is read straight from the memory-mapped files); `save_safetensors` writes
+  per-layer names (``model.layers.<i>....``) from either layout.
 
 Example:
     >>> torch_to_flax("model.layers.0.mlp.up_proj.weight")
@@ -28,6 +32,8 @@ import jax
 import ml_dtypes
 import numpy as np
 from flax import traverse_util
+
+from aroma_jax.models.native.modeling import LAYERS_PATH, is_scanned, unstack_layers
 
 DTYPES = {
     "F64": np.float64,
@@ -140,32 +146,102 @@ def iter_tensors(directory: str | Path, tied: bool) -> Iterator[tuple[tuple[str,
         yield path, load
 
 
+def layer_index(path: tuple[str, ...]) -> int | None:
+    """The layer of an unrolled layer leaf (``model/layers/<i>/...``), else None."""
+    n = len(LAYERS_PATH)
+    if len(path) > n + 1 and tuple(path[:n]) == LAYERS_PATH and path[n].isdigit():
+        return int(path[n])
+    return None
+
+
+def _place(w: np.ndarray, path: tuple[str, ...], sharding_for) -> jax.Array:
+    sharding = sharding_for("/".join(path), w.shape) if sharding_for else None
+    return jax.device_put(w, sharding) if sharding is not None else jax.device_put(w)
+
+
+def _stacked_leaf(
+    path: tuple[str, ...], loads: Mapping[int, Callable], dtype: np.dtype, sharding_for
+) -> jax.Array:
+    """One scanned leaf ``(L, ...)`` from the per-layer loaders ``{i: load}``.
+
+    Without a sharding the host fills one ``(L, ...)`` buffer (cast on assignment) and places
+    it; with one, every device's shard is read and cast from the memory-mapped layers directly
+    (`jax.make_array_from_callback`), so the whole stacked leaf never sits on the host.
+    """
+    n = len(loads)
+    if sorted(loads) != list(range(n)):
+        raise CheckpointError(
+            f"{'/'.join(path)}: layers {sorted(loads)} in the checkpoint: expected 0..{n - 1}"
+        )
+    shape = loads[0]().shape  # memory-mapped: reading the shape reads no data
+    for i in range(n):
+        if loads[i]().shape != shape:
+            raise CheckpointError(
+                f"{'/'.join(path)}: layer {i} has shape {loads[i]().shape}, layer 0 {shape}"
+            )
+    full = (n, *shape)
+    sharding = sharding_for("/".join(path), full) if sharding_for else None
+    if sharding is None:
+        out = np.empty(full, dtype)
+        for i in range(n):
+            out[i] = loads[i]()  # cast while copying out of the mapped file
+        return jax.device_put(out)
+
+    def shard(index: tuple[slice, ...]) -> np.ndarray:
+        layers = range(n)[index[0]]
+        rest = tuple(index[1:])
+        return np.stack([np.asarray(loads[i]()[rest], dtype) for i in layers])
+
+    return jax.make_array_from_callback(full, sharding, shard)
+
+
 def load_params(
     directory: str | Path,
     tied: bool,
     param_dtype: Any = np.float32,
     sharding_for: Callable[[str, tuple[int, ...]], Any] | None = None,
+    scan_layers: bool = False,
 ) -> dict:
     """The nested param tree, read, cast and placed one leaf at a time.
 
     ``sharding_for(path, shape)`` may return a `jax.sharding.Sharding` per leaf ("/"-joined
     path), so each leaf goes straight to its shards and the host never holds the whole model.
+    ``scan_layers=True`` returns the scanned layout (`aroma_jax.models.native.stack_layers`):
+    ``sharding_for`` then sees the stacked paths and shapes (``model/layers/self_attn/q_proj/
+    kernel``, ``(L, in, out)``), and each stacked leaf is built on its own (`_stacked_leaf`).
     """
     flat = {}
+    stacked: dict[tuple[str, ...], dict[int, Callable]] = {}
     dtype = np.dtype(param_dtype)
+    n = len(LAYERS_PATH)
     for path, load in iter_tensors(directory, tied):
+        layer = layer_index(path) if scan_layers else None
+        if layer is not None:
+            stacked.setdefault((*path[:n], *path[n + 1 :]), {})[layer] = load
+            continue
         w = np.ascontiguousarray(load().astype(dtype))
-        sharding = sharding_for("/".join(path), w.shape) if sharding_for else None
-        flat[path] = jax.device_put(w, sharding) if sharding is not None else jax.device_put(w)
+        flat[path] = _place(w, path, sharding_for)
         del w
+    counts = {len(loads) for loads in stacked.values()}
+    if len(counts) > 1:
+        raise CheckpointError(f"layer leaves of {str(directory)!r} disagree on the layer count")
+    for path, loads in stacked.items():
+        flat[path] = _stacked_leaf(path, loads, dtype, sharding_for)
     if not flat:
         raise CheckpointError(f"no tensors read from {str(directory)!r}")
     return traverse_util.unflatten_dict(flat)
 
 
 def save_safetensors(params: Mapping, path: str | Path, metadata: dict | None = None) -> Path:
-    """Writes ``params`` (Flax layout) as one HF ``model.safetensors`` (PyTorch layout)."""
-    flat = traverse_util.flatten_dict(jax.device_get(dict(params)))
+    """Writes ``params`` (Flax layout) as one HF ``model.safetensors`` (PyTorch layout).
+
+    A scanned tree (``model/layers/<sub-path> (L, ...)``) is written under per-layer names
+    (``model.layers.<i>....``), exactly as its unrolled twin.
+    """
+    host = jax.device_get(dict(params))
+    if is_scanned(host):
+        host = unstack_layers(host)  # numpy views: no copy
+    flat = traverse_util.flatten_dict(host)
     tensors = {}
     for key, value in flat.items():
         name, transpose = flax_to_torch(tuple(str(k) for k in key))

@@ -12,6 +12,11 @@ and the sharding rules apply unchanged.
   Mistral's sliding window is the kernel's ``local_window_size``.
 * ``remat``: ``none`` | ``full`` (recompute each layer in the backward pass) | ``dots`` (save
   matmul outputs without batch dims: jax's ``dots_with_no_batch_dims_saveable``).
+* ``scan_layers``: run the decoder layers under ``flax.linen.scan`` (one layer traced once).
+  Every layer leaf then lives at ``model/layers/<sub-path>/<leaf>`` with a leading layer axis,
+  e.g. ``model/layers/self_attn/q_proj/kernel (L, in, out)``; any extra leaf in a module's
+  scope there (an adapter factor ``(L, in, r)``) is sliced per layer like the kernel.
+  `stack_layers` / `unstack_layers` convert between the two layouts.
 * Activations carry logical-axis constraints (``batch``, ``length``, ``embed``); they are no-ops
   unless a mesh and `aroma_jax.models.native.partitioning` rules are active.
 
@@ -29,16 +34,19 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from aroma_jax.models.native.config import NativeConfig
 from aroma_jax.models.native.rope import apply_rotary, inv_frequencies
 
 REMAT_POLICIES = ("none", "full", "dots")
+LAYERS_PATH = ("model", "layers")  # where the decoder layers live in the param tree
 
 
 def _remat_policy(name: str):
@@ -165,12 +173,50 @@ class Layers(nn.Module):
         return x
 
 
+class ScanDecoderLayer(DecoderLayer):
+    """A `DecoderLayer` with the ``nn.scan`` body signature: ``(carry, *broadcast) -> (carry,
+    None)``; its params are the layer's own (no extra scope)."""
+
+    def __call__(self, x, positions, mask):
+        return super().__call__(x, positions, mask), None
+
+
+def scanned_layers(
+    config: NativeConfig,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    remat: str = "none",
+    attention_impl: str | None = None,
+    name: str | None = None,
+) -> nn.Module:
+    """The ``L`` decoder layers as one ``nn.scan`` module: params stacked on axis 0, one RNG
+    split per layer, positions and mask broadcast, the hidden state the carry.
+
+    Called as ``(x, positions, mask) -> (x, None)``. Assign it to ``self.layers`` (or pass
+    ``name="layers"``) so its Dense modules sit at ``.../layers/self_attn/q_proj``.
+    """
+    cls = ScanDecoderLayer
+    if remat != "none":  # flax: prevent_cse=False under scan (the loop already blocks CSE)
+        cls = nn.remat(cls, policy=_remat_policy(remat), prevent_cse=False)
+    scan = nn.scan(
+        cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=config.num_hidden_layers,
+    )
+    return scan(
+        config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, name=name
+    )
+
+
 class Model(nn.Module):
     config: NativeConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: str = "none"
     attention_impl: str | None = None
+    scan_layers: bool = False
 
     def setup(self):
         c = self.config
@@ -181,9 +227,18 @@ class Model(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
-        self.layers = Layers(
-            c, self.dtype, self.param_dtype, remat=self.remat, attention_impl=self.attention_impl
-        )
+        if self.scan_layers:
+            self.layers = scanned_layers(
+                c, self.dtype, self.param_dtype, self.remat, self.attention_impl
+            )
+        else:
+            self.layers = Layers(
+                c,
+                self.dtype,
+                self.param_dtype,
+                remat=self.remat,
+                attention_impl=self.attention_impl,
+            )
         self.norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None):
@@ -192,23 +247,32 @@ class Model(nn.Module):
         mask = None if attention_mask is None else attention_mask.astype(bool)
         x = _constrain(self.embed_tokens(input_ids), ("batch", "length", "embed"))
         x = self.layers(x, position_ids, mask)
+        if self.scan_layers:
+            x, _ = x
         return self.norm(x)
 
 
 class CausalLM(nn.Module):
-    """Logits ``(batch, seq, vocab)``; a tied model reads them off the embedding matrix."""
+    """Logits ``(batch, seq, vocab)``; a tied model reads them off the embedding matrix.
+
+    ``scan_layers=True`` runs the layers under ``nn.scan`` (params in the stacked layout of
+    `stack_layers`); the default unrolls them (``model/layers/<i>/...``).
+    """
 
     config: NativeConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: str = "none"
     attention_impl: str | None = None
+    scan_layers: bool = False
 
     def setup(self):
         c = self.config
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat {self.remat!r} is not supported: accepted {REMAT_POLICIES}")
-        self.model = Model(c, self.dtype, self.param_dtype, self.remat, self.attention_impl)
+        self.model = Model(
+            c, self.dtype, self.param_dtype, self.remat, self.attention_impl, self.scan_layers
+        )
         if not c.tie_word_embeddings:
             self.lm_head = _dense(c, c.vocab_size, False, None, self.dtype, self.param_dtype)
 
@@ -217,3 +281,83 @@ class CausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             return self.model.embed_tokens.attend(hidden)
         return self.lm_head(hidden)
+
+
+# ---------------------------------------------------------------------------- layouts
+def _stack(leaves: list) -> Any:
+    """``np.stack`` for numpy leaves, ``jnp.stack`` for jax arrays."""
+    if all(isinstance(x, np.ndarray) for x in leaves):
+        return np.stack(leaves)
+    return jnp.stack(leaves)
+
+
+def _get_path(tree: Mapping, path: tuple[str, ...]) -> Any:
+    for k in path:
+        if not isinstance(tree, Mapping) or k not in tree:
+            return None
+        tree = tree[k]
+    return tree
+
+
+def _set_path(tree: Mapping, path: tuple[str, ...], value: Any) -> dict:
+    """A copy of ``tree`` (dicts along ``path`` only; other subtrees shared) with ``value``."""
+    out = dict(tree)
+    out[path[0]] = value if len(path) == 1 else _set_path(tree[path[0]], path[1:], value)
+    return out
+
+
+def is_scanned(params: Mapping) -> bool:
+    """Whether ``params`` holds its layers in the stacked (scanned) layout: ``model/layers``
+    exists and none of its keys is a layer index."""
+    layers = _get_path(params, LAYERS_PATH)
+    return isinstance(layers, Mapping) and not any(str(k).isdigit() for k in layers)
+
+
+def stack_layers(params: Mapping, num_layers: int) -> dict:
+    """The unrolled tree (``model/layers/<i>/...``) in the scanned layout: every layer leaf,
+    extra leaves such as adapter factors included, becomes ``model/layers/<sub-path>`` with a
+    leading axis of length ``num_layers`` (``np.stack`` / ``jnp.stack`` in layer order). Other
+    leaves are shared, not copied.
+
+    Example:
+        >>> p = {"model": {"layers": {str(i): {"w": np.full(2, i)} for i in range(3)}}}
+        >>> stack_layers(p, 3)["model"]["layers"]["w"].tolist()
+        [[0, 0], [1, 1], [2, 2]]
+    """
+    if num_layers < 1:
+        raise ValueError(f"stack_layers: num_layers must be >= 1, got {num_layers}")
+    layers = _get_path(params, LAYERS_PATH)
+    want = [str(i) for i in range(num_layers)]
+    if not isinstance(layers, Mapping) or sorted(layers, key=str) != sorted(want):
+        found = sorted(layers, key=str) if isinstance(layers, Mapping) else None
+        raise ValueError(
+            f"stack_layers: expected layers {want[:3]}...{want[-1:]} under "
+            f"{'/'.join(LAYERS_PATH)}, found {found}"
+        )
+    first = jax.tree.structure(layers["0"])
+    for i in want[1:]:
+        if jax.tree.structure(layers[i]) != first:
+            raise ValueError(f"stack_layers: layer {i} has other leaves than layer 0")
+    stacked = jax.tree.map(lambda *xs: _stack(list(xs)), *(layers[i] for i in want))
+    return _set_path(params, LAYERS_PATH, stacked)
+
+
+def unstack_layers(params: Mapping) -> dict:
+    """The inverse of `stack_layers`: ``model/layers/<sub-path>`` leaves of shape ``(L, ...)``
+    become ``model/layers/<i>/<sub-path>`` (views ``leaf[i]``). Other leaves are shared.
+
+    Example:
+        >>> p = {"model": {"layers": {"w": np.arange(4).reshape(2, 2)}}, "lm_head": 1}
+        >>> u = unstack_layers(p)
+        >>> sorted(u["model"]["layers"]), u["model"]["layers"]["1"]["w"].tolist(), u["lm_head"]
+        (['0', '1'], [2, 3], 1)
+    """
+    if not is_scanned(params):
+        raise ValueError(f"unstack_layers: no stacked layers under {'/'.join(LAYERS_PATH)}")
+    layers = _get_path(params, LAYERS_PATH)
+    lengths = {int(x.shape[0]) for x in jax.tree.leaves(layers)}
+    if len(lengths) != 1:
+        raise ValueError(f"unstack_layers: stacked leaves disagree on the layer count {lengths}")
+    (n,) = lengths
+    unrolled = {str(i): jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n)}
+    return _set_path(params, LAYERS_PATH, unrolled)

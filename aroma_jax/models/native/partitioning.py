@@ -8,16 +8,24 @@ vocabulary over ``tensor``, the batch over ``data`` and ``fsdp``.
 * `sharding_rules` turns the param table into `aroma_jax.core.sharding.Rule`s, so
   ``shard_trainer(trainer, state, mesh, sharding_rules())`` shards a native model (and its
   adapters and optimizer state, which inherit from the kernels) by logical axes.
+* Scanned layers (``scan_layers=True``: ``model/layers/<sub-path> (L, ...)``): the leading
+  ``layers`` axis is replicated and the others are named as in the unrolled leaf
+  (`SCANNED_PARAM_AXES`, matched first by `param_logical_axes` and `sharding_rules`), so one
+  rule set serves both layouts.
 * `activation_rules` is the same mapping for ``flax.linen.logical_axis_rules``: inside
   ``with jax.set_mesh(mesh), nn.logical_axis_rules(activation_rules(mesh)):`` the model's
   ``with_logical_constraint`` calls pin its activations; outside, they are no-ops.
 
 Example:
-    >>> [r.axes for r in sharding_rules() if "q_proj" in r.pattern]
-    [('fsdp', 'tensor')]
+    >>> [r.axes for r in sharding_rules() if "q_proj/kernel" in r.pattern]
+    [(None, 'fsdp', 'tensor'), ('fsdp', 'tensor')]
+    >>> param_logical_axes("model/layers/mlp/down_proj/kernel")
+    ('layers', 'mlp', 'embed')
 """
 
 from __future__ import annotations
+
+import re
 
 from aroma_jax.core.sharding import Rule
 
@@ -31,6 +39,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("norm", None),
+    ("layers", None),  # the stacked layer axis of scanned params
 )
 
 # param path (regex, searched) -> logical names, one per array axis
@@ -50,6 +59,31 @@ PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"norm/weight$", ("norm",)),
 )
 
+LAYER_AXIS = "layers"
+# scanned layer leaves: ``layers/`` directly followed by a module name (not a layer index)
+SCANNED_PREFIX = r"(^|/)layers/"
+_LAYER_NORMS = r"(input_layernorm|post_attention_layernorm)/weight$"
+SCANNED_PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = tuple(
+    (SCANNED_PREFIX + pattern, (LAYER_AXIS, *names))
+    for pattern, names in PARAM_AXES
+    if pattern.startswith(("self_attn/", "mlp/"))
+) + ((SCANNED_PREFIX + _LAYER_NORMS, (LAYER_AXIS, "norm")),)
+
+
+def all_param_axes() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The scanned table, then the unrolled one (first match wins; they never overlap on a
+    leaf, since unrolled layer leaves have a layer index after ``layers/``)."""
+    return SCANNED_PARAM_AXES + PARAM_AXES
+
+
+def param_logical_axes(path: str) -> tuple[str, ...] | None:
+    """The logical names of a param leaf ("/"-joined path), one per array axis; None for a
+    leaf no rule names (replicated)."""
+    for pattern, names in all_param_axes():
+        if re.search(pattern, path):
+            return names
+    return None
+
 
 def mesh_axis(logical: str) -> str | tuple[str, ...] | None:
     """The mesh axis of a logical axis name."""
@@ -60,9 +94,10 @@ def mesh_axis(logical: str) -> str | tuple[str, ...] | None:
 
 
 def sharding_rules() -> tuple[Rule, ...]:
-    """`Rule`s for `aroma_jax.core.sharding` from the logical param axes (single mesh axes)."""
+    """`Rule`s for `aroma_jax.core.sharding` from the logical param axes (single mesh axes),
+    for the unrolled and the scanned layout alike."""
     out = []
-    for pattern, names in PARAM_AXES:
+    for pattern, names in all_param_axes():
         axes = []
         for n in names:
             ax = mesh_axis(n)
