@@ -209,7 +209,53 @@ def _devices(args, n_devices: int, jax) -> list:
     return list(devices)
 
 
+def _cost(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    return cost[0] if isinstance(cost, list) else cost
+
+
+def _with(args: argparse.Namespace, **changes) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), **changes})
+
+
+def unrolled_flops(args, n_devices: int, jax, layers: int) -> float:
+    """FLOPs per device of the step with ``layers`` layers, extrapolated from the unrolled step
+    with 1 and 2 layers: XLA's cost analysis counts a ``while`` body (the scanned layer) once,
+    not once per iteration, so the scanned step's own figure misses ``L - 1`` layers."""
+    one, two = (
+        _cost(compile_step(_with(args, layers=n, scan="off"), n_devices, jax)[0])["flops"]
+        for n in (1, 2)
+    )
+    return float(one + (layers - 1) * (two - one))
+
+
 def simulate(args, n_devices: int, jax) -> dict:
+    compiled, info = compile_step(args, n_devices, jax)
+    mem = compiled.memory_analysis()
+    flops = float(_cost(compiled).get("flops", float("nan")))
+    if info["scan_layers"]:
+        info["flops_scan_body_once"] = flops
+        flops = unrolled_flops(args, n_devices, jax, info["layers"])
+    peak = (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+    )
+    return {
+        **info,
+        "argument_bytes": mem.argument_size_in_bytes,
+        "output_bytes": mem.output_size_in_bytes,
+        "alias_bytes": mem.alias_size_in_bytes,
+        "temp_bytes": mem.temp_size_in_bytes,
+        "peak_bytes": peak,
+        "flops_per_device": flops,
+        "collectives": collectives(compiled.as_text()),
+    }
+
+
+def compile_step(args, n_devices: int, jax):
+    """The compiled train step and the facts about it (model, mesh, compile seconds)."""
     import jax.numpy as jnp
 
     from aroma_jax import AromaConfig, AromaTrainer
@@ -262,17 +308,8 @@ def simulate(args, n_devices: int, jax) -> dict:
     t1, c1 = time.perf_counter(), time.process_time()
     compiled = lowered.compile()
     t2, c2 = time.perf_counter(), time.process_time()
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    peak = (
-        mem.argument_size_in_bytes
-        + mem.output_size_in_bytes
-        - mem.alias_size_in_bytes
-        + mem.temp_size_in_bytes
-    )
     param_count = sum(int(x.size) for x in jax.tree.leaves(params))
-    return {
+    return compiled, {
         "model": args.model,
         "layers": cfg.num_hidden_layers,
         "params": param_count,
@@ -289,13 +326,6 @@ def simulate(args, n_devices: int, jax) -> dict:
         "compile_s": round(t2 - t1, 1),
         "lower_cpu_s": round(c1 - c0, 1),
         "compile_cpu_s": round(c2 - c1, 1),
-        "argument_bytes": mem.argument_size_in_bytes,
-        "output_bytes": mem.output_size_in_bytes,
-        "alias_bytes": mem.alias_size_in_bytes,
-        "temp_bytes": mem.temp_size_in_bytes,
-        "peak_bytes": peak,
-        "flops_per_device": float(cost.get("flops", float("nan"))),
-        "collectives": collectives(compiled.as_text()),
     }
 
 

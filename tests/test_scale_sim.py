@@ -37,6 +37,19 @@ def test_tiny_step_compiles_from_abstract_shapes_on_a_simulated_mesh(tmp_path):
     assert all(v["bytes"] > 0 for v in every.values())
 
 
+def test_scanned_step_reports_every_layers_flops(tmp_path):
+    """XLA counts a scanned layer (a while body) once; the script extrapolates the unrolled
+    1- and 2-layer steps instead, which must agree with the unrolled 3-layer step."""
+    sim = load()
+    argv = ["--model", "tiny", "--devices", "1", "--batch", "2", "--seq", "8", "--layers", "3"]
+    (scanned,) = sim.main(argv)
+    (unrolled,) = sim.main(argv + ["--scan", "off"])
+    assert scanned["scan_layers"] and not unrolled["scan_layers"]
+    assert scanned["adapted_modules"] == unrolled["adapted_modules"] == 15  # one per layer
+    assert scanned["flops_scan_body_once"] < 0.8 * unrolled["flops_per_device"]
+    assert scanned["flops_per_device"] == pytest.approx(unrolled["flops_per_device"], rel=0.02)
+
+
 def test_hlo_collective_parsing():
     sim = load()
     hlo = """HloModule m
