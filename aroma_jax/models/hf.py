@@ -334,18 +334,22 @@ def load_for_task(
     seed: int = 0,
     impl: str = "auto",
     scan_layers: bool | str = "auto",
+    remat: str = "none",
 ) -> Loaded:
     """``impl``: ``auto`` (native for the LLaMA family, HF Flax otherwise), ``native`` or ``hf``.
 
     ``scan_layers``: run a native model's layers under ``nn.scan`` (``auto``: yes; HF Flax
-    models always unroll them).
+    models always unroll them). ``remat``: a native model's rematerialisation policy
+    (``none``, ``full``, ``dots``); HF Flax models accept ``none`` only.
     """
     scan = scan_layers in (True, "auto")
+    native_only = dict(scan_layers=scan, remat=remat)
     if name.startswith("tiny-"):
         arch = name[len("tiny-") :]
         if choose_impl(impl, arch if arch in LLAMA_FAMILY else None, name) == "native":
-            loaded = build_tiny_native(arch, task, dtype, seed, scan)
+            loaded = build_tiny_native(arch, task, dtype, seed, **native_only)
         else:
+            _no_remat(remat, name)
             loaded = build_tiny(arch, task, num_labels or task.num_labels, dtype, seed)
     else:
         path = resolve_path(name)
@@ -355,10 +359,11 @@ def load_for_task(
             model_type = model_type_of(path)
         if choose_impl(impl, model_type, name) == "native":
             with _loading(name, path):
-                model = load_native_model(path, dtype, param_dtype, scan)
+                model = load_native_model(path, dtype, param_dtype, **native_only)
             with _loading(name, path, "tokenizer"):
                 loaded = native_loaded(model)
         else:
+            _no_remat(remat, name)
             loaded = _load_pretrained(path, task, num_labels, dtype, seed, name)
     if param_dtype != jnp.float32:
         loaded.params = jax.tree.map(lambda x: x.astype(param_dtype), loaded.params)
@@ -402,13 +407,25 @@ def load_native(path: str, dtype=jnp.float32, param_dtype=jnp.float32) -> Loaded
     return native_loaded(load_native_model(path, dtype, param_dtype))
 
 
+def _no_remat(remat: str, name: str) -> None:
+    if remat != "none":
+        raise ValueError(
+            f"model.remat={remat!r} needs a native model (LLaMA, Mistral, Qwen2 with "
+            f"model.impl native or auto); {name!r} runs on HF Flax: accepted model.remat=none"
+        )
+
+
 def load_native_model(
-    path: str, dtype=jnp.float32, param_dtype=jnp.float32, scan_layers: bool = False
+    path: str,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    scan_layers: bool = False,
+    remat: str = "none",
 ):
     from aroma_jax.models.native import NativeCausalLM
 
     return NativeCausalLM.from_pretrained(
-        path, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers
+        path, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat=remat
     )
 
 
@@ -427,7 +444,9 @@ def native_loaded(model) -> Loaded:
     return Loaded("llama", model, tok, model.params, stacked_of(model))
 
 
-def build_tiny_native(arch: str, task, dtype, seed: int, scan_layers: bool = False) -> Loaded:
+def build_tiny_native(
+    arch: str, task, dtype, seed: int, scan_layers: bool = False, remat: str = "none"
+) -> Loaded:
     """``tiny-llama`` (and ``tiny-mistral``, ``tiny-qwen2``) on the native model."""
     from aroma_jax.models.native import NativeCausalLM, NativeConfig
 
@@ -448,7 +467,7 @@ def build_tiny_native(arch: str, task, dtype, seed: int, scan_layers: bool = Fal
             eos_token_id=2,
         )
     )
-    model = NativeCausalLM(cfg, dtype=dtype, seed=seed, scan_layers=scan_layers)
+    model = NativeCausalLM(cfg, dtype=dtype, seed=seed, scan_layers=scan_layers, remat=remat)
     return Loaded("llama", model, tok, model.params, stacked_of(model))
 
 

@@ -67,6 +67,7 @@ def build_pipeline(cfg: Mapping[str, Any]) -> Pipeline:
         seed=cfg["train"]["seed"],
         impl=mcfg.get("impl", "auto"),
         scan_layers=mcfg.get("scan_layers", "auto"),
+        remat=mcfg.get("remat", "none"),
     )
     check_lengths(cfg, loaded)
     check_labels(cfg, task)

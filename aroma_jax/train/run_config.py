@@ -44,6 +44,8 @@ SECTIONS: dict[str, dict[str, Any]] = {
         "impl": "auto",  # auto (native for LLaMA/Mistral/Qwen2, else hf) | native | hf
         # native models: layers under nn.scan, traced once (auto = true); HF Flax ones unroll
         "scan_layers": "auto",
+        # native models: recompute activations in the backward pass (none | full | dots)
+        "remat": "none",
     },
     "task": {
         "name": "rotten_tomatoes",
@@ -204,6 +206,10 @@ def resolve(raw: Mapping[str, Any] | None, overrides: Iterable[str] = ()) -> dic
         )
     if cfg["model"]["impl"] not in ("auto", "native", "hf"):
         raise ConfigError(f"invalid model.impl={cfg['model']['impl']!r}: accepted auto, native, hf")
+    if cfg["model"]["remat"] not in ("none", "full", "dots"):
+        raise ConfigError(
+            f"invalid model.remat={cfg['model']['remat']!r}: accepted none, full, dots"
+        )
     if cfg["model"]["scan_layers"] not in ("auto", True, False):
         raise ConfigError(
             f"invalid model.scan_layers={cfg['model']['scan_layers']!r}: accepted auto, true, false"

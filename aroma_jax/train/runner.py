@@ -30,6 +30,7 @@ import numpy as np
 import yaml
 
 from aroma_jax.core.adapters import adapter_param_count
+from aroma_jax.core.config import AromaConfig
 from aroma_jax.core.history import History
 from aroma_jax.core.train_step import AromaTrainer, StepInfo, TrainState
 from aroma_jax.train import memory, plots, run_config
@@ -385,8 +386,14 @@ def check_resume_config(path: Path, resolved: Mapping[str, Any]) -> None:
         return out
 
     a, b = flat(old), flat(new)
+    # A key the run's config lacks was added later; its default keeps the old behaviour
+    # (`run_config.LEGACY_DEFAULTS` covers those whose default does not).
+    defaults = flat(run_config.to_plain(run_config.SECTIONS, AromaConfig(target_modules=("x",))))
+    added = {k for k in b if k not in a and k in defaults and b[k] == defaults[k]}
     diff = [
-        k for k in sorted(set(a) | set(b)) if k not in RESUME_MAY_CHANGE and a.get(k) != b.get(k)
+        k
+        for k in sorted(set(a) | set(b))
+        if k not in RESUME_MAY_CHANGE and k not in added and a.get(k) != b.get(k)
     ]
     if diff:
         shown = "; ".join(f"{k}: {a.get(k)!r} in the run, {b.get(k)!r} now" for k in diff[:4])

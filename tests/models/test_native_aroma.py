@@ -156,6 +156,14 @@ def test_impl_selection(fake_assets):
         hf.load_for_task("tiny-roberta", task, impl="native")
     with pytest.raises(ValueError, match="accepted"):
         hf.load_for_task("tiny-llama", task, impl="jax")
+    # model.scan_layers (auto: scanned) and model.remat reach the native model
+    scanned = hf.load_for_task("tiny-llama", task, remat="full")
+    assert scanned.model.scan_layers and scanned.model.module.remat == "full"
+    assert scanned.stacked == {"model/layers": scanned.model.config.num_hidden_layers}
+    unrolled = hf.load_for_task("tiny-llama", task, scan_layers=False)
+    assert not unrolled.model.scan_layers and unrolled.stacked == {}
+    with pytest.raises(ValueError, match="model.remat='full' needs a native model"):
+        hf.load_for_task("tiny-roberta", task, remat="full")
 
 
 def test_native_loads_hf_flax_msgpack_like_the_smollm2_asset(tmp_path):

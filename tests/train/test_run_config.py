@@ -87,3 +87,26 @@ def test_a_run_written_before_scan_layers_existed_keeps_its_unrolled_layers(tmp_
     assert run_config.adopt_legacy(resolved, resolved)["model"]["scan_layers"] == "auto"
     with pytest.raises(ConfigError, match="model.scan_layers"):
         run_config.load(None, ["model.scan_layers=sometimes"])
+
+
+def test_resume_accepts_keys_added_after_the_run_at_their_old_behaviour(tmp_path):
+    """A run's config.yaml predates keys added since (here model.remat, aroma.keep_first_pair):
+    at their defaults they keep the old behaviour, so resuming is allowed; a changed value
+    is still refused."""
+    import yaml
+
+    from aroma_jax.core.config import AromaConfig
+    from aroma_jax.train.runner import TrainingError, check_resume_config
+
+    cfg = run_config.load(None, ["model.name=tiny-llama"])
+    resolved = run_config.to_plain(cfg, AromaConfig(target_modules=("q_proj",)))
+    old = yaml.safe_load(yaml.safe_dump(resolved))
+    del old["model"]["remat"], old["aroma"]["keep_first_pair"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    check_resume_config(tmp_path / "config.yaml", resolved)
+    changed = run_config.to_plain(
+        run_config.load(None, ["model.name=tiny-llama", "model.remat=full"]),
+        AromaConfig(target_modules=("q_proj",)),
+    )
+    with pytest.raises(TrainingError, match="model.remat"):
+        check_resume_config(tmp_path / "config.yaml", changed)
