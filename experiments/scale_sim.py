@@ -169,13 +169,36 @@ def _shape_bytes(shape: str) -> int:
     return total
 
 
+def _loop_multipliers(hlo: str) -> dict[str, int]:
+    """How many times each computation runs per step through ``while`` loops with a known
+    trip count (a scanned layer stack's body runs once per layer); 1 for the rest."""
+    loops: list[tuple[str, str, int]] = []  # (computation holding the while, body, trips)
+    current = None
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        if head and not line.startswith(" "):
+            current = head.group(1)
+            continue
+        m = re.search(r"\swhile\(.*body=%?([\w.\-]+)", line)
+        if m:
+            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+            loops.append((current, m.group(1), int(trips.group(1)) if trips else 1))
+    mult: dict[str, int] = {}
+    for _ in range(len(loops) + 1):  # nested loops: propagate outer multipliers inward
+        for parent, body, trips in loops:
+            mult[body] = mult.get(parent, 1) * trips
+    return mult
+
+
 def collectives(hlo: str) -> dict:
-    """Per kind: count and result bytes, split into every-step and conditional-branch ones."""
+    """Per kind: how many run per step and their result bytes per step, split into every-step
+    and conditional-branch ones; a collective in a loop body counts once per iteration."""
     branch_names: set[str] = set()
     for m in re.finditer(r"branch_computations=\{([^}]*)\}", hlo):
         branch_names |= {x.strip().lstrip("%") for x in m.group(1).split(",")}
     for m in re.finditer(r"(?:true|false)_computation=%?([\w.\-]+)", hlo):
         branch_names.add(m.group(1))
+    mult = _loop_multipliers(hlo)
     out: dict = {"every_step": {}, "conditional": {}}
     current = None
     op_re = re.compile(
@@ -191,8 +214,9 @@ def collectives(hlo: str) -> dict:
             continue
         where = "conditional" if current in branch_names else "every_step"
         rec = out[where].setdefault(m.group(2), {"count": 0, "bytes": 0})
-        rec["count"] += 1
-        rec["bytes"] += _shape_bytes(m.group(1))
+        n = mult.get(current, 1)
+        rec["count"] += n
+        rec["bytes"] += n * _shape_bytes(m.group(1))
     return out
 
 

@@ -67,5 +67,18 @@ ENTRY %main (x: bf16[8,16]) -> bf16[64,16] {
     assert got["every_step"]["all-gather"] == {"count": 1, "bytes": 64 * 16 * 2}
     assert got["every_step"]["reduce-scatter"] == {"count": 1, "bytes": 20}
     assert got["conditional"] == {"all-reduce": {"count": 1, "bytes": 16}}
+    # a scanned layer stack: the loop body's collectives run once per iteration
+    looped = """HloModule m
+%layer (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %ag = bf16[64,16]{1,0} all-gather(bf16[8,16]{1,0} %x), dimensions={0}
+}
+
+ENTRY %main (x: f32[4]) -> f32[4] {
+  %w = (s32[], f32[4]) while((s32[], f32[4]) %t), condition=%cond, body=%layer, \
+backend_config={"known_trip_count":{"n":"32"}}
+}
+""".replace("\\\n", "")
+    got = sim.collectives(looped)
+    assert got["every_step"]["all-gather"] == {"count": 32, "bytes": 32 * 64 * 16 * 2}
     with pytest.raises(SystemExit):
         sim.parse_args(["--devices", "4"])  # no mesh for 4 devices
