@@ -2,11 +2,26 @@
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def quick_compile_env() -> dict:
+    """The environment with LLVM's optimisation level 0 for XLA:CPU, for the scripts below.
+
+    Their runs are nearly all XLA compilation of a dozen train steps, of which level 0 saves
+    about a third. The scripts run the same code, and nothing asserted here depends on the
+    level: XLA's FLOP counts and memory analyses are of the HLO, before LLVM (every variant's
+    were identical at both levels), and no timing is read.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "--xla_backend_optimization_level" not in flags:
+        flags += " --xla_backend_optimization_level=0"
+    return {**os.environ, "XLA_FLAGS": flags.strip()}
 
 
 def test_bench_smoke(tmp_path):
@@ -26,6 +41,7 @@ def test_bench_smoke(tmp_path):
         capture_output=True,
         text=True,
         cwd=ROOT,
+        env=quick_compile_env(),
     )
     assert res.returncode == 0, res.stderr[-2000:]
     data = json.loads(out.read_text())
@@ -73,7 +89,7 @@ def test_bench_smoke_llama_shape(tmp_path):
     vs_peft = bool(importlib.util.find_spec("peft") and importlib.util.find_spec("torch"))
     cmd = [sys.executable, str(ROOT / "experiments" / "bench.py"), "--smoke", "--json", str(out)]
     cmd += ["--model", "tiny-llama", "--variants", "lora_r1"] + (["--vs-peft"] if vs_peft else [])
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=quick_compile_env())
     assert res.returncode == 0, res.stderr[-2000:]
     data = json.loads(out.read_text())
     assert data["model"] == "tiny-llama" and data["target_modules"] == 10  # q, k, v, up, down x 2
@@ -93,6 +109,7 @@ def test_compile_breakdown_runs():
         capture_output=True,
         text=True,
         cwd=ROOT,
+        env=quick_compile_env(),
     )
     assert res.returncode == 0, res.stderr[-2000:]
     for name in ("train step (aroma)", "train step (lora)", "prune reset", "inner check"):
