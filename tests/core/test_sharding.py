@@ -93,8 +93,21 @@ def run(arch, mesh_spec, steps=14):
 
 
 @pytest.fixture(scope="module")
-def reference():
-    return {arch: run(arch, None) for arch in ("roberta", "llama")}
+def runs():
+    """``run(arch, mesh)``, each trained once per module: its results are only read."""
+    done = {}
+
+    def get(arch, mesh):
+        if (arch, mesh) not in done:
+            done[arch, mesh] = run(arch, mesh)
+        return done[arch, mesh]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def reference(runs):
+    return {arch: runs(arch, None) for arch in ("roberta", "llama")}
 
 
 @pytest.mark.parametrize(
@@ -108,9 +121,9 @@ def reference():
         ("llama", "data=2,fsdp=2,tensor=2"),
     ],
 )
-def test_sharded_run_matches_one_device(reference, arch, mesh):
+def test_sharded_run_matches_one_device(reference, runs, arch, mesh):
     ref_losses, ref_ranks, _, _, ref_outer = reference[arch]
-    losses, ranks, trainer, state, outer = run(arch, mesh)
+    losses, ranks, trainer, state, outer = runs(arch, mesh)
     assert ref_outer >= 2 and outer == ref_outer
     rel = np.max(np.abs(losses - ref_losses) / np.abs(ref_losses))
     print(f"{arch} {mesh}: max relative loss difference vs one device {rel:.2e}")
@@ -158,16 +171,17 @@ def test_per_device_memory_falls_with_fsdp():
     assert args[0] > args[1] > args[2] > args[3] and args[3] < 0.3 * args[0]
 
 
-def test_checkpoint_restores_onto_another_mesh(tmp_path):
-    losses, ranks, trainer, state, _ = run("roberta", "fsdp=8", steps=6)
+def test_checkpoint_restores_onto_another_mesh(runs, tmp_path):
+    # The 14-step fsdp=8 run of test_sharded_run_matches_one_device (two outer steps behind it).
+    losses, ranks, trainer, state, _ = runs("roberta", "fsdp=8")
     mgr = CheckpointManager(tmp_path / "ck", keep=1)
-    mgr.save(6, state, {"data": {"step": 6}}, force=True)
+    mgr.save(14, state, {"data": {"step": 14}}, force=True)
     target = trainer.init(jax.tree.map(jnp.array, tiny("roberta")[0].params))
     target = jax.device_put(
         target, sharding.state_shardings(trainer, target, sharding.parse_mesh("data=2,tensor=4"))
     )
     restored, meta = mgr.restore(target)
-    assert meta["data"]["step"] == 6 and arrays_equal(restored, state)
+    assert meta["data"]["step"] == 14 and arrays_equal(restored, state)
     q = "roberta/encoder/layer/0/attention/self/query"
     assert restored.adapters.pairs[q].b.sharding.spec == P(None, "tensor")
 

@@ -36,8 +36,23 @@ def cfg(name="tiny-roberta", *extra):
     return run_config.load(CONFIGS / f"{name}.yaml", FAST + list(extra))
 
 
-def test_tiny_roberta_run_directory(fake_assets, tmp_path):
-    s = runner.train(cfg(), tmp_path / "run")
+@pytest.fixture(scope="module")
+def roberta_run(fake_assets, tmp_path_factory):
+    """The default tiny-roberta run, uninterrupted: (directory, summary). Trained once for the
+    tests that only read it (the run directory, the reference of the resume tests)."""
+    run = tmp_path_factory.mktemp("roberta") / "run"
+    return run, runner.train(cfg(), run)
+
+
+@pytest.fixture(scope="module")
+def llama_run(fake_assets, tmp_path_factory):
+    """The default tiny-llama run on one device: (directory, summary), read only."""
+    run = tmp_path_factory.mktemp("llama") / "one"
+    return run, runner.train(cfg("tiny-llama"), run)
+
+
+def test_tiny_roberta_run_directory(roberta_run, tmp_path):
+    run, s = roberta_run
     for key in (
         "method",
         "metrics",
@@ -51,7 +66,6 @@ def test_tiny_roberta_run_directory(fake_assets, tmp_path):
     ):
         assert key in s
     assert s["compiles"] == 1 and s["outer_steps"] == 5 and "accuracy" in s["metrics"]
-    run = tmp_path / "run"
     assert (run / "plots" / "rank_growth.png").stat().st_size > 5000
     assert (run / "plots" / "rank_map.png").stat().st_size > 5000
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -74,9 +88,8 @@ def test_tiny_roberta_run_directory(fake_assets, tmp_path):
 
 
 @pytest.mark.parametrize("stop", [16, 13])  # right after an outer step / inside an inner loop
-def test_resume_is_bit_identical(fake_assets, tmp_path, stop):
-    full = tmp_path / "full"
-    runner.train(cfg(), full)
+def test_resume_is_bit_identical(roberta_run, tmp_path, stop):
+    full = roberta_run[0]
     part = tmp_path / "part"
     s = runner.train(cfg(), part, interrupt_at=stop)
     assert s["status"] == "interrupted" and s["step"] == stop
@@ -101,14 +114,16 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(fake_assets, tmp_path):
     assert "at step" in msg and "checkpoint" in msg
 
 
-def test_unwritable_output_and_existing_run(fake_assets, tmp_path):
+def test_unwritable_output_and_existing_run(roberta_run, tmp_path):
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
     with pytest.raises(runner.TrainingError, match="cannot write"):
         runner.train(cfg(), blocker / "run")
-    runner.train(cfg("tiny-roberta", "aroma.max_steps=10"), tmp_path / "r")
+    run = roberta_run[0]  # a finished run with checkpoints; refused before anything is written
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
     with pytest.raises(runner.TrainingError, match="--resume"):
-        runner.train(cfg(), tmp_path / "r")
+        runner.train(cfg(), run)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
 
 
 def test_corrupt_latest_checkpoint_falls_back(fake_assets, tmp_path):
@@ -151,8 +166,8 @@ def test_bf16_model_with_rank_8_pairs(fake_assets, tmp_path):
     assert np.isfinite(list(s["metrics"].values())).all()
 
 
-def test_tiny_llama_multiple_choice(fake_assets, tmp_path):
-    s = runner.train(cfg("tiny-llama"), tmp_path / "llama")
+def test_tiny_llama_multiple_choice(llama_run):
+    s = llama_run[1]
     assert "mc_accuracy" in s["metrics"] and s["compiles"] == 1
 
 
@@ -180,12 +195,12 @@ def test_cli_help_and_bad_key(fake_assets, tmp_path):
     assert out.returncode == 2 and "batchsize" in out.stderr and "batch_size" in out.stderr
 
 
-def test_mesh_run_matches_single_device(fake_assets, tmp_path):
+def test_mesh_run_matches_single_device(llama_run, tmp_path):
     import jax
 
     if jax.device_count() < 8:
         pytest.skip("needs 8 (simulated) devices")
-    single = runner.train(cfg("tiny-llama"), tmp_path / "one")
+    one, single = llama_run
     meshed = runner.train(cfg("tiny-llama", "mesh=fsdp=4,tensor=2"), tmp_path / "mesh")
     assert meshed["ranks"] == single["ranks"]
     assert meshed["metrics"] == single["metrics"]
@@ -194,7 +209,7 @@ def test_mesh_run_matches_single_device(fake_assets, tmp_path):
         recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         return [r["loss"] for r in recs if r["split"] == "train"][-1]
 
-    assert last_loss(tmp_path / "mesh") == pytest.approx(last_loss(tmp_path / "one"), rel=1e-5)
+    assert last_loss(tmp_path / "mesh") == pytest.approx(last_loss(one), rel=1e-5)
 
 
 def test_paper_head_mode_adapts_the_classifier_dense_and_trains_no_head(fake_assets, tmp_path):
