@@ -51,7 +51,7 @@ LeadNdim = Callable[[Any], Any]
 
 def _lead_shapes(params: Any, lead_ndim: LeadNdim | None) -> list[tuple[int, ...]]:
     leaves = jax.tree.leaves(params)
-    # optax's `tree_map_params` calls `init` on a placeholder object: it has no leaf shapes.
+    # optax's `tree_map_params` calls `init` on a stand-in for the params that has no leaves.
     if lead_ndim is None or not leaves or not all(hasattr(x, "shape") for x in leaves):
         return [() for _ in leaves]
     ks = jax.tree.leaves(lead_ndim(params))
