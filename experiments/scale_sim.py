@@ -220,6 +220,50 @@ def collectives(hlo: str) -> dict:
     return out
 
 
+def fusions(hlo: str) -> dict:
+    """Fusion instructions of the optimized program (each one a kernel XLA emits): in all, and
+    in each ``lax.cond`` branch (the controller's inner check and outer step), nested loops and
+    calls included, fused computations' insides not."""
+    comps: dict[str, list[str]] = {}
+    entry, current = None, None
+    for line in hlo.splitlines():
+        head = re.match(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        if head and not line.startswith(" "):
+            current = head.group(2)
+            comps[current] = []
+            entry = current if head.group(1) else entry
+        elif current is not None:
+            comps[current].append(line)
+    callee = re.compile(
+        r"(?:body|condition|to_apply|true_computation|false_computation)=%?([\w.\-]+)"
+        r"|branch_computations=\{([^}]*)\}"
+    )
+
+    def called(line: str) -> list[str]:
+        out = []
+        for m in callee.finditer(line):
+            names = [m.group(1)] if m.group(1) else m.group(2).split(",")
+            out += [n.strip().lstrip("%") for n in names if n.strip().lstrip("%") in comps]
+        return out
+
+    def count(name: str) -> int:
+        total = 0
+        for line in comps[name]:
+            if re.search(r"\sfusion\(", line):
+                total += 1
+            else:
+                total += sum(count(c) for c in called(line))
+        return total
+
+    branches = []
+    for lines in comps.values():
+        for line in lines:
+            m = re.search(r"branch_computations=\{([^}]*)\}", line)
+            if m and " conditional(" in line:
+                branches.append([count(n.strip().lstrip("%")) for n in m.group(1).split(",")])
+    return {"total": count(entry) if entry else 0, "conditional_branches": branches}
+
+
 def _devices(args, n_devices: int, jax) -> list:
     if args.topology is None:
         return jax.devices()[:n_devices]
@@ -256,6 +300,7 @@ def unrolled_flops(args, n_devices: int, jax, layers: int) -> float:
 def simulate(args, n_devices: int, jax) -> dict:
     compiled, info = compile_step(args, n_devices, jax)
     mem = compiled.memory_analysis()
+    hlo = compiled.as_text()
     flops = float(_cost(compiled).get("flops", float("nan")))
     if info["scan_layers"]:
         info["flops_scan_body_once"] = flops
@@ -274,7 +319,8 @@ def simulate(args, n_devices: int, jax) -> dict:
         "temp_bytes": mem.temp_size_in_bytes,
         "peak_bytes": peak,
         "flops_per_device": flops,
-        "collectives": collectives(compiled.as_text()),
+        "collectives": collectives(hlo),
+        "fusions": fusions(hlo),
     }
 
 

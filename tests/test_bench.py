@@ -114,3 +114,62 @@ def test_compile_breakdown_runs():
     assert res.returncode == 0, res.stderr[-2000:]
     for name in ("train step (aroma)", "train step (lora)", "prune reset", "inner check"):
         assert name in res.stdout
+
+
+def _xla_phases():
+    spec = importlib.util.spec_from_file_location(
+        "xla_phases", ROOT / "experiments" / "xla_phases.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_xla_phases_reads_only_the_first_train_step_compile():
+    log = "\n".join(
+        [
+            "I1 hlo_pass_pipeline.cc:176] HLO pass: dce time: 1 ms (1000 us) (cumulative",
+            "I1 cpu_compiler.cc:2094] Compiling [jit_other] for CPU using JIT time: 1 s (7 us)",
+            "I1 hlo_pass_pipeline.cc:176] HLO pass: copy-insertion time: 2 ms (2000 us) (cum",
+            "I1 hlo_pass_pipeline.cc:176] HLO pass: copy-insertion time: 3 ms (3000 us) (cum",
+            "I1 cpu_compiler.cc:1269] Running HLO passes on [jit__step_impl] for CPU time: "
+            "5 ms (5000 us) (cumulative",
+            "I1 fusion_compiler.cc:494] Compiled LLVM module: __compute_module_and_select_"
+            "fusion.3_kernel_module time: 9 ms (9000 us) (cumulative",
+            "I1 fusion_compiler.cc:494] Compiled LLVM module: __compute_module_dot.31_elemental"
+            "_kernel_module time: 9 ms (9000 us) (cumulative",
+            "I1 thunk_emitter.cc:856] Reusing kernel: a for fusion: b",
+            "I1 cpu_compiler.cc:2094] Compiling [jit__step_impl] for CPU using JIT time: "
+            "2 s (2000000 us) (cumulative",
+            # A later compile (scale_sim's unrolled FLOP steps): ignored.
+            "I1 hlo_pass_pipeline.cc:176] HLO pass: copy-insertion time: 9 s (9000000 us) (c",
+            "I1 cpu_compiler.cc:1269] Running HLO passes on [jit__step_impl] for CPU time: "
+            "9 s (9000000 us) (cumulative",
+            "I1 fusion_compiler.cc:494] Compiled LLVM module: __compute_module_x_kernel_module "
+            "time: 9 ms (9000 us) (cumulative",
+            "I1 thunk_emitter.cc:856] Reusing kernel: c for fusion: d",
+        ]
+    )
+    r = _xla_phases().parse(log)
+    assert r["hlo_pass_s"] == 0.005 and r["jit_s"] == 2.0
+    assert r["top_passes_s"] == {"copy-insertion": 0.005}  # not the other jit's dce
+    assert r["kernels"] == 2 and r["reused"] == 1
+    assert r["kernel_families"] == {"and_select_fusion": 1, "dot_elemental": 1}
+
+
+def test_xla_phases_on_a_tiny_step(tmp_path):
+    out = tmp_path / "phases.json"
+    cmd = [sys.executable, str(ROOT / "experiments" / "xla_phases.py"), "--repeats", "1"]
+    sim = ["--model", "tiny", "--devices", "1", "--batch", "2", "--seq", "16"]
+    res = subprocess.run(
+        [*cmd, "--out", str(out), "--", *sim],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=quick_compile_env(),
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = json.loads(out.read_text())["methods"]
+    # The controller adds kernels to LoRA's step; both programs compiled real kernels.
+    assert m["aroma"]["kernels"] > m["lora"]["kernels"] > 50
+    assert m["aroma"]["hlo_pass_s_median"] > 0 and m["lora"]["jit_s_median"] > 0

@@ -50,6 +50,41 @@ def test_scanned_step_reports_every_layers_flops(tmp_path):
     assert scanned["flops_per_device"] == pytest.approx(unrolled["flops_per_device"], rel=0.02)
 
 
+def test_hlo_fusion_counting():
+    sim = load()
+    hlo = """HloModule m
+%fused_a (p: f32[4]) -> f32[4] {
+  %m = f32[4]{0} multiply(f32[4]{0} %p, f32[4]{0} %p)
+}
+
+%skip (p: f32[4]) -> f32[4] {
+  %t = (f32[4]{0}) tuple(f32[4]{0} %p)
+}
+
+%outer (p: f32[4]) -> f32[4] {
+  %f1 = f32[4]{0} fusion(f32[4]{0} %p), kind=kLoop, calls=%fused_a
+  %f2 = f32[4]{0} fusion(f32[4]{0} %f1), kind=kLoop, calls=%fused_a
+  %w = (s32[], f32[4]) while((s32[], f32[4]) %t), condition=%cond, body=%body
+}
+
+%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %f3 = f32[4]{0} fusion(f32[4]{0} %x), kind=kLoop, calls=%fused_a
+}
+
+%cond (p: (s32[], f32[4])) -> pred[] {
+  %lt = pred[] compare(s32[] %i, s32[] %n), direction=LT
+}
+
+ENTRY %main (x: f32[4]) -> f32[4] {
+  %f0 = f32[4]{0} fusion(f32[4]{0} %x), kind=kLoop, calls=%fused_a
+  %c = f32[4]{0} conditional(pred[] %q, f32[4]{0} %f0), branch_computations={%skip, %outer}
+}
+"""
+    # one fusion in the entry, two in the outer branch plus one in its loop; the fused
+    # computation's multiply is not a fusion of its own
+    assert sim.fusions(hlo) == {"total": 4, "conditional_branches": [[0, 3]]}
+
+
 def test_hlo_collective_parsing():
     sim = load()
     hlo = """HloModule m
