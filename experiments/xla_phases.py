@@ -81,6 +81,9 @@ def parse(log: str) -> dict:
 
 def run(method: str, sim_args: list[str]) -> dict:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_MAX_VLOG_LEVEL="1")
+    # A compilation cache hit would skip the very compile measured here.
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "sim.json"
         cmd = [sys.executable, str(HERE / "scale_sim.py"), *sim_args, "--method", method]

@@ -1,10 +1,28 @@
 import os
+import shutil
+import tempfile
 
 # Several simulated CPU devices for the sharding tests; must be set before jax is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One XLA compilation cache for the whole session, shared with the subprocesses the CLI tests
+# start (they inherit the environment): many tests compile the same train step again (a resumed
+# run, the same tiny config in another test), and XLA:CPU compiles dominate the suite. A fresh
+# directory per session, so nothing carries over between runs; the programs are identical either
+# way, only their compile is skipped. (experiments/xla_phases.py turns it off for its own runs.)
+_CACHE_DIR = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE_DIR = tempfile.mkdtemp(prefix="aroma-test-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import pytest  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _CACHE_DIR is not None:
+        shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -173,3 +173,19 @@ def test_xla_phases_on_a_tiny_step(tmp_path):
     # The controller adds kernels to LoRA's step; both programs compiled real kernels.
     assert m["aroma"]["kernels"] > m["lora"]["kernels"] > 50
     assert m["aroma"]["hlo_pass_s_median"] > 0 and m["lora"]["jit_s_median"] > 0
+
+
+def test_generate_speed_runs(tmp_path):
+    out = tmp_path / "gen.json"
+    args = ["--model", "tiny", "--batch", "2", "--prompt", "8", "--new", "3", "--repeats", "1"]
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "generate_speed.py"), *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=quick_compile_env(),
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(out.read_text())
+    assert got["new_tokens"] == 3 and got["cache"]["tokens_per_s"] > 0
+    assert got["speedup"] == got["no_cache"]["seconds_median"] / got["cache"]["seconds_median"]

@@ -53,18 +53,26 @@ class AllocatorState(NamedTuple):
 
     ipt: dict[str, Pair]  # sensitivity EMA (PEFT's exp_avg_ipt)
     unc: dict[str, Pair]  # uncertainty EMA (PEFT's exp_avg_unc)
-    kept: dict[str, Array]  # (r,) bool: the latest allocation (PEFT's rank_pattern)
+    kept: dict[str, Array]  # (r,) bool ((L, r) stacked): the latest allocation (rank_pattern)
 
 
 def fresh_pairs(key: Array, specs: Mapping[str, ModuleSpec], r: int) -> dict[str, Pair]:
-    """PEFT's init: ``P``, ``Q`` normal with std 0.02, ``lambda = 0`` (the update starts at 0)."""
-    out = {}
-    for i, p in enumerate(sorted(specs)):
-        ka, kb = jax.random.split(jax.random.fold_in(key, i))
+    """PEFT's init: ``P``, ``Q`` normal with std 0.02, ``lambda = 0`` (the update starts at 0).
+
+    Each (module, layer) entry draws from the key folded with its index in entry order, so a
+    layer stack gets the same values as the same layers unrolled (one target module per layer).
+    """
+    out, i = {}, 0
+    for p in sorted(specs):
         spec = specs[p]
-        a = 0.02 * jax.random.normal(ka, (spec.fan_in, r), jnp.float32)
-        b = 0.02 * jax.random.normal(kb, (r, spec.fan_out), jnp.float32)
-        out[p] = Pair(a, b, singular=jnp.zeros((r,), jnp.float32))
+        layers_a, layers_b = [], []
+        for _ in spec.entries:
+            ka, kb = jax.random.split(jax.random.fold_in(key, i))
+            layers_a.append(0.02 * jax.random.normal(ka, (spec.fan_in, r), jnp.float32))
+            layers_b.append(0.02 * jax.random.normal(kb, (r, spec.fan_out), jnp.float32))
+            i += 1
+        a, b = (jnp.stack(x) if spec.stack else x[0] for x in (layers_a, layers_b))
+        out[p] = Pair(a, b, singular=jnp.zeros(spec.lead + (r,), jnp.float32))
     return out
 
 
@@ -79,19 +87,27 @@ def init(pairs: Mapping[str, Pair]) -> AllocatorState:
 
 
 def effective(pair: Pair) -> Pair:
-    """The plain pair the forward applies: ``(P diag(lambda), Q)``."""
-    return Pair(pair.a * pair.singular[None, :], pair.b)
+    """The plain pair the forward applies: ``(P diag(lambda), Q)`` (any leading layer axes)."""
+    return Pair(pair.a * pair.singular[..., None, :], pair.b)
 
 
 def orth_penalty(pairs: Mapping[str, Pair]) -> Array:
-    """PEFT's regulariser: the mean of ``|P^T P - I|_F`` and ``|Q Q^T - I|_F`` over all modules."""
-    terms = []
+    """PEFT's regulariser: the mean of ``|P^T P - I|_F`` and ``|Q Q^T - I|_F`` over all
+    (module, layer) entries; a layer stack ``(L, in, r)`` counts as its ``L`` layers."""
+    terms, count = [], 0
     for p in sorted(pairs):
         a, b = pairs[p].a.astype(jnp.float32), pairs[p].b.astype(jnp.float32)
-        eye = jnp.eye(a.shape[1], dtype=jnp.float32)
-        terms.append(jnp.linalg.norm(a.T @ a - eye))
-        terms.append(jnp.linalg.norm(b @ b.T - eye))
-    return sum(terms) / len(terms)
+        eye = jnp.eye(a.shape[-1], dtype=jnp.float32)
+        if a.ndim == 2:
+            terms += [jnp.linalg.norm(a.T @ a - eye), jnp.linalg.norm(b @ b.T - eye)]
+            count += 2
+            continue
+        gram_a = jnp.einsum("lir,lis->lrs", a, a)
+        gram_b = jnp.einsum("lro,lso->lrs", b, b)
+        for gram in (gram_a, gram_b):
+            terms.append(jnp.sum(jnp.linalg.norm(gram - eye, axis=(-2, -1))))
+            count += gram.shape[0]
+    return sum(terms) / count
 
 
 def budget_table(cfg: AromaConfig, n_modules: int) -> tuple[np.ndarray, np.ndarray]:
@@ -145,11 +161,12 @@ def update_importance(
 
 
 def triplet_scores(state: AllocatorState) -> dict[str, Array]:
-    """Per module ``(r,)``: score of lambda_i + (mean score of P's column i + of Q's row i)."""
+    """Per module ``(r,)`` (``(L, r)`` stacked): score of lambda_i + (mean score of P's column i
+    + of Q's row i)."""
     out = {}
     for p in sorted(state.ipt):
         s = jax.tree.map(lambda i, u: i * u, state.ipt[p], state.unc[p])
-        out[p] = s.singular + (jnp.mean(s.a, axis=0) + jnp.mean(s.b, axis=1))
+        out[p] = s.singular + (jnp.mean(s.a, axis=-2) + jnp.mean(s.b, axis=-1))
     return out
 
 
@@ -157,7 +174,7 @@ def mask_to_budget(state: AllocatorState, budget: Array) -> dict[str, Array]:
     """Which triplets survive a budget: all but the ``init - budget`` lowest scores (ties at the
     threshold are pruned too, PEFT's ``<= kthvalue``); ``budget >= init`` keeps everything."""
     scores = triplet_scores(state)
-    flat = jnp.concatenate([scores[p] for p in sorted(scores)])
+    flat = jnp.concatenate([jnp.ravel(scores[p]) for p in sorted(scores)])
     k = flat.shape[0] - budget  # PEFT: kthvalue(k = init_bgt - budget)
     threshold = jnp.sort(flat)[jnp.clip(k - 1, 0, flat.shape[0] - 1)]
     return {p: ~((k > 0) & (s <= threshold)) for p, s in scores.items()}
@@ -199,5 +216,5 @@ def allocate(
 
 
 def ranks(state: AllocatorState) -> dict[str, Array]:
-    """Kept triplets per module (int32 scalars)."""
-    return {p: jnp.sum(k.astype(jnp.int32)) for p, k in state.kept.items()}
+    """Kept triplets per module (int32 scalars; ``(L,)`` for a layer stack)."""
+    return {p: jnp.sum(k.astype(jnp.int32), axis=-1) for p, k in state.kept.items()}

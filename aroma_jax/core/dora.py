@@ -35,9 +35,10 @@ Array = jax.Array
 
 
 def column_sq_norms(w0: Array) -> Array:
-    """``|W0[:, j]|^2`` per output column ``j`` of a 2-D kernel, in fp32 (computed once)."""
+    """``|W0[:, j]|^2`` per output column ``j`` of a 2-D kernel ``(in, out)``, in fp32 (computed
+    once); a layer stack ``(L, in, out)`` gives ``(L, out)``."""
     w0 = w0.astype(jnp.float32)
-    return jnp.sum(w0 * w0, axis=0)
+    return jnp.sum(w0 * w0, axis=-2)
 
 
 def column_norms(col_sq: Array, w0: Array, a: Array, b: Array, scale: float) -> Array:

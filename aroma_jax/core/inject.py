@@ -152,26 +152,36 @@ ModuleAdapters = Mapping[str, tuple[Pair | None, Frozen | None]]
 IN_PARAMS = "in_params"
 _LEAVES = ("aroma_a", "aroma_b", "aroma_frozen_a", "aroma_frozen_b")
 DROP_KEY = "aroma_dropout_key"
+COLUMN_SCALE = "aroma_column_scale"  # DoRA's f = m / n of one layer, (out,)
 
 
-def stacked_leaves(pair: Pair | None, frozen: Frozen | None) -> dict[str, Array]:
-    """The params leaves carrying a stacked module's ``(pair, frozen)`` (see `IN_PARAMS`)."""
+def stacked_leaves(
+    pair: Pair | None, frozen: Frozen | None, column_scale: Array | None = None
+) -> dict[str, Array]:
+    """The params leaves carrying a stacked module's ``(pair, frozen)`` and DoRA's column scale
+    (see `IN_PARAMS`)."""
     out = {}
     if pair is not None:
         out["aroma_a"], out["aroma_b"] = pair.a, pair.b
     if frozen is not None:
         out["aroma_frozen_a"], out["aroma_frozen_b"] = frozen.a, frozen.b
+    if column_scale is not None:
+        out[COLUMN_SCALE] = column_scale
     return out
 
 
-def _from_params(module: nn.Module) -> tuple[Pair | None, Frozen | None, Array | None]:
+def _from_params(
+    module: nn.Module,
+) -> tuple[Pair | None, Frozen | None, Array | None, Array | None]:
+    """One layer's ``(pair, frozen, dropout key, column scale)`` from the Dense's params."""
     params = module.variables.get("params", {})
     pair = Pair(params["aroma_a"], params["aroma_b"]) if "aroma_a" in params else None
     frozen = None
     if "aroma_frozen_a" in params:
         frozen = Frozen(params["aroma_frozen_a"], params["aroma_frozen_b"])
     key = params.get(DROP_KEY)
-    return pair, frozen, None if key is None else jax.random.wrap_key_data(key)
+    key = None if key is None else jax.random.wrap_key_data(key)
+    return pair, frozen, key, params.get(COLUMN_SCALE)
 
 
 def _module_path(module: nn.Module) -> str:
@@ -245,7 +255,8 @@ def adapters_applied(
         ``lora_dropout`` (``s * b(a(dropout(x)))``); the frozen factors see ``x``. Each module
         call draws its own mask (the key folded with the module's path and call count).
       column_scale: path -> DoRA's factor ``f = m / n`` ``(out,)`` (`aroma_jax.core.dora`):
-        those modules return ``f * (x W0 + delta) + bias`` instead of ``y + delta``.
+        those modules return ``f * (x W0 + delta) + bias`` instead of ``y + delta``. An
+        `IN_PARAMS` module reads its layer's factor from its params (`COLUMN_SCALE`).
 
     Yields the set of paths whose adapter was applied, filled in as the model runs (at trace
     time under ``jit``), so callers can detect adapters that never met their module.
@@ -272,9 +283,9 @@ def adapters_applied(
         x = args[0] if args else kwargs["inputs"]
         x2, lead = _flatten_input(module, x, in_ndim.get(path, 1))
         x2 = x2.astype(y.dtype)
-        layer_key = None
+        layer_key, col = None, column_scale.get(path)
         if isinstance(entry, str):  # IN_PARAMS
-            pair, frozen, layer_key = _from_params(module)
+            pair, frozen, layer_key, col = _from_params(module)
         else:
             pair, frozen = entry
         if pair is not None and pair.a.shape[-2] != x2.shape[-1]:
@@ -292,7 +303,7 @@ def adapters_applied(
                 key = jax.random.fold_in(layer_key, calls[path])
             xd = dropped(x2, dropout[0], key)
             delta = lowrank_delta(xd, pair.a, pair.b, scale)
-            if path in column_scale:  # PEFT's DoRA applies W0 to the dropped input as well
+            if col is not None:  # PEFT's DoRA applies W0 to the dropped input as well
                 kernel = module.variables["params"]["kernel"]
                 w0 = kernel.reshape(xd.shape[-1], -1)
                 dropped_base = _contract(xd, w0, (xd.ndim - 1,), (0,)).astype(y.dtype)
@@ -307,8 +318,8 @@ def adapters_applied(
         else:
             delta = None
         hits.add(path)
-        if path in column_scale:
-            return _dora_output(module, y, delta, column_scale[path], lead, dropped_base)
+        if col is not None:
+            return _dora_output(module, y, delta, col, lead, dropped_base)
         if delta is None:
             return y
         return y + delta.reshape(lead + y.shape[len(lead) :]).astype(y.dtype)

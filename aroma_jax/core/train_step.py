@@ -169,12 +169,6 @@ class AromaTrainer:
             for p, sp in self.specs.items()
             for i, e in enumerate(sp.entries)
         }
-        if cfg.method in ("dora", "adalora") and any(sp.stack for sp in self.specs.values()):
-            raise ConfigError(
-                f"method {cfg.method!r} does not support scanned layers yet; accepted with "
-                "scanned layers: aroma, relora, lora, head (or unroll them: "
-                "model.scan_layers: false)"
-            )
         self.folded = frozenset(p for p, s in self.specs.items() if self._folds(s))
         self._warn_slot_cost()
         self.tx = optim.make_optimizer(cfg, self._lead_ndim)
@@ -308,8 +302,15 @@ class AromaTrainer:
             out[p] = (pair, None if skip else adapters.frozen[p])
         return out
 
-    def with_stacked(self, params: dict, modules: dict, drop_key: Array | None = None) -> dict:
-        """``params`` with the stacked modules' adapters added as leaves beside their kernels.
+    def with_stacked(
+        self,
+        params: dict,
+        modules: dict,
+        drop_key: Array | None = None,
+        column_scale: Mapping[str, Array] | None = None,
+    ) -> dict:
+        """``params`` with the stacked modules' adapters (and DoRA's per-layer column scale)
+        added as leaves beside their kernels.
 
         Under ``nn.scan`` the layer stack is one module traced once, so a path-keyed adapter
         cannot tell layers apart; leaves in the params tree are sliced per layer like the
@@ -324,7 +325,7 @@ class AromaTrainer:
         for j, p in enumerate(stacked):
             pair, frozen = modules[p]
             node = dict(_get(params, p))
-            node.update(inject.stacked_leaves(pair, frozen))
+            node.update(inject.stacked_leaves(pair, frozen, (column_scale or {}).get(p)))
             if keys is not None:
                 layer_keys = jax.random.split(keys[j], self.specs[p].stack)
                 node[inject.DROP_KEY] = jax.random.key_data(layer_keys)
@@ -339,15 +340,19 @@ class AromaTrainer:
         if self.cfg.method != "dora":
             return None
         kernels = self.kernels(state.base)
+        scale = self.cfg.scale
         out = {}
         for p, (pair, frozen) in self.modules(adapters, training).items():
             a, b = pair.a, pair.b
             if frozen is not None:
-                a = jnp.concatenate([frozen.a, a], axis=1)
-                b = jnp.concatenate([frozen.b, b], axis=0)
+                a = jnp.concatenate([frozen.a, a], axis=-1)
+                b = jnp.concatenate([frozen.b, b], axis=-2)
             mag = adapters.pairs[p].magnitude
             col_sq = state.ctrl.method_state[p]
-            out[p] = dora.factor(mag, col_sq, kernels[p], a, b, self.cfg.scale)
+            fn = controller.per_layer(
+                lambda m, c, k, a, b: dora.factor(m, c, k, a, b, scale), len(self.specs[p].lead)
+            )
+            out[p] = fn(mag, col_sq, kernels[p], a, b)
         return out
 
     @contextlib.contextmanager
@@ -360,13 +365,23 @@ class AromaTrainer:
         cols = self.column_scale(state, state.adapters)
         modules = self.modules(state.adapters)
         with inject.adapters_applied(
-            self._unstacked_only(modules), self.cfg.scale, in_ndim, column_scale=cols
+            self._unstacked_only(modules),
+            self.cfg.scale,
+            in_ndim,
+            column_scale=self._unstacked_cols(cols),
         ):
-            yield self.with_stacked(merge_params(state.base, state.extra), modules)
+            params = merge_params(state.base, state.extra)
+            yield self.with_stacked(params, modules, column_scale=cols)
 
     def _unstacked_only(self, modules: dict) -> dict:
         """Path-keyed adapters for unstacked modules; stacked ones travel in the params."""
         return {p: inject.IN_PARAMS if self.specs[p].stack else m for p, m in modules.items()}
+
+    def _unstacked_cols(self, cols: Mapping[str, Array] | None) -> dict | None:
+        """DoRA's path-keyed column scales (unstacked modules; stacked ones travel in params)."""
+        if cols is None:
+            return None
+        return {p: c for p, c in cols.items() if not self.specs[p].stack}
 
     def _loss(self, trainable: dict, state: TrainState, batch: Any, rng: Array):
         adapters = state.adapters._replace(pairs=trainable["pairs"])
@@ -379,13 +394,13 @@ class AromaTrainer:
         modules = self.modules(adapters, training=True)
         params = merge_params(state.base, trainable["extra"])
         stack_key = None if dropout is None else jax.random.fold_in(dropout[1], 1)
-        params = self.with_stacked(params, modules, stack_key)
+        params = self.with_stacked(params, modules, stack_key, cols)
         with inject.adapters_applied(
             self._unstacked_only(modules),
             self.cfg.scale,
             in_ndim,
             dropout=dropout,
-            column_scale=cols,
+            column_scale=self._unstacked_cols(cols),
         ) as hits:
             out = self.loss_fn(params, batch, rng)
         missing = sorted(set(self.module_paths) - hits)
@@ -518,8 +533,7 @@ class AromaTrainer:
         new_state = TrainState(base, trainable["extra"], adapters, opt_state, ctrl, rng)
         ranks = controller._stack(adapters.merges) * cfg.r
         if cfg.method == "adalora":  # kept triplets, whatever has been merged
-            kept = adalora.ranks(ctrl.method_state)
-            ranks = jnp.stack([kept[p] for p in self.module_paths])
+            ranks = controller._stack(adalora.ranks(ctrl.method_state))
         step_info = StepInfo(
             step=ctrl.step,
             loss=loss,
@@ -589,5 +603,8 @@ class AromaTrainer:
     def ranks(self, state: TrainState) -> dict[str, int]:
         if self.cfg.method == "adalora":
             kept = jax.device_get(adalora.ranks(state.ctrl.method_state))
-            return {p: int(kept[p]) for p in self.module_paths}
+            return {
+                e: int(kept[p] if i is None else kept[p][i])
+                for e, (p, i) in self.entry_origin.items()
+            }
         return adapters_lib.ranks(state.adapters, self.cfg, self.specs)

@@ -41,13 +41,17 @@ def save_final(directory: str | Path, trainer: AromaTrainer, state: TrainState) 
     extra = jax.device_get(state.extra)
     cfg = trainer.cfg
     tensors: dict[str, np.ndarray] = {}
+    kept = None
+    if cfg.method == "adalora":
+        kept = jax.device_get(state.ctrl.method_state.kept)
     for p in trainer.paths:
         k = int(merges[p]) * cfg.pair_rank
         if pairs[p].magnitude is not None:
             tensors[f"magnitude/{p}"] = np.asarray(pairs[p].magnitude, np.float32)
-        if cfg.method == "adalora":  # (never stacked)
-            kept = jax.device_get(state.ctrl.method_state.kept[p])
-            tensors[f"kept/{p}"] = np.asarray(kept, np.uint8)
+        if kept is not None:  # per entry: a stacked module's row for this layer
+            module, layer = trainer.entry_origin[p]
+            row = kept[module] if layer is None else kept[module][layer]
+            tensors[f"kept/{p}"] = np.asarray(row, np.uint8)
         tensors[f"frozen/{p}/a"] = np.ascontiguousarray(np.asarray(frozen[p].a)[:, :k])
         tensors[f"frozen/{p}/b"] = np.ascontiguousarray(np.asarray(frozen[p].b)[:k, :])
         tensors[f"merges/{p}"] = np.asarray(merges[p], np.int32).reshape(1)
@@ -111,7 +115,7 @@ def extra_params(tensors: dict[str, np.ndarray]) -> dict:
 def rebuild_state(trainer: AromaTrainer, params: Any, directory: str | Path) -> TrainState:
     """A finalized `TrainState` from pretrained ``params`` and a saved artefact."""
     tensors, meta = load_final(directory)
-    if sorted(meta["paths"]) != list(trainer.paths):
+    if sorted(meta["paths"]) != sorted(trainer.paths):
         raise ValueError(
             f"the artefact in {str(directory)!r} adapts {len(meta['paths'])} modules that do not "
             f"match this model's targets ({len(trainer.paths)} modules)"
@@ -123,7 +127,10 @@ def rebuild_state(trainer: AromaTrainer, params: Any, directory: str | Path) -> 
     cap = fresh_entries.frozen
     ctrl = state.ctrl
     if trainer.cfg.method == "adalora":
-        kept = {p: jnp.asarray(tensors[f"kept/{p}"].astype(bool)) for p in trainer.paths}
+        kept = {}
+        for module in trainer.module_paths:
+            rows = [tensors[f"kept/{e}"].astype(bool) for e in trainer.specs[module].entries]
+            kept[module] = jnp.asarray(np.stack(rows) if trainer.specs[module].stack else rows[0])
         ctrl = ctrl._replace(method_state=ctrl.method_state._replace(kept=kept))
     for p in trainer.paths:
         a, b = factors(tensors, p)

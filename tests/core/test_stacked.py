@@ -175,8 +175,6 @@ def test_a_scanned_stack_is_targeted_whole_or_not_at_all(params):
     specs = adapters_lib.find_targets(params, ("up",), stacked={"layers": L})
     assert specs["layers/up"].stack == L and specs["layers/up"].kernel_shape == (D, D)
     assert adapters_lib.entry_names(specs) == ("layers/0/up", "layers/1/up", "layers/2/up")
-    with pytest.raises(ConfigError, match="does not support scanned layers"):
-        _trainer(Scanned(), params, _cfg(method="dora"), {"layers": L})
 
 
 def test_stacked_state_shards_with_the_layer_axis_replicated(params):
@@ -206,3 +204,110 @@ def test_stacked_state_shards_with_the_layer_axis_replicated(params):
     (l1, r1, _), (l2, r2, c2) = runs
     assert r1 == r2 and max(r1[-1]) >= 1 and c2 == 1
     np.testing.assert_allclose(l2, l1, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("dora", dict(r=2, target_modules=("up", "down"))),
+        ("adalora", dict(init_r=3, target_r=1, tinit=4, tfinal=6, delta_t=2)),
+    ],
+)
+def test_dora_and_adalora_stacked_runs_equal_the_unrolled_runs(params, tmp_path, method, extra):
+    """DoRA's per-layer magnitude and column norms, AdaLoRA's per-layer triplets under one
+    global budget: the same run scanned and unrolled, through finalize and the saved artefact."""
+    from aroma_jax.train import artifacts
+
+    cfg = _cfg(method=method, max_steps=20, learning_rate=0.02, **extra)
+    st = _trainer(Scanned(), params, cfg, stacked={"layers": L})
+    un = _trainer(Unrolled(), _unrolled_params(params), cfg)
+    s_state, u_state = st.init(params), un.init(_unrolled_params(params))
+    s_pairs = st.unstacked(s_state.adapters).pairs
+    if method == "adalora":  # one target module: the same init values, entry by entry
+        for p in un.paths:
+            for x, y in zip(
+                jax.tree.leaves(s_pairs[_entries_unrolled(p)]),
+                jax.tree.leaves(u_state.adapters.pairs[p]),
+                strict=True,
+            ):
+                np.testing.assert_array_equal(x, y)
+    else:  # two modules draw in a different order unrolled: start both from the same pairs
+        u_state = u_state._replace(
+            adapters=u_state.adapters._replace(
+                pairs={p: s_pairs[_entries_unrolled(p)] for p in un.paths}
+            )
+        )
+    batch = _data()
+    unrolled_name = {_entries_unrolled(p): p for p in un.paths}
+    by_name = [un.paths.index(unrolled_name[e]) for e in st.paths]
+    for _ in range(cfg.max_steps):
+        s_state, si = st.step(s_state, batch)
+        u_state, ui = un.step(u_state, batch)
+        np.testing.assert_allclose(si.loss, ui.loss, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(si.ranks, np.asarray(ui.ranks)[by_name])
+    assert st.compiles == 1
+    if method == "adalora":  # pruned to the target budget: 1 triplet per (module, layer)
+        assert int(si.ranks.sum()) == L
+        np.testing.assert_array_equal(
+            s_state.ctrl.method_state.kept["layers/up"],
+            np.stack([u_state.ctrl.method_state.kept[f"layers_{i}/up"] for i in range(L)]),
+        )
+    s_fin, u_fin = st.finalize(s_state), un.finalize(u_state)
+    assert st.ranks(s_fin) == {_entries_unrolled(p): r for p, r in un.ranks(u_fin).items()}
+    with st.applied(s_fin) as p:
+        y_s = Scanned().apply({"params": p}, batch["x"])
+    with un.applied(u_fin) as p:
+        y_u = Unrolled().apply({"params": p}, batch["x"])
+    np.testing.assert_allclose(y_s, y_u, rtol=1e-5, atol=1e-6)
+    # The artefact (one entry per layer) rebuilds the same scanned model.
+    artifacts.save_final(tmp_path / "final", st, s_fin)
+    rebuilt = artifacts.rebuild_state(st, params, tmp_path / "final")
+    with st.applied(rebuilt) as p:
+        np.testing.assert_allclose(Scanned().apply({"params": p}, batch["x"]), y_s, atol=1e-6)
+    assert st.ranks(rebuilt) == st.ranks(s_fin)
+
+
+def test_dora_with_dropout_on_scanned_layers(params):
+    cfg = _cfg(method="dora", r=2, adapter_dropout=0.3, max_steps=3)
+    st = _trainer(Scanned(), params, cfg, stacked={"layers": L})
+    state = st.init(params)
+    losses = []
+    for _ in range(cfg.max_steps):
+        state, info = st.step(state, _data())
+        losses.append(float(info.loss))
+    assert np.all(np.isfinite(losses)) and st.compiles == 1
+    mag = state.adapters.pairs["layers/up"].magnitude
+    start = st.init(params).adapters.pairs["layers/up"].magnitude
+    assert mag.shape == (L, D) and not np.allclose(mag, start)
+
+
+def test_stacked_dora_and_adalora_shard_and_match_one_device(params):
+    from jax.sharding import PartitionSpec as P
+
+    from aroma_jax.core import sharding
+
+    batch = _data()
+    for method, extra in (
+        ("dora", dict(r=2)),
+        ("adalora", dict(init_r=3, target_r=1, tinit=1, tfinal=1, delta_t=1)),
+    ):
+        cfg = _cfg(method=method, max_steps=4, **extra)
+        losses = {}
+        for mesh_spec in (None, "fsdp=4,tensor=2"):
+            st = _trainer(Scanned(), params, cfg, stacked={"layers": L})
+            state = st.init(params)
+            if mesh_spec:
+                mesh = sharding.parse_mesh(mesh_spec)
+                specs = sharding.state_shardings(st, state, mesh)
+                pair = specs.adapters.pairs["layers/up"]
+                if method == "dora":  # the magnitude follows b's output axis, layers replicated
+                    assert pair.magnitude.spec == P(None, *pair.b.spec[2:])
+                else:
+                    assert pair.singular.spec == P()
+                state = sharding.shard_trainer(st, state, mesh)
+            losses[mesh_spec] = []
+            for _ in range(cfg.max_steps):
+                state, info = st.step(state, batch)
+                losses[mesh_spec].append(float(info.loss))
+            assert st.compiles == 1
+        np.testing.assert_allclose(losses["fsdp=4,tensor=2"], losses[None], rtol=1e-5)

@@ -15,8 +15,9 @@ interface, so ``model.impl: native`` changes nothing else.
 * ``scan_layers=True`` runs the layers under ``nn.scan`` with the params in the stacked layout
   (`aroma_jax.models.native.modeling.stack_layers`); `from_pretrained` loads straight into it
   and `save_pretrained` writes per-layer HF names from it.
-* `generate` is greedy decoding in one compiled loop over a fixed-size buffer (each step re-runs
-  the prompt and the tokens so far; no KV cache), honouring left padding through position ids.
+* `generate` is greedy decoding over a fixed-size buffer, honouring left padding through
+  position ids: the prompt runs once into a KV cache, then one compiled loop runs a
+  single-token forward pass per new token (``use_cache=False`` re-runs the buffer instead).
 
 Example:
     >>> from aroma_jax.models.native.config import NativeConfig
@@ -33,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -43,7 +45,7 @@ import jax.numpy as jnp
 
 from aroma_jax.models.native import checkpoint_io
 from aroma_jax.models.native.config import NativeConfig
-from aroma_jax.models.native.modeling import CausalLM, is_scanned, stack_layers
+from aroma_jax.models.native.modeling import CausalLM, init_cache, is_scanned, stack_layers
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
 
@@ -127,12 +129,17 @@ class NativeCausalLM:
         max_length: int | None = None,
         pad_token_id: int | None = None,
         eos_token_id: int | list[int] | None = None,
+        use_cache: bool = True,
         **unused,
     ) -> GenerateOutput:
         """Greedy continuation of (left-padded) prompts; finished rows get ``pad_token_id``.
 
-        HF's other keywords are accepted when they ask for greedy search (``num_beams=1``,
-        ``do_sample=False``); beam search and sampling are rejected.
+        With ``use_cache`` (the default) the prompt runs once and fills a KV cache of
+        ``prompt + max_new_tokens`` slots, then each new token is one single-token forward pass
+        (`modeling.KVCache`); ``use_cache=False`` re-runs the whole buffer for every token (the
+        reference the cache is tested against). HF's other keywords are accepted when they ask
+        for greedy search (``num_beams=1``, ``do_sample=False``); beam search and sampling are
+        rejected.
         """
         if unused.get("num_beams", 1) != 1 or unused.get("do_sample", False):
             raise ValueError(
@@ -150,25 +157,50 @@ class NativeCausalLM:
         if n <= 0:
             return GenerateOutput(ids)
         pad = _first(pad_token_id, self.config.pad_token_id, 0)
-        eos = _ids(_first(eos_token_id, self.config.eos_token_id, -1))
+        eos = jnp.asarray(_ids(_first(eos_token_id, self.config.eos_token_id, -1)))
         mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask)
         ids = jnp.concatenate([ids, jnp.full((b, n), pad, ids.dtype)], axis=1)
         mask = jnp.concatenate([mask.astype(jnp.int32), jnp.zeros((b, n), jnp.int32)], axis=1)
 
-        def body(t, carry):
-            ids, mask, done = carry
-            pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-            logits = self.module.apply({"params": params}, ids, mask, pos)
+        def emit(t, ids, mask, done, last):
+            """Writes the argmax of ``last`` (the logits before slot ``length + t``) there."""
             cur = length + t
-            last = jax.lax.dynamic_index_in_dim(logits, cur - 1, axis=1, keepdims=False)
             nxt = jnp.where(done, pad, jnp.argmax(last, axis=-1)).astype(ids.dtype)
             ids = jax.lax.dynamic_update_index_in_dim(ids, nxt[:, None], cur, axis=1)
-            mask = jax.lax.dynamic_update_index_in_dim(
-                mask, jnp.ones((b, 1), jnp.int32), cur, axis=1
-            )
-            return ids, mask, done | jnp.isin(nxt, jnp.asarray(eos))
+            one = jnp.ones((b, 1), jnp.int32)
+            mask = jax.lax.dynamic_update_index_in_dim(mask, one, cur, axis=1)
+            return ids, mask, done | jnp.isin(nxt, eos), nxt
 
-        ids, _, _ = jax.lax.fori_loop(0, n, body, (ids, mask, jnp.zeros((b,), bool)))
+        done = jnp.zeros((b,), bool)
+        if not use_cache:
+
+            def body(t, carry):
+                ids, mask, done = carry
+                pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+                logits = self.module.apply({"params": params}, ids, mask, pos)
+                last = jax.lax.dynamic_index_in_dim(logits, length + t - 1, 1, keepdims=False)
+                return emit(t, ids, mask, done, last)[:3]
+
+            ids, _, _ = jax.lax.fori_loop(0, n, body, (ids, mask, done))
+            return GenerateOutput(ids)
+
+        apply = functools.partial(self.module.apply, {"params": params})
+        cache = init_cache(self.config, b, length + n, self.dtype)
+        pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        # The prompt at slots 0 .. length-1, the mask over the whole buffer (later slots 0).
+        logits, cache = apply(ids[:, :length], mask, pos[:, :length], cache, 0)
+
+        def step(t, carry):
+            ids, mask, done, cache, last = carry
+            ids, mask, done, nxt = emit(t, ids, mask, done, last)
+            cur = length + t
+            at = jnp.sum(mask, axis=1, keepdims=True) - 1  # the new token's position id
+            logits, cache = apply(nxt[:, None], mask, at, cache, cur)
+            return ids, mask, done, cache, logits[:, 0]
+
+        # The last iteration's forward pass feeds no token; it costs one token of compute.
+        carry = (ids, mask, done, cache, logits[:, -1])
+        ids = jax.lax.fori_loop(0, n, step, carry)[0]
         return GenerateOutput(ids)
 
     # ---------------------------------------------------------------------------- files

@@ -35,7 +35,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -47,6 +47,20 @@ from aroma_jax.models.native.rope import apply_rotary, inv_frequencies
 
 REMAT_POLICIES = ("none", "full", "dots")
 LAYERS_PATH = ("model", "layers")  # where the decoder layers live in the param tree
+
+
+class KVCache(NamedTuple):
+    """Every layer's attention keys and values, ``(layers, batch, slots, kv_heads, head_dim)``:
+    a fixed-size buffer that decoding fills slot by slot (`CausalLM` with ``cache=``)."""
+
+    keys: jax.Array
+    values: jax.Array
+
+
+def init_cache(config: NativeConfig, batch: int, slots: int, dtype: Any = jnp.float32) -> KVCache:
+    """An empty `KVCache` for ``batch`` sequences of up to ``slots`` tokens."""
+    shape = (config.num_hidden_layers, batch, slots, config.num_key_value_heads, config.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
 def _remat_policy(name: str):
@@ -94,7 +108,19 @@ class Attention(nn.Module):
     attention_impl: str | None = None  # None: cuDNN where available, else XLA
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array | None,
+        cache: tuple[jax.Array, jax.Array] | None = None,
+        index: jax.Array | None = None,
+    ):
+        """Without ``cache``: causal self-attention over ``x``, ``mask (batch, t)`` marking real
+        tokens. With ``cache = (keys, values)``, each ``(batch, S, kv_heads, head_dim)``: ``x``
+        holds the tokens at buffer slots ``index .. index + t - 1``; their keys and values are
+        written there, the queries attend to every slot up to their own that ``mask (batch,
+        S)`` marks, and ``(out, new_cache)`` is returned."""
         c, dt, pdt = self.config, self.dtype, self.param_dtype
         b, t, _ = x.shape
         n, k, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -103,17 +129,40 @@ class Attention(nn.Module):
         v = _dense(c, k * h, c.qkv_bias, "v_proj", dt, pdt)(x).reshape(b, t, k, h)
         inv = inv_frequencies(h, c.rope_theta, c.rope)
         q, kk = apply_rotary(q, positions, inv), apply_rotary(kk, positions, inv)
-        window = (c.sliding_window - 1, 0) if c.sliding_window else None
+        o_proj = _dense(c, c.hidden_size, c.o_bias, "o_proj", dt, pdt)
+        if cache is None:
+            window = (c.sliding_window - 1, 0) if c.sliding_window else None
+            out = jax.nn.dot_product_attention(
+                q,
+                kk,
+                v,
+                mask=None if mask is None else mask[:, None, None, :],
+                is_causal=True,
+                local_window_size=window,
+                implementation=self.attention_impl,
+            )
+            return o_proj(out.reshape(b, t, n * h))
+        keys, values = cache
+        start = (0, index, 0, 0)
+        keys = jax.lax.dynamic_update_slice(keys, kk.astype(keys.dtype), start)
+        values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), start)
+        slots = keys.shape[1]
+        q_at = index + jnp.arange(t)[:, None]  # (t, 1) buffer slots of the queries
+        k_at = jnp.arange(slots)[None, :]  # (1, S)
+        allowed = k_at <= q_at  # causal over buffer slots, as `is_causal` above
+        if c.sliding_window:
+            allowed = allowed & (q_at - k_at < c.sliding_window)
+        allowed = allowed[None, None]  # (1, 1, t, S)
+        if mask is not None:
+            allowed = allowed & mask[:, None, None, :]
         out = jax.nn.dot_product_attention(
             q,
-            kk,
-            v,
-            mask=None if mask is None else mask[:, None, None, :],
-            is_causal=True,
-            local_window_size=window,
+            keys.astype(q.dtype),
+            values.astype(q.dtype),
+            mask=allowed,
             implementation=self.attention_impl,
         )
-        return _dense(c, c.hidden_size, c.o_bias, "o_proj", dt, pdt)(out.reshape(b, t, n * h))
+        return o_proj(out.reshape(b, t, n * h)), (keys, values)
 
 
 class MLP(nn.Module):
@@ -137,15 +186,20 @@ class DecoderLayer(nn.Module):
     attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x, positions, mask):
+    def __call__(self, x, positions, mask, cache=None, index=None):
+        """``x`` (or ``(x, new_cache)`` when given a layer's KV ``cache``; see `Attention`)."""
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
-        x = x + Attention(c, attention_impl=self.attention_impl, name="self_attn", **kw)(
-            h, positions, mask
-        )
+        attn = Attention(c, attention_impl=self.attention_impl, name="self_attn", **kw)
+        if cache is None:
+            a = attn(h, positions, mask)
+        else:
+            a, cache = attn(h, positions, mask, cache, index)
+        x = x + a
         h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
         x = x + MLP(c, name="mlp", **kw)(h)
-        return _constrain(x, ("batch", "length", "embed"))
+        x = _constrain(x, ("batch", "length", "embed"))
+        return x if cache is None else (x, cache)
 
 
 class Layers(nn.Module):
@@ -158,27 +212,41 @@ class Layers(nn.Module):
     attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x, positions, mask):
+    def __call__(self, x, positions, mask, cache=None, index=None):
+        """``x``, or ``(x, new_cache)`` for a `KVCache` of all layers."""
         cls = DecoderLayer
         if self.remat != "none":
             cls = nn.remat(DecoderLayer, policy=_remat_policy(self.remat), prevent_cse=True)
+        new_keys, new_values = [], []
         for i in range(self.config.num_hidden_layers):
-            x = cls(
+            layer = cls(
                 self.config,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 attention_impl=self.attention_impl,
                 name=str(i),
-            )(x, positions, mask)
-        return x
+            )
+            if cache is None:
+                x = layer(x, positions, mask)
+                continue
+            x, (k, v) = layer(x, positions, mask, (cache.keys[i], cache.values[i]), index)
+            new_keys.append(k)
+            new_values.append(v)
+        if cache is None:
+            return x
+        return x, KVCache(jnp.stack(new_keys), jnp.stack(new_values))
 
 
 class ScanDecoderLayer(DecoderLayer):
-    """A `DecoderLayer` with the ``nn.scan`` body signature: ``(carry, *broadcast) -> (carry,
-    None)``; its params are the layer's own (no extra scope)."""
+    """A `DecoderLayer` with the ``nn.scan`` body signature: ``(carry, positions, mask, cache,
+    index) -> (carry, new layer cache or None)``, the cache sliced per layer; its params are the
+    layer's own (no extra scope)."""
 
-    def __call__(self, x, positions, mask):
-        return super().__call__(x, positions, mask), None
+    def __call__(self, x, positions, mask, cache, index):
+        if cache is None:
+            return super().__call__(x, positions, mask), None
+        x, (k, v) = super().__call__(x, positions, mask, (cache.keys, cache.values), index)
+        return x, KVCache(k, v)
 
 
 def scanned_layers(
@@ -192,7 +260,8 @@ def scanned_layers(
     """The ``L`` decoder layers as one ``nn.scan`` module: params stacked on axis 0, one RNG
     split per layer, positions and mask broadcast, the hidden state the carry.
 
-    Called as ``(x, positions, mask) -> (x, None)``. Assign it to ``self.layers`` (or pass
+    Called as ``(x, positions, mask, cache, index) -> (x, new cache)`` (``cache`` a `KVCache`
+    of all layers or ``None``, then ``None`` back). Assign it to ``self.layers`` (or pass
     ``name="layers"``) so its Dense modules sit at ``.../layers/self_attn/q_proj``.
     """
     cls = ScanDecoderLayer
@@ -202,7 +271,7 @@ def scanned_layers(
         cls,
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast),
+        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
         length=config.num_hidden_layers,
     )
     return scan(
@@ -241,15 +310,18 @@ class Model(nn.Module):
             )
         self.norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
 
-    def __call__(self, input_ids, attention_mask=None, position_ids=None):
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, index=None):
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         mask = None if attention_mask is None else attention_mask.astype(bool)
         x = _constrain(self.embed_tokens(input_ids), ("batch", "length", "embed"))
-        x = self.layers(x, position_ids, mask)
         if self.scan_layers:
-            x, _ = x
-        return self.norm(x)
+            x, cache = self.layers(x, position_ids, mask, cache, index)
+        elif cache is None:
+            x = self.layers(x, position_ids, mask)
+        else:
+            x, cache = self.layers(x, position_ids, mask, cache, index)
+        return self.norm(x), cache
 
 
 class CausalLM(nn.Module):
@@ -276,11 +348,15 @@ class CausalLM(nn.Module):
         if not c.tie_word_embeddings:
             self.lm_head = _dense(c, c.vocab_size, False, None, self.dtype, self.param_dtype)
 
-    def __call__(self, input_ids, attention_mask=None, position_ids=None):
-        hidden = self.model(input_ids, attention_mask, position_ids)
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, index=None):
+        """Logits; with a `KVCache` (see `init_cache`), ``(logits, new_cache)`` for the tokens at
+        buffer slots ``index ..`` with ``attention_mask`` over the whole buffer."""
+        hidden, new_cache = self.model(input_ids, attention_mask, position_ids, cache, index)
         if self.config.tie_word_embeddings:
-            return self.model.embed_tokens.attend(hidden)
-        return self.lm_head(hidden)
+            logits = self.model.embed_tokens.attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        return logits if cache is None else (logits, new_cache)
 
 
 # ---------------------------------------------------------------------------- layouts
