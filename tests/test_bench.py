@@ -160,7 +160,7 @@ def test_xla_phases_reads_only_the_first_train_step_compile():
 def test_xla_phases_on_a_tiny_step(tmp_path):
     out = tmp_path / "phases.json"
     cmd = [sys.executable, str(ROOT / "experiments" / "xla_phases.py"), "--repeats", "1"]
-    sim = ["--model", "tiny", "--devices", "1", "--batch", "2", "--seq", "16"]
+    sim = ["--model", "tiny", "--devices", "1", "--batch", "2", "--seq", "16", "--scan", "off"]
     res = subprocess.run(
         [*cmd, "--out", str(out), "--", *sim],
         capture_output=True,
