@@ -23,7 +23,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(PY) -m ruff check aroma_jax tests experiments
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist worksteal tests
 
 # A second environment with transformers 5.x (no Flax models there): the native LLaMA-family
 # tests, PyTorch parity included. `make test` covers everything on the pinned transformers 4.57.

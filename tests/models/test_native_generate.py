@@ -77,8 +77,8 @@ def test_cached_logits_equal_the_full_forward_pass(scan):
     ids, mask = prompts()
     mask = jnp.asarray(mask)
     pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    full = m.module.apply({"params": m.params}, ids, mask, pos)  # (3, 7, vocab)
-    apply = lambda *a: m.module.apply({"params": m.params}, *a)  # noqa: E731
+    apply = jax.jit(lambda *a: m.module.apply({"params": m.params}, *a))
+    full = apply(ids, mask, pos)  # (3, 7, vocab)
     # Prefill 4 tokens, then one token at a time into a 9-slot buffer.
     cache = init_cache(m.config, 3, 9)
     buf_mask = jnp.concatenate([mask, jnp.zeros((3, 2), mask.dtype)], axis=1)

@@ -83,6 +83,7 @@ class NativeCausalLM:
         self.source: Path | None = None  # the directory it was loaded from (tokenizer files)
         # save_pretrained writes PyTorch-layout safetensors itself (no torch round trip needed)
         self.writes_pytorch_layout = True
+        self._generate_fns: dict = {}  # (new tokens, pad, eos, use_cache) -> jitted `_greedy`
         self.module = CausalLM(
             config, dtype, param_dtype, remat, attention_impl, scan_layers=scan_layers
         )
@@ -156,9 +157,24 @@ class NativeCausalLM:
         n = int(max_new_tokens)
         if n <= 0:
             return GenerateOutput(ids)
-        pad = _first(pad_token_id, self.config.pad_token_id, 0)
-        eos = jnp.asarray(_ids(_first(eos_token_id, self.config.eos_token_id, -1)))
+        pad = int(_first(pad_token_id, self.config.pad_token_id, 0))
+        eos = tuple(int(e) for e in _ids(_first(eos_token_id, self.config.eos_token_id, -1)))
         mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask)
+        # One compiled program per (settings, shapes): called eagerly, the prefill would
+        # otherwise run op by op; inside a caller's jit this is an inlined call.
+        key = (n, pad, eos, bool(use_cache))
+        fn = self._generate_fns.get(key)
+        if fn is None:
+            fn = jax.jit(
+                functools.partial(self._greedy, n=n, pad=pad, eos=eos, use_cache=bool(use_cache))
+            )
+            self._generate_fns[key] = fn
+        return GenerateOutput(fn(params, ids, mask))
+
+    def _greedy(self, params, ids, mask, *, n: int, pad: int, eos: tuple, use_cache: bool):
+        """`generate`'s body: ``ids``/``mask`` are the (left-padded) prompts."""
+        b, length = ids.shape
+        eos = jnp.asarray(eos)
         ids = jnp.concatenate([ids, jnp.full((b, n), pad, ids.dtype)], axis=1)
         mask = jnp.concatenate([mask.astype(jnp.int32), jnp.zeros((b, n), jnp.int32)], axis=1)
 
@@ -181,8 +197,7 @@ class NativeCausalLM:
                 last = jax.lax.dynamic_index_in_dim(logits, length + t - 1, 1, keepdims=False)
                 return emit(t, ids, mask, done, last)[:3]
 
-            ids, _, _ = jax.lax.fori_loop(0, n, body, (ids, mask, done))
-            return GenerateOutput(ids)
+            return jax.lax.fori_loop(0, n, body, (ids, mask, done))[0]
 
         apply = functools.partial(self.module.apply, {"params": params})
         cache = init_cache(self.config, b, length + n, self.dtype)
@@ -200,8 +215,7 @@ class NativeCausalLM:
 
         # The last iteration's forward pass feeds no token; it costs one token of compute.
         carry = (ids, mask, done, cache, logits[:, -1])
-        ids = jax.lax.fori_loop(0, n, step, carry)[0]
-        return GenerateOutput(ids)
+        return jax.lax.fori_loop(0, n, step, carry)[0]
 
     # ---------------------------------------------------------------------------- files
     @classmethod
