@@ -94,19 +94,20 @@ def effective(pair: Pair) -> Pair:
 def orth_penalty(pairs: Mapping[str, Pair]) -> Array:
     """PEFT's regulariser: the mean of ``|P^T P - I|_F`` and ``|Q Q^T - I|_F`` over all
     (module, layer) entries; a layer stack ``(L, in, r)`` counts as its ``L`` layers."""
+
+    def norms(a, b):  # one entry
+        eye = jnp.eye(a.shape[-1], dtype=jnp.float32)
+        return jnp.linalg.norm(a.T @ a - eye), jnp.linalg.norm(b @ b.T - eye)
+
     terms, count = [], 0
     for p in sorted(pairs):
         a, b = pairs[p].a.astype(jnp.float32), pairs[p].b.astype(jnp.float32)
-        eye = jnp.eye(a.shape[-1], dtype=jnp.float32)
-        if a.ndim == 2:
-            terms += [jnp.linalg.norm(a.T @ a - eye), jnp.linalg.norm(b @ b.T - eye)]
-            count += 2
-            continue
-        gram_a = jnp.einsum("lir,lis->lrs", a, a)
-        gram_b = jnp.einsum("lro,lso->lrs", b, b)
-        for gram in (gram_a, gram_b):
-            terms.append(jnp.sum(jnp.linalg.norm(gram - eye, axis=(-2, -1))))
-            count += gram.shape[0]
+        fn = norms
+        for _ in range(a.ndim - 2):  # per layer of a stack
+            fn = jax.vmap(fn)
+        na, nb = fn(a, b)
+        terms += [jnp.sum(na), jnp.sum(nb)]
+        count += na.size + nb.size
     return sum(terms) / count
 
 

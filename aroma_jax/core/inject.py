@@ -150,7 +150,6 @@ ModuleAdapters = Mapping[str, tuple[Pair | None, Frozen | None]]
 # Dense's own params, which the scan slices per layer like the kernel: `stacked_leaves` makes
 # them, `adapters_applied` reads them where its ``modules`` map a path to `IN_PARAMS`.
 IN_PARAMS = "in_params"
-_LEAVES = ("aroma_a", "aroma_b", "aroma_frozen_a", "aroma_frozen_b")
 DROP_KEY = "aroma_dropout_key"
 COLUMN_SCALE = "aroma_column_scale"  # DoRA's f = m / n of one layer, (out,)
 

@@ -113,14 +113,14 @@ class Attention(nn.Module):
         x: jax.Array,
         positions: jax.Array,
         mask: jax.Array | None,
-        cache: tuple[jax.Array, jax.Array] | None = None,
+        cache: KVCache | None = None,
         index: jax.Array | None = None,
-    ):
-        """Without ``cache``: causal self-attention over ``x``, ``mask (batch, t)`` marking real
-        tokens. With ``cache = (keys, values)``, each ``(batch, S, kv_heads, head_dim)``: ``x``
-        holds the tokens at buffer slots ``index .. index + t - 1``; their keys and values are
-        written there, the queries attend to every slot up to their own that ``mask (batch,
-        S)`` marks, and ``(out, new_cache)`` is returned."""
+    ) -> tuple[jax.Array, KVCache | None]:
+        """``(out, cache)``. Without ``cache``: causal self-attention over ``x``, ``mask (batch,
+        t)`` marking real tokens, and ``None`` back. With one layer's `KVCache` (keys and values
+        ``(batch, S, kv_heads, head_dim)``): ``x`` holds the tokens at buffer slots ``index ..
+        index + t - 1``; their keys and values are written there and the queries attend to
+        every slot up to their own that ``mask (batch, S)`` marks."""
         c, dt, pdt = self.config, self.dtype, self.param_dtype
         b, t, _ = x.shape
         n, k, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -141,7 +141,7 @@ class Attention(nn.Module):
                 local_window_size=window,
                 implementation=self.attention_impl,
             )
-            return o_proj(out.reshape(b, t, n * h))
+            return o_proj(out.reshape(b, t, n * h)), None
         keys, values = cache
         start = (0, index, 0, 0)
         keys = jax.lax.dynamic_update_slice(keys, kk.astype(keys.dtype), start)
@@ -162,7 +162,7 @@ class Attention(nn.Module):
             mask=allowed,
             implementation=self.attention_impl,
         )
-        return o_proj(out.reshape(b, t, n * h)), (keys, values)
+        return o_proj(out.reshape(b, t, n * h)), KVCache(keys, values)
 
 
 class MLP(nn.Module):
@@ -187,19 +187,16 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, mask, cache=None, index=None):
-        """``x`` (or ``(x, new_cache)`` when given a layer's KV ``cache``; see `Attention`)."""
+        """``(x, cache)`` with this layer's `KVCache` or ``None`` (see `Attention`). The
+        signature is also ``nn.scan``'s body: ``(carry, *inputs) -> (carry, output)``."""
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
         attn = Attention(c, attention_impl=self.attention_impl, name="self_attn", **kw)
-        if cache is None:
-            a = attn(h, positions, mask)
-        else:
-            a, cache = attn(h, positions, mask, cache, index)
+        a, cache = attn(h, positions, mask, cache, index)
         x = x + a
         h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
         x = x + MLP(c, name="mlp", **kw)(h)
-        x = _constrain(x, ("batch", "length", "embed"))
-        return x if cache is None else (x, cache)
+        return _constrain(x, ("batch", "length", "embed")), cache
 
 
 class Layers(nn.Module):
@@ -213,11 +210,11 @@ class Layers(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, mask, cache=None, index=None):
-        """``x``, or ``(x, new_cache)`` for a `KVCache` of all layers."""
+        """``(x, cache)``: the `KVCache` of all layers updated, or ``None`` without one."""
         cls = DecoderLayer
         if self.remat != "none":
             cls = nn.remat(DecoderLayer, policy=_remat_policy(self.remat), prevent_cse=True)
-        new_keys, new_values = [], []
+        new = []
         for i in range(self.config.num_hidden_layers):
             layer = cls(
                 self.config,
@@ -226,27 +223,12 @@ class Layers(nn.Module):
                 attention_impl=self.attention_impl,
                 name=str(i),
             )
-            if cache is None:
-                x = layer(x, positions, mask)
-                continue
-            x, (k, v) = layer(x, positions, mask, (cache.keys[i], cache.values[i]), index)
-            new_keys.append(k)
-            new_values.append(v)
+            layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
+            x, layer_cache = layer(x, positions, mask, layer_cache, index)
+            new.append(layer_cache)
         if cache is None:
-            return x
-        return x, KVCache(jnp.stack(new_keys), jnp.stack(new_values))
-
-
-class ScanDecoderLayer(DecoderLayer):
-    """A `DecoderLayer` with the ``nn.scan`` body signature: ``(carry, positions, mask, cache,
-    index) -> (carry, new layer cache or None)``, the cache sliced per layer; its params are the
-    layer's own (no extra scope)."""
-
-    def __call__(self, x, positions, mask, cache, index):
-        if cache is None:
-            return super().__call__(x, positions, mask), None
-        x, (k, v) = super().__call__(x, positions, mask, (cache.keys, cache.values), index)
-        return x, KVCache(k, v)
+            return x, None
+        return x, jax.tree.map(lambda *cs: jnp.stack(cs), *new)
 
 
 def scanned_layers(
@@ -264,7 +246,7 @@ def scanned_layers(
     of all layers or ``None``, then ``None`` back). Assign it to ``self.layers`` (or pass
     ``name="layers"``) so its Dense modules sit at ``.../layers/self_attn/q_proj``.
     """
-    cls = ScanDecoderLayer
+    cls = DecoderLayer
     if remat != "none":  # flax: prevent_cse=False under scan (the loop already blocks CSE)
         cls = nn.remat(cls, policy=_remat_policy(remat), prevent_cse=False)
     scan = nn.scan(
@@ -315,12 +297,7 @@ class Model(nn.Module):
             position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         mask = None if attention_mask is None else attention_mask.astype(bool)
         x = _constrain(self.embed_tokens(input_ids), ("batch", "length", "embed"))
-        if self.scan_layers:
-            x, cache = self.layers(x, position_ids, mask, cache, index)
-        elif cache is None:
-            x = self.layers(x, position_ids, mask)
-        else:
-            x, cache = self.layers(x, position_ids, mask, cache, index)
+        x, cache = self.layers(x, position_ids, mask, cache, index)
         return self.norm(x), cache
 
 
