@@ -221,9 +221,10 @@ def collectives(hlo: str) -> dict:
 
 
 def fusions(hlo: str) -> dict:
-    """Fusion instructions of the optimized program (each one a kernel XLA emits): in all, and
-    in each ``lax.cond`` branch (the controller's inner check and outer step), nested loops and
-    calls included, fused computations' insides not."""
+    """Fusion instructions of the optimized program (each one a kernel XLA emits): in all, in
+    each ``lax.cond`` branch (the controller's inner check and outer step) and in each
+    ``while`` body outside the branches (a scanned layer stack's forward and backward loops),
+    nested loops and calls included, fused computations' insides not."""
     comps: dict[str, list[str]] = {}
     entry, current = None, None
     for line in hlo.splitlines():
@@ -261,7 +262,26 @@ def fusions(hlo: str) -> dict:
             m = re.search(r"branch_computations=\{([^}]*)\}", line)
             if m and " conditional(" in line:
                 branches.append([count(n.strip().lstrip("%")) for n in m.group(1).split(",")])
-    return {"total": count(entry) if entry else 0, "conditional_branches": branches}
+    loops: list[int] = []
+
+    def find_loops(name: str) -> None:  # from the entry, not descending into branches
+        for line in comps[name]:
+            if " conditional(" in line or re.search(r"\sfusion\(", line):
+                continue
+            body = re.search(r"\swhile\(.*body=%?([\w.\-]+)", line)
+            if body and body.group(1) in comps:
+                loops.append(count(body.group(1)))
+                continue
+            for c in called(line):
+                find_loops(c)
+
+    if entry:
+        find_loops(entry)
+    return {
+        "total": count(entry) if entry else 0,
+        "conditional_branches": branches,
+        "loop_bodies": loops,
+    }
 
 
 def _devices(args, n_devices: int, jax) -> list:

@@ -24,6 +24,31 @@ def quick_compile_env() -> dict:
     return {**os.environ, "XLA_FLAGS": flags.strip()}
 
 
+# scale_sim's arguments for the tiny model's step, unrolled: one compile per process.
+TINY_SIM = ["--model", "tiny", "--devices", "1", "--batch", "2", "--seq", "16", "--scan", "off"]
+
+
+def run_experiment(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Runs ``experiments/<script>`` with ``args`` (at LLVM -O0) and requires it to succeed."""
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / script), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=quick_compile_env(),
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res
+
+
+def load_experiment(name: str):
+    """The module of ``experiments/<name>.py``."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
     vs_peft = bool(importlib.util.find_spec("peft") and importlib.util.find_spec("torch"))
@@ -104,25 +129,9 @@ def test_bench_smoke_llama_shape(tmp_path):
 
 
 def test_compile_breakdown_runs():
-    res = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "compile_breakdown.py"), "--model", "tiny"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=quick_compile_env(),
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
+    res = run_experiment("compile_breakdown.py", "--model", "tiny")
     for name in ("train step (aroma)", "train step (lora)", "prune reset", "inner check"):
         assert name in res.stdout
-
-
-def _xla_phases():
-    spec = importlib.util.spec_from_file_location(
-        "xla_phases", ROOT / "experiments" / "xla_phases.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_xla_phases_reads_only_the_first_train_step_compile():
@@ -150,7 +159,7 @@ def test_xla_phases_reads_only_the_first_train_step_compile():
             "I1 thunk_emitter.cc:856] Reusing kernel: c for fusion: d",
         ]
     )
-    r = _xla_phases().parse(log)
+    r = load_experiment("xla_phases").parse(log)
     assert r["hlo_pass_s"] == 0.005 and r["jit_s"] == 2.0
     assert r["top_passes_s"] == {"copy-insertion": 0.005}  # not the other jit's dce
     assert r["kernels"] == 2 and r["reused"] == 1
@@ -159,16 +168,7 @@ def test_xla_phases_reads_only_the_first_train_step_compile():
 
 def test_xla_phases_on_a_tiny_step(tmp_path):
     out = tmp_path / "phases.json"
-    cmd = [sys.executable, str(ROOT / "experiments" / "xla_phases.py"), "--repeats", "1"]
-    sim = ["--model", "tiny", "--devices", "1", "--batch", "2", "--seq", "16", "--scan", "off"]
-    res = subprocess.run(
-        [*cmd, "--out", str(out), "--", *sim],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=quick_compile_env(),
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
+    run_experiment("xla_phases.py", "--repeats", "1", "--out", str(out), "--", *TINY_SIM)
     m = json.loads(out.read_text())["methods"]
     # The controller adds kernels to LoRA's step; both programs compiled real kernels.
     assert m["aroma"]["kernels"] > m["lora"]["kernels"] > 50
@@ -178,14 +178,42 @@ def test_xla_phases_on_a_tiny_step(tmp_path):
 def test_generate_speed_runs(tmp_path):
     out = tmp_path / "gen.json"
     args = ["--model", "tiny", "--batch", "2", "--prompt", "8", "--new", "3", "--repeats", "1"]
-    res = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "generate_speed.py"), *args, "--out", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=quick_compile_env(),
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
+    run_experiment("generate_speed.py", *args, "--out", str(out))
     got = json.loads(out.read_text())
     assert got["new_tokens"] == 3 and got["cache"]["tokens_per_s"] > 0
     assert got["speedup"] == got["no_cache"]["seconds_median"] / got["cache"]["seconds_median"]
+
+
+def test_compile_ratio_summary_divides_the_first_method_by_the_second():
+    runs = {
+        "aroma": [
+            {"compile_cpu_s": c, "compile_s": w} for c, w in ((9.0, 6.0), (7.0, 5.0), (8.0, 4.0))
+        ],
+        "lora": [
+            {"compile_cpu_s": c, "compile_s": w} for c, w in ((5.0, 4.0), (6.0, 2.0), (4.0, 3.0))
+        ],
+    }
+    s = load_experiment("compile_ratio").summarise(runs)
+    assert s["methods"]["aroma"]["compile_cpu_s_median"] == 8.0
+    assert s["methods"]["lora"]["compile_s_min"] == 2.0
+    assert s["ratio"] == {
+        "compile_cpu_s_median": 1.6,  # 8 / 5
+        "compile_cpu_s_min": 1.75,  # 7 / 4
+        "compile_s_median": round(5 / 3, 3),
+        "compile_s_min": 2.0,  # 4 / 2
+    }
+
+
+def test_compile_ratio_on_a_tiny_step(tmp_path):
+    out = tmp_path / "ratio.json"
+    run_experiment("compile_ratio.py", "--repeats", "1", "--out", str(out), "--", *TINY_SIM)
+    r = json.loads(out.read_text())
+    runs = {m: r["methods"][m]["runs"] for m in ("aroma", "lora")}
+    assert all(len(v) == 1 and v[0]["compile_cpu_s"] > 0 for v in runs.values())
+    assert runs["aroma"][0]["target"] == "simulated CPU devices" and runs["lora"][0]["layers"] == 2
+    assert set(r["ratio"]) == {
+        "compile_cpu_s_median",
+        "compile_cpu_s_min",
+        "compile_s_median",
+        "compile_s_min",
+    }

@@ -77,14 +77,25 @@ def test_hlo_fusion_counting():
   %lt = pred[] compare(s32[] %i, s32[] %n), direction=LT
 }
 
+%layers (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %f4 = f32[4]{0} fusion(f32[4]{0} %x), kind=kLoop, calls=%fused_a
+  %f5 = f32[4]{0} fusion(f32[4]{0} %f4), kind=kLoop, calls=%fused_a
+}
+
 ENTRY %main (x: f32[4]) -> f32[4] {
   %f0 = f32[4]{0} fusion(f32[4]{0} %x), kind=kLoop, calls=%fused_a
   %c = f32[4]{0} conditional(pred[] %q, f32[4]{0} %f0), branch_computations={%skip, %outer}
+  %s = (s32[], f32[4]) while((s32[], f32[4]) %t), condition=%cond, body=%layers
 }
 """
-    # one fusion in the entry, two in the outer branch plus one in its loop; the fused
-    # computation's multiply is not a fusion of its own
-    assert sim.fusions(hlo) == {"total": 4, "conditional_branches": [[0, 3]]}
+    # one fusion in the entry, two in the outer branch plus one in its loop, two in the layer
+    # loop; the fused computation's multiply is not a fusion of its own; the branch's loop is
+    # not one of the step's loop bodies
+    assert sim.fusions(hlo) == {
+        "total": 6,
+        "conditional_branches": [[0, 3]],
+        "loop_bodies": [2],
+    }
 
 
 def test_hlo_collective_parsing():

@@ -4,6 +4,7 @@ remat and injection under it, the SmolLM2 asset."""
 import numpy as np
 import pytest
 import transformers
+from native_tiny import tiny_config
 
 from aroma_jax import AromaConfig, AromaTrainer
 from aroma_jax.data import objectives
@@ -11,17 +12,7 @@ from aroma_jax.models import hf
 from aroma_jax.models.llama import FixedFlaxLlamaForCausalLM
 from aroma_jax.models.native import NativeCausalLM, NativeConfig
 
-CFG = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=32,
-    rope_theta=1e5,
-    tie_word_embeddings=False,
-)
+CFG = tiny_config(max_position_embeddings=32, rope_theta=1e5, tie_word_embeddings=False)
 
 
 def batches(n, seed=0):

@@ -9,21 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from native_tiny import prompts, tiny_config
 
 from aroma_jax import AromaConfig, AromaTrainer
 from aroma_jax.data import objectives
 from aroma_jax.models.native import NativeCausalLM, NativeConfig
 from aroma_jax.models.native.modeling import init_cache, stack_layers
 
-BASE = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
 VARIANTS = {
     "llama_gqa": dict(model_type="llama"),
     "mistral_window": dict(model_type="mistral", sliding_window=3),
@@ -32,20 +24,12 @@ VARIANTS = {
 
 
 def model(variant: str, scan: bool) -> NativeCausalLM:
-    cfg = NativeConfig.from_dict({**BASE, **VARIANTS[variant]})
+    cfg = NativeConfig.from_dict(tiny_config(**VARIANTS[variant]))
     ref = NativeCausalLM(cfg, seed=1)
     params = jax.tree.map(lambda x: x * 4.0, ref.params)  # peaked logits: no argmax near-ties
     if not scan:
         return NativeCausalLM(cfg, params)
     return NativeCausalLM(cfg, stack_layers(params, cfg.num_hidden_layers), scan_layers=True)
-
-
-def prompts():
-    ids = np.asarray(jax.random.randint(jax.random.key(7), (3, 7), 1, 64), np.int32)
-    mask = np.ones_like(ids)
-    mask[1, :3] = 0  # left padding
-    mask[2, :6] = 0  # a one-token prompt
-    return ids, mask
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])

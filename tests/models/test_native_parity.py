@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import transformers
+from native_tiny import tiny_config
 
 from aroma_jax.models.native import NativeCausalLM, NativeConfig, NativeConfigError, checkpoint_io
 
@@ -21,15 +22,7 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 16,
 }
-COMMON = dict(
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
+COMMON = tiny_config(vocab_size=96)
 CASES = {
     "llama2": ("LlamaConfig", dict(num_key_value_heads=4)),
     "llama3": ("LlamaConfig", dict(rope_theta=5e5)),

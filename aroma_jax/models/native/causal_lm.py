@@ -15,9 +15,10 @@ interface, so ``model.impl: native`` changes nothing else.
 * ``scan_layers=True`` runs the layers under ``nn.scan`` with the params in the stacked layout
   (`aroma_jax.models.native.modeling.stack_layers`); `from_pretrained` loads straight into it
   and `save_pretrained` writes per-layer HF names from it.
-* `generate` is greedy decoding over a fixed-size buffer, honouring left padding through
-  position ids: the prompt runs once into a KV cache, then one compiled loop runs a
-  single-token forward pass per new token (``use_cache=False`` re-runs the buffer instead).
+* `generate` is greedy decoding or sampling (temperature, top-k, top-p: `sampling`) over a
+  fixed-size buffer, honouring left padding through position ids: the prompt runs once into a
+  KV cache, then one compiled loop runs a single-token forward pass per new token
+  (``use_cache=False`` re-runs the buffer instead).
 
 Example:
     >>> from aroma_jax.models.native.config import NativeConfig
@@ -43,7 +44,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from aroma_jax.models.native import checkpoint_io
+from aroma_jax.models.native import checkpoint_io, sampling
 from aroma_jax.models.native.config import NativeConfig
 from aroma_jax.models.native.modeling import CausalLM, init_cache, is_scanned, stack_layers
 
@@ -83,7 +84,7 @@ class NativeCausalLM:
         self.source: Path | None = None  # the directory it was loaded from (tokenizer files)
         # save_pretrained writes PyTorch-layout safetensors itself (no torch round trip needed)
         self.writes_pytorch_layout = True
-        self._generate_fns: dict = {}  # (new tokens, pad, eos, use_cache) -> jitted `_greedy`
+        self._generate_fns: dict = {}  # (new tokens, pad, eos, use_cache, sampling) -> jitted
         self.module = CausalLM(
             config, dtype, param_dtype, remat, attention_impl, scan_layers=scan_layers
         )
@@ -131,22 +132,36 @@ class NativeCausalLM:
         pad_token_id: int | None = None,
         eos_token_id: int | list[int] | None = None,
         use_cache: bool = True,
+        do_sample: bool = False,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        prng_key: Any = None,
         **unused,
     ) -> GenerateOutput:
-        """Greedy continuation of (left-padded) prompts; finished rows get ``pad_token_id``.
+        """Greedy or sampled continuation of (left-padded) prompts; finished rows get
+        ``pad_token_id``.
 
         With ``use_cache`` (the default) the prompt runs once and fills a KV cache of
         ``prompt + max_new_tokens`` slots, then each new token is one single-token forward pass
         (`modeling.KVCache`); ``use_cache=False`` re-runs the whole buffer for every token (the
-        reference the cache is tested against). HF's other keywords are accepted when they ask
-        for greedy search (``num_beams=1``, ``do_sample=False``); beam search and sampling are
-        rejected.
+        reference the cache is tested against).
+
+        ``do_sample=True`` draws each token from the logits filtered by ``temperature``,
+        ``top_k`` and ``top_p`` (HF's warpers and defaults: 1, 50, 1; `sampling`), with
+        ``prng_key`` (HF Flax's keyword; default ``PRNGKey(0)``) folded with the token's index,
+        so the same key gives the same tokens with and without the cache. Beam search
+        (``num_beams > 1``) is rejected.
         """
-        if unused.get("num_beams", 1) != 1 or unused.get("do_sample", False):
-            raise ValueError(
-                f"native generate is greedy: got num_beams={unused.get('num_beams')}, "
-                f"do_sample={unused.get('do_sample')}; accepted num_beams=1, do_sample=False"
-            )
+        sample = sampling.from_generate_kwargs(
+            {
+                "num_beams": unused.get("num_beams"),
+                "do_sample": do_sample,
+                "temperature": temperature,
+                "top_k": top_k,
+                "top_p": top_p,
+            }
+        )
         params = self.params if params is None else params
         ids = jnp.asarray(input_ids)
         b, length = ids.shape
@@ -162,16 +177,30 @@ class NativeCausalLM:
         mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask)
         # One compiled program per (settings, shapes): called eagerly, the prefill would
         # otherwise run op by op; inside a caller's jit this is an inlined call.
-        key = (n, pad, eos, bool(use_cache))
-        fn = self._generate_fns.get(key)
+        settings = (n, pad, eos, bool(use_cache), sample)
+        fn = self._generate_fns.get(settings)
         if fn is None:
             fn = jax.jit(
-                functools.partial(self._greedy, n=n, pad=pad, eos=eos, use_cache=bool(use_cache))
+                functools.partial(
+                    self._decode, n=n, pad=pad, eos=eos, use_cache=bool(use_cache), sample=sample
+                )
             )
-            self._generate_fns[key] = fn
-        return GenerateOutput(fn(params, ids, mask))
+            self._generate_fns[settings] = fn
+        return GenerateOutput(fn(params, ids, mask, sampling.as_key(prng_key)))
 
-    def _greedy(self, params, ids, mask, *, n: int, pad: int, eos: tuple, use_cache: bool):
+    def _decode(
+        self,
+        params,
+        ids,
+        mask,
+        key,
+        *,
+        n: int,
+        pad: int,
+        eos: tuple,
+        use_cache: bool,
+        sample: sampling.Sampling | None,
+    ):
         """`generate`'s body: ``ids``/``mask`` are the (left-padded) prompts."""
         b, length = ids.shape
         eos = jnp.asarray(eos)
@@ -179,9 +208,11 @@ class NativeCausalLM:
         mask = jnp.concatenate([mask.astype(jnp.int32), jnp.zeros((b, n), jnp.int32)], axis=1)
 
         def emit(t, ids, mask, done, last):
-            """Writes the argmax of ``last`` (the logits before slot ``length + t``) there."""
+            """Writes the token chosen from ``last`` (the logits before slot ``length + t``)
+            there."""
             cur = length + t
-            nxt = jnp.where(done, pad, jnp.argmax(last, axis=-1)).astype(ids.dtype)
+            chosen = sampling.choose(last, sample, jax.random.fold_in(key, t))
+            nxt = jnp.where(done, pad, chosen).astype(ids.dtype)
             ids = jax.lax.dynamic_update_index_in_dim(ids, nxt[:, None], cur, axis=1)
             one = jnp.ones((b, 1), jnp.int32)
             mask = jax.lax.dynamic_update_index_in_dim(mask, one, cur, axis=1)
