@@ -77,6 +77,14 @@ def test_settings_are_checked_and_hf_defaults_apply():
         Sampling(top_p=1.5)
     with pytest.raises(ValueError, match="top_k=-1: accepted an integer >= 0"):
         Sampling(top_k=-1)
+    with pytest.raises(ValueError, match="top_k=2.5: accepted an integer"):
+        Sampling(top_k=2.5)
+    with pytest.raises(ValueError, match="temperature=nan"):
+        Sampling(temperature=float("nan"))
+    # numpy scalars are stored as Python numbers: one jit-cache entry per setting
+    s = Sampling(temperature=np.float32(0.5), top_k=np.int64(3), top_p=np.float64(0.9))
+    assert s == Sampling(0.5, 3, 0.9) and hash(s) == hash(Sampling(0.5, 3, 0.9))
+    assert type(s.temperature) is float and type(s.top_k) is int
     raw = jax.random.PRNGKey(5)
     assert jnp.array_equal(jax.random.key_data(as_key(raw)), raw)
     assert jnp.array_equal(jax.random.key_data(as_key(5)), raw)

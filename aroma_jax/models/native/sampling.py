@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
 
 import jax
@@ -36,15 +37,21 @@ class Sampling:
     top_p: float = 1.0  # 1: no top-p filter
 
     def __post_init__(self):
-        if not (isinstance(self.temperature, int | float) and self.temperature > 0):
+        # numpy scalars are accepted and stored as Python numbers: the settings key the jit
+        # cache, where 0.7 and float32(0.7) must not make two programs.
+        t, k, p = self.temperature, self.top_k, self.top_p
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not t > 0:
             raise ValueError(
-                f"temperature={self.temperature!r}: accepted a number > 0 (for greedy decoding "
-                "pass do_sample=False)"
+                f"temperature={t!r}: accepted a number > 0 (for greedy decoding pass "
+                "do_sample=False)"
             )
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k!r}: accepted an integer >= 0 (0: no top-k)")
-        if not (isinstance(self.top_p, int | float) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p={self.top_p!r}: accepted a number in (0, 1] (1: no top-p)")
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+            raise ValueError(f"top_k={k!r}: accepted an integer >= 0 (0: no top-k)")
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p <= 1:
+            raise ValueError(f"top_p={p!r}: accepted a number in (0, 1] (1: no top-p)")
+        object.__setattr__(self, "temperature", float(t))
+        object.__setattr__(self, "top_k", int(k))
+        object.__setattr__(self, "top_p", float(p))
 
 
 def from_generate_kwargs(kwargs: dict[str, Any]) -> Sampling | None:
