@@ -135,16 +135,19 @@ def run_grid(grid: Mapping[str, Any], todo: list[dict], out: Path, jobs: int) ->
 
 # --------------------------------------------------------------------------------- results
 def _average_trained(summary: Mapping, history: Mapping, meta: Mapping | None) -> float | None:
-    """Mean trained adapter parameters per step (figure 1a): a module's pair costs
-    ``r * (in + out)`` until the outer step that marks it done."""
+    """Mean trained adapter parameters per step (figure 1a): a module's pair
+    (`timeseries.pair_params`: ``r * (in + out)``, DoRA's magnitude and AdaLoRA's ``init_r``
+    triplets included) until the outer step that marks it done."""
+    from aroma_jax.analysis import timeseries
+
     if not meta:
         return None
-    if meta.get("method") == "head":  # head-only: no pair is ever trained
-        return 0.0
-    r = int(meta.get("r", 1))
+    method, r = str(meta.get("method", "aroma")), int(meta.get("r", 1))
+    init_r = (meta.get("adalora") or {}).get("init_r")
     sizes = {}
     for p, shape in meta.get("kernel_shapes", {}).items():
-        sizes[p] = r * (int(np.prod(shape[:-1])) + int(shape[-1]))
+        fan_in, fan_out = int(np.prod(shape[:-1])), int(shape[-1])
+        sizes[p] = timeseries.pair_params(fan_in, fan_out, r, method, init_r)
     steps = int(summary.get("steps", 0))
     if not steps:
         return None

@@ -93,3 +93,20 @@ def test_unknown_method_is_a_clear_error(study, tmp_path, capsys):
     with pytest.raises(SystemExit):
         study.main([str(grid), "--out", str(tmp_path / "x"), "--methods", "dora"])
     assert "unknown task/method ['dora']" in capsys.readouterr().err
+
+
+def test_average_trained_params_counts_each_methods_pair(study):
+    shapes = {"m": [8, 4], "n": [2, 3, 5]}  # (in, out) and DenseGeneral (2*3 in, 5 out)
+    summary, history = {"steps": 10}, {"outer_steps": []}
+
+    def avg(**meta):
+        return study._average_trained(summary, history, {"kernel_shapes": shapes, **meta})
+
+    assert avg(method="lora", r=2) == 2 * (8 + 4) + 2 * (6 + 5)
+    assert avg(method="dora", r=2) == 2 * (8 + 4) + 4 + 2 * (6 + 5) + 5
+    assert avg(method="adalora", r=1, adalora={"init_r": 3}) == 3 * 12 + 3 + 3 * 11 + 3
+    assert avg(method="head", r=1) == 0
+    # an AROMA module stopped by eq. 6 at step 4 counts 4 of the 10 steps
+    stopped = {"outer_steps": [{"module": "m", "step": 4, "action": "done"}]}
+    got = study._average_trained(summary, stopped, {"kernel_shapes": shapes, "r": 1})
+    assert got == (12 * 4 + 11 * 10) / 10

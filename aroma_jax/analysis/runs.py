@@ -105,6 +105,7 @@ class Run:
     summary: Mapping[str, Any]
     config: Mapping[str, Any]
     loader: Callable[[str], tuple[np.ndarray, np.ndarray]] = dataclasses.field(repr=False)
+    init_r: int | None = None  # AdaLoRA: triplets per module at the start
 
     @property
     def paths(self) -> tuple[str, ...]:
@@ -184,6 +185,7 @@ def open_run(directory: str | Path, name: str | None = None) -> Run:
         summary=_read_json(directory / "summary.json") or {},
         config=config or {},
         loader=loader,
+        init_r=(meta.get("adalora") or {}).get("init_r"),
     )
 
 

@@ -72,7 +72,7 @@ def run_timeseries(run: Run) -> dict | None:
     if not h or not h.get("steps"):
         return None
     sizes = {p: (s[0], s[1]) for p, s in run.shapes.items()}
-    steps, trained = timeseries.trained_params_series(h, sizes, run.r)
+    steps, trained = timeseries.trained_params_series(h, sizes, run.r, run.method, run.init_r)
     _, rank = timeseries.total_rank_series(h, run.method, run.r, len(run.shapes))
     ends = timeseries.inner_loop_ends(h, run.inner_tol)
     pairs = lambda d: {m: {"steps": s.tolist(), "values": v.tolist()} for m, (s, v) in d.items()}

@@ -62,15 +62,35 @@ def total_rank_series(
     return steps, np.asarray([s["total_rank"] for s in recs], np.int64)
 
 
+def pair_params(
+    fan_in: int, fan_out: int, r: int, method: str = "aroma", init_r: int | None = None
+) -> int:
+    """Trained adapter parameters of one module's pair: ``r * (in + out)``; DoRA adds its
+    magnitude (``out``); AdaLoRA trains ``init_r`` triplets (``P``, ``lambda``, ``Q``) whatever
+    its budget keeps (pruned triplets still move under the orthogonality penalty, and PEFT
+    counts them as trainable); head-only runs train none."""
+    if method == "head":
+        return 0
+    if method == "adalora":
+        k = init_r if init_r is not None else r
+        return k * (fan_in + fan_out) + k
+    n = r * (fan_in + fan_out)
+    return n + fan_out if method == "dora" else n
+
+
 def trained_params_series(
-    history: Mapping[str, Any], sizes: Mapping[str, tuple[int, int]], r: int
+    history: Mapping[str, Any],
+    sizes: Mapping[str, tuple[int, int]],
+    r: int,
+    method: str = "aroma",
+    init_r: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(steps, adapter parameters trained at that step)`` (the paper's figure 1a).
 
-    A module's pair, ``r * (in + out)`` parameters, is trained at every step up to and including
-    the outer step that marks it done (that step's update is applied before the outer step
-    runs); LoRA and ReLoRA modules are never done, so their count is constant. Task heads are
-    not counted.
+    A module's pair (`pair_params`) is trained at every step up to and including the outer step
+    that marks it done (that step's update is applied before the outer step runs); LoRA, ReLoRA,
+    DoRA and AdaLoRA modules are never done, so their count is constant. Task heads are not
+    counted.
     """
     steps = np.asarray([s["step"] for s in _steps(history)], np.int64)
     done = done_steps(history)
@@ -78,7 +98,7 @@ def trained_params_series(
     for p, (fan_in, fan_out) in sizes.items():
         last = done.get(p)
         alive = steps <= last if last is not None else np.ones(steps.shape, bool)
-        counts += alive * (r * (fan_in + fan_out))
+        counts += alive * pair_params(fan_in, fan_out, r, method, init_r)
     return steps, counts
 
 
@@ -166,6 +186,7 @@ def inner_loop_ends(history: Mapping[str, Any], inner_tol: float | None = None) 
 
 __all__ = [
     "average_trained_params",
+    "pair_params",
     "done_steps",
     "inner_loop_ends",
     "inner_traces",

@@ -62,6 +62,17 @@ def test_trained_params_and_average():
         ts.average_trained_params(np.array([]))
 
 
+def test_pair_params_per_method():
+    assert ts.pair_params(10, 6, 1) == 16 and ts.pair_params(10, 6, 8, "lora") == 128
+    assert ts.pair_params(10, 6, 8, "dora") == 128 + 6  # + the magnitude (out)
+    # AdaLoRA: init_r triplets (P rows, Q columns, lambda), not cfg.r
+    assert ts.pair_params(10, 6, 1, "adalora", init_r=12) == 12 * 16 + 12
+    assert ts.pair_params(10, 6, 1, "head") == 0
+    h = {"modules": sorted(SIZES), "steps": [{"step": s, "total_rank": 0} for s in range(1, 4)]}
+    _, n = ts.trained_params_series(h, SIZES, 1, "adalora", init_r=12)
+    assert n.tolist() == [sum(12 * (i + o) + 12 for i, o in SIZES.values())] * 3
+
+
 def test_lora_is_constant():
     h = {"modules": sorted(SIZES), "steps": [{"step": s, "total_rank": 0} for s in range(1, 6)]}
     _, n = ts.trained_params_series(h, SIZES, r=8)
