@@ -151,9 +151,7 @@ def _average_trained(summary: Mapping, history: Mapping, meta: Mapping | None) -
     steps = int(summary.get("steps", 0))
     if not steps:
         return None
-    done_at = {
-        o["module"]: o["step"] for o in history.get("outer_steps", []) if o["action"] == "done"
-    }
+    done_at = timeseries.done_steps(history)
     total = sum(n * min(done_at.get(p, steps), steps) for p, n in sizes.items())
     return total / steps
 

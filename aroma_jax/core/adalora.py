@@ -44,6 +44,7 @@ import numpy as np
 
 from aroma_jax.core.adapters import ModuleSpec, Pair
 from aroma_jax.core.config import AromaConfig
+from aroma_jax.core.controller import per_layer
 
 Array = jax.Array
 
@@ -102,10 +103,7 @@ def orth_penalty(pairs: Mapping[str, Pair]) -> Array:
     terms, count = [], 0
     for p in sorted(pairs):
         a, b = pairs[p].a.astype(jnp.float32), pairs[p].b.astype(jnp.float32)
-        fn = norms
-        for _ in range(a.ndim - 2):  # per layer of a stack
-            fn = jax.vmap(fn)
-        na, nb = fn(a, b)
+        na, nb = per_layer(norms, a.ndim - 2)(a, b)  # per layer of a stack
         terms += [jnp.sum(na), jnp.sum(nb)]
         count += na.size + nb.size
     return sum(terms) / count

@@ -600,11 +600,14 @@ class AromaTrainer:
                 base = _set(base, p + "/kernel", k.reshape(spec.lead + spec.kernel_shape))
         return state._replace(base=base, adapters=AdapterState(pairs, frozen, merges, done))
 
+    def per_entry(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Entry name -> its value: ``values[module]``, or its layer's row for a stacked module."""
+        return {
+            e: values[p] if i is None else values[p][i] for e, (p, i) in self.entry_origin.items()
+        }
+
     def ranks(self, state: TrainState) -> dict[str, int]:
         if self.cfg.method == "adalora":
             kept = jax.device_get(adalora.ranks(state.ctrl.method_state))
-            return {
-                e: int(kept[p] if i is None else kept[p][i])
-                for e, (p, i) in self.entry_origin.items()
-            }
+            return {e: int(k) for e, k in self.per_entry(kept).items()}
         return adapters_lib.ranks(state.adapters, self.cfg, self.specs)

@@ -42,16 +42,14 @@ def save_final(directory: str | Path, trainer: AromaTrainer, state: TrainState) 
     cfg = trainer.cfg
     tensors: dict[str, np.ndarray] = {}
     kept = None
-    if cfg.method == "adalora":
-        kept = jax.device_get(state.ctrl.method_state.kept)
+    if cfg.method == "adalora":  # per entry: a stacked module's row for each layer
+        kept = trainer.per_entry(jax.device_get(state.ctrl.method_state.kept))
     for p in trainer.paths:
         k = int(merges[p]) * cfg.pair_rank
         if pairs[p].magnitude is not None:
             tensors[f"magnitude/{p}"] = np.asarray(pairs[p].magnitude, np.float32)
-        if kept is not None:  # per entry: a stacked module's row for this layer
-            module, layer = trainer.entry_origin[p]
-            row = kept[module] if layer is None else kept[module][layer]
-            tensors[f"kept/{p}"] = np.asarray(row, np.uint8)
+        if kept is not None:
+            tensors[f"kept/{p}"] = np.asarray(kept[p], np.uint8)
         tensors[f"frozen/{p}/a"] = np.ascontiguousarray(np.asarray(frozen[p].a)[:, :k])
         tensors[f"frozen/{p}/b"] = np.ascontiguousarray(np.asarray(frozen[p].b)[:k, :])
         tensors[f"merges/{p}"] = np.asarray(merges[p], np.int32).reshape(1)

@@ -64,13 +64,11 @@ def test_draws_follow_the_filtered_distribution():
 
 
 def test_settings_are_checked_and_hf_defaults_apply():
-    assert from_generate_kwargs({"do_sample": False, "top_k": 3}) is None
-    assert from_generate_kwargs({"do_sample": True}) == Sampling(1.0, 50, 1.0)
-    assert from_generate_kwargs({"do_sample": True, "top_p": 0.9, "top_k": None}) == Sampling(
-        top_p=0.9
-    )
+    assert from_generate_kwargs(do_sample=False, top_k=3) is None
+    assert from_generate_kwargs(do_sample=True) == Sampling(1.0, 50, 1.0)
+    assert from_generate_kwargs(do_sample=True, top_p=0.9, top_k=None) == Sampling(top_p=0.9)
     with pytest.raises(ValueError, match="num_beams=4: .* accepted num_beams=1"):
-        from_generate_kwargs({"num_beams": 4})
+        from_generate_kwargs(num_beams=4)
     with pytest.raises(ValueError, match=r"temperature=0.0: accepted a number > 0"):
         Sampling(temperature=0.0)
     with pytest.raises(ValueError, match=r"top_p=1.5: accepted a number in \(0, 1\]"):

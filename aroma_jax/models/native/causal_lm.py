@@ -154,13 +154,7 @@ class NativeCausalLM:
         (``num_beams > 1``) is rejected.
         """
         sample = sampling.from_generate_kwargs(
-            {
-                "num_beams": unused.get("num_beams"),
-                "do_sample": do_sample,
-                "temperature": temperature,
-                "top_k": top_k,
-                "top_p": top_p,
-            }
+            do_sample, temperature, top_k, top_p, unused.get("num_beams")
         )
         params = self.params if params is None else params
         ids = jnp.asarray(input_ids)

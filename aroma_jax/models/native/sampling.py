@@ -54,22 +54,27 @@ class Sampling:
         object.__setattr__(self, "top_p", float(p))
 
 
-def from_generate_kwargs(kwargs: dict[str, Any]) -> Sampling | None:
+def from_generate_kwargs(
+    do_sample: bool = False,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    num_beams: int | None = None,
+) -> Sampling | None:
     """The `Sampling` that HF-style ``generate`` keywords ask for, or None for greedy.
 
     ``do_sample`` switches sampling on; ``temperature``, ``top_k`` and ``top_p`` default to HF's
-    values when absent or None. Beam search (``num_beams > 1``) is rejected.
+    values when None. Beam search (``num_beams > 1``) is rejected.
     """
-    beams = kwargs.get("num_beams")
-    if beams not in (None, 1):
+    if num_beams not in (None, 1):
         raise ValueError(
-            f"num_beams={beams!r}: native generate has no beam search; accepted num_beams=1 "
-            "(greedy, or sampling with do_sample=True)"
+            f"num_beams={num_beams!r}: native generate has no beam search; accepted "
+            "num_beams=1 (greedy, or sampling with do_sample=True)"
         )
-    if not kwargs.get("do_sample"):
+    if not do_sample:
         return None
-    given = {k: kwargs[k] for k in ("temperature", "top_k", "top_p") if kwargs.get(k) is not None}
-    return Sampling(**given)
+    given = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    return Sampling(**{k: v for k, v in given.items() if v is not None})
 
 
 def filter_logits(logits: Array, s: Sampling) -> Array:
