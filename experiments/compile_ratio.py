@@ -9,6 +9,11 @@
         --repeats 5 --out docs/scale/compile-ratio-tpu-v5p-L2.json -- \
         --model llama-small --devices 8 --topology v5p:2x2x2 --batch 8 --seq 128 --layers 2
 
+    # did a change help? The same, plus the AROMA step of another checkout, alternating with both:
+    git worktree add /tmp/before 0f8eff4
+    python experiments/compile_ratio.py --repeats 5 --baseline /tmp/before -- \
+        --model llama-small --devices 1 --batch 8 --seq 128 --layers 2
+
 The arguments after ``--`` are `scale_sim.py`'s (model shape, layers, mesh, topology, remat).
 Each compile runs in a fresh process with JAX's compilation cache off, and the methods alternate
 within every repeat, so a slow moment of a shared machine hits both. Only the train step is
@@ -16,8 +21,13 @@ compiled (`scale_sim.compile_step`; none of scale_sim's FLOP extrapolation compi
 
 Reported per method: every run's XLA compile seconds, CPU (the process's CPU time, which
 neighbours disturb less) and wall, with their medians and minima; and the ratios of the first
-method to the second, of the medians and of the minima. Only ratios measured side by side in
-one invocation mean anything: absolute compile times vary with the machine's load.
+method to the second, of the medians and of the minima. With ``--baseline DIR`` (a checkout
+that has this script, from commit d94eb72 on) the first method is also compiled by that
+checkout's code, as ``<method>@baseline``, in the same rotation: ``versus_baseline`` is this
+tree's over the baseline's, ``baseline_ratio`` the baseline's over the second method.
+
+Only ratios measured side by side in one invocation mean anything: absolute compile times vary
+with the machine's load (and with the machine: a slower host measured larger ratios).
 """
 
 from __future__ import annotations
@@ -44,12 +54,17 @@ def child(sim_args: list[str]) -> None:
     print("COMPILE_RESULT " + json.dumps(info), flush=True)
 
 
-def run(method: str, sim_args: list[str]) -> dict:
+def run(method: str, sim_args: list[str], tree: Path | None = None) -> dict:
+    """One compile in a fresh process; ``tree``: another checkout whose code compiles it."""
     env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="false")
     # A compilation cache hit would skip the very compile measured here.
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", *sim_args, "--method", method]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    script = Path(__file__).resolve()
+    if tree is not None:  # that checkout's aroma_jax first on the path, and its scale_sim
+        script = tree / "experiments" / "compile_ratio.py"
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, str(script), "--child", *sim_args, "--method", method]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tree)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("COMPILE_RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -57,9 +72,19 @@ def run(method: str, sim_args: list[str]) -> dict:
     return {k: info[k] for k in ("compile_cpu_s", "compile_s", "lower_s", "target", "layers")}
 
 
-def summarise(runs: dict[str, list[dict]]) -> dict:
+def _ratio(a: dict, b: dict) -> dict:
+    """``a``'s medians and minima (CPU and wall) over ``b``'s."""
+    return {
+        f"{key}_{stat}": round(a[f"{key}_{stat}"] / b[f"{key}_{stat}"], 3)
+        for key in ("compile_cpu_s", "compile_s")
+        for stat in ("median", "min")
+    }
+
+
+def summarise(runs: dict[str, list[dict]], baseline: str | None = None) -> dict:
     """Per method: the runs' compile seconds with medians and minima; then, for two methods,
-    the first's over the second's (medians and minima, CPU and wall)."""
+    the first's over the second's (medians and minima, CPU and wall). ``baseline``: the name of
+    a third series (the first method compiled by another checkout), compared with both."""
     out: dict = {"methods": {}}
     for method, rs in runs.items():
         rec: dict = {"repeats": len(rs), "runs": rs}
@@ -68,13 +93,14 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
             rec[f"{key}_median"] = statistics.median(xs)
             rec[f"{key}_min"] = min(xs)
         out["methods"][method] = rec
-    if len(runs) == 2:
-        a, b = (out["methods"][m] for m in runs)
-        out["ratio"] = {
-            f"{key}_{stat}": round(a[f"{key}_{stat}"] / b[f"{key}_{stat}"], 3)
-            for key in ("compile_cpu_s", "compile_s")
-            for stat in ("median", "min")
-        }
+    ours = [m for m in runs if m != baseline]
+    if len(ours) == 2:
+        a, b = (out["methods"][m] for m in ours)
+        out["ratio"] = _ratio(a, b)
+        if baseline is not None:
+            base = out["methods"][baseline]
+            out["versus_baseline"] = _ratio(a, base)
+            out["baseline_ratio"] = _ratio(base, b)
     return out
 
 
@@ -93,31 +119,54 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--repeats", type=int, default=3, help="processes per method, alternating (3)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="another checkout (e.g. a git worktree of an older commit): its code compiles the "
+        "first method too, in the same rotation, as <method>@baseline",
+    )
     args = p.parse_args(argv)
     if "--method" in sim_args or "--out" in sim_args:
         p.error("pass --methods and --out before --, not to scale_sim after it")
     if args.repeats < 1:
         p.error(f"--repeats {args.repeats}: accepted a positive integer")
     methods = [m for m in args.methods.split(",") if m]
-    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    series = {m: (m, None) for m in methods}  # name -> (method, checkout)
+    baseline = None
+    if args.baseline is not None:
+        tree = args.baseline.resolve()
+        if not (tree / "experiments" / "compile_ratio.py").is_file():
+            p.error(
+                f"--baseline {args.baseline}: no experiments/compile_ratio.py there; accepted: a "
+                "checkout of aroma-jax from commit d94eb72 on"
+            )
+        baseline = f"{methods[0]}@baseline"
+        series[baseline] = (methods[0], tree)
+    runs: dict[str, list[dict]] = {m: [] for m in series}
     for rep in range(args.repeats):
-        for m in methods:
-            r = run(m, sim_args)
+        for m, (method, tree) in series.items():
+            r = run(method, sim_args, tree)
             runs[m].append(r)
             print(
-                f"repeat {rep + 1}/{args.repeats} {m:6s} [{r['target']}] L={r['layers']}: "
+                f"repeat {rep + 1}/{args.repeats} {m:14s} [{r['target']}] L={r['layers']}: "
                 f"compile {r['compile_cpu_s']:.1f} CPU s, {r['compile_s']:.1f} wall s",
                 flush=True,
             )
-    result = {"scale_sim_args": sim_args, **summarise(runs)}
+    result = {"scale_sim_args": sim_args, **summarise(runs, baseline)}
+    if baseline is not None:
+        result["baseline"] = str(args.baseline)
     for m, s in result["methods"].items():
         print(
-            f"{m:6s} compile CPU s median {s['compile_cpu_s_median']:.1f} min "
+            f"{m:14s} compile CPU s median {s['compile_cpu_s_median']:.1f} min "
             f"{s['compile_cpu_s_min']:.1f}; wall s median {s['compile_s_median']:.1f} min "
             f"{s['compile_s_min']:.1f}"
         )
     if "ratio" in result:
         print(f"{methods[0]} / {methods[1]}: {result['ratio']}")
+    if "versus_baseline" in result:
+        print(f"{methods[0]} / {baseline}: {result['versus_baseline']}")
+        print(f"{baseline} / {methods[1]}: {result['baseline_ratio']}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))

@@ -204,11 +204,55 @@ def test_compile_ratio_summary_divides_the_first_method_by_the_second():
     }
 
 
+def test_compile_ratio_against_a_baseline_checkout():
+    series = {  # CPU seconds only; wall seconds equal them here
+        "aroma": [9.0, 7.0, 8.0],
+        "lora": [5.0, 6.0, 4.0],
+        "aroma@baseline": [12.0, 10.0, 11.0],
+    }
+    runs = {m: [{"compile_cpu_s": x, "compile_s": x} for x in xs] for m, xs in series.items()}
+    s = load_experiment("compile_ratio").summarise(runs, baseline="aroma@baseline")
+    assert s["ratio"]["compile_cpu_s_median"] == 1.6  # 8 / 5: the baseline left out
+    assert s["versus_baseline"]["compile_cpu_s_median"] == round(8 / 11, 3)
+    assert s["versus_baseline"]["compile_s_min"] == 0.7  # 7 / 10
+    assert s["baseline_ratio"]["compile_cpu_s_min"] == 2.5  # 10 / 4
+
+
+def test_compile_ratio_rejects_a_baseline_without_the_script(tmp_path):
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "compile_ratio.py"),
+            "--baseline",
+            str(tmp_path),
+            "--",
+            *TINY_SIM,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert res.returncode == 2
+    assert "no experiments/compile_ratio.py there" in res.stderr and "d94eb72" in res.stderr
+
+
 def test_compile_ratio_on_a_tiny_step(tmp_path):
     out = tmp_path / "ratio.json"
-    run_experiment("compile_ratio.py", "--repeats", "1", "--out", str(out), "--", *TINY_SIM)
+    # this checkout as its own baseline: the baseline path end to end
+    run_experiment(
+        "compile_ratio.py",
+        "--repeats",
+        "1",
+        "--out",
+        str(out),
+        "--baseline",
+        str(ROOT),
+        "--",
+        *TINY_SIM,
+    )
     r = json.loads(out.read_text())
-    runs = {m: r["methods"][m]["runs"] for m in ("aroma", "lora")}
+    assert r["baseline"] == str(ROOT) and set(r["versus_baseline"]) == set(r["ratio"])
+    runs = {m: r["methods"][m]["runs"] for m in ("aroma", "lora", "aroma@baseline")}
     assert all(len(v) == 1 and v[0]["compile_cpu_s"] > 0 for v in runs.values())
     assert runs["aroma"][0]["target"] == "simulated CPU devices" and runs["lora"][0]["layers"] == 2
     assert set(r["ratio"]) == {

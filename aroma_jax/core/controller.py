@@ -27,7 +27,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from aroma_jax.core import norms
 from aroma_jax.core.adapters import AdapterState, Frozen, ModuleSpec, Pair, capacity, fresh_pairs
@@ -95,23 +94,54 @@ def per_layer(fn, lead_ndim: int):
     return fn
 
 
+def _unstack(vec: Array, like: Mapping[str, Array]) -> dict[str, Array]:
+    """The inverse of `_stack`: a per-entry vector split into ``like``'s per-module shapes."""
+    out, start = {}, 0
+    for p in sorted(like):
+        n = like[p].size
+        out[p] = vec[start : start + n].reshape(like[p].shape)
+        start += n
+    return out
+
+
+def pair_norms(adapters: AdapterState) -> dict[str, Array]:
+    """``|a b|_F`` of every module's pair (one value per layer of a stacked module).
+
+    The stacked modules' norms are computed together, over zero-padded factors: one reduction
+    where one per module shape made XLA:CPU compile a tree of reduction kernels for each. An
+    unstacked module's stay its own computation: the same module in every layer of an unrolled
+    model compiles to one shared kernel, which slicing a joint vector at per-module offsets
+    would prevent.
+    """
+    stacked = [p for p in sorted(adapters.pairs) if adapters.done[p].ndim]
+    out = {
+        p: norms.product_norm(pair.a, pair.b)
+        for p, pair in adapters.pairs.items()
+        if p not in stacked
+    }
+    if stacked:
+        sq = norms.products_sq_norms([(adapters.pairs[p].a, adapters.pairs[p].b) for p in stacked])
+        out.update(_unstack(jnp.sqrt(sq), {p: adapters.done[p] for p in stacked}))
+    return out
+
+
 def inner_check(
     ctrl: ControllerState, adapters: AdapterState, cfg: AromaConfig
 ) -> tuple[ControllerState, Array]:
     """Eq. 5 for every module; returns the new state and ``rho_in`` (n,) (NaN where done)."""
-    conv, prev, rhos = {}, {}, {}
+    conv, rhos = {}, {}
+    now = pair_norms(adapters)
 
-    def one(a, b, prev_norm, was_conv, done):
-        n = norms.product_norm(a, b)
+    def one(n, prev_norm, was_conv, done):
         rho = norms.inner_ratio(n, prev_norm)
-        return was_conv | (~done & (rho < cfg.inner_tol)), n, jnp.where(done, jnp.nan, rho)
+        return was_conv | (~done & (rho < cfg.inner_tol)), jnp.where(done, jnp.nan, rho)
 
-    for p, pair in adapters.pairs.items():
+    for p in adapters.pairs:
         done = adapters.done[p]
-        conv[p], prev[p], rhos[p] = per_layer(one, done.ndim)(
-            pair.a, pair.b, ctrl.prev_norm[p], ctrl.inner_conv[p], done
+        conv[p], rhos[p] = per_layer(one, done.ndim)(
+            now[p], ctrl.prev_norm[p], ctrl.inner_conv[p], done
         )
-    return ctrl._replace(inner_conv=conv, prev_norm=prev), _stack(rhos)
+    return ctrl._replace(inner_conv=conv, prev_norm=now), _stack(rhos)
 
 
 def outer_due(ctrl: ControllerState, adapters: AdapterState, cfg: AromaConfig) -> Array:
@@ -126,11 +156,17 @@ def outer_due(ctrl: ControllerState, adapters: AdapterState, cfg: AromaConfig) -
 
 
 def _write_slot(frozen: Frozen, pair: Pair, slot: Array, r: int, write: Array) -> Frozen:
-    start = slot * r
-    old_a = lax.dynamic_slice_in_dim(frozen.a, start, r, axis=1)
-    old_b = lax.dynamic_slice_in_dim(frozen.b, start, r, axis=0)
-    a = lax.dynamic_update_slice_in_dim(frozen.a, jnp.where(write, pair.a, old_a), start, axis=1)
-    b = lax.dynamic_update_slice_in_dim(frozen.b, jnp.where(write, pair.b, old_b), start, axis=0)
+    """``frozen`` with ``pair`` written into slot ``slot`` (columns of A, rows of B) if ``write``.
+
+    A select over the whole (small) factor buffers rather than a dynamic update slice: mapped
+    over a stacked module's layers, each with its own slot, a dynamic slice becomes a gather and
+    its update a scatter, among the costliest kernels XLA:CPU compiles (two per stacked
+    module). A slot outside the buffer writes nothing.
+    """
+    k = frozen.a.shape[-1]
+    hit = (jnp.arange(k) // r == slot) & write  # (k,): this slot's columns
+    a = jnp.where(hit, jnp.tile(pair.a.astype(frozen.a.dtype), (1, k // r)), frozen.a)
+    b = jnp.where(hit[:, None], jnp.tile(pair.b.astype(frozen.b.dtype), (k // r, 1)), frozen.b)
     return Frozen(a, b)
 
 
@@ -141,25 +177,36 @@ def outer_step(
     specs: Mapping[str, ModuleSpec],
     cfg: AromaConfig,
     folded: frozenset[str],
+    draws: tuple[Array, Array] | None = None,
 ) -> tuple[ControllerState, AdapterState, dict[str, Array], OuterInfo]:
     """Check (eq. 6), merge, re-init for every active module; see the module docstring.
 
     ``kernels`` are the 2-D base kernels; only those in ``folded`` are read for eq. 6 as they
     are (they already hold ``W0 + dW``) and returned updated. Everything else uses factors.
+
+    ``draws``: ``(next key, U(-1, 1) numbers for the fresh pairs' a)`` from a caller that draws
+    them together with its own (`AromaTrainer`'s step: one Threefry call for both); default:
+    ``key, sub = split(ctrl.key)`` and `fresh_pairs` from ``sub``, which is what the caller
+    must reproduce for the same run.
     """
     s = cfg.scale
     # The last slot is kept for `AromaTrainer.finalize`: a module that has filled the others
     # stops growing but keeps training its current pair (it is not marked done, so a binding
     # capacity never ends training early).
     growth_slots = capacity(cfg) - 1
-    key, sub = jax.random.split(ctrl.key)
     paths = sorted(adapters.pairs)
-    fresh_all = fresh_pairs(sub, {p: specs[p] for p in paths}, cfg.r)
+    if draws is None:
+        key, sub = jax.random.split(ctrl.key)
+        fresh_all = fresh_pairs(sub, {p: specs[p] for p in paths}, cfg.r)
+    else:
+        key, uniform = draws
+        fresh_all = fresh_pairs(None, {p: specs[p] for p in paths}, cfg.r, uniform)
 
-    def one(pair, fz, m, was_done, conv, fresh, kernel, base_sq, folds):
+    pair_norm_all = pair_norms(adapters)
+
+    def one(pair, fz, m, was_done, conv, fresh, kernel, base_sq, pair_norm, folds):
         """One module (one layer of a stacked one): eq. 6, then merge, stop or keep training."""
         active = ~was_done
-        pair_norm = norms.product_norm(pair.a, pair.b)
         if folds:  # the kernel already holds W0 + dW
             base_norm = jnp.sqrt(jnp.sum(jnp.square(kernel.astype(jnp.float32))))
         else:
@@ -206,6 +253,7 @@ def outer_step(
             fresh_all[p],
             kernels[p],
             ctrl.base_sq[p],
+            pair_norm_all[p],
         )
         pairs[p], frozen[p], merges[p], done[p] = pair, fz, m, d
         if folds:

@@ -427,7 +427,15 @@ class AromaTrainer:
     def _step_impl(self, state: TrainState, batch: Any) -> tuple[TrainState, StepInfo]:
         self._traces += 1
         cfg, n = self.cfg, len(self.paths)
-        rng, step_rng, reset_rng = jax.random.split(state.rng, 3)
+        if cfg.grows:
+            # The step's key and the controller's split together: XLA:CPU compiles every
+            # Threefry call as its own loop. With JAX's (default) partitionable Threefry,
+            # split(k, 3)[:2] == split(k), so both streams stay what they were.
+            both = jnp.stack([state.rng, state.ctrl.key])
+            keys = jax.vmap(lambda k: jax.random.split(k, 3))(both)
+            (rng, step_rng, reset_rng), (ctrl_key, fresh_key) = keys[0], keys[1][:2]
+        else:
+            rng, step_rng, reset_rng = jax.random.split(state.rng, 3)
         trainable = self._trainable(state.adapters, state.extra)
         (loss, _), grads = jax.value_and_grad(self._loss, has_aux=True)(
             trainable, state, batch, step_rng
@@ -493,8 +501,16 @@ class AromaTrainer:
 
             def do_outer(operands):
                 ctrl_, adapters_, opt_, folded_ = operands
+                n_fresh = adapters_lib.fresh_size(self.specs, cfg.r)
+                fresh_u = jax.random.uniform(fresh_key, (n_fresh,), jnp.float32, -1.0, 1.0)
                 ctrl_, adapters_, new_k, info = controller.outer_step(
-                    ctrl_, adapters_, {**kernels, **folded_}, self.specs, cfg, self.folded
+                    ctrl_,
+                    adapters_,
+                    {**kernels, **folded_},
+                    self.specs,
+                    cfg,
+                    self.folded,
+                    draws=(ctrl_key, fresh_u),
                 )
                 offsets = self._offsets()
                 merged = {  # per module: a scalar, or (L,) for a stacked one
@@ -510,7 +526,13 @@ class AromaTrainer:
                 }
                 new_trainable = self._trainable(adapters_, trainable["extra"])
                 opt_ = optim.reset(
-                    self.tx, opt_, mask, reset_rng, new_trainable, cfg.reset, cfg.prune_ratio
+                    self.tx,
+                    opt_,
+                    mask,
+                    reset_rng,
+                    new_trainable,
+                    cfg.reset,
+                    cfg.prune_ratio,
                 )
                 return (ctrl_, adapters_, opt_, new_k), info
 

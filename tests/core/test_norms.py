@@ -63,3 +63,22 @@ def test_kaiming_uniform_bounds_like_torch_linear():
     bound = 1 / np.sqrt(64)
     assert float(jnp.max(jnp.abs(x))) <= bound
     assert float(jnp.max(jnp.abs(x))) > 0.9 * bound  # actually spread over the range
+
+
+@pytest.mark.parametrize("r", [1, 3])
+def test_products_sq_norms_match_the_dense_products_entry_by_entry(r):
+    # An unstacked pair, a 3-layer stack and a 2x2-lead bf16 stack: padded to one shape.
+    pairs = [
+        (rand(5, r), rand(r, 7, seed=1)),
+        (rand(3, 9, r, seed=2), rand(3, r, 4, seed=3)),
+        (rand(2, 2, 4, r, seed=4), rand(2, 2, r, 11, seed=5)),
+    ]
+    pairs[2] = tuple(jnp.asarray(x, jnp.bfloat16) for x in pairs[2])
+    want = []
+    for a, b in pairs:
+        a = np.asarray(a, np.float32).reshape((-1,) + a.shape[-2:])
+        b = np.asarray(b, np.float32).reshape((-1,) + b.shape[-2:])
+        want += [np.sum(np.square(ai @ bi)) for ai, bi in zip(a, b, strict=True)]
+    got = norms.products_sq_norms(pairs)
+    assert got.shape == (1 + 3 + 4,)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)

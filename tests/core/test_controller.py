@@ -1,0 +1,117 @@
+"""The controller's pieces against plain references: slot writes, eq. 5 on per-entry vectors,
+outer steps with caller-drawn random numbers, and what the compiled step is made of."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aroma_jax.core import adapters as adapters_lib
+from aroma_jax.core import controller, norms
+from aroma_jax.core.adapters import Frozen, Pair
+from aroma_jax.examples.toy import batches, make_problem, toy_config
+from tests.core.test_train_step import make
+
+L, IN, OUT, R, SLOTS = 3, 6, 5, 2, 4
+
+
+def stacked_factors(seed=0):
+    rng = np.random.default_rng(seed)
+    f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)  # noqa: E731
+    return Frozen(f(L, IN, SLOTS * R), f(L, SLOTS * R, OUT)), Pair(f(L, IN, R), f(L, R, OUT))
+
+
+def test_write_slot_writes_each_layers_own_slot_and_nothing_else():
+    frozen, pair = stacked_factors()
+    slots = jnp.array([0, 3, 1])
+    write = jnp.array([True, True, False])
+    write_fn = controller.per_layer(lambda f, p, s, w: controller._write_slot(f, p, s, R, w), 1)
+    got = write_fn(frozen, pair, slots, write)
+    want_a, want_b = np.array(frozen.a), np.array(frozen.b)
+    for i, (s, w) in enumerate(zip(slots.tolist(), write.tolist(), strict=True)):
+        if w:
+            want_a[i, :, s * R : (s + 1) * R] = pair.a[i]
+            want_b[i, s * R : (s + 1) * R, :] = pair.b[i]
+    np.testing.assert_array_equal(got.a, want_a)
+    np.testing.assert_array_equal(got.b, want_b)
+    # a slot past the buffer writes nothing (callers never ask for one)
+    past = write_fn(frozen, pair, jnp.full((L,), SLOTS), jnp.ones((L,), bool))
+    np.testing.assert_array_equal(past.a, frozen.a)
+
+
+def test_per_layer_slot_writes_compile_to_no_scatter_or_gather():
+    # A dynamic update slice mapped over layers with per-layer slots becomes a scatter (and its
+    # read a gather), the costliest kernels XLA:CPU compiles in the outer step.
+    frozen, pair = stacked_factors()
+    write_fn = controller.per_layer(lambda f, p, s, w: controller._write_slot(f, p, s, R, w), 1)
+    hlo = jax.jit(write_fn).lower(frozen, pair, jnp.zeros((L,), int), jnp.ones((L,), bool))
+    ops = set(re.findall(r"= \S+ ([a-z-]+)\(", hlo.compile().as_text()))
+    assert not ops & {"scatter", "gather"}, ops
+
+
+def test_inner_check_on_vectors_equals_eq5_module_by_module():
+    trainer, state, model, teacher = make(toy_config(inner_tol=0.05))
+    for batch in batches(teacher, model, 32, 7):
+        state, _ = trainer.step(state, batch)
+    prev = dict(zip(sorted(state.ctrl.prev_norm), [0.0, 1e-3, 9.0], strict=True))
+    # a mix of previous norms: zero (the first check after a re-init), small, large
+    ctrl = state.ctrl._replace(prev_norm={p: jnp.asarray(v) for p, v in prev.items()})
+    adapters = state.adapters._replace(done={**state.adapters.done, "m1": jnp.array(True)})
+    new, rho = controller.inner_check(ctrl, adapters, trainer.cfg)
+    for i, p in enumerate(sorted(adapters.pairs)):
+        now = norms.product_norm(adapters.pairs[p].a, adapters.pairs[p].b)
+        want = norms.inner_ratio(now, ctrl.prev_norm[p])
+        done = bool(adapters.done[p])
+        conv = bool(ctrl.inner_conv[p]) or (not done and float(want) < trainer.cfg.inner_tol)
+        assert bool(new.inner_conv[p]) == conv
+        np.testing.assert_allclose(new.prev_norm[p], now, rtol=1e-6)
+        np.testing.assert_allclose(rho[i], np.nan if done else want, rtol=1e-6)
+
+
+def test_outer_step_with_caller_draws_equals_drawing_its_own():
+    trainer, state, model, teacher = make(toy_config())
+    for batch in batches(teacher, model, 32, 5):
+        state, _ = trainer.step(state, batch)
+    args = (state.adapters, trainer.kernels(state.base), trainer.specs, trainer.cfg, trainer.folded)
+    own = controller.outer_step(state.ctrl, *args)
+    key, sub = jax.random.split(state.ctrl.key)
+    n = adapters_lib.fresh_size(trainer.specs, trainer.cfg.r)
+    uniform = jax.random.uniform(sub, (n + 5,), jnp.float32, -1.0, 1.0)  # longer is fine
+    drawn = controller.outer_step(state.ctrl, *args, draws=(key, uniform))
+    plain = lambda x: jax.random.key_data(x) if x.dtype == state.ctrl.key.dtype else x  # noqa: E731
+    for x, y in zip(jax.tree.leaves(own), jax.tree.leaves(drawn), strict=True):
+        np.testing.assert_array_equal(plain(x), plain(y))
+
+
+def random_calls(jaxpr) -> dict[str, int]:
+    """Call sites of the random primitives in ``jaxpr`` and every jaxpr nested in it."""
+    out: dict[str, int] = {}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("random_split", "random_bits", "random_fold_in"):
+            out[eqn.primitive.name] = out.get(eqn.primitive.name, 0) + 1
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (list, tuple)) else (v,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    for k, n in random_calls(inner).items():
+                        out[k] = out.get(k, 0) + n
+    return out
+
+
+@pytest.mark.parametrize(
+    ("method", "want"),
+    [
+        ("aroma", {"random_split": 1, "random_bits": 2}),
+        ("lora", {"random_split": 1}),
+    ],
+)
+def test_the_step_makes_one_threefry_call_per_purpose(method, want):
+    # XLA:CPU compiles each Threefry call site as its own loop: the step's key and the
+    # controller's are split in one call; an outer step draws the re-init and the prune.
+    model, student, teacher = make_problem(0)
+    trainer, state, *_ = make(toy_config(method=method, reset="prune"))
+    batch = next(batches(teacher, model, 8, 1))
+    jaxpr = jax.make_jaxpr(trainer._step_impl)(state, batch).jaxpr
+    assert random_calls(jaxpr) == want
