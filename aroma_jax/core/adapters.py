@@ -268,31 +268,21 @@ def capacity(cfg: AromaConfig) -> int:
     return cfg.slots
 
 
-def fresh_size(specs: Mapping[str, ModuleSpec], r: int) -> int:
-    """How many uniform numbers `fresh_pairs` draws: every module's ``a`` entries."""
-    return max(sum(math.prod(sp.lead) * sp.fan_in * r for sp in specs.values()), 1)
-
-
-def fresh_pairs(
-    key: Array | None, specs: Mapping[str, ModuleSpec], r: int, uniform: Array | None = None
-) -> dict[str, Pair]:
+def fresh_pairs(key: Array, specs: Mapping[str, ModuleSpec], r: int) -> dict[str, Pair]:
     """New pairs for every module: ``a`` Kaiming-uniform like torch's ``nn.Linear``, ``b = 0``.
 
     One ``uniform`` call over all modules' ``a`` entries, sliced per module: the same
     distribution as per-module calls, but one random-number kernel in the compiled step instead
     of one per module (72 inlined Threefry kernels made the outer step's compile 4x longer).
-    ``uniform``: those numbers (``U(-1, 1)``, at least `fresh_size` of them) drawn by the
-    caller instead of from ``key``, so a caller can draw them with other numbers in one call.
     """
     paths = sorted(specs)
     sizes = [math.prod(specs[p].lead) * specs[p].fan_in * r for p in paths]
-    if uniform is None:
-        uniform = jax.random.uniform(key, (fresh_size(specs, r),), jnp.float32, -1.0, 1.0)
+    u = jax.random.uniform(key, (max(sum(sizes), 1),), jnp.float32, -1.0, 1.0)
     out, start = {}, 0
     for p, n in zip(paths, sizes, strict=True):
         spec = specs[p]
         bound = 1.0 / jnp.sqrt(jnp.asarray(spec.fan_in, jnp.float32))
-        a = (uniform[start : start + n] * bound).reshape(spec.lead + (spec.fan_in, r))
+        a = (u[start : start + n] * bound).reshape(spec.lead + (spec.fan_in, r))
         out[p] = Pair(a, jnp.zeros(spec.lead + (r, spec.fan_out), jnp.float32))
         start += n
     return out

@@ -177,17 +177,16 @@ def outer_step(
     specs: Mapping[str, ModuleSpec],
     cfg: AromaConfig,
     folded: frozenset[str],
-    draws: tuple[Array, Array] | None = None,
+    keys: tuple[Array, Array] | None = None,
 ) -> tuple[ControllerState, AdapterState, dict[str, Array], OuterInfo]:
     """Check (eq. 6), merge, re-init for every active module; see the module docstring.
 
     ``kernels`` are the 2-D base kernels; only those in ``folded`` are read for eq. 6 as they
     are (they already hold ``W0 + dW``) and returned updated. Everything else uses factors.
 
-    ``draws``: ``(next key, U(-1, 1) numbers for the fresh pairs' a)`` from a caller that draws
-    them together with its own (`AromaTrainer`'s step: one Threefry call for both); default:
-    ``key, sub = split(ctrl.key)`` and `fresh_pairs` from ``sub``, which is what the caller
-    must reproduce for the same run.
+    ``keys``: ``split(ctrl.key)`` (the controller's next key, the fresh pairs' key), split by a
+    caller together with its own key (`AromaTrainer`'s step: one Threefry call for both);
+    default: split here.
     """
     s = cfg.scale
     # The last slot is kept for `AromaTrainer.finalize`: a module that has filled the others
@@ -195,12 +194,8 @@ def outer_step(
     # capacity never ends training early).
     growth_slots = capacity(cfg) - 1
     paths = sorted(adapters.pairs)
-    if draws is None:
-        key, sub = jax.random.split(ctrl.key)
-        fresh_all = fresh_pairs(sub, {p: specs[p] for p in paths}, cfg.r)
-    else:
-        key, uniform = draws
-        fresh_all = fresh_pairs(None, {p: specs[p] for p in paths}, cfg.r, uniform)
+    key, sub = jax.random.split(ctrl.key) if keys is None else keys
+    fresh_all = fresh_pairs(sub, {p: specs[p] for p in paths}, cfg.r)
 
     pair_norm_all = pair_norms(adapters)
 

@@ -501,8 +501,6 @@ class AromaTrainer:
 
             def do_outer(operands):
                 ctrl_, adapters_, opt_, folded_ = operands
-                n_fresh = adapters_lib.fresh_size(self.specs, cfg.r)
-                fresh_u = jax.random.uniform(fresh_key, (n_fresh,), jnp.float32, -1.0, 1.0)
                 ctrl_, adapters_, new_k, info = controller.outer_step(
                     ctrl_,
                     adapters_,
@@ -510,7 +508,7 @@ class AromaTrainer:
                     self.specs,
                     cfg,
                     self.folded,
-                    draws=(ctrl_key, fresh_u),
+                    keys=(ctrl_key, fresh_key),
                 )
                 offsets = self._offsets()
                 merged = {  # per module: a scalar, or (L,) for a stacked one
@@ -526,13 +524,7 @@ class AromaTrainer:
                 }
                 new_trainable = self._trainable(adapters_, trainable["extra"])
                 opt_ = optim.reset(
-                    self.tx,
-                    opt_,
-                    mask,
-                    reset_rng,
-                    new_trainable,
-                    cfg.reset,
-                    cfg.prune_ratio,
+                    self.tx, opt_, mask, reset_rng, new_trainable, cfg.reset, cfg.prune_ratio
                 )
                 return (ctrl_, adapters_, opt_, new_k), info
 

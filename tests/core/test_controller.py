@@ -1,5 +1,6 @@
-"""The controller's pieces against plain references: slot writes, eq. 5 on per-entry vectors,
-outer steps with caller-drawn random numbers, and what the compiled step is made of."""
+"""The controller's pieces against plain references: slot writes, pair norms (stacked modules
+together, unstacked ones apart), eq. 5, outer steps with caller-split keys, and what the
+compiled step is made of."""
 
 import re
 
@@ -11,7 +12,7 @@ import pytest
 from aroma_jax.core import adapters as adapters_lib
 from aroma_jax.core import controller, norms
 from aroma_jax.core.adapters import Frozen, Pair
-from aroma_jax.examples.toy import batches, make_problem, toy_config
+from aroma_jax.examples.toy import batches, toy_config
 from tests.core.test_train_step import make
 
 L, IN, OUT, R, SLOTS = 3, 6, 5, 2, 4
@@ -51,7 +52,25 @@ def test_per_layer_slot_writes_compile_to_no_scatter_or_gather():
     assert not ops & {"scatter", "gather"}, ops
 
 
-def test_inner_check_on_vectors_equals_eq5_module_by_module():
+def test_pair_norms_of_stacked_and_unstacked_modules_match_each_layers_norm():
+    frozen, stacked = stacked_factors()
+    single = Pair(stacked.a[0] * 3.0, stacked.b[1])
+    adapters = adapters_lib.AdapterState(
+        pairs={"s": stacked, "u": single},
+        frozen={"s": frozen, "u": None},
+        merges={"s": jnp.zeros((L,), jnp.int32), "u": jnp.zeros((), jnp.int32)},
+        done={"s": jnp.zeros((L,), bool), "u": jnp.zeros((), bool)},
+    )
+    got = controller.pair_norms(adapters)
+    assert got["s"].shape == (L,) and got["u"].shape == ()
+    for i in range(L):
+        want = np.linalg.norm(np.asarray(stacked.a[i]) @ np.asarray(stacked.b[i]))
+        np.testing.assert_allclose(got["s"][i], want, rtol=1e-5)
+    want = np.linalg.norm(np.asarray(single.a) @ np.asarray(single.b))
+    np.testing.assert_allclose(got["u"], want, rtol=1e-5)
+
+
+def test_inner_check_equals_eq5_module_by_module():
     trainer, state, model, teacher = make(toy_config(inner_tol=0.05))
     for batch in batches(teacher, model, 32, 7):
         state, _ = trainer.step(state, batch)
@@ -70,16 +89,15 @@ def test_inner_check_on_vectors_equals_eq5_module_by_module():
         np.testing.assert_allclose(rho[i], np.nan if done else want, rtol=1e-6)
 
 
-def test_outer_step_with_caller_draws_equals_drawing_its_own():
+def test_outer_step_with_caller_split_keys_equals_splitting_its_own():
     trainer, state, model, teacher = make(toy_config())
     for batch in batches(teacher, model, 32, 5):
         state, _ = trainer.step(state, batch)
     args = (state.adapters, trainer.kernels(state.base), trainer.specs, trainer.cfg, trainer.folded)
     own = controller.outer_step(state.ctrl, *args)
-    key, sub = jax.random.split(state.ctrl.key)
-    n = adapters_lib.fresh_size(trainer.specs, trainer.cfg.r)
-    uniform = jax.random.uniform(sub, (n + 5,), jnp.float32, -1.0, 1.0)  # longer is fine
-    drawn = controller.outer_step(state.ctrl, *args, draws=(key, uniform))
+    # the step splits both keys in one call: split(k, 3)[:2] is split(k)
+    both = jax.vmap(lambda k: jax.random.split(k, 3))(jnp.stack([state.rng, state.ctrl.key]))
+    drawn = controller.outer_step(state.ctrl, *args, keys=(both[1][0], both[1][1]))
     plain = lambda x: jax.random.key_data(x) if x.dtype == state.ctrl.key.dtype else x  # noqa: E731
     for x, y in zip(jax.tree.leaves(own), jax.tree.leaves(drawn), strict=True):
         np.testing.assert_array_equal(plain(x), plain(y))
@@ -110,8 +128,7 @@ def random_calls(jaxpr) -> dict[str, int]:
 def test_the_step_makes_one_threefry_call_per_purpose(method, want):
     # XLA:CPU compiles each Threefry call site as its own loop: the step's key and the
     # controller's are split in one call; an outer step draws the re-init and the prune.
-    model, student, teacher = make_problem(0)
-    trainer, state, *_ = make(toy_config(method=method, reset="prune"))
+    trainer, state, model, teacher = make(toy_config(method=method, reset="prune"))
     batch = next(batches(teacher, model, 8, 1))
     jaxpr = jax.make_jaxpr(trainer._step_impl)(state, batch).jaxpr
     assert random_calls(jaxpr) == want
