@@ -26,6 +26,12 @@ that has this script, from commit d94eb72 on) the first method is also compiled 
 checkout's code, as ``<method>@baseline``, in the same rotation: ``versus_baseline`` is this
 tree's over the baseline's, ``baseline_ratio`` the baseline's over the second method.
 
+Each series also reports its optimized program's size (``program``: instructions, fusions, and
+fusions in the outer-step branch; `program_size`), counted by this script whichever checkout
+compiled it, and ``program_ratio`` / ``program_versus_baseline``. The sizes are exact and the
+same in every run, so they show what a change did where a shared machine's seconds cannot
+(the same compile has varied by 2x in CPU seconds between runs on one host).
+
 Only ratios measured side by side in one invocation mean anything: absolute compile times vary
 with the machine's load (and with the machine: a slower host measured larger ratios).
 """
@@ -35,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -43,15 +50,47 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def child(sim_args: list[str]) -> None:
-    """Compile one train step and print its facts as one JSON line (run in a fresh process)."""
-    sys.path[:0] = [str(HERE), str(HERE.parent)]
+def program_size(hlo: str) -> dict:
+    """The size of an optimized program, exact where the seconds are noisy: its instructions
+    (inside fused computations too: what the backend generates code for), and its fusions in
+    all and in its largest ``lax.cond`` branch (the outer step), as `scale_sim.fusions` counts."""
+    if str(HERE) not in sys.path and "scale_sim" not in sys.modules:
+        sys.path.insert(0, str(HERE))
+    import scale_sim
+
+    instructions = sum(
+        1 for line in hlo.splitlines() if line.startswith("  ") and re.search(r"%\S+ = ", line)
+    )
+    fus = scale_sim.fusions(hlo)
+    branches = fus["conditional_branches"]
+    return {
+        "instructions": instructions,
+        "fusions": fus["total"],
+        "outer_branch_fusions": max((max(b) for b in branches), default=0),
+        "loop_body_fusions": fus["loop_bodies"],  # a scanned stack: forward, backward
+    }
+
+
+def child(argv: list[str]) -> None:
+    """Compile one train step and print its facts as one JSON line (run in a fresh process).
+
+    ``--code DIR`` first: that checkout's ``aroma_jax`` and ``scale_sim`` compile the step (a
+    baseline); this script's `program_size` measures it either way."""
+    code = HERE.parent
+    if argv[:1] == ["--code"]:
+        code, argv = Path(argv[1]), argv[2:]
+    sys.path[:0] = [str(code / "experiments"), str(code)]
     import jax
     import scale_sim
 
-    args = scale_sim.parse_args(sim_args)
-    _, info = scale_sim.compile_step(args, args.device_counts[0], jax)
+    args = scale_sim.parse_args(argv)
+    compiled, info = scale_sim.compile_step(args, args.device_counts[0], jax)
+    info.update(program_size(compiled.as_text()))
     print("COMPILE_RESULT " + json.dumps(info), flush=True)
+
+
+KEYS = ("compile_cpu_s", "compile_s", "lower_s", "target", "layers")
+SIZES = ("instructions", "fusions", "outer_branch_fusions", "loop_body_fusions")
 
 
 def run(method: str, sim_args: list[str], tree: Path | None = None) -> dict:
@@ -59,17 +98,18 @@ def run(method: str, sim_args: list[str], tree: Path | None = None) -> dict:
     env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="false")
     # A compilation cache hit would skip the very compile measured here.
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    script = Path(__file__).resolve()
+    code = []
     if tree is not None:  # that checkout's aroma_jax first on the path, and its scale_sim
-        script = tree / "experiments" / "compile_ratio.py"
+        code = ["--code", str(tree)]
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, str(script), "--child", *sim_args, "--method", method]
+    script = Path(__file__).resolve()
+    cmd = [sys.executable, str(script), "--child", *code, *sim_args, "--method", method]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tree)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("COMPILE_RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     info = json.loads(lines[-1].split(" ", 1)[1])
-    return {k: info[k] for k in ("compile_cpu_s", "compile_s", "lower_s", "target", "layers")}
+    return {k: info[k] for k in KEYS + SIZES if k in info}
 
 
 def _ratio(a: dict, b: dict) -> dict:
@@ -92,16 +132,31 @@ def summarise(runs: dict[str, list[dict]], baseline: str | None = None) -> dict:
             xs = [r[key] for r in rs]
             rec[f"{key}_median"] = statistics.median(xs)
             rec[f"{key}_min"] = min(xs)
+        sizes = {k: rs[0][k] for k in SIZES if k in rs[0]}
+        if sizes:  # one program per series: every run compiles the same one
+            if any({k: r.get(k) for k in sizes} != sizes for r in rs):
+                raise RuntimeError(f"{method}: the program's size differed between runs: {rs}")
+            rec["program"] = sizes
         out["methods"][method] = rec
     ours = [m for m in runs if m != baseline]
     if len(ours) == 2:
         a, b = (out["methods"][m] for m in ours)
         out["ratio"] = _ratio(a, b)
+        if "program" in a and "program" in b:
+            out["program_ratio"] = _size_ratio(a["program"], b["program"])
         if baseline is not None:
             base = out["methods"][baseline]
             out["versus_baseline"] = _ratio(a, base)
             out["baseline_ratio"] = _ratio(base, b)
+            if "program" in a and "program" in base:
+                out["program_versus_baseline"] = _size_ratio(a["program"], base["program"])
     return out
+
+
+def _size_ratio(a: dict, b: dict) -> dict:
+    """``a``'s program sizes over ``b``'s (a zero over zero is 1)."""
+    keys = [k for k in a if k in b and isinstance(a[k], int)]
+    return {k: round(a[k] / b[k], 3) if b[k] else 1.0 for k in keys}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -164,9 +219,13 @@ def main(argv: list[str] | None = None) -> dict:
         )
     if "ratio" in result:
         print(f"{methods[0]} / {methods[1]}: {result['ratio']}")
+    if "program_ratio" in result:
+        print(f"{methods[0]} / {methods[1]}, program size: {result['program_ratio']}")
     if "versus_baseline" in result:
         print(f"{methods[0]} / {baseline}: {result['versus_baseline']}")
         print(f"{baseline} / {methods[1]}: {result['baseline_ratio']}")
+    if "program_versus_baseline" in result:
+        print(f"{methods[0]} / {baseline}, program size: {result['program_versus_baseline']}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -204,6 +206,39 @@ def test_compile_ratio_summary_divides_the_first_method_by_the_second():
     }
 
 
+def test_compile_ratio_program_sizes_are_exact_and_divided():
+    cr = load_experiment("compile_ratio")
+    size = lambda n: {"instructions": n, "fusions": n // 10, "outer_branch_fusions": 0}  # noqa: E731
+    runs = {
+        "aroma": [{"compile_cpu_s": 2.0, "compile_s": 1.0, **size(300)} for _ in range(2)],
+        "lora": [{"compile_cpu_s": 1.0, "compile_s": 1.0, **size(200)} for _ in range(2)],
+    }
+    s = cr.summarise(runs)
+    assert s["methods"]["aroma"]["program"] == size(300)
+    assert s["program_ratio"] == {"instructions": 1.5, "fusions": 1.5, "outer_branch_fusions": 1.0}
+    runs["lora"][1]["instructions"] = 201  # one program per series, or the runs disagree
+    with pytest.raises(RuntimeError, match="differed between runs"):
+        cr.summarise(runs)
+    hlo = """HloModule m
+
+%fused (p: f32[2]) -> f32[2] {
+  %p = f32[2]{0} parameter(0)
+  ROOT %n = f32[2]{0} negate(%p)
+}
+
+ENTRY %main (x: f32[2]) -> f32[2] {
+  %x = f32[2]{0} parameter(0)
+  ROOT %f = f32[2]{0} fusion(%x), kind=kLoop, calls=%fused
+}
+"""
+    assert cr.program_size(hlo) == {
+        "instructions": 4,
+        "fusions": 1,
+        "outer_branch_fusions": 0,
+        "loop_body_fusions": [],
+    }
+
+
 def test_compile_ratio_against_a_baseline_checkout():
     series = {  # CPU seconds only; wall seconds equal them here
         "aroma": [9.0, 7.0, 8.0],
@@ -253,6 +288,12 @@ def test_compile_ratio_on_a_tiny_step(tmp_path):
     r = json.loads(out.read_text())
     assert r["baseline"] == str(ROOT) and set(r["versus_baseline"]) == set(r["ratio"])
     runs = {m: r["methods"][m]["runs"] for m in ("aroma", "lora", "aroma@baseline")}
+    # the same code as its own baseline: the same program, counted exactly
+    assert r["methods"]["aroma"]["program"] == r["methods"]["aroma@baseline"]["program"]
+    assert set(r["program_versus_baseline"].values()) == {1.0}
+    aroma, lora = r["methods"]["aroma"]["program"], r["methods"]["lora"]["program"]
+    assert aroma["outer_branch_fusions"] > 0 and lora["outer_branch_fusions"] == 0
+    assert aroma["instructions"] > lora["instructions"] > aroma["fusions"]
     assert all(len(v) == 1 and v[0]["compile_cpu_s"] > 0 for v in runs.values())
     assert runs["aroma"][0]["target"] == "simulated CPU devices" and runs["lora"][0]["layers"] == 2
     assert set(r["ratio"]) == {

@@ -278,6 +278,9 @@ def fresh_pairs(key: Array, specs: Mapping[str, ModuleSpec], r: int) -> dict[str
     paths = sorted(specs)
     sizes = [math.prod(specs[p].lead) * specs[p].fan_in * r for p in paths]
     u = jax.random.uniform(key, (max(sum(sizes), 1),), jnp.float32, -1.0, 1.0)
+    # Materialised once: without the barrier XLA fuses the Threefry hash into each module's
+    # consumer (one copy per layout group, each a large kernel to compile).
+    u = jax.lax.optimization_barrier(u)
     out, start = {}, 0
     for p, n in zip(paths, sizes, strict=True):
         spec = specs[p]

@@ -126,11 +126,18 @@ def pair_norms(adapters: AdapterState) -> dict[str, Array]:
 
 
 def inner_check(
-    ctrl: ControllerState, adapters: AdapterState, cfg: AromaConfig
+    ctrl: ControllerState,
+    adapters: AdapterState,
+    cfg: AromaConfig,
+    now: Mapping[str, Array] | None = None,
 ) -> tuple[ControllerState, Array]:
-    """Eq. 5 for every module; returns the new state and ``rho_in`` (n,) (NaN where done)."""
+    """Eq. 5 for every module; returns the new state and ``rho_in`` (n,) (NaN where done).
+
+    ``now``: the modules' `pair_norms`, when the caller has them (the train step computes them
+    once for the inner check and the outer step); default: computed here.
+    """
     conv, rhos = {}, {}
-    now = pair_norms(adapters)
+    now = pair_norms(adapters) if now is None else dict(now)
 
     def one(n, prev_norm, was_conv, done):
         rho = norms.inner_ratio(n, prev_norm)
@@ -178,6 +185,7 @@ def outer_step(
     cfg: AromaConfig,
     folded: frozenset[str],
     keys: tuple[Array, Array] | None = None,
+    now: Mapping[str, Array] | None = None,
 ) -> tuple[ControllerState, AdapterState, dict[str, Array], OuterInfo]:
     """Check (eq. 6), merge, re-init for every active module; see the module docstring.
 
@@ -186,7 +194,7 @@ def outer_step(
 
     ``keys``: ``split(ctrl.key)`` (the controller's next key, the fresh pairs' key), split by a
     caller together with its own key (`AromaTrainer`'s step: one Threefry call for both);
-    default: split here.
+    default: split here. ``now``: the pairs' `pair_norms`, when the caller has them.
     """
     s = cfg.scale
     # The last slot is kept for `AromaTrainer.finalize`: a module that has filled the others
@@ -197,7 +205,7 @@ def outer_step(
     key, sub = jax.random.split(ctrl.key) if keys is None else keys
     fresh_all = fresh_pairs(sub, {p: specs[p] for p in paths}, cfg.r)
 
-    pair_norm_all = pair_norms(adapters)
+    pair_norm_all = pair_norms(adapters) if now is None else now
 
     def one(pair, fz, m, was_done, conv, fresh, kernel, base_sq, pair_norm, folds):
         """One module (one layer of a stacked one): eq. 6, then merge, stop or keep training."""

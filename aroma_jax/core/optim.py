@@ -134,12 +134,14 @@ def reset(
         # zero gradient at its first step (b = 0), so such an entry's update is m / eps: a jump of
         # ~1e4-1e5 x lr that blew fresh pairs up to 21x |W| in real runs (docs/REPRODUCTION.md).
         # One uniform draw over all parameters, sliced in traversal order: a single random-number
-        # kernel in the compiled step.
+        # kernel in the compiled step. The barrier keeps it single: without it XLA fuses the
+        # (elementwise) Threefry hash into every slice's consumer, one copy per layout group.
         leaves, treedef = jax.tree.flatten(params)
         u = jax.random.uniform(key, (max(sum(x.size for x in leaves), 1),))
+        keep = jax.lax.optimization_barrier(u < 1.0 - prune_ratio)
         keeps, start = [], 0
         for x in leaves:
-            keeps.append(u[start : start + x.size].reshape(x.shape) < 1.0 - prune_ratio)
+            keeps.append(keep[start : start + x.size].reshape(x.shape))
             start += x.size
         keep_tree = treedef.unflatten(keeps)
 

@@ -473,16 +473,23 @@ class AromaTrainer:
             method_state=ctrl_method,
         )
 
-        # Inner check (eq. 5) when due.
+        # The pairs' norms, for eq. 5 and eq. 6: every step, outside both branches. They cost
+        # one read of the (small) pairs; inside the branches they compiled twice, and on a TPU
+        # mesh each copy reshards the pairs.
+        now = controller.pair_norms(adapters) if cfg.grows else None
+
+        # Inner check (eq. 5) when due: a handful of per-module scalars, selected rather than
+        # branched to (a `lax.cond` here cost XLA:CPU a second of compile).
         nan_n = jnp.full((n,), jnp.nan, jnp.float32)
         if cfg.method == "aroma":
             checked = live & (ctrl.inner_t % cfg.inner_check_every == 0)
-            ctrl, rho_in = lax.cond(
-                checked,
-                lambda c: controller.inner_check(c, adapters, cfg),
-                lambda c: (c, nan_n),
-                ctrl,
+            new_ctrl, new_rho = controller.inner_check(ctrl, adapters, cfg, now=now)
+            pick = lambda new, old: jnp.where(checked, new, old)  # noqa: E731
+            ctrl = ctrl._replace(
+                prev_norm=jax.tree.map(pick, new_ctrl.prev_norm, ctrl.prev_norm),
+                inner_conv=jax.tree.map(pick, new_ctrl.inner_conv, ctrl.inner_conv),
             )
+            rho_in = pick(new_rho, nan_n)
         else:
             checked, rho_in = jnp.zeros((), bool), nan_n
 
@@ -509,6 +516,7 @@ class AromaTrainer:
                     cfg,
                     self.folded,
                     keys=(ctrl_key, fresh_key),
+                    now=now,
                 )
                 offsets = self._offsets()
                 merged = {  # per module: a scalar, or (L,) for a stacked one

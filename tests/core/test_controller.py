@@ -132,3 +132,67 @@ def test_the_step_makes_one_threefry_call_per_purpose(method, want):
     batch = next(batches(teacher, model, 8, 1))
     jaxpr = jax.make_jaxpr(trainer._step_impl)(state, batch).jaxpr
     assert random_calls(jaxpr) == want
+
+
+def cond_calls(jaxpr) -> int:
+    """``cond`` call sites in ``jaxpr`` and every jaxpr nested in it."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == "cond"
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (list, tuple)) else (v,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    n += cond_calls(inner)
+    return n
+
+
+@pytest.mark.parametrize(("method", "want"), [("aroma", 1), ("relora", 1), ("lora", 0)])
+def test_only_the_outer_step_is_a_branch(method, want):
+    # The inner check is a few selects on per-module scalars; as a `lax.cond` it cost XLA:CPU
+    # about a second of compile, and its pair norms compiled a second time in the outer branch.
+    trainer, state, model, teacher = make(toy_config(method=method))
+    batch = next(batches(teacher, model, 8, 1))
+    assert cond_calls(jax.make_jaxpr(trainer._step_impl)(state, batch).jaxpr) == want
+
+
+def test_the_steps_inner_check_is_eq5_at_check_steps_and_changes_nothing_between():
+    every = 3
+    cfg = toy_config(inner_check_every=every, inner_tol=0.3, inner_max_steps=10_000)
+    trainer, state, model, teacher = make(cfg)
+    n = len(trainer.paths)
+    checks = 0
+    for batch in batches(teacher, model, 32, 40):
+        new, info = trainer.step(state, batch)
+        if bool(info.outer):  # an outer step resets the labels: compared up to the first one
+            break
+        now = controller.pair_norms(new.adapters)
+        if int(new.ctrl.inner_t) % every == 0:
+            checks += 1
+            for i, p in enumerate(trainer.paths):
+                prev, cur = float(state.ctrl.prev_norm[p]), float(now[p])
+                want = (cur - prev) / prev if prev > 0 else np.inf
+                np.testing.assert_allclose(float(info.rho_in[i]), want, rtol=1e-6)
+                assert bool(new.ctrl.inner_conv[p]) == (
+                    bool(state.ctrl.inner_conv[p]) or want < cfg.inner_tol
+                )
+                np.testing.assert_allclose(float(new.ctrl.prev_norm[p]), cur, rtol=1e-6)
+        else:
+            assert bool(np.all(np.isnan(info.rho_in))) and info.rho_in.shape == (n,)
+            for p in trainer.paths:
+                assert float(new.ctrl.prev_norm[p]) == float(state.ctrl.prev_norm[p])
+                assert bool(new.ctrl.inner_conv[p]) == bool(state.ctrl.inner_conv[p])
+        state = new
+    assert checks >= 3
+    assert any(bool(c) for c in state.ctrl.inner_conv.values())  # both outcomes were seen
+    assert not all(bool(c) for c in state.ctrl.inner_conv.values())
+
+
+def test_the_outer_steps_random_draws_are_materialised_once():
+    # XLA's TPU compiler inlines the (elementwise) Threefry hash into every consumer of a draw:
+    # the prune's one draw over all pairs became four copies of ~170 instructions, one per
+    # layout group, the re-init's two. A barrier after each draw keeps one copy (same numbers).
+    trainer, state, model, teacher = make(toy_config(reset="prune"))
+    batch = next(batches(teacher, model, 8, 1))
+    text = trainer._step.lower(state, batch).as_text()
+    assert text.count("stablehlo.optimization_barrier") == 2
