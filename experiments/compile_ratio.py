@@ -32,6 +32,10 @@ compiled it, and ``program_ratio`` / ``program_versus_baseline``. The sizes are 
 same in every run, so they show what a change did where a shared machine's seconds cannot
 (the same compile has varied by 2x in CPU seconds between runs on one host).
 
+``paired_ratio`` / ``paired_versus_baseline`` divide each repeat's two compiles (run back to
+back) and take the median of those ratios. ``--pool A.json B.json ...`` compiles nothing: it
+summarises earlier results of one command as one longer run.
+
 Only ratios measured side by side in one invocation mean anything: absolute compile times vary
 with the machine's load (and with the machine: a slower host measured larger ratios).
 """
@@ -142,21 +146,51 @@ def summarise(runs: dict[str, list[dict]], baseline: str | None = None) -> dict:
     if len(ours) == 2:
         a, b = (out["methods"][m] for m in ours)
         out["ratio"] = _ratio(a, b)
+        out["paired_ratio"] = _paired(runs[ours[0]], runs[ours[1]])
         if "program" in a and "program" in b:
             out["program_ratio"] = _size_ratio(a["program"], b["program"])
         if baseline is not None:
             base = out["methods"][baseline]
             out["versus_baseline"] = _ratio(a, base)
+            out["paired_versus_baseline"] = _paired(runs[ours[0]], runs[baseline])
             out["baseline_ratio"] = _ratio(base, b)
             if "program" in a and "program" in base:
                 out["program_versus_baseline"] = _size_ratio(a["program"], base["program"])
     return out
 
 
+def _paired(a: list[dict], b: list[dict]) -> dict:
+    """Per repeat, ``a``'s CPU seconds over ``b``'s (the two compiled back to back, so a slow
+    moment of the machine hits both), and their median."""
+    xs = [round(x["compile_cpu_s"] / y["compile_cpu_s"], 3) for x, y in zip(a, b, strict=True)]
+    return {"compile_cpu_s": xs, "compile_cpu_s_median": round(statistics.median(xs), 3)}
+
+
+def pooled(paths: list[Path]) -> dict:
+    """The runs of several result files of the same command (same scale_sim arguments and
+    series), summarised as one: more repeats than one invocation's, for a noisy machine."""
+    results = [json.loads(Path(f).read_text()) for f in paths]
+    first = results[0]
+    for f, r in zip(paths, results, strict=True):
+        if r.get("scale_sim_args") != first.get("scale_sim_args") or list(r["methods"]) != list(
+            first["methods"]
+        ):
+            raise ValueError(
+                f"{f}: scale_sim args {r.get('scale_sim_args')} and series {list(r['methods'])}; "
+                f"accepted: the same as {paths[0]}'s ({first.get('scale_sim_args')}, "
+                f"{list(first['methods'])})"
+            )
+    runs = {m: [x for r in results for x in r["methods"][m]["runs"]] for m in first["methods"]}
+    baseline = next((m for m in runs if m.endswith("@baseline")), None)
+    out = {"scale_sim_args": first["scale_sim_args"], **summarise(runs, baseline)}
+    out["pooled"] = [str(f) for f in paths]
+    return out
+
+
 def _size_ratio(a: dict, b: dict) -> dict:
-    """``a``'s program sizes over ``b``'s (a zero over zero is 1)."""
+    """``a``'s program sizes over ``b``'s (zero over zero is 1; anything else over zero, None)."""
     keys = [k for k in a if k in b and isinstance(a[k], int)]
-    return {k: round(a[k] / b[k], 3) if b[k] else 1.0 for k in keys}
+    return {k: round(a[k] / b[k], 3) if b[k] else (None if a[k] else 1.0) for k in keys}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -181,7 +215,25 @@ def main(argv: list[str] | None = None) -> dict:
         help="another checkout (e.g. a git worktree of an older commit): its code compiles the "
         "first method too, in the same rotation, as <method>@baseline",
     )
+    p.add_argument(
+        "--pool",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="compile nothing: summarise these earlier --out files of one command as one run",
+    )
     args = p.parse_args(argv)
+    if args.pool:
+        if sim_args:
+            p.error("--pool reads the scale_sim arguments from its files; pass none after --")
+        try:
+            result = pooled(args.pool)
+        except (OSError, ValueError, KeyError) as e:
+            p.error(f"--pool: {e}")
+        ours = [m for m in result["methods"] if not m.endswith("@baseline")]
+        return _report(
+            result, ours, next((m for m in result["methods"] if m not in ours), None), args.out
+        )
     if "--method" in sim_args or "--out" in sim_args:
         p.error("pass --methods and --out before --, not to scale_sim after it")
     if args.repeats < 1:
@@ -211,6 +263,11 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"scale_sim_args": sim_args, **summarise(runs, baseline)}
     if baseline is not None:
         result["baseline"] = str(args.baseline)
+    return _report(result, methods, baseline, args.out)
+
+
+def _report(result: dict, methods: list[str], baseline: str | None, out: Path | None) -> dict:
+    """Print the summary; write it to ``out`` as JSON."""
     for m, s in result["methods"].items():
         print(
             f"{m:14s} compile CPU s median {s['compile_cpu_s_median']:.1f} min "
@@ -219,16 +276,18 @@ def main(argv: list[str] | None = None) -> dict:
         )
     if "ratio" in result:
         print(f"{methods[0]} / {methods[1]}: {result['ratio']}")
+        print(f"{methods[0]} / {methods[1]}, per repeat: {result['paired_ratio']}")
     if "program_ratio" in result:
         print(f"{methods[0]} / {methods[1]}, program size: {result['program_ratio']}")
     if "versus_baseline" in result:
         print(f"{methods[0]} / {baseline}: {result['versus_baseline']}")
+        print(f"{methods[0]} / {baseline}, per repeat: {result['paired_versus_baseline']}")
         print(f"{baseline} / {methods[1]}: {result['baseline_ratio']}")
     if "program_versus_baseline" in result:
         print(f"{methods[0]} / {baseline}, program size: {result['program_versus_baseline']}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
     return result
 
 

@@ -204,6 +204,36 @@ def test_compile_ratio_summary_divides_the_first_method_by_the_second():
         "compile_s_median": round(5 / 3, 3),
         "compile_s_min": 2.0,  # 4 / 2
     }
+    # per repeat (compiled back to back): 9/5, 7/6, 8/4; median 1.8
+    assert s["paired_ratio"] == {"compile_cpu_s": [1.8, 1.167, 2.0], "compile_cpu_s_median": 1.8}
+
+
+def test_compile_ratio_pools_earlier_results(tmp_path, capsys):
+    cr = load_experiment("compile_ratio")
+    run = lambda c: {"compile_cpu_s": c, "compile_s": c}  # noqa: E731
+    first = {"aroma": [run(9.0)], "lora": [run(3.0)], "aroma@baseline": [run(10.0)]}
+    second = {"aroma": [run(4.0), run(5.0)], "lora": [run(4.0), run(1.0)]}
+    second["aroma@baseline"] = [run(8.0), run(6.0)]
+    files = []
+    for i, runs in enumerate((first, second)):
+        files.append(tmp_path / f"r{i}.json")
+        files[-1].write_text(
+            json.dumps(
+                {"scale_sim_args": ["--layers", "2"], **cr.summarise(runs, "aroma@baseline")}
+            )
+        )
+    out = tmp_path / "pooled.json"
+    got = cr.main(["--pool", *map(str, files), "--out", str(out)])
+    assert json.loads(out.read_text()) == got
+    assert got["methods"]["aroma"]["compile_cpu_s_median"] == 5.0  # of 9, 4, 5
+    assert got["ratio"]["compile_cpu_s_median"] == round(5.0 / 3.0, 3)  # lora: 3, 4, 1
+    assert got["paired_ratio"]["compile_cpu_s"] == [3.0, 1.0, 5.0]
+    assert got["paired_versus_baseline"]["compile_cpu_s_median"] == round(5 / 6, 3)
+    assert "per repeat" in capsys.readouterr().out
+    files[1].write_text(json.dumps({"scale_sim_args": ["--layers", "32"], **cr.summarise(second)}))
+    with pytest.raises(SystemExit):
+        cr.main(["--pool", *map(str, files)])
+    assert "accepted: the same as" in capsys.readouterr().err
 
 
 def test_compile_ratio_program_sizes_are_exact_and_divided():
@@ -216,6 +246,9 @@ def test_compile_ratio_program_sizes_are_exact_and_divided():
     s = cr.summarise(runs)
     assert s["methods"]["aroma"]["program"] == size(300)
     assert s["program_ratio"] == {"instructions": 1.5, "fusions": 1.5, "outer_branch_fusions": 1.0}
+    for r in runs["aroma"]:
+        r["outer_branch_fusions"] = 7  # a branch LoRA lacks: no ratio, rather than a made-up one
+    assert cr.summarise(runs)["program_ratio"]["outer_branch_fusions"] is None
     runs["lora"][1]["instructions"] = 201  # one program per series, or the runs disagree
     with pytest.raises(RuntimeError, match="differed between runs"):
         cr.summarise(runs)

@@ -5,9 +5,10 @@ fully trained extras (task heads), builds the adapters, and compiles a step that
 
 1. runs ``loss_fn`` with the adapters injected and takes gradients w.r.t. the pairs and extras;
 2. applies the wrapped optimizer, masking done modules (and everything once finished);
-3. advances the controller *after* the update: an inner check when due, then, under
-   ``lax.cond``, the outer step (eq. 6, merge, re-init) and the optimizer-state reset of the
-   merged pairs, so a fresh pair never takes a step with its predecessor's gradient.
+3. advances the controller *after* the update: an inner check when due (computed every step,
+   kept only at check steps: a few scalars per module, cheaper to compile than a branch), then,
+   under ``lax.cond``, the outer step (eq. 6, merge, re-init) and the optimizer-state reset of
+   the merged pairs, so a fresh pair never takes a step with its predecessor's gradient.
 
 The step is traced once per run: a Python counter in the traced function (`compiles`) proves it.
 
