@@ -21,15 +21,17 @@ compiled (`scale_sim.compile_step`; none of scale_sim's FLOP extrapolation compi
 
 Reported per method: every run's XLA compile seconds, CPU (the process's CPU time, which
 neighbours disturb less) and wall, with their medians and minima; and the ratios of the first
-method to the second, of the medians and of the minima. With ``--baseline DIR`` (a checkout
-that has this script, from commit d94eb72 on) the first method is also compiled by that
+method to the second, of the medians and of the minima. With ``--baseline DIR`` (a checkout of
+aroma-jax whose ``experiments/scale_sim.py`` has ``compile_step``, from commit d7920e0 on: this
+script runs it with that checkout's ``aroma_jax``) the first method is also compiled by that
 checkout's code, as ``<method>@baseline``, in the same rotation: ``versus_baseline`` is this
 tree's over the baseline's, ``baseline_ratio`` the baseline's over the second method.
 
-Each series also reports its optimized program's size (``program``: instructions, fusions, and
-fusions in the outer-step branch; `program_size`), counted by this script whichever checkout
-compiled it, and ``program_ratio`` / ``program_versus_baseline``. The sizes are exact and the
-same in every run, so they show what a change did where a shared machine's seconds cannot
+Each series also reports its optimized program's size (``program``: instructions, fusions,
+fusions in the outer-step branch and in the layer loops, and the Threefry hashes compiled, in
+all and in the branch; `program_size`), counted by this script whichever checkout compiled
+it, and ``program_ratio`` / ``program_versus_baseline``. The sizes are exact and the same in
+every run, so they show what a change did where a shared machine's seconds cannot
 (the same compile has varied by 2x in CPU seconds between runs on one host).
 
 ``paired_ratio`` / ``paired_versus_baseline`` divide each repeat's two compiles (run back to
@@ -43,6 +45,7 @@ with the machine's load (and with the machine: a slower host measured larger rat
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -57,22 +60,80 @@ HERE = Path(__file__).resolve().parent
 def program_size(hlo: str) -> dict:
     """The size of an optimized program, exact where the seconds are noisy: its instructions
     (inside fused computations too: what the backend generates code for), and its fusions in
-    all and in its largest ``lax.cond`` branch (the outer step), as `scale_sim.fusions` counts."""
-    if str(HERE) not in sys.path and "scale_sim" not in sys.modules:
-        sys.path.insert(0, str(HERE))
-    import scale_sim
-
+    all and in its largest ``lax.cond`` branch (the outer step), as this checkout's
+    `scale_sim.fusions` counts (also in a baseline's process, where ``scale_sim`` is the
+    baseline's: one counter for both series)."""
     instructions = sum(
         1 for line in hlo.splitlines() if line.startswith("  ") and re.search(r"%\S+ = ", line)
     )
-    fus = scale_sim.fusions(hlo)
+    fus = _counter().fusions(hlo)
     branches = fus["conditional_branches"]
+    threefry = threefry_fusions(hlo)
     return {
         "instructions": instructions,
         "fusions": fus["total"],
         "outer_branch_fusions": max((max(b) for b in branches), default=0),
         "loop_body_fusions": fus["loop_bodies"],  # a scanned stack: forward, backward
+        "threefry_fusions": threefry["total"],
+        "outer_branch_threefry_fusions": max(threefry["branches"], default=0),
     }
+
+
+THREEFRY_XORS = 16  # Threefry-2x32 hashes with 20 rounds of add-rotate-xor; nothing else has many
+_CALLEES = re.compile(
+    r"(?:calls|body|condition|to_apply)=%?([\w.\-]+)|branch_computations=\{([^}]*)\}"
+)
+
+
+def threefry_fusions(hlo: str) -> dict:
+    """Fusions computing a Threefry hash (a random draw or a key split): those whose fused
+    computation holds at least `THREEFRY_XORS` ``xor`` instructions. ``total``: in the whole
+    program; ``branches``: in each ``lax.cond`` branch. XLA can inline one draw into each of
+    its consumers, so this counts the copies actually compiled. The TPU compiler emits the hash
+    as fusions; XLA:CPU runs its rounds as a loop, whose fusions hold a few ``xor`` each, so
+    its programs count 0."""
+    sim = _counter()
+    comps, entry = sim.computations(hlo)
+
+    def callees(line: str) -> list[str]:
+        out = []
+        for m in _CALLEES.finditer(line):
+            names = [m.group(1)] if m.group(1) else m.group(2).split(",")
+            out += [n.strip().lstrip("%") for n in names if n.strip().lstrip("%") in comps]
+        return out
+
+    xors: dict[str, int] = {}
+
+    def xor_count(name: str) -> int:  # in a computation and everything it calls
+        if name not in xors:
+            xors[name] = sum(
+                (" xor(" in line) + sum(xor_count(c) for c in callees(line)) for line in comps[name]
+            )
+        return xors[name]
+
+    def hashing(name: str) -> int:  # hashing fusions in a computation, through loops and calls
+        total = 0
+        for line in comps[name]:
+            if re.search(r"\sfusion\(", line):
+                total += any(xor_count(c) >= THREEFRY_XORS for c in callees(line))
+            else:
+                total += sum(hashing(c) for c in callees(line))
+        return total
+
+    branches = [hashing(n) for names in sim.conditional_branches(comps) for n in names]
+    return {"total": hashing(entry) if entry else 0, "branches": branches}
+
+
+def _counter():
+    """This checkout's ``scale_sim``, loaded under its own name (it imports no jax and no
+    aroma_jax at module level, so loading it beside a baseline's changes nothing there)."""
+    name = "_compile_ratio_scale_sim"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, HERE / "scale_sim.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        sys.modules[name] = mod
+    return sys.modules[name]
 
 
 def child(argv: list[str]) -> None:
@@ -93,12 +154,39 @@ def child(argv: list[str]) -> None:
     print("COMPILE_RESULT " + json.dumps(info), flush=True)
 
 
+def baseline_problem(tree: Path) -> str | None:
+    """Why ``tree`` cannot compile a baseline step (None when it can): `child` imports its
+    ``aroma_jax`` and calls its ``scale_sim.compile_step``."""
+    if not (tree / "aroma_jax" / "__init__.py").is_file():
+        return "no aroma_jax package there"
+    sim = tree / "experiments" / "scale_sim.py"
+    if not sim.is_file():
+        return "no experiments/scale_sim.py there"
+    if "def compile_step(" not in sim.read_text():
+        return "its experiments/scale_sim.py has no compile_step"
+    return None
+
+
 KEYS = ("compile_cpu_s", "compile_s", "lower_s", "target", "layers")
-SIZES = ("instructions", "fusions", "outer_branch_fusions", "loop_body_fusions")
+SIZES = (
+    "instructions",
+    "fusions",
+    "outer_branch_fusions",
+    "loop_body_fusions",
+    "threefry_fusions",
+    "outer_branch_threefry_fusions",
+)
 
 
-def run(method: str, sim_args: list[str], tree: Path | None = None) -> dict:
-    """One compile in a fresh process; ``tree``: another checkout whose code compiles it."""
+def run(
+    method: str,
+    sim_args: list[str],
+    tree: Path | None = None,
+    child_cmd: list[str] | None = None,
+) -> dict:
+    """One compile in a fresh process; ``tree``: another checkout whose code compiles it;
+    ``child_cmd``: the command that compiles (default: this script's ``--child``), given the
+    scale_sim arguments and ``--method`` (`compile_ablation.py` passes its own)."""
     env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="false")
     # A compilation cache hit would skip the very compile measured here.
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
@@ -107,7 +195,8 @@ def run(method: str, sim_args: list[str], tree: Path | None = None) -> dict:
         code = ["--code", str(tree)]
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
     script = Path(__file__).resolve()
-    cmd = [sys.executable, str(script), "--child", *code, *sim_args, "--method", method]
+    child_cmd = child_cmd or [sys.executable, str(script), "--child", *code]
+    cmd = [*child_cmd, *sim_args, "--method", method]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tree)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("COMPILE_RESULT ")]
     if proc.returncode or not lines:
@@ -243,10 +332,12 @@ def main(argv: list[str] | None = None) -> dict:
     baseline = None
     if args.baseline is not None:
         tree = args.baseline.resolve()
-        if not (tree / "experiments" / "compile_ratio.py").is_file():
+        problem = baseline_problem(tree)
+        if problem:
             p.error(
-                f"--baseline {args.baseline}: no experiments/compile_ratio.py there; accepted: a "
-                "checkout of aroma-jax from commit d94eb72 on"
+                f"--baseline {args.baseline}: {problem}; accepted: a checkout of aroma-jax from "
+                "commit d7920e0 on (its aroma_jax package and its experiments/scale_sim.py with "
+                "compile_step, which this script runs)"
             )
         baseline = f"{methods[0]}@baseline"
         series[baseline] = (methods[0], tree)

@@ -220,11 +220,8 @@ def collectives(hlo: str) -> dict:
     return out
 
 
-def fusions(hlo: str) -> dict:
-    """Fusion instructions of the optimized program (each one a kernel XLA emits): in all, in
-    each ``lax.cond`` branch (the controller's inner check and outer step) and in each
-    ``while`` body outside the branches (a scanned layer stack's forward and backward loops),
-    nested loops and calls included, fused computations' insides not."""
+def computations(hlo: str) -> tuple[dict[str, list[str]], str | None]:
+    """An HLO module's text as computation name -> its lines, and the entry's name."""
     comps: dict[str, list[str]] = {}
     entry, current = None, None
     for line in hlo.splitlines():
@@ -235,6 +232,26 @@ def fusions(hlo: str) -> dict:
             entry = current if head.group(1) else entry
         elif current is not None:
             comps[current].append(line)
+    return comps, entry
+
+
+def conditional_branches(comps: dict[str, list[str]]) -> list[list[str]]:
+    """Per ``conditional`` instruction (a ``lax.cond``), the names of its branch computations."""
+    out = []
+    for lines in comps.values():
+        for line in lines:
+            m = re.search(r"branch_computations=\{([^}]*)\}", line)
+            if m and " conditional(" in line:
+                out.append([n.strip().lstrip("%") for n in m.group(1).split(",")])
+    return out
+
+
+def fusions(hlo: str) -> dict:
+    """Fusion instructions of the optimized program (each one a kernel XLA emits): in all, in
+    each ``lax.cond`` branch (the controller's inner check and outer step) and in each
+    ``while`` body outside the branches (a scanned layer stack's forward and backward loops),
+    nested loops and calls included, fused computations' insides not."""
+    comps, entry = computations(hlo)
     callee = re.compile(
         r"(?:body|condition|to_apply|true_computation|false_computation)=%?([\w.\-]+)"
         r"|branch_computations=\{([^}]*)\}"
@@ -256,12 +273,7 @@ def fusions(hlo: str) -> dict:
                 total += sum(count(c) for c in called(line))
         return total
 
-    branches = []
-    for lines in comps.values():
-        for line in lines:
-            m = re.search(r"branch_computations=\{([^}]*)\}", line)
-            if m and " conditional(" in line:
-                branches.append([count(n.strip().lstrip("%")) for n in m.group(1).split(",")])
+    branches = [[count(n) for n in names] for names in conditional_branches(comps)]
     loops: list[int] = []
 
     def find_loops(name: str) -> None:  # from the entry, not descending into branches

@@ -269,7 +269,45 @@ ENTRY %main (x: f32[2]) -> f32[2] {
         "fusions": 1,
         "outer_branch_fusions": 0,
         "loop_body_fusions": [],
+        "threefry_fusions": 0,
+        "outer_branch_threefry_fusions": 0,
     }
+
+
+def test_compile_ratio_counts_the_threefry_copies_compiled():
+    """A draw XLA inlined into two consumers of a branch is two hashing fusions there."""
+    cr = load_experiment("compile_ratio")
+    n = cr.THREEFRY_XORS
+
+    def fused(name: str, xors: int) -> str:
+        body = "\n".join(f"  %x{i} = u32[4]{{0}} xor(%p, %p)" for i in range(xors))
+        return f"%{name} (p: u32[4]) -> u32[4] {{\n  %p = u32[4]{{0}} parameter(0)\n{body}\n}}\n"
+
+    hlo = "\n".join(
+        [
+            "HloModule m",
+            fused("hash", n),
+            fused("mix", n - 1),  # a few xors (a mask's arithmetic) is no hash
+            "%outer (q: u32[4]) -> u32[4] {",
+            "  %q = u32[4]{0} parameter(0)",
+            "  %h1 = u32[4]{0} fusion(%q), kind=kLoop, calls=%hash",
+            "  %h2 = u32[4]{0} fusion(%h1), kind=kLoop, calls=%hash",
+            "  ROOT %m = u32[4]{0} fusion(%h2), kind=kLoop, calls=%mix",
+            "}",
+            "%skip (q: u32[4]) -> u32[4] {",
+            "  ROOT %q = u32[4]{0} parameter(0)",
+            "}",
+            "ENTRY %main (x: u32[4], c: pred[]) -> u32[4] {",
+            "  %x = u32[4]{0} parameter(0)",
+            "  %c = pred[]{0} parameter(1)",
+            "  %k = u32[4]{0} fusion(%x), kind=kLoop, calls=%hash",
+            "  ROOT %o = u32[4]{0} conditional(%c, %k, %k), branch_computations={%skip, %outer}",
+            "}",
+        ]
+    )
+    assert cr.threefry_fusions(hlo) == {"total": 3, "branches": [0, 2]}
+    size = cr.program_size(hlo)
+    assert size["threefry_fusions"] == 3 and size["outer_branch_threefry_fusions"] == 2
 
 
 def test_compile_ratio_against_a_baseline_checkout():
@@ -301,7 +339,19 @@ def test_compile_ratio_rejects_a_baseline_without_the_script(tmp_path):
         cwd=ROOT,
     )
     assert res.returncode == 2
-    assert "no experiments/compile_ratio.py there" in res.stderr and "d94eb72" in res.stderr
+    assert "no aroma_jax package there" in res.stderr and "d7920e0" in res.stderr
+
+
+def test_compile_ratio_names_what_a_baseline_checkout_lacks(tmp_path):
+    cr = load_experiment("compile_ratio")
+    assert cr.baseline_problem(ROOT) is None  # this checkout can be its own baseline
+    (tmp_path / "aroma_jax").mkdir()
+    (tmp_path / "aroma_jax" / "__init__.py").write_text("")
+    assert cr.baseline_problem(tmp_path) == "no experiments/scale_sim.py there"
+    (tmp_path / "experiments").mkdir()
+    # scale_sim.py from before d7920e0: it compiled inside simulate(), with no compile_step
+    (tmp_path / "experiments" / "scale_sim.py").write_text("def simulate(args):\n    pass\n")
+    assert cr.baseline_problem(tmp_path) == "its experiments/scale_sim.py has no compile_step"
 
 
 def test_compile_ratio_on_a_tiny_step(tmp_path):
@@ -335,3 +385,81 @@ def test_compile_ratio_on_a_tiny_step(tmp_path):
         "compile_s_median",
         "compile_s_min",
     }
+
+
+def test_compile_ablation_removes_the_part_it_names(tmp_path):
+    out = tmp_path / "ablation.json"
+    run_experiment(
+        "compile_ablation.py",
+        "--repeats",
+        "1",
+        "--ablations",
+        "no-outer-step",
+        "--out",
+        str(out),
+        "--",
+        *TINY_SIM,
+    )
+    s = json.loads(out.read_text())["series"]
+    assert list(s) == ["aroma", "lora", "aroma/no-outer-step"]
+    full, lora = s["aroma"]["program"], s["lora"]["program"]
+    assert full["outer_branch_fusions"] > 0 and lora["outer_branch_fusions"] == 0
+    # no outer step: the branch is gone, the rest of the AROMA step stays (more than LoRA's)
+    gone = s["aroma/no-outer-step"]["program"]
+    assert gone["outer_branch_fusions"] == 0
+    assert lora["instructions"] < gone["instructions"] < full["instructions"]
+    for name, rec in s.items():
+        assert rec["repeats"] == 1 and rec["compile_cpu_s_median"] > 0
+        if name != "aroma":
+            assert rec["per_repeat_over_aroma"] == round(
+                rec["runs"][0]["compile_cpu_s"] / s["aroma"]["runs"][0]["compile_cpu_s"], 3
+            )
+
+
+def test_compile_ablation_rejects_an_unknown_ablation():
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "compile_ablation.py"),
+            "--ablations",
+            "no-outer-step,no-forward",
+            "--",
+            *TINY_SIM,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert res.returncode == 2
+    assert "unknown ['no-forward']" in res.stderr and "no-optimizer-reset" in res.stderr
+
+
+def test_trace_run_saves_every_leaf_and_compares_bit_for_bit(tmp_path):
+    import numpy as np
+
+    out = tmp_path / "now.npz"
+    args = ("--configs", "scan-bf16-prune", "--steps", "6", "--out", str(out))
+    res = run_experiment("trace_run.py", *args)
+    assert f"aroma_jax from {ROOT / 'aroma_jax'}" in res.stdout
+    saved = dict(np.load(out))
+    assert saved["scan-bf16-prune/steps/merged"].sum() > 0  # outer steps ran: the trace has teeth
+    assert saved["scan-bf16-prune/steps/loss"].shape == (6,)
+    assert any(".opt_state" in k for k in saved) and any(".ctrl.key" in k for k in saved)
+    tr = load_experiment("trace_run")
+    assert tr.compare(saved, dict(saved)) == []
+    changed = dict(saved)
+    key = next(k for k in saved if k.endswith(".adapters.frozen['model/layers/mlp/up_proj'].a"))
+    changed[key] = saved[key].copy()
+    changed[key].flat[0] = np.nextafter(changed[key].flat[0], np.float32(np.inf))  # one ulp
+    del changed["scan-bf16-prune/steps/loss"]
+    problems = tr.compare(saved, changed)
+    assert problems[0] == "scan-bf16-prune/steps/loss: only in the first"
+    assert problems[1].startswith(key + ": differs")
+    assert len(problems) == 2
+    script = str(ROOT / "experiments" / "trace_run.py")
+    res = subprocess.run(
+        [sys.executable, script, "--compare", str(out), str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0 and ": 0 differ" in res.stdout

@@ -1,0 +1,192 @@
+"""Where AROMA's compile surplus over LoRA is: the AROMA step compiled with one part removed.
+
+    python experiments/compile_ablation.py --repeats 5 \
+        --out docs/scale/compile-ablation-cpu-llama-small-L2.json -- \
+        --model llama-small --devices 1 --batch 8 --seq 128 --layers 2
+
+    # XLA's TPU compiler (libtpu on this CPU host; see compile_ratio.py):
+    PYTHONPATH=/tmp/libtpu TPU_WORKER_HOSTNAMES=localhost python experiments/compile_ablation.py \
+        --repeats 5 --out docs/scale/compile-ablation-tpu-v5p-llama-small-L32.json -- \
+        --model llama-small --devices 8 --topology v5p:2x2x2 --batch 8 --seq 128 --layers 32
+
+Series, alternating in every repeat, each compile in a fresh process (`compile_ratio.run`'s
+child, with the compilation cache off): ``aroma`` (the full step), ``lora``, and ``aroma`` with
+each ablation in ``--ablations`` (default: all of `ABLATIONS`). An ablation replaces one part of
+the library in the child process only, before the step is traced; the resulting programs
+compute something else and are for measuring the compiler, never for training.
+
+Reported per series: the compile seconds (CPU and wall; medians, minima, every run), the
+optimized program's exact size (`compile_ratio.program_size`), and the per-repeat ratios (the
+median of each repeat's two compiles, run back to back) to the full AROMA step and to LoRA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import types
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import compile_ratio  # noqa: E402  (beside this script; it imports no jax at module level)
+
+
+def _no_outer_step() -> None:
+    """The outer step never triggers: XLA drops its ``lax.cond`` (and whatever only it uses)."""
+    import jax.numpy as jnp
+
+    from aroma_jax.core import controller
+
+    controller.outer_due = lambda ctrl, adapters, cfg: jnp.zeros((), bool)
+
+
+def _outer_step_as_selects() -> None:
+    """The outer step computed every step and selected (``jnp.where``) instead of branched to."""
+    import jax
+    import jax.numpy as jnp
+
+    from aroma_jax.core import train_step
+
+    def cond(pred, true_fn, false_fn, operands):
+        new, old = true_fn(operands), false_fn(operands)
+        return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+    train_step.lax = types.SimpleNamespace(cond=cond)
+
+
+def _no_random_draws() -> None:
+    """The re-init's and the prune's uniforms (the library's only ``jax.random.uniform`` calls
+    in a step without adapter dropout) from a multiplicative hash of the index, not Threefry."""
+    import jax
+    import jax.numpy as jnp
+
+    def uniform(key, shape=(), dtype=jnp.float32, minval=0.0, maxval=1.0):
+        del key
+        n = 1
+        for d in shape:
+            n *= d
+        bits = jnp.arange(n, dtype=jnp.uint32) * jnp.uint32(2654435761)
+        x = bits.astype(jnp.float32) / 4294967296.0
+        return (minval + (maxval - minval) * x).reshape(shape).astype(dtype)
+
+    jax.random.uniform = uniform
+
+
+def _no_eq6_base_norm() -> None:
+    """Eq. 6's ``|W0 + dW|`` taken as ``|W0|`` (no product of the kernel with the factors)."""
+    from aroma_jax.core import norms
+
+    norms.base_plus_product_sq_norm = lambda w0_sq, w0, a, b, scale: w0_sq
+
+
+def _no_optimizer_reset() -> None:
+    """The merged pairs' optimizer state kept (only the re-warmup restarts)."""
+    from aroma_jax.core import optim
+
+    optim.reset = lambda tx, state, *args, **kwargs: state._replace(last_outer=state.count)
+
+
+ABLATIONS = {
+    "no-outer-step": _no_outer_step,
+    "outer-step-as-selects": _outer_step_as_selects,
+    "no-random-draws": _no_random_draws,
+    "no-eq6-base-norm": _no_eq6_base_norm,
+    "no-optimizer-reset": _no_optimizer_reset,
+}
+
+
+def child(argv: list[str]) -> None:
+    """``ABLATION SIM_ARGS...``: apply the ablation, then `compile_ratio.child` compiles."""
+    name, sim_args = argv[0], argv[1:]
+    sys.path.insert(0, str(HERE.parent))  # this checkout's aroma_jax, patched before tracing
+    if name != "none":
+        ABLATIONS[name]()
+    compile_ratio.child(sim_args)
+
+
+def run(ablation: str, method: str, sim_args: list[str]) -> dict:
+    """One compile in a fresh process (`compile_ratio.run`'s, with this script as the child)."""
+    return compile_ratio.run(
+        method,
+        sim_args,
+        child_cmd=[sys.executable, str(Path(__file__).resolve()), "--child", ablation],
+    )
+
+
+def summarise(runs: dict[str, list[dict]]) -> dict:
+    """Per series: seconds, program size and per-repeat ratios to ``aroma`` and ``lora``."""
+    out: dict = {"series": {}}
+    for name, rs in runs.items():
+        rec: dict = {"repeats": len(rs), "runs": rs}
+        for key in ("compile_cpu_s", "compile_s"):
+            xs = [r[key] for r in rs]
+            rec[f"{key}_median"] = statistics.median(xs)
+            rec[f"{key}_min"] = min(xs)
+        rec["program"] = {k: rs[0][k] for k in compile_ratio.SIZES if k in rs[0]}
+        for ref in ("aroma", "lora"):
+            if ref in runs and ref != name:
+                paired = compile_ratio._paired(rs, runs[ref])
+                rec[f"per_repeat_over_{ref}"] = paired["compile_cpu_s_median"]
+                rec[f"per_repeat_over_{ref}_all"] = paired["compile_cpu_s"]
+        out["series"][name] = rec
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        child(argv[1:])
+        return {}
+    sim_args: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, sim_args = argv[:i], argv[i + 1 :]
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--ablations",
+        default=",".join(ABLATIONS),
+        help=f"comma-separated, from: {', '.join(ABLATIONS)} (default: all)",
+    )
+    p.add_argument("--repeats", type=int, default=3, help="processes per series, alternating (3)")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    if "--method" in sim_args or "--out" in sim_args:
+        p.error("pass --out before --, and no --method: the series fix it")
+    if args.repeats < 1:
+        p.error(f"--repeats {args.repeats}: accepted a positive integer")
+    names = [a for a in args.ablations.split(",") if a]
+    unknown = [a for a in names if a not in ABLATIONS]
+    if unknown:
+        p.error(f"--ablations: unknown {unknown}; accepted: {', '.join(ABLATIONS)}")
+    series = {"aroma": ("none", "aroma"), "lora": ("none", "lora")}
+    series.update({f"aroma/{a}": (a, "aroma") for a in names})
+    runs: dict[str, list[dict]] = {s: [] for s in series}
+    for rep in range(args.repeats):
+        for s, (ablation, method) in series.items():
+            r = run(ablation, method, sim_args)
+            runs[s].append(r)
+            print(
+                f"repeat {rep + 1}/{args.repeats} {s:28s} [{r['target']}] L={r['layers']}: "
+                f"compile {r['compile_cpu_s']:.1f} CPU s; {r['instructions']} instructions, "
+                f"{r['fusions']} fusions ({r['outer_branch_fusions']} in the outer branch)",
+                flush=True,
+            )
+    result = {"scale_sim_args": sim_args, **summarise(runs)}
+    for s, rec in result["series"].items():
+        over_aroma = rec.get("per_repeat_over_aroma", 1.0)
+        over_lora = rec.get("per_repeat_over_lora", 1.0)
+        print(
+            f"{s:28s} CPU s median {rec['compile_cpu_s_median']:.1f}; per repeat over aroma "
+            f"{over_aroma}, over lora {over_lora}"
+        )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
