@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import types
 from pathlib import Path
@@ -120,12 +119,7 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
     """Per series: seconds, program size and per-repeat ratios to ``aroma`` and ``lora``."""
     out: dict = {"series": {}}
     for name, rs in runs.items():
-        rec: dict = {"repeats": len(rs), "runs": rs}
-        for key in ("compile_cpu_s", "compile_s"):
-            xs = [r[key] for r in rs]
-            rec[f"{key}_median"] = statistics.median(xs)
-            rec[f"{key}_min"] = min(xs)
-        rec["program"] = {k: rs[0][k] for k in compile_ratio.SIZES if k in rs[0]}
+        rec = compile_ratio.series_record(name, rs)
         for ref in ("aroma", "lora"):
             if ref in runs and ref != name:
                 paired = compile_ratio._paired(rs, runs[ref])

@@ -214,23 +214,29 @@ def _ratio(a: dict, b: dict) -> dict:
     }
 
 
+def series_record(name: str, rs: list[dict]) -> dict:
+    """One series' runs with their compile seconds' medians and minima (CPU and wall) and its
+    program's size (the same in every run, or an error)."""
+    rec: dict = {"repeats": len(rs), "runs": rs}
+    for key in ("compile_cpu_s", "compile_s"):
+        xs = [r[key] for r in rs]
+        rec[f"{key}_median"] = statistics.median(xs)
+        rec[f"{key}_min"] = min(xs)
+    sizes = {k: rs[0][k] for k in SIZES if k in rs[0]}
+    if sizes:  # one program per series: every run compiles the same one
+        if any({k: r.get(k) for k in sizes} != sizes for r in rs):
+            raise RuntimeError(f"{name}: the program's size differed between runs: {rs}")
+        rec["program"] = sizes
+    return rec
+
+
 def summarise(runs: dict[str, list[dict]], baseline: str | None = None) -> dict:
     """Per method: the runs' compile seconds with medians and minima; then, for two methods,
     the first's over the second's (medians and minima, CPU and wall). ``baseline``: the name of
     a third series (the first method compiled by another checkout), compared with both."""
     out: dict = {"methods": {}}
     for method, rs in runs.items():
-        rec: dict = {"repeats": len(rs), "runs": rs}
-        for key in ("compile_cpu_s", "compile_s"):
-            xs = [r[key] for r in rs]
-            rec[f"{key}_median"] = statistics.median(xs)
-            rec[f"{key}_min"] = min(xs)
-        sizes = {k: rs[0][k] for k in SIZES if k in rs[0]}
-        if sizes:  # one program per series: every run compiles the same one
-            if any({k: r.get(k) for k in sizes} != sizes for r in rs):
-                raise RuntimeError(f"{method}: the program's size differed between runs: {rs}")
-            rec["program"] = sizes
-        out["methods"][method] = rec
+        out["methods"][method] = series_record(method, rs)
     ours = [m for m in runs if m != baseline]
     if len(ours) == 2:
         a, b = (out["methods"][m] for m in ours)
