@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export PYTHONHASHSEED := 0
 
-.PHONY: demo test test-v5 lint bench-smoke clean
+.PHONY: demo test test-slow test-v5 lint bench-smoke clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,9 +21,14 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 demo: $(VENV)/.installed
 	$(PY) -m aroma_jax.cli demo
 
+# `make test`: the library, the CLI and the run pipeline; `make test-slow`: the end-to-end
+# runs of the experiments' scripts (tests marked `slow`). CI runs both.
 test: $(VENV)/.installed-test
 	$(PY) -m ruff check aroma_jax tests experiments
-	$(PY) -m pytest -q -n 2 --dist worksteal tests
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow" tests
+
+test-slow: $(VENV)/.installed-test
+	$(PY) -m pytest -q -n 2 --dist worksteal -m slow tests
 
 # A second environment with transformers 5.x (no Flax models there): the native LLaMA-family
 # tests, PyTorch parity included. `make test` covers everything on the pinned transformers 4.57.

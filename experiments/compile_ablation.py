@@ -13,7 +13,10 @@ Series, alternating in every repeat, each compile in a fresh process (`compile_r
 child, with the compilation cache off): ``aroma`` (the full step), ``lora``, and ``aroma`` with
 each ablation in ``--ablations`` (default: all of `ABLATIONS`). An ablation replaces one part of
 the library in the child process only, before the step is traced; the resulting programs
-compute something else and are for measuring the compiler, never for training.
+compute something else and are for measuring the compiler, never for training. Two series
+split the step in two: ``no-outer-step`` (everything but the outer step) and
+``outer-step-alone`` (only the outer step, as its own program), so the cost of running the outer
+step as a second program is the sum of their compiles. ``a+b`` applies both replacements.
 
 Reported per series: the compile seconds (CPU and wall; medians, minima, every run), the
 optimized program's exact size (`compile_ratio.program_size`), and the per-repeat ratios (the
@@ -26,23 +29,70 @@ import argparse
 import json
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import compile_ratio  # noqa: E402  (beside this script; it imports no jax at module level)
 
+# How an ablation replaces an attribute: ``setattr`` in the child process, or pytest's
+# ``monkeypatch.setattr`` in a test (undone after it).
+Patch = Callable[[object, str, object], None]
 
-def _no_outer_step() -> None:
+
+def _no_outer_step(patch: Patch = setattr) -> None:
     """The outer step never triggers: XLA drops its ``lax.cond`` (and whatever only it uses)."""
     import jax.numpy as jnp
 
     from aroma_jax.core import controller
 
-    controller.outer_due = lambda ctrl, adapters, cfg: jnp.zeros((), bool)
+    patch(controller, "outer_due", lambda ctrl, adapters, cfg: jnp.zeros((), bool))
 
 
-def _outer_step_as_selects() -> None:
+def _outer_step_alone(patch: Patch = setattr) -> None:
+    """The outer step as a program of its own, the complement of ``no-outer-step``: the keys'
+    split, the pairs' norms, the trigger and the ``lax.cond`` with `AromaTrainer.outer_branch`;
+    no forward, backward or optimizer update. Two programs would cost the two compiles."""
+    import jax
+    import jax.numpy as jnp
+
+    from aroma_jax.core import controller, train_step
+
+    def outer_alone(self, state, batch):
+        del batch
+        self._traces += 1
+        both = jnp.stack([state.rng, state.ctrl.key])  # the full step's one split
+        keys = jax.vmap(lambda k: jax.random.split(k, 3))(both)
+        reset_rng, (ctrl_key, fresh_key) = keys[0][2], keys[1][:2]
+        now = controller.pair_norms(state.adapters)
+        outer = controller.outer_due(state.ctrl, state.adapters, self.cfg)
+        kernels = self.kernels(state.base)
+        folded = {p: kernels[p] for p in self.folded}
+
+        def do_outer(ops):
+            return self.outer_branch(
+                *ops, kernels, state.extra, (ctrl_key, fresh_key), reset_rng, now
+            )
+
+        def skip(ops):
+            return ops, controller.no_outer_info(len(self.paths))
+
+        # train_step's lax: with outer-step-as-selects applied too, its cond is replaced
+        (ctrl, adapters, opt_state, folded), info = train_step.lax.cond(
+            outer, do_outer, skip, (state.ctrl, state.adapters, state.opt_state, folded)
+        )
+        base = state.base
+        for p, k in folded.items():
+            spec = self.specs[p]
+            base = train_step._set(base, p + "/kernel", k.reshape(spec.lead + spec.kernel_shape))
+        new = state._replace(base=base, ctrl=ctrl, adapters=adapters, opt_state=opt_state)
+        return new, info
+
+    patch(train_step.AromaTrainer, "_step_impl", outer_alone)
+
+
+def _outer_step_as_selects(patch: Patch = setattr) -> None:
     """The outer step computed every step and selected (``jnp.where``) instead of branched to."""
     import jax
     import jax.numpy as jnp
@@ -53,10 +103,10 @@ def _outer_step_as_selects() -> None:
         new, old = true_fn(operands), false_fn(operands)
         return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
 
-    train_step.lax = types.SimpleNamespace(cond=cond)
+    patch(train_step, "lax", types.SimpleNamespace(cond=cond))
 
 
-def _no_random_draws() -> None:
+def _no_random_draws(patch: Patch = setattr) -> None:
     """The re-init's and the prune's uniforms (the library's only ``jax.random.uniform`` calls
     in a step without adapter dropout) from a multiplicative hash of the index, not Threefry."""
     import jax
@@ -71,25 +121,26 @@ def _no_random_draws() -> None:
         x = bits.astype(jnp.float32) / 4294967296.0
         return (minval + (maxval - minval) * x).reshape(shape).astype(dtype)
 
-    jax.random.uniform = uniform
+    patch(jax.random, "uniform", uniform)
 
 
-def _no_eq6_base_norm() -> None:
+def _no_eq6_base_norm(patch: Patch = setattr) -> None:
     """Eq. 6's ``|W0 + dW|`` taken as ``|W0|`` (no product of the kernel with the factors)."""
     from aroma_jax.core import norms
 
-    norms.base_plus_product_sq_norm = lambda w0_sq, w0, a, b, scale: w0_sq
+    patch(norms, "base_plus_product_sq_norm", lambda w0_sq, w0, a, b, scale: w0_sq)
 
 
-def _no_optimizer_reset() -> None:
+def _no_optimizer_reset(patch: Patch = setattr) -> None:
     """The merged pairs' optimizer state kept (only the re-warmup restarts)."""
     from aroma_jax.core import optim
 
-    optim.reset = lambda tx, state, *args, **kwargs: state._replace(last_outer=state.count)
+    patch(optim, "reset", lambda tx, state, *a, **kw: state._replace(last_outer=state.count))
 
 
 ABLATIONS = {
     "no-outer-step": _no_outer_step,
+    "outer-step-alone": _outer_step_alone,
     "outer-step-as-selects": _outer_step_as_selects,
     "no-random-draws": _no_random_draws,
     "no-eq6-base-norm": _no_eq6_base_norm,
@@ -101,8 +152,9 @@ def child(argv: list[str]) -> None:
     """``ABLATION SIM_ARGS...``: apply the ablation, then `compile_ratio.child` compiles."""
     name, sim_args = argv[0], argv[1:]
     sys.path.insert(0, str(HERE.parent))  # this checkout's aroma_jax, patched before tracing
-    if name != "none":
-        ABLATIONS[name]()
+    for part in name.split("+"):  # "a+b": both replacements, in that order
+        if part != "none":
+            ABLATIONS[part]()
     compile_ratio.child(sim_args)
 
 
@@ -142,7 +194,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--ablations",
         default=",".join(ABLATIONS),
-        help=f"comma-separated, from: {', '.join(ABLATIONS)} (default: all)",
+        help=f"comma-separated, from: {', '.join(ABLATIONS)} (default: all); 'a+b' applies "
+        "both (e.g. outer-step-alone+no-eq6-base-norm: what eq. 6's base norm costs the outer "
+        "step's own program)",
     )
     p.add_argument("--repeats", type=int, default=3, help="processes per series, alternating (3)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -152,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.repeats < 1:
         p.error(f"--repeats {args.repeats}: accepted a positive integer")
     names = [a for a in args.ablations.split(",") if a]
-    unknown = [a for a in names if a not in ABLATIONS]
+    unknown = [a for a in names if any(part not in ABLATIONS for part in a.split("+"))]
     if unknown:
         p.error(f"--ablations: unknown {unknown}; accepted: {', '.join(ABLATIONS)}")
     series = {"aroma": ("none", "aroma"), "lora": ("none", "lora")}

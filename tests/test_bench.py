@@ -51,6 +51,7 @@ def load_experiment(name: str):
     return mod
 
 
+@pytest.mark.slow
 def test_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
     vs_peft = bool(importlib.util.find_spec("peft") and importlib.util.find_spec("torch"))
@@ -110,6 +111,7 @@ def test_bench_smoke(tmp_path):
     assert "| floor |" in (tmp_path / "bench.md").read_text()
 
 
+@pytest.mark.slow
 def test_bench_smoke_llama_shape(tmp_path):
     """The LLaMA path (HF's Flax LLaMA with our fixes; PyTorch LlamaForCausalLM with --vs-peft)."""
     out = tmp_path / "bench.json"
@@ -130,6 +132,7 @@ def test_bench_smoke_llama_shape(tmp_path):
         assert n["torch_floor"] == 2 * (64 + 32 + 32 + 128 + 64)
 
 
+@pytest.mark.slow
 def test_compile_breakdown_runs():
     res = run_experiment("compile_breakdown.py", "--model", "tiny")
     for name in ("train step (aroma)", "train step (lora)", "prune reset", "inner check"):
@@ -168,6 +171,7 @@ def test_xla_phases_reads_only_the_first_train_step_compile():
     assert r["kernel_families"] == {"and_select_fusion": 1, "dot_elemental": 1}
 
 
+@pytest.mark.slow
 def test_xla_phases_on_a_tiny_step(tmp_path):
     out = tmp_path / "phases.json"
     run_experiment("xla_phases.py", "--repeats", "1", "--out", str(out), "--", *TINY_SIM)
@@ -177,6 +181,7 @@ def test_xla_phases_on_a_tiny_step(tmp_path):
     assert m["aroma"]["hlo_pass_s_median"] > 0 and m["lora"]["jit_s_median"] > 0
 
 
+@pytest.mark.slow
 def test_generate_speed_runs(tmp_path):
     out = tmp_path / "gen.json"
     args = ["--model", "tiny", "--batch", "2", "--prompt", "8", "--new", "3", "--repeats", "1"]
@@ -354,6 +359,7 @@ def test_compile_ratio_names_what_a_baseline_checkout_lacks(tmp_path):
     assert cr.baseline_problem(tmp_path) == "its experiments/scale_sim.py has no compile_step"
 
 
+@pytest.mark.slow
 def test_compile_ratio_on_a_tiny_step(tmp_path):
     out = tmp_path / "ratio.json"
     # this checkout as its own baseline: the baseline path end to end
@@ -387,6 +393,7 @@ def test_compile_ratio_on_a_tiny_step(tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_compile_ablation_removes_the_part_it_names(tmp_path):
     out = tmp_path / "ablation.json"
     run_experiment(
@@ -394,20 +401,24 @@ def test_compile_ablation_removes_the_part_it_names(tmp_path):
         "--repeats",
         "1",
         "--ablations",
-        "no-outer-step",
+        "no-outer-step,outer-step-alone+no-eq6-base-norm",
         "--out",
         str(out),
         "--",
         *TINY_SIM,
     )
     s = json.loads(out.read_text())["series"]
-    assert list(s) == ["aroma", "lora", "aroma/no-outer-step"]
+    alone = "aroma/outer-step-alone+no-eq6-base-norm"
+    assert list(s) == ["aroma", "lora", "aroma/no-outer-step", alone]
     full, lora = s["aroma"]["program"], s["lora"]["program"]
     assert full["outer_branch_fusions"] > 0 and lora["outer_branch_fusions"] == 0
     # no outer step: the branch is gone, the rest of the AROMA step stays (more than LoRA's)
     gone = s["aroma/no-outer-step"]["program"]
     assert gone["outer_branch_fusions"] == 0
     assert lora["instructions"] < gone["instructions"] < full["instructions"]
+    # the outer step alone (here without eq. 6's base norm): its branch, no forward or backward
+    assert 0 < s[alone]["program"]["outer_branch_fusions"] < full["outer_branch_fusions"]
+    assert s[alone]["program"]["instructions"] < gone["instructions"]
     for name, rec in s.items():
         assert rec["repeats"] == 1 and rec["compile_cpu_s_median"] > 0
         if name != "aroma":
@@ -422,7 +433,7 @@ def test_compile_ablation_rejects_an_unknown_ablation():
             sys.executable,
             str(ROOT / "experiments" / "compile_ablation.py"),
             "--ablations",
-            "no-outer-step,no-forward",
+            "no-outer-step,no-forward,outer-step-alone+no-eq6-base-norm+no-backward",
             "--",
             *TINY_SIM,
         ],
@@ -431,9 +442,11 @@ def test_compile_ablation_rejects_an_unknown_ablation():
         cwd=ROOT,
     )
     assert res.returncode == 2
-    assert "unknown ['no-forward']" in res.stderr and "no-optimizer-reset" in res.stderr
+    unknown = "unknown ['no-forward', 'outer-step-alone+no-eq6-base-norm+no-backward']"
+    assert unknown in res.stderr and "no-optimizer-reset" in res.stderr
 
 
+@pytest.mark.slow
 def test_trace_run_saves_every_leaf_and_compares_bit_for_bit(tmp_path):
     import numpy as np
 

@@ -127,6 +127,7 @@ def test_table_layout_with_the_papers_numbers():
     assert next(line for line in lines if line.startswith("LoRA")).split()[2:4] == ["-", "(88.34)"]
 
 
+@pytest.mark.slow
 def test_glue_tiny_end_to_end(data, tmp_path):
     cfg = run_config.load(
         paper.PRESETS / "glue" / "aroma-mrpc.yaml",
@@ -137,6 +138,7 @@ def test_glue_tiny_end_to_end(data, tmp_path):
     assert "classifier/dense" in s["ranks"]  # head: paper adapts classifier.dense
 
 
+@pytest.mark.slow
 def test_commonsense_tiny_end_to_end(data, tmp_path):
     cfg = run_config.load(
         paper.PRESETS / "commonsense" / "aroma-r1.yaml",
@@ -159,6 +161,7 @@ def test_commonsense_tiny_end_to_end(data, tmp_path):
     assert all(0.0 <= v <= 1.0 for v in s["metrics"].values())
 
 
+@pytest.mark.slow
 def test_xsum_through_paper_py_resumes_and_reports(data, tmp_path, capsys):
     args = [
         "table4",

@@ -39,6 +39,7 @@ def test_tiny_step_compiles_from_abstract_shapes_on_a_simulated_mesh(tmp_path):
     assert all(v["bytes"] > 0 for v in every.values())
 
 
+@pytest.mark.slow
 def test_scanned_step_reports_every_layers_flops(tmp_path):
     """XLA counts a scanned layer (a while body) once; the script extrapolates the unrolled
     1- and 2-layer steps instead, which must agree with the unrolled 3-layer step."""

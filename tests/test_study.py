@@ -42,6 +42,7 @@ def write_grid(tmp_path):
     return grid
 
 
+@pytest.mark.slow
 def test_tiny_grid_runs_resumes_and_reports(study, fake_assets, tmp_path, monkeypatch):
     grid = write_grid(tmp_path)
     out = tmp_path / "study"

@@ -508,34 +508,9 @@ class AromaTrainer:
             folded = {p: kernels[p] for p in self.folded}
 
             def do_outer(operands):
-                ctrl_, adapters_, opt_, folded_ = operands
-                ctrl_, adapters_, new_k, info = controller.outer_step(
-                    ctrl_,
-                    adapters_,
-                    {**kernels, **folded_},
-                    self.specs,
-                    cfg,
-                    self.folded,
-                    keys=(ctrl_key, fresh_key),
-                    now=now,
+                return self.outer_branch(
+                    *operands, kernels, trainable["extra"], (ctrl_key, fresh_key), reset_rng, now
                 )
-                offsets = self._offsets()
-                merged = {  # per module: a scalar, or (L,) for a stacked one
-                    p: info.merged[i : i + n].reshape(self.specs[p].lead)
-                    for p, (i, n) in offsets.items()
-                }
-                mask = {
-                    "pairs": {
-                        p: jax.tree.map(lambda x, p=p: _lead(merged[p], x), adapters_.pairs[p])
-                        for p in self.module_paths
-                    },
-                    "extra": jax.tree.map(lambda _: jnp.zeros((), bool), trainable["extra"]),
-                }
-                new_trainable = self._trainable(adapters_, trainable["extra"])
-                opt_ = optim.reset(
-                    self.tx, opt_, mask, reset_rng, new_trainable, cfg.reset, cfg.prune_ratio
-                )
-                return (ctrl_, adapters_, opt_, new_k), info
 
             def skip(operands):
                 return operands, controller.no_outer_info(n)
@@ -574,6 +549,58 @@ class AromaTrainer:
             full=info.full,
         )
         return new_state, step_info
+
+    def outer_branch(
+        self,
+        ctrl: controller.ControllerState,
+        adapters: AdapterState,
+        opt_state: optim.WrappedState,
+        folded: dict[str, Array],
+        kernels: dict[str, Array],
+        extra: dict,
+        keys: tuple[Array, Array],
+        reset_rng: Array,
+        now: Mapping[str, Array],
+    ) -> tuple[tuple, controller.OuterInfo]:
+        """The outer step, the train step's ``lax.cond`` branch: eq. 6, merge and re-init
+        (`controller.outer_step`), then the merged pairs' optimizer-state reset.
+
+        ``folded``: the current fp32 kernels that hold ``W0 + dW`` (updated and returned);
+        ``kernels``: every target's 2-D base kernel; ``keys``: the controller's next key and the
+        fresh pairs' key; ``now``: the pairs' `controller.pair_norms`. Returns
+        ``((ctrl, adapters, opt_state, folded), info)``.
+        """
+        ctrl, adapters, new_k, info = controller.outer_step(
+            ctrl,
+            adapters,
+            {**kernels, **folded},
+            self.specs,
+            self.cfg,
+            self.folded,
+            keys=keys,
+            now=now,
+        )
+        merged = {  # per module: a scalar, or (L,) for a stacked one
+            p: info.merged[i : i + n].reshape(self.specs[p].lead)
+            for p, (i, n) in self._offsets().items()
+        }
+        mask = {
+            "pairs": {
+                p: jax.tree.map(lambda x, p=p: _lead(merged[p], x), adapters.pairs[p])
+                for p in self.module_paths
+            },
+            "extra": jax.tree.map(lambda _: jnp.zeros((), bool), extra),
+        }
+        opt_state = optim.reset(
+            self.tx,
+            opt_state,
+            mask,
+            reset_rng,
+            self._trainable(adapters, extra),
+            self.cfg.reset,
+            self.cfg.prune_ratio,
+        )
+        return (ctrl, adapters, opt_state, new_k), info
 
     # ---------------------------------------------------------------- finish
     def finalize(self, state: TrainState) -> TrainState:
