@@ -21,8 +21,9 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 demo: $(VENV)/.installed
 	$(PY) -m aroma_jax.cli demo
 
-# `make test`: the library, the CLI and the run pipeline; `make test-slow`: the end-to-end
-# runs of the experiments' scripts (tests marked `slow`). CI runs both.
+# `make test`: the library, the CLI and the run pipeline, within the 15-minute budget;
+# `make test-slow`: the longest end-to-end runs (tests marked `slow`: the experiments' scripts,
+# and the heaviest runner and mesh runs; see pyproject.toml). CI runs both.
 test: $(VENV)/.installed-test
 	$(PY) -m ruff check aroma_jax tests experiments
 	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow" tests

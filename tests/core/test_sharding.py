@@ -152,6 +152,7 @@ def test_sharding_specs_of_base_adapters_and_optimizer():
     assert state.ctrl.step.sharding.spec == P()
 
 
+@pytest.mark.slow
 def test_per_device_memory_falls_with_fsdp():
     model, loss_fn = tiny("llama", hidden=128, layers=2, vocab=512)
     params = jax.tree.map(jnp.array, model.params)
@@ -195,6 +196,7 @@ def test_bad_mesh_specs():
         sharding.parse_mesh("pipeline=8")
 
 
+@pytest.mark.slow
 def test_dora_and_adalora_shard_and_match_one_device():
     # DoRA's magnitude follows b's output axis; AdaLoRA's singular values are replicated.
     model, loss_fn = tiny("llama")

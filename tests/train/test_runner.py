@@ -87,7 +87,9 @@ def test_tiny_roberta_run_directory(roberta_run, tmp_path):
     assert (merged / "flax_model.msgpack").exists() and (merged / "config.json").exists()
 
 
-@pytest.mark.parametrize("stop", [16, 13])  # right after an outer step / inside an inner loop
+# right after an outer step (the slow tier: a longer run; tests/train/test_checkpoint.py resumes
+# there too, at the trainer level) / inside an inner loop
+@pytest.mark.parametrize("stop", [pytest.param(16, marks=pytest.mark.slow), 13])
 def test_resume_is_bit_identical(roberta_run, tmp_path, stop):
     full = roberta_run[0]
     part = tmp_path / "part"
@@ -145,6 +147,7 @@ def test_unknown_target_pattern_lists_modules(fake_assets, tmp_path):
     assert "'qkv'" in str(err.value) and "attention/self/query" in str(err.value)
 
 
+@pytest.mark.slow
 def test_tiny_bart_generation_and_rouge(fake_assets, tmp_path):
     s = runner.train(cfg("tiny-bart", "task.max_eval_examples=16"), tmp_path / "bart")
     assert set(s["metrics"]) == {"rouge1", "rouge2", "rougeL"}
@@ -156,6 +159,7 @@ def test_tiny_bart_generation_and_rouge(fake_assets, tmp_path):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_bf16_model_with_rank_8_pairs(fake_assets, tmp_path):
     """bf16 weights computing in bf16 (factor path) with r = 8. XLA:CPU has no bf16 x bf16 ->
     fp32 dot, which the adapter's fp32-accumulating products asked for: this run crashed."""
@@ -195,6 +199,7 @@ def test_cli_help_and_bad_key(fake_assets, tmp_path):
     assert out.returncode == 2 and "batchsize" in out.stderr and "batch_size" in out.stderr
 
 
+@pytest.mark.slow
 def test_mesh_run_matches_single_device(llama_run, tmp_path):
     import jax
 
