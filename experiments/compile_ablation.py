@@ -52,40 +52,27 @@ def _no_outer_step(patch: Patch = setattr) -> None:
 
 def _outer_step_alone(patch: Patch = setattr) -> None:
     """The outer step as a program of its own, the complement of ``no-outer-step``: the keys'
-    split, the pairs' norms, the trigger and the ``lax.cond`` with `AromaTrainer.outer_branch`;
+    split, the pairs' norms, the trigger and `AromaTrainer.outer_step_if` (its ``lax.cond``);
     no forward, backward or optimizer update. Two programs would cost the two compiles."""
-    import jax
-    import jax.numpy as jnp
-
     from aroma_jax.core import controller, train_step
 
     def outer_alone(self, state, batch):
         del batch
         self._traces += 1
-        both = jnp.stack([state.rng, state.ctrl.key])  # the full step's one split
-        keys = jax.vmap(lambda k: jax.random.split(k, 3))(both)
-        reset_rng, (ctrl_key, fresh_key) = keys[0][2], keys[1][:2]
+        _, _, reset_rng, keys = self.split_keys(state)
         now = controller.pair_norms(state.adapters)
         outer = controller.outer_due(state.ctrl, state.adapters, self.cfg)
-        kernels = self.kernels(state.base)
-        folded = {p: kernels[p] for p in self.folded}
-
-        def do_outer(ops):
-            return self.outer_branch(
-                *ops, kernels, state.extra, (ctrl_key, fresh_key), reset_rng, now
-            )
-
-        def skip(ops):
-            return ops, controller.no_outer_info(len(self.paths))
-
-        # train_step's lax: with outer-step-as-selects applied too, its cond is replaced
-        (ctrl, adapters, opt_state, folded), info = train_step.lax.cond(
-            outer, do_outer, skip, (state.ctrl, state.adapters, state.opt_state, folded)
+        ctrl, adapters, opt_state, base, info = self.outer_step_if(
+            outer,
+            state.ctrl,
+            state.adapters,
+            state.opt_state,
+            state.base,
+            state.extra,
+            keys,
+            reset_rng,
+            now,
         )
-        base = state.base
-        for p, k in folded.items():
-            spec = self.specs[p]
-            base = train_step._set(base, p + "/kernel", k.reshape(spec.lead + spec.kernel_shape))
         new = state._replace(base=base, ctrl=ctrl, adapters=adapters, opt_state=opt_state)
         return new, info
 

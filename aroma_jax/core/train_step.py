@@ -429,12 +429,7 @@ class AromaTrainer:
         self._traces += 1
         cfg, n = self.cfg, len(self.paths)
         if cfg.grows:
-            # The step's key and the controller's split together: XLA:CPU compiles every
-            # Threefry call as its own loop. With JAX's (default) partitionable Threefry,
-            # split(k, 3)[:2] == split(k), so both streams stay what they were.
-            both = jnp.stack([state.rng, state.ctrl.key])
-            keys = jax.vmap(lambda k: jax.random.split(k, 3))(both)
-            (rng, step_rng, reset_rng), (ctrl_key, fresh_key) = keys[0], keys[1][:2]
+            rng, step_rng, reset_rng, outer_keys = self.split_keys(state)
         else:
             rng, step_rng, reset_rng = jax.random.split(state.rng, 3)
         trainable = self._trainable(state.adapters, state.extra)
@@ -504,23 +499,17 @@ class AromaTrainer:
         by_cap = outer & (ctrl.inner_t >= cfg.inner_max_steps) & ~all_conv
         base = state.base
         if cfg.grows:
-            kernels = self.kernels(base)
-            folded = {p: kernels[p] for p in self.folded}
-
-            def do_outer(operands):
-                return self.outer_branch(
-                    *operands, kernels, trainable["extra"], (ctrl_key, fresh_key), reset_rng, now
-                )
-
-            def skip(operands):
-                return operands, controller.no_outer_info(n)
-
-            (ctrl, adapters, opt_state, folded), info = lax.cond(
-                outer, do_outer, skip, (ctrl, adapters, opt_state, folded)
+            ctrl, adapters, opt_state, base, info = self.outer_step_if(
+                outer,
+                ctrl,
+                adapters,
+                opt_state,
+                base,
+                trainable["extra"],
+                outer_keys,
+                reset_rng,
+                now,
             )
-            for p, k in folded.items():
-                spec = self.specs[p]
-                base = _set(base, p + "/kernel", k.reshape(spec.lead + spec.kernel_shape))
         else:
             info = controller.no_outer_info(n)
 
@@ -550,57 +539,85 @@ class AromaTrainer:
         )
         return new_state, step_info
 
-    def outer_branch(
+    @staticmethod
+    def split_keys(state: TrainState) -> tuple[Array, Array, Array, tuple[Array, Array]]:
+        """``(next rng, step rng, reset rng, (controller's next key, fresh pairs' key))``.
+
+        The step's key and the controller's split together: XLA:CPU compiles every Threefry
+        call as its own loop. With JAX's (default) partitionable Threefry,
+        ``split(k, 3)[:2] == split(k)``, so both streams stay what they were.
+        """
+        both = jnp.stack([state.rng, state.ctrl.key])
+        keys = jax.vmap(lambda k: jax.random.split(k, 3))(both)
+        (rng, step_rng, reset_rng), (ctrl_key, fresh_key) = keys[0], keys[1][:2]
+        return rng, step_rng, reset_rng, (ctrl_key, fresh_key)
+
+    def outer_step_if(
         self,
+        outer: Array,
         ctrl: controller.ControllerState,
         adapters: AdapterState,
         opt_state: optim.WrappedState,
-        folded: dict[str, Array],
-        kernels: dict[str, Array],
+        base: dict,
         extra: dict,
         keys: tuple[Array, Array],
         reset_rng: Array,
         now: Mapping[str, Array],
-    ) -> tuple[tuple, controller.OuterInfo]:
-        """The outer step, the train step's ``lax.cond`` branch: eq. 6, merge and re-init
+    ) -> tuple[controller.ControllerState, AdapterState, optim.WrappedState, dict, Any]:
+        """The outer step under ``lax.cond(outer, ...)``: eq. 6, merge and re-init
         (`controller.outer_step`), then the merged pairs' optimizer-state reset.
 
-        ``folded``: the current fp32 kernels that hold ``W0 + dW`` (updated and returned);
-        ``kernels``: every target's 2-D base kernel; ``keys``: the controller's next key and the
-        fresh pairs' key; ``now``: the pairs' `controller.pair_norms`. Returns
-        ``((ctrl, adapters, opt_state, folded), info)``.
+        ``keys``: the controller's next key and the fresh pairs' key (`split_keys`); ``now``:
+        the pairs' `controller.pair_norms`. Returns ``(ctrl, adapters, opt_state, base, info)``,
+        ``base`` with the folded (fp32) kernels updated.
         """
-        ctrl, adapters, new_k, info = controller.outer_step(
-            ctrl,
-            adapters,
-            {**kernels, **folded},
-            self.specs,
-            self.cfg,
-            self.folded,
-            keys=keys,
-            now=now,
+        kernels = self.kernels(base)
+        folded = {p: kernels[p] for p in self.folded}
+
+        def do_outer(operands):
+            ctrl_, adapters_, opt_, folded_ = operands
+            ctrl_, adapters_, new_k, info = controller.outer_step(
+                ctrl_,
+                adapters_,
+                {**kernels, **folded_},
+                self.specs,
+                self.cfg,
+                self.folded,
+                keys=keys,
+                now=now,
+            )
+            merged = {  # per module: a scalar, or (L,) for a stacked one
+                p: info.merged[i : i + n].reshape(self.specs[p].lead)
+                for p, (i, n) in self._offsets().items()
+            }
+            mask = {
+                "pairs": {
+                    p: jax.tree.map(lambda x, p=p: _lead(merged[p], x), adapters_.pairs[p])
+                    for p in self.module_paths
+                },
+                "extra": jax.tree.map(lambda _: jnp.zeros((), bool), extra),
+            }
+            opt_ = optim.reset(
+                self.tx,
+                opt_,
+                mask,
+                reset_rng,
+                self._trainable(adapters_, extra),
+                self.cfg.reset,
+                self.cfg.prune_ratio,
+            )
+            return (ctrl_, adapters_, opt_, new_k), info
+
+        def skip(operands):
+            return operands, controller.no_outer_info(len(self.paths))
+
+        (ctrl, adapters, opt_state, folded), info = lax.cond(
+            outer, do_outer, skip, (ctrl, adapters, opt_state, folded)
         )
-        merged = {  # per module: a scalar, or (L,) for a stacked one
-            p: info.merged[i : i + n].reshape(self.specs[p].lead)
-            for p, (i, n) in self._offsets().items()
-        }
-        mask = {
-            "pairs": {
-                p: jax.tree.map(lambda x, p=p: _lead(merged[p], x), adapters.pairs[p])
-                for p in self.module_paths
-            },
-            "extra": jax.tree.map(lambda _: jnp.zeros((), bool), extra),
-        }
-        opt_state = optim.reset(
-            self.tx,
-            opt_state,
-            mask,
-            reset_rng,
-            self._trainable(adapters, extra),
-            self.cfg.reset,
-            self.cfg.prune_ratio,
-        )
-        return (ctrl, adapters, opt_state, new_k), info
+        for p, k in folded.items():
+            spec = self.specs[p]
+            base = _set(base, p + "/kernel", k.reshape(spec.lead + spec.kernel_shape))
+        return ctrl, adapters, opt_state, base, info
 
     # ---------------------------------------------------------------- finish
     def finalize(self, state: TrainState) -> TrainState:
