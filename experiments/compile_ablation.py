@@ -16,7 +16,9 @@ the library in the child process only, before the step is traced; the resulting 
 compute something else and are for measuring the compiler, never for training. Two series
 split the step in two: ``no-outer-step`` (everything but the outer step) and
 ``outer-step-alone`` (only the outer step, as its own program), so the cost of running the outer
-step as a second program is the sum of their compiles. ``a+b`` applies both replacements.
+step as a second program is the sum of their compiles. ``packed-operands`` passes the outer
+step's state through its ``lax.cond`` as one flat buffer per dtype (the same step, leaf for
+leaf: what a flat-buffer layout would give the branch). ``a+b`` applies both replacements.
 
 Reported per series: the compile seconds (CPU and wall; medians, minima, every run), the
 optimized program's exact size (`compile_ratio.program_size`), and the per-repeat ratios (the
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import types
 from collections.abc import Callable
@@ -125,6 +128,58 @@ def _no_optimizer_reset(patch: Patch = setattr) -> None:
     patch(optim, "reset", lambda tx, state, *a, **kw: state._replace(last_outer=state.count))
 
 
+def _packed_operands(patch: Patch = setattr) -> None:
+    """The outer step's ``lax.cond`` takes and returns its state as one flat buffer per dtype
+    (every leaf raveled and concatenated; PRNG keys as they are) instead of ~100 leaves: what a
+    flat-buffer layout of pairs, frozen factors and optimizer state would give the branch."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    from aroma_jax.core import train_step
+
+    def pack(tree):
+        """``((one buffer per dtype, the PRNG keys), what unpack needs)``."""
+        leaves, tdef = jax.tree.flatten(tree)
+        is_key = [jnp.issubdtype(x.dtype, jax.dtypes.prng_key) for x in leaves]
+        plain = [x for x, k in zip(leaves, is_key, strict=True) if not k]
+        dtypes = sorted({str(x.dtype) for x in plain})
+        bufs = tuple(
+            jnp.concatenate([jnp.ravel(x) for x in plain if str(x.dtype) == d]) for d in dtypes
+        )
+        keys = tuple(x for x, k in zip(leaves, is_key, strict=True) if k)
+        like = [(x.shape, str(x.dtype), k) for x, k in zip(leaves, is_key, strict=True)]
+        return (bufs, keys), (tdef, like, dtypes)
+
+    def unpack(packed, meta):
+        (bufs, keys), (tdef, like, dtypes) = packed, meta
+        offsets = dict.fromkeys(dtypes, 0)
+        out, next_key = [], iter(keys)
+        for shape, d, k in like:
+            if k:
+                out.append(next(next_key))
+                continue
+            n = math.prod(shape)
+            out.append(bufs[dtypes.index(d)][offsets[d] : offsets[d] + n].reshape(shape))
+            offsets[d] += n
+        return jax.tree.unflatten(tdef, out)
+
+    def cond(pred, true_fn, false_fn, operands):
+        packed, meta = pack(operands)
+
+        def wrap(fn):
+            def g(p):
+                new, info = fn(unpack(p, meta))
+                return pack(new)[0], info
+
+            return g
+
+        out, info = lax.cond(pred, wrap(true_fn), wrap(false_fn), packed)
+        return unpack(out, meta), info
+
+    patch(train_step, "lax", types.SimpleNamespace(cond=cond))
+
+
 ABLATIONS = {
     "no-outer-step": _no_outer_step,
     "outer-step-alone": _outer_step_alone,
@@ -132,6 +187,7 @@ ABLATIONS = {
     "no-random-draws": _no_random_draws,
     "no-eq6-base-norm": _no_eq6_base_norm,
     "no-optimizer-reset": _no_optimizer_reset,
+    "packed-operands": _packed_operands,
 }
 
 

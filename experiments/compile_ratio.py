@@ -35,8 +35,13 @@ every run, so they show what a change did where a shared machine's seconds canno
 (the same compile has varied by 2x in CPU seconds between runs on one host).
 
 ``paired_ratio`` / ``paired_versus_baseline`` divide each repeat's two compiles (run back to
-back) and take the median of those ratios. ``--pool A.json B.json ...`` compiles nothing: it
-summarises earlier results of one command as one longer run.
+back) and take the median of those ratios, with a distribution-free confidence interval for
+that median (`median_interval`: at least 90% coverage, from 5 repeats on). ``--pool A.json
+B.json ...`` compiles nothing: it summarises earlier results of one command as one longer run;
+with ``--series aroma,lora`` it pools only those series, from this script's files and from
+`compile_ablation.py`'s, and refuses runs whose program sizes differ (one program only):
+
+    python experiments/compile_ratio.py --series aroma,lora --pool a.json ablation.json
 
 Only ratios measured side by side in one invocation mean anything: absolute compile times vary
 with the machine's load (and with the machine: a slower host measured larger ratios).
@@ -47,6 +52,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import re
 import statistics
@@ -256,26 +262,62 @@ def summarise(runs: dict[str, list[dict]], baseline: str | None = None) -> dict:
 
 def _paired(a: list[dict], b: list[dict]) -> dict:
     """Per repeat, ``a``'s CPU seconds over ``b``'s (the two compiled back to back, so a slow
-    moment of the machine hits both), and their median."""
+    moment of the machine hits both), their median, and a distribution-free confidence
+    interval for that median (`median_interval`; None with fewer than 5 repeats)."""
     xs = [round(x["compile_cpu_s"] / y["compile_cpu_s"], 3) for x, y in zip(a, b, strict=True)]
-    return {"compile_cpu_s": xs, "compile_cpu_s_median": round(statistics.median(xs), 3)}
+    ci = median_interval(xs)
+    return {
+        "compile_cpu_s": xs,
+        "compile_cpu_s_median": round(statistics.median(xs), 3),
+        "compile_cpu_s_median_ci": ci,
+    }
 
 
-def pooled(paths: list[Path]) -> dict:
+def median_interval(xs: list[float], level: float = 0.9) -> dict | None:
+    """The narrowest order-statistic interval ``[x_(k), x_(n+1-k)]`` that covers the median of
+    the distribution ``xs`` were drawn from with probability at least ``level``, assuming only
+    independent draws: the median lies below ``x_(k)`` only if at most ``k - 1`` of ``n`` draws
+    fall below it, so the coverage is ``1 - 2 P(Binomial(n, 1/2) <= k - 1)``. With the per-repeat
+    ratios this says whether a target (e.g. 1.3x) is inside, below or above what a noisy machine
+    measured. None when no interval reaches ``level`` (5 draws give at most 94%)."""
+    n = len(xs)
+    best = None
+    cdf = 0.0  # P(Binomial(n, 1/2) <= k - 1)
+    for k in range(1, n // 2 + 1):
+        cdf += math.comb(n, k - 1) / 2**n
+        coverage = 1.0 - 2.0 * cdf
+        if coverage < level:
+            break
+        best = (k, coverage)
+    if best is None:
+        return None
+    k, coverage = best
+    ys = sorted(xs)
+    return {"low": ys[k - 1], "high": ys[n - k], "coverage": round(coverage, 4), "n": n}
+
+
+def pooled(paths: list[Path], series: list[str] | None = None) -> dict:
     """The runs of several result files of the same command (same scale_sim arguments and
-    series), summarised as one: more repeats than one invocation's, for a noisy machine."""
+    series), summarised as one: more repeats than one invocation's, for a noisy machine.
+
+    ``series``: pool only these (e.g. ``["aroma", "lora"]``), which every file must hold; then
+    `compile_ablation.py`'s files (their ``series``) pool with this script's (``methods``).
+    Runs that record their program's size must all have compiled the same program
+    (`series_record`), so files of different commits pool only where the program is the same.
+    """
     results = [json.loads(Path(f).read_text()) for f in paths]
+    held = [r.get("methods") or r.get("series") or {} for r in results]
     first = results[0]
-    for f, r in zip(paths, results, strict=True):
-        if r.get("scale_sim_args") != first.get("scale_sim_args") or list(r["methods"]) != list(
-            first["methods"]
-        ):
+    names = list(held[0]) if series is None else list(series)
+    for f, r, h in zip(paths, results, held, strict=True):
+        wrong_args = r.get("scale_sim_args") != first.get("scale_sim_args")
+        if wrong_args or (list(h) != names if series is None else not set(names) <= set(h)):
             raise ValueError(
-                f"{f}: scale_sim args {r.get('scale_sim_args')} and series {list(r['methods'])}; "
+                f"{f}: scale_sim args {r.get('scale_sim_args')} and series {list(h)}; "
                 f"accepted: the same as {paths[0]}'s ({first.get('scale_sim_args')}, "
-                f"{list(first['methods'])})"
+                f"{names if series is None else 'holding ' + ', '.join(names)})"
             )
-    runs = {m: [x for r in results for x in r["methods"][m]["runs"]] for m in first["methods"]}
+    runs = {m: [x for h in held for x in h[m]["runs"]] for m in names}
     baseline = next((m for m in runs if m.endswith("@baseline")), None)
     out = {"scale_sim_args": first["scale_sim_args"], **summarise(runs, baseline)}
     out["pooled"] = [str(f) for f in paths]
@@ -317,13 +359,23 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="compile nothing: summarise these earlier --out files of one command as one run",
     )
+    p.add_argument(
+        "--series",
+        default=None,
+        help="with --pool: pool only these comma-separated series, which every file must hold "
+        "(e.g. aroma,lora: then compile_ablation.py's files pool too); runs that recorded "
+        "their program's size must all have compiled the same program",
+    )
     args = p.parse_args(argv)
+    if args.series and not args.pool:
+        p.error("--series selects what --pool pools; pass --pool too")
     if args.pool:
         if sim_args:
             p.error("--pool reads the scale_sim arguments from its files; pass none after --")
         try:
-            result = pooled(args.pool)
-        except (OSError, ValueError, KeyError) as e:
+            series = args.series.split(",") if args.series else None
+            result = pooled(args.pool, series)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
             p.error(f"--pool: {e}")
         ours = [m for m in result["methods"] if not m.endswith("@baseline")]
         return _report(

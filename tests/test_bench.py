@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from itertools import product
 from pathlib import Path
 
 import pytest
@@ -210,7 +211,34 @@ def test_compile_ratio_summary_divides_the_first_method_by_the_second():
         "compile_s_min": 2.0,  # 4 / 2
     }
     # per repeat (compiled back to back): 9/5, 7/6, 8/4; median 1.8
-    assert s["paired_ratio"] == {"compile_cpu_s": [1.8, 1.167, 2.0], "compile_cpu_s_median": 1.8}
+    assert s["paired_ratio"] == {
+        "compile_cpu_s": [1.8, 1.167, 2.0],
+        "compile_cpu_s_median": 1.8,
+        "compile_cpu_s_median_ci": None,  # 3 repeats bound no 90% interval
+    }
+
+
+def test_median_interval_is_the_binomial_order_statistic_interval():
+    mi = load_experiment("compile_ratio").median_interval
+    # n = 10: [x_(2), x_(9)] covers 1 - 2 * 11/1024 = 97.85%; [x_(3), x_(8)] only 89%.
+    xs = [3.0, 9.0, 1.0, 7.0, 5.0, 2.0, 8.0, 4.0, 10.0, 6.0]
+    assert mi(xs) == {"low": 2.0, "high": 9.0, "coverage": 0.9785, "n": 10}
+    assert mi(xs, level=0.85) == {"low": 3.0, "high": 8.0, "coverage": 0.8906, "n": 10}
+    # n = 5: only the whole range, 1 - 2/32 = 93.75%; n = 4 (87.5% at most): none at 90%.
+    assert mi([5.0, 1.0, 4.0, 2.0, 3.0]) == {"low": 1.0, "high": 5.0, "coverage": 0.9375, "n": 5}
+    assert mi([1.0, 2.0, 3.0, 4.0]) is None
+    # The coverage, by enumeration: each draw falls below the true median with probability 1/2,
+    # and [x_(k), x_(n+1-k)] holds it when at least k fall below and at least k above.
+    n = 12
+    got = mi([float(i) for i in range(n)])
+    k = int(got["low"]) + 1
+    hits = sum(
+        1 for pattern in product((0, 1), repeat=n) if sum(pattern) >= k and n - sum(pattern) >= k
+    )
+    assert got["coverage"] == round(hits / 2**n, 4) >= 0.9
+    # one order statistic further in would fall below 90%
+    inner = sum(1 for p in product((0, 1), repeat=n) if min(sum(p), n - sum(p)) >= k + 1)
+    assert inner / 2**n < 0.9
 
 
 def test_compile_ratio_pools_earlier_results(tmp_path, capsys):
@@ -239,6 +267,39 @@ def test_compile_ratio_pools_earlier_results(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cr.main(["--pool", *map(str, files)])
     assert "accepted: the same as" in capsys.readouterr().err
+
+
+def test_compile_ratio_pools_chosen_series_of_one_program_across_scripts(tmp_path, capsys):
+    cr = load_experiment("compile_ratio")
+    size = {"instructions": 70, "fusions": 7, "outer_branch_fusions": 2}
+    run = lambda c, **kw: {"compile_cpu_s": c, "compile_s": c, **size, **kw}  # noqa: E731
+    ratio = {"scale_sim_args": ["--layers", "2"], "methods": {}}
+    ratio["methods"] = {"aroma": {"runs": [run(6.0)]}, "lora": {"runs": [run(4.0)]}}
+    ablation = {"scale_sim_args": ["--layers", "2"], "series": {}}  # compile_ablation's layout
+    ablation["series"] = {
+        "aroma": {"runs": [run(9.0), run(5.0)]},
+        "lora": {"runs": [run(6.0), run(5.0)]},
+        "aroma/no-outer-step": {"runs": [run(4.0), run(4.0)]},
+    }
+    files = [tmp_path / "ratio.json", tmp_path / "ablation.json"]
+    for f, r in zip(files, (ratio, ablation), strict=True):
+        f.write_text(json.dumps(r))
+    got = cr.main(["--pool", *map(str, files), "--series", "aroma,lora"])
+    assert list(got["methods"]) == ["aroma", "lora"]
+    assert got["paired_ratio"]["compile_cpu_s"] == [1.5, 1.5, 1.0]
+    # without --series the files' series must be the same
+    with pytest.raises(SystemExit):
+        cr.main(["--pool", *map(str, files)])
+    assert "accepted: the same as" in capsys.readouterr().err
+    # another program (a different size) under the same name is refused
+    ablation["series"]["lora"]["runs"][1]["instructions"] = 71
+    files[1].write_text(json.dumps(ablation))
+    with pytest.raises(SystemExit):
+        cr.main(["--pool", *map(str, files), "--series", "aroma,lora"])
+    assert "size differed between runs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cr.main(["--series", "aroma,lora", "--", "--layers", "2"])
+    assert "--series selects what --pool pools" in capsys.readouterr().err
 
 
 def test_compile_ratio_program_sizes_are_exact_and_divided():

@@ -123,3 +123,19 @@ def test_no_outer_step_never_merges(monkeypatch, name):
         ABLATION.ABLATIONS[name](m.setattr)
         _, info = rebuilt(trainer, state).step(due, batch)
     assert not bool(info.outer) and not bool(info.merged.any())
+
+
+def test_packed_operands_computes_the_same_step(monkeypatch):
+    # Pure data movement around the outer step's lax.cond: the same state leaf for leaf, at an
+    # outer step (every module merges) and at an ordinary step.
+    trainer, state, _, batch = trained_toy()
+    due = state._replace(ctrl=state.ctrl._replace(inner_t=jnp.asarray(CAP - 1, jnp.int32)))
+    with monkeypatch.context() as m:
+        ABLATION.ABLATIONS["packed-operands"](m.setattr)
+        packed = rebuilt(trainer, state)
+        got = [packed.step(s, batch) for s in (state, due)]
+    want = [trainer.step(s, batch) for s in (state, due)]
+    assert bool(want[1][1].merged.all()) and not bool(want[0][1].outer)
+    for (g_state, g_info), (w_state, w_info) in zip(got, want, strict=True):
+        for a, b in zip(host((g_state, g_info)), host((w_state, w_info)), strict=True):
+            np.testing.assert_array_equal(a, b)

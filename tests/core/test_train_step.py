@@ -62,6 +62,35 @@ def test_merge_leaves_output_unchanged_and_reinit_zeroes_b(fold):
     assert (trainer.folded == frozenset(trainer.paths)) == (fold == "auto")
 
 
+@pytest.mark.parametrize("fold", ["never", "auto"])
+def test_the_steps_eq6_is_the_dense_ratio_at_every_merge(fold):
+    """Eq. 6 in the jitted step, kept as |W0 + dW|^2 updated by each merge, equals
+    ``s |a b| / |W0 + dW|`` formed densely from the frozen slots, at every outer step (with
+    several merges behind it), for factors and folded kernels."""
+    cfg = toy_config(fold=fold, outer_tol=0.0, inner_max_steps=6, r=2, alpha=3.0)
+    trainer, state, model, teacher = make(cfg)
+    w0 = {p: np.asarray(k, np.float64) for p, k in trainer.kernels(state.base).items()}
+    s, r, seen = cfg.scale, cfg.r, 0
+    for batch in batches(teacher, model, 32, 30):
+        state, info = trainer.step(state, batch)
+        if not bool(info.outer):
+            continue
+        for i, p in enumerate(trainer.paths):
+            assert bool(info.merged[i])
+            m = int(state.adapters.merges[p])  # the merged pair is in slot m - 1
+            fa = np.asarray(state.adapters.frozen[p].a, np.float64)
+            fb = np.asarray(state.adapters.frozen[p].b, np.float64)
+            before = w0[p] + s * fa[:, : (m - 1) * r] @ fb[: (m - 1) * r]
+            pair = fa[:, (m - 1) * r : m * r] @ fb[(m - 1) * r : m * r]
+            want = s * np.linalg.norm(pair) / np.linalg.norm(before)
+            np.testing.assert_allclose(float(info.rho_out[i]), want, rtol=2e-5)
+            if fold == "auto":  # the folded kernel holds W0 + dW, this pair included
+                k = np.asarray(trainer.kernels(state.base)[p], np.float64)
+                np.testing.assert_allclose(k, before + s * pair, atol=1e-5)
+        seen += 1
+    assert seen == 5  # outer steps at 6, 12, ..., 30: up to four merges behind eq. 6
+
+
 @pytest.mark.parametrize("r", [1, 4])
 def test_bf16_bases_keep_factors_and_train_in_bf16(r):
     """bf16 kernels computing in bf16: nothing folds, merges fill the factor slots, and the
