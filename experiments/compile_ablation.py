@@ -16,9 +16,12 @@ the library in the child process only, before the step is traced; the resulting 
 compute something else and are for measuring the compiler, never for training. Two series
 split the step in two: ``no-outer-step`` (everything but the outer step) and
 ``outer-step-alone`` (only the outer step, as its own program), so the cost of running the outer
-step as a second program is the sum of their compiles. ``packed-operands`` passes the outer
-step's state through its ``lax.cond`` as one flat buffer per dtype (the same step, leaf for
-leaf: what a flat-buffer layout would give the branch). ``a+b`` applies both replacements.
+step as a second program is the sum of their compiles; ``state-passthrough`` (a step that
+returns its state) is what any program with those inputs and outputs costs. Two series compute
+the same step, leaf for leaf, with part of it elsewhere: ``packed-operands`` passes the outer
+step's state through its ``lax.cond`` as one flat buffer per dtype (what a flat-buffer layout
+would give the branch), ``eq6-base-norm-every-step`` computes eq. 6's ``|W0 + dW|`` before the
+branch, every step. ``a+b`` applies both replacements.
 
 Reported per series: the compile seconds (CPU and wall; medians, minima, every run), the
 optimized program's exact size (`compile_ratio.program_size`), and the per-repeat ratios (the
@@ -82,6 +85,20 @@ def _outer_step_alone(patch: Patch = setattr) -> None:
     patch(train_step.AromaTrainer, "_step_impl", outer_alone)
 
 
+def _state_passthrough(patch: Patch = setattr) -> None:
+    """A step that computes nothing: the state comes back as it went in. What any program with
+    the step's inputs and outputs (the whole sharded state, base weights included) costs the
+    compiler before it computes anything: the floor under a second program."""
+    from aroma_jax.core import controller, train_step
+
+    def passthrough(self, state, batch):
+        del batch
+        self._traces += 1
+        return state, controller.no_outer_info(len(self.paths))
+
+    patch(train_step.AromaTrainer, "_step_impl", passthrough)
+
+
 def _outer_step_as_selects(patch: Patch = setattr) -> None:
     """The outer step computed every step and selected (``jnp.where``) instead of branched to."""
     import jax
@@ -94,6 +111,47 @@ def _outer_step_as_selects(patch: Patch = setattr) -> None:
         return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
 
     patch(train_step, "lax", types.SimpleNamespace(cond=cond))
+
+
+def _eq6_base_norm_every_step(patch: Patch = setattr) -> None:
+    """Eq. 6's ``|W0 + dW|^2`` of the unfolded modules computed every step, before the outer
+    step's ``lax.cond``, and handed to the branch (the same step: only where the product of
+    each kernel with its frozen factors is compiled moves, out of the branch)."""
+    from aroma_jax.core import controller, norms, train_step
+
+    outer_step_if = train_step.AromaTrainer.outer_step_if
+    full_norm = norms.base_plus_product_sq_norm
+
+    def hoisted(self, outer, ctrl, adapters, opt_state, base, extra, keys, reset_rng, now):
+        kernels, s = self.kernels(base), self.cfg.scale
+        norm_sq = {
+            p: ctrl.base_sq[p]
+            if p in self.folded
+            else controller.per_layer(
+                lambda w0_sq, w0, a, b: full_norm(w0_sq, w0, a, b, s), adapters.done[p].ndim
+            )(ctrl.base_sq[p], kernels[p], adapters.frozen[p].a, adapters.frozen[p].b)
+            for p in ctrl.base_sq
+        }
+        # Inside the branch eq. 6 reads the value computed above as it is.
+        norms.base_plus_product_sq_norm = lambda w0_sq, w0, a, b, scale: w0_sq
+        try:
+            out = outer_step_if(
+                self,
+                outer,
+                ctrl._replace(base_sq=norm_sq),
+                adapters,
+                opt_state,
+                base,
+                extra,
+                keys,
+                reset_rng,
+                now,
+            )
+        finally:
+            norms.base_plus_product_sq_norm = full_norm
+        return (out[0]._replace(base_sq=ctrl.base_sq), *out[1:])
+
+    patch(train_step.AromaTrainer, "outer_step_if", hoisted)
 
 
 def _no_random_draws(patch: Patch = setattr) -> None:
@@ -183,9 +241,11 @@ def _packed_operands(patch: Patch = setattr) -> None:
 ABLATIONS = {
     "no-outer-step": _no_outer_step,
     "outer-step-alone": _outer_step_alone,
+    "state-passthrough": _state_passthrough,
     "outer-step-as-selects": _outer_step_as_selects,
     "no-random-draws": _no_random_draws,
     "no-eq6-base-norm": _no_eq6_base_norm,
+    "eq6-base-norm-every-step": _eq6_base_norm_every_step,
     "no-optimizer-reset": _no_optimizer_reset,
     "packed-operands": _packed_operands,
 }

@@ -125,13 +125,15 @@ def test_no_outer_step_never_merges(monkeypatch, name):
     assert not bool(info.outer) and not bool(info.merged.any())
 
 
-def test_packed_operands_computes_the_same_step(monkeypatch):
-    # Pure data movement around the outer step's lax.cond: the same state leaf for leaf, at an
-    # outer step (every module merges) and at an ordinary step.
-    trainer, state, _, batch = trained_toy()
+@pytest.mark.parametrize("name", ["packed-operands", "eq6-base-norm-every-step"])
+def test_rearranged_steps_compute_the_same_step(monkeypatch, name):
+    # Data moved around the outer step's lax.cond, or eq. 6's base norm computed before it: the
+    # same state leaf for leaf, at an outer step (every module merges; fold="never", so eq. 6
+    # reads the frozen factors) and at an ordinary step.
+    trainer, state, _, batch = trained_toy(fold="never")
     due = state._replace(ctrl=state.ctrl._replace(inner_t=jnp.asarray(CAP - 1, jnp.int32)))
     with monkeypatch.context() as m:
-        ABLATION.ABLATIONS["packed-operands"](m.setattr)
+        ABLATION.ABLATIONS[name](m.setattr)
         packed = rebuilt(trainer, state)
         got = [packed.step(s, batch) for s in (state, due)]
     want = [trainer.step(s, batch) for s in (state, due)]

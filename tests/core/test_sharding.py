@@ -116,7 +116,8 @@ def reference(runs):
         ("roberta", "data=8"),
         ("roberta", "fsdp=8"),
         ("roberta", "data=2,fsdp=2,tensor=2"),
-        ("llama", "tensor=8"),
+        # tensor parallelism alone (the other llama meshes hold a tensor axis too): slow tier
+        pytest.param("llama", "tensor=8", marks=pytest.mark.slow),
         ("llama", "fsdp=4,tensor=2"),
         ("llama", "data=2,fsdp=2,tensor=2"),
     ],

@@ -42,6 +42,7 @@ def cfg(method):
 
 # DoRA's run differs from AdaLoRA's only inside the trainer (tested in tests/core) and in its
 # final tensors (tests/train/test_export_dora_adalora.py); one method keeps this test short.
+@pytest.mark.slow  # a full AdaLoRA run through the runner, about 35 s (make test-slow)
 @pytest.mark.parametrize("method", ["adalora"])
 def test_run_and_peft_export(fake_assets, tmp_path, method):
     run = tmp_path / "run"

@@ -100,6 +100,7 @@ def reference(fake_assets, tmp_path_factory):
 # such a directory by the temporary suffix of its name, whatever it holds, and the manager skips
 # it and removes it when next opened. "before-rename" is the stronger of the two: its directory
 # is complete, so only the name says that it must not be restored.
+@pytest.mark.slow  # two killed and resumed runs in subprocesses: about 75 s (make test-slow)
 @pytest.mark.parametrize("point", ["before-rename", "after-rename"])
 def test_sigkill_inside_a_checkpoint_save_then_resume(reference, tmp_path, point):
     out = tmp_path / "run"
