@@ -142,6 +142,7 @@ def test_disk_error_in_checkpoint_writer_keeps_the_previous(tmp_path, monkeypatc
     mgr.close()
 
 
+@pytest.mark.slow  # a run stopped by a full disk, then resumed through the runner: about 35 s
 def test_disk_full_during_training_then_resume(reference, tmp_path, monkeypatch, capsys):
     """Through the CLI: a one-line error, exit 2, the previous checkpoint intact; the resumed
     run then finishes exactly like the uninterrupted one."""
