@@ -30,7 +30,6 @@ median of each repeat's two compiles, run back to back) to the full AROMA step a
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -289,11 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
     if argv[:1] == ["--child"]:
         child(argv[1:])
         return {}
-    sim_args: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, sim_args = argv[:i], argv[i + 1 :]
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p, argv, sim_args = compile_ratio.parser(argv, __doc__, "series")
     p.add_argument(
         "--ablations",
         default=",".join(ABLATIONS),
@@ -301,13 +296,8 @@ def main(argv: list[str] | None = None) -> dict:
         "both (e.g. outer-step-alone+no-eq6-base-norm: what eq. 6's base norm costs the outer "
         "step's own program)",
     )
-    p.add_argument("--repeats", type=int, default=3, help="processes per series, alternating (3)")
-    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
-    if "--method" in sim_args or "--out" in sim_args:
-        p.error("pass --out before --, and no --method: the series fix it")
-    if args.repeats < 1:
-        p.error(f"--repeats {args.repeats}: accepted a positive integer")
+    compile_ratio.check_compile_args(p, args.repeats, sim_args)
     names = [a for a in args.ablations.split(",") if a]
     unknown = [a for a in names if any(part not in ABLATIONS for part in a.split("+"))]
     if unknown:

@@ -330,21 +330,42 @@ def _size_ratio(a: dict, b: dict) -> dict:
     return {k: round(a[k] / b[k], 3) if b[k] else (None if a[k] else 1.0) for k in keys}
 
 
+def parser(
+    argv: list[str], description: str, per: str
+) -> tuple[argparse.ArgumentParser, list[str], list[str]]:
+    """What this script and `compile_ablation.py` parse alike: ``(parser with --repeats and
+    --out, the arguments before ``--``, scale_sim's arguments after it)``; ``per``: what one
+    repeat compiles once ("method", "series")."""
+    sim_args: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, sim_args = argv[:i], argv[i + 1 :]
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument("--repeats", type=int, default=3, help=f"processes per {per}, alternating (3)")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    return p, argv, sim_args
+
+
+def check_compile_args(p: argparse.ArgumentParser, repeats: int, sim_args: list[str]) -> None:
+    """``--repeats`` positive, and no ``--method`` or ``--out`` for scale_sim (the series fix
+    the method; ``--out`` belongs before ``--``)."""
+    if "--method" in sim_args or "--out" in sim_args:
+        p.error("pass --out before --, and no --method after it: the series fix the method")
+    if repeats < 1:
+        p.error(f"--repeats {repeats}: accepted a positive integer")
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
         child(argv[1:])
         return {}
-    sim_args: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, sim_args = argv[:i], argv[i + 1 :]
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p, argv, sim_args = parser(argv, __doc__, "method")
     p.add_argument(
         "--methods", default="aroma,lora", help="comma-separated scale_sim methods (aroma,lora)"
     )
-    p.add_argument("--repeats", type=int, default=3, help="processes per method, alternating (3)")
-    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument(
         "--baseline",
         type=Path,
@@ -381,10 +402,7 @@ def main(argv: list[str] | None = None) -> dict:
         return _report(
             result, ours, next((m for m in result["methods"] if m not in ours), None), args.out
         )
-    if "--method" in sim_args or "--out" in sim_args:
-        p.error("pass --methods and --out before --, not to scale_sim after it")
-    if args.repeats < 1:
-        p.error(f"--repeats {args.repeats}: accepted a positive integer")
+    check_compile_args(p, args.repeats, sim_args)
     methods = [m for m in args.methods.split(",") if m]
     series = {m: (m, None) for m in methods}  # name -> (method, checkout)
     baseline = None

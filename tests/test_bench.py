@@ -488,6 +488,22 @@ def test_compile_ablation_removes_the_part_it_names(tmp_path):
             )
 
 
+@pytest.mark.parametrize("script", ["compile_ratio", "compile_ablation"])
+def test_compile_scripts_share_their_argument_checks(script, capsys):
+    main = load_experiment(script).main
+    for argv, says in (
+        (["--repeats", "0", "--", "--layers", "2"], "--repeats 0: accepted a positive integer"),
+        (["--", "--layers", "2", "--method", "lora"], "no --method after it"),
+        (["--", "--out", "x.json"], "pass --out before --"),
+    ):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert says in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "processes per" in capsys.readouterr().out
+
+
 def test_compile_ablation_rejects_an_unknown_ablation():
     res = subprocess.run(
         [
