@@ -128,16 +128,24 @@ def test_no_outer_step_never_merges(monkeypatch, name):
 @pytest.mark.parametrize("name", ["packed-operands", "eq6-base-norm-every-step"])
 def test_rearranged_steps_compute_the_same_step(monkeypatch, name):
     # Data moved around the outer step's lax.cond, or eq. 6's base norm computed before it: the
-    # same state leaf for leaf, at an outer step (every module merges; fold="never", so eq. 6
-    # reads the frozen factors) and at an ordinary step.
+    # same state leaf for leaf at an ordinary step and at two outer steps (every module merges;
+    # fold="never", so eq. 6 reads the frozen factors), the second with a merge behind it, so
+    # eq. 6's product of each kernel with its frozen factors is not zero.
     trainer, state, _, batch = trained_toy(fold="never")
-    due = state._replace(ctrl=state.ctrl._replace(inner_t=jnp.asarray(CAP - 1, jnp.int32)))
+
+    def due(s):
+        return s._replace(ctrl=s.ctrl._replace(inner_t=jnp.asarray(CAP - 1, jnp.int32)))
+
+    want = [trainer.step(s, batch) for s in (state, due(state))]
+    merged = want[1][0]
+    want.append(trainer.step(due(merged), batch))
     with monkeypatch.context() as m:
         ABLATION.ABLATIONS[name](m.setattr)
-        packed = rebuilt(trainer, state)
-        got = [packed.step(s, batch) for s in (state, due)]
-    want = [trainer.step(s, batch) for s in (state, due)]
-    assert bool(want[1][1].merged.all()) and not bool(want[0][1].outer)
+        rearranged = rebuilt(trainer, state)
+        got = [rearranged.step(s, batch) for s in (state, due(state), due(merged))]
+    assert not bool(want[0][1].outer)
+    assert bool(want[1][1].merged.all()) and bool(want[2][1].merged.all())
+    assert trainer.ranks(want[2][0]) == {p: 2 for p in trainer.paths}
     for (g_state, g_info), (w_state, w_info) in zip(got, want, strict=True):
         for a, b in zip(host((g_state, g_info)), host((w_state, w_info)), strict=True):
             np.testing.assert_array_equal(a, b)
