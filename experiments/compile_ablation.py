@@ -21,7 +21,13 @@ returns its state) is what any program with those inputs and outputs costs. Two 
 the same step, leaf for leaf, with part of it elsewhere: ``packed-operands`` passes the outer
 step's state through its ``lax.cond`` as one flat buffer per dtype (what a flat-buffer layout
 would give the branch), ``eq6-base-norm-every-step`` computes eq. 6's ``|W0 + dW|`` before the
-branch, every step. ``a+b`` applies both replacements.
+branch, every step. Four more change how the step is written, not what it computes (the
+last three to rounding or in their random stream): ``outer-step-layer-loop`` maps the outer
+step's per-module work over a stacked module's layers with ``lax.map`` instead of ``vmap``;
+``eq6-contract-out-first`` and ``eq6-contract-larger-first`` contract eq. 6's ``<W0, A B>`` in
+another order (so that a kernel sharded on its input axis all-reduces a scalar, not a
+``(k, out)`` product); ``rbg-keys`` makes the trainer's keys ``rbg`` keys (XLA's
+``RngBitGenerator`` instead of Threefry). ``a+b`` applies both replacements.
 
 Reported per series: the compile seconds (CPU and wall; medians, minima, every run), the
 optimized program's exact size (`compile_ratio.program_size`), and the per-repeat ratios (the
@@ -237,6 +243,80 @@ def _packed_operands(patch: Patch = setattr) -> None:
     patch(train_step, "lax", types.SimpleNamespace(cond=cond))
 
 
+def _outer_step_layer_loop(patch: Patch = setattr) -> None:
+    """The outer step's per-module work mapped over a stacked module's layers by a loop
+    (``lax.map``: one layer's slices per iteration) instead of ``vmap`` over the stacked arrays:
+    the same step, but what the compiler sees does not grow with the layer count. The inner
+    check keeps its ``vmap``."""
+    import functools
+
+    from jax import lax
+
+    from aroma_jax.core import controller
+
+    vmapped, outer_step = controller.per_layer, controller.outer_step
+
+    def per_layer_loop(fn, lead_ndim):
+        for _ in range(lead_ndim):
+            fn = functools.partial(lambda f, *xs: lax.map(lambda x: f(*x), xs), fn)
+        return fn
+
+    def looped(*args, **kwargs):
+        controller.per_layer = per_layer_loop  # only while the outer step is traced
+        try:
+            return outer_step(*args, **kwargs)
+        finally:
+            controller.per_layer = vmapped
+
+    patch(controller, "outer_step", looped)
+
+
+def _rbg_keys(patch: Patch = setattr) -> None:
+    """The trainer's keys made as ``rbg`` keys: random bits from XLA's ``RngBitGenerator``
+    instead of the Threefry hash, which XLA compiles as a graph of its own for every draw.
+    Other draws than the library's (same statistics, another stream)."""
+    import functools
+
+    import jax
+
+    patch(jax.random, "key", functools.partial(jax.random.key, impl="rbg"))
+
+
+def _eq6_contract_out_first(patch: Patch = setattr) -> None:
+    """Eq. 6's ``<W0, A B>`` as ``sum(A * (W0 B^T))`` (the kernel contracted over its output
+    axis first) instead of ``sum((A^T W0) * B)``: the same number, but where the kernel's input
+    axis is sharded (fsdp on q, k, v, up) the product stays sharded and only a scalar is
+    all-reduced, not the ``(k, out)`` product."""
+    import jax.numpy as jnp
+
+    from aroma_jax.core import norms
+
+    def inner(w, a, b):
+        f = jnp.float32
+        return jnp.sum(a.astype(f) * (w.astype(f) @ b.astype(f).T))
+
+    patch(norms, "kernel_product_inner", inner)
+
+
+def _eq6_contract_larger_first(patch: Patch = setattr) -> None:
+    """Eq. 6's ``<W0, A B>`` with the kernel contracted over its larger axis first (its output
+    axis on ties): ``sum(A * (W0 B^T))`` or ``sum((A^T W0) * B)``. On the llama shapes under
+    fsdp the larger axis is the unsharded one for q, up and down, so their products stay
+    local and only scalars are all-reduced (k and v, 512 x 256, still all-reduce theirs)."""
+    import jax.numpy as jnp
+
+    from aroma_jax.core import norms
+
+    def inner(w, a, b):
+        f = jnp.float32
+        w, a, b = w.astype(f), a.astype(f), b.astype(f)
+        if w.shape[-2] > w.shape[-1]:
+            return jnp.sum((a.T @ w) * b)
+        return jnp.sum(a * (w @ b.T))
+
+    patch(norms, "kernel_product_inner", inner)
+
+
 ABLATIONS = {
     "no-outer-step": _no_outer_step,
     "outer-step-alone": _outer_step_alone,
@@ -247,6 +327,10 @@ ABLATIONS = {
     "eq6-base-norm-every-step": _eq6_base_norm_every_step,
     "no-optimizer-reset": _no_optimizer_reset,
     "packed-operands": _packed_operands,
+    "outer-step-layer-loop": _outer_step_layer_loop,
+    "rbg-keys": _rbg_keys,
+    "eq6-contract-out-first": _eq6_contract_out_first,
+    "eq6-contract-larger-first": _eq6_contract_larger_first,
 }
 
 
