@@ -27,7 +27,8 @@ step's per-module work over a stacked module's layers with ``lax.map`` instead o
 ``eq6-contract-out-first`` and ``eq6-contract-larger-first`` contract eq. 6's ``<W0, A B>`` in
 another order (so that a kernel sharded on its input axis all-reduces a scalar, not a
 ``(k, out)`` product); ``rbg-keys`` makes the trainer's keys ``rbg`` keys (XLA's
-``RngBitGenerator`` instead of Threefry). ``a+b`` applies both replacements.
+``RngBitGenerator`` instead of Threefry); ``fresh-draw-in-chunks`` draws the fresh pairs in a
+loop of chunks (another stream too). ``a+b`` applies both replacements.
 
 Reported per series: the compile seconds (CPU and wall; medians, minima, every run), the
 optimized program's exact size (`compile_ratio.program_size`), and the per-repeat ratios (the
@@ -317,6 +318,55 @@ def _eq6_contract_larger_first(patch: Patch = setattr) -> None:
     patch(norms, "kernel_product_inner", inner)
 
 
+FRESH_CHUNK = 16384  # entries per draw of `fresh-draw-in-chunks`
+
+
+def _fresh_draw_in_chunks(patch: Patch = setattr) -> None:
+    """The fresh pairs' one ``uniform`` over every module's ``a`` drawn in a loop of
+    `FRESH_CHUNK`-entry chunks (each its own ``fold_in`` key): the Threefry kernel compiles for
+    one chunk, not for the whole vector. Other draws than the library's (another stream)."""
+    import jax
+    import jax.numpy as jnp
+
+    uniform, chunk = jax.random.uniform, FRESH_CHUNK
+
+    def chunked(key, shape=(), dtype=jnp.float32, minval=0.0, maxval=1.0):
+        (n,) = shape
+        if n <= chunk:
+            return uniform(key, shape, dtype, minval, maxval)
+        m = -(-n // chunk)
+
+        def one(i, buf):
+            u = uniform(jax.random.fold_in(key, i), (chunk,), dtype, minval, maxval)
+            return jax.lax.dynamic_update_slice(buf, u, (i * chunk,))
+
+        return jax.lax.fori_loop(0, m, one, jnp.zeros((m * chunk,), dtype))[:n]
+
+    def fresh_pairs(key, specs, r):
+        from aroma_jax.core import adapters
+
+        with _patched(jax.random, "uniform", chunked):
+            return adapters.fresh_pairs(key, specs, r)
+
+    from aroma_jax.core import controller
+
+    patch(controller, "fresh_pairs", fresh_pairs)
+
+
+class _patched:
+    """``setattr(obj, name, value)`` for the duration of a ``with`` block."""
+
+    def __init__(self, obj, name, value):
+        self.obj, self.name, self.value = obj, name, value
+
+    def __enter__(self):
+        self.old = getattr(self.obj, self.name)
+        setattr(self.obj, self.name, self.value)
+
+    def __exit__(self, *exc):
+        setattr(self.obj, self.name, self.old)
+
+
 ABLATIONS = {
     "no-outer-step": _no_outer_step,
     "outer-step-alone": _outer_step_alone,
@@ -331,6 +381,7 @@ ABLATIONS = {
     "rbg-keys": _rbg_keys,
     "eq6-contract-out-first": _eq6_contract_out_first,
     "eq6-contract-larger-first": _eq6_contract_larger_first,
+    "fresh-draw-in-chunks": _fresh_draw_in_chunks,
 }
 
 

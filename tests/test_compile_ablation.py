@@ -98,6 +98,7 @@ NEW_STATE = ("rbg-keys",)
 def test_every_ablation_compiles_another_program(monkeypatch):
     # fold="never": eq. 6 reads the factors (with folded kernels it reads the kernel's norm).
     trainer, state, _, batch = trained_toy(steps=2, fold="never")
+    monkeypatch.setattr(ABLATION, "FRESH_CHUNK", 32)  # the toy draws 96 entries: 3 chunks
     full = program(trainer, state, batch)
     seen = {full}
     for name, ablate in ABLATION.ABLATIONS.items():
@@ -233,3 +234,21 @@ def test_eq6_contraction_orders_give_the_same_ratios(monkeypatch):
             np.testing.assert_allclose(g_info.rho_out, w_info.rho_out, rtol=1e-5)
             np.testing.assert_array_equal(g_info.merged, w_info.merged)
         assert np.isfinite(np.asarray(got[2][1].rho_out)).all()
+
+
+def test_fresh_draw_in_chunks_draws_kaiming_uniform_pairs(monkeypatch):
+    # Three chunks of 32 for the toy's three 32 x 1 pairs: each module gets its own draws,
+    # inside the Kaiming bound, and not the library's (another stream).
+    trainer, state, _, batch = trained_toy(steps=2)
+    want, _ = trainer.step(due(state), batch)
+    monkeypatch.setattr(ABLATION, "FRESH_CHUNK", 32)
+    with monkeypatch.context() as m:
+        ABLATION.ABLATIONS["fresh-draw-in-chunks"](m.setattr)
+        got, info = rebuilt(trainer, state).step(due(state), batch)
+    assert bool(info.merged.all())
+    fresh = [np.asarray(got.adapters.pairs[p].a) for p in trainer.paths]
+    bound = 1.0 / np.sqrt(D_IN)
+    for p, a in zip(trainer.paths, fresh, strict=True):
+        assert a.shape == (D_IN, 1) and np.all(np.abs(a) <= bound) and a.std() > bound / 4
+        assert not np.array_equal(a, np.asarray(want.adapters.pairs[p].a))
+    assert not np.array_equal(fresh[0], fresh[1]) and not np.array_equal(fresh[1], fresh[2])

@@ -56,3 +56,12 @@ def test_main_needs_scale_sim_arguments(capsys):
     with pytest.raises(SystemExit):
         LLO.main(["--ablation", "outer-step-alone"])
     assert "after '--'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_compile_for_the_cpu_is_refused_with_the_way_to_a_tpu_one():
+    # No --topology: XLA:CPU compiles the step, and libtpu wrote no dump to read.
+    from tests.test_bench import TINY_SIM
+
+    with pytest.raises(SystemExit, match="give a TPU --topology"):
+        LLO.main(["--", *TINY_SIM])
