@@ -21,8 +21,8 @@ returns its state) is what any program with those inputs and outputs costs. Two 
 the same step, leaf for leaf, with part of it elsewhere: ``packed-operands`` passes the outer
 step's state through its ``lax.cond`` as one flat buffer per dtype (what a flat-buffer layout
 would give the branch), ``eq6-base-norm-every-step`` computes eq. 6's ``|W0 + dW|`` before the
-branch, every step. Four more change how the step is written, not what it computes (the
-last three to rounding or in their random stream): ``outer-step-layer-loop`` maps the outer
+branch, every step. Five more change how the step is written, not what it computes (up to
+rounding or another random stream): ``outer-step-layer-loop`` maps the outer
 step's per-module work over a stacked module's layers with ``lax.map`` instead of ``vmap``;
 ``eq6-contract-out-first`` and ``eq6-contract-larger-first`` contract eq. 6's ``<W0, A B>`` in
 another order (so that a kernel sharded on its input axis all-reduces a scalar, not a
@@ -37,11 +37,12 @@ median of each repeat's two compiles, run back to back) to the full AROMA step a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -51,6 +52,18 @@ import compile_ratio  # noqa: E402  (beside this script; it imports no jax at mo
 # How an ablation replaces an attribute: ``setattr`` in the child process, or pytest's
 # ``monkeypatch.setattr`` in a test (undone after it).
 Patch = Callable[[object, str, object], None]
+
+
+@contextlib.contextmanager
+def _swapped(obj: object, name: str, value: object) -> Iterator[None]:
+    """``obj.name`` is ``value`` inside the block (while one function is traced), then again
+    what it was."""
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
 
 
 def _no_outer_step(patch: Patch = setattr) -> None:
@@ -139,8 +152,8 @@ def _eq6_base_norm_every_step(patch: Patch = setattr) -> None:
             for p in ctrl.base_sq
         }
         # Inside the branch eq. 6 reads the value computed above as it is.
-        norms.base_plus_product_sq_norm = lambda w0_sq, w0, a, b, scale: w0_sq
-        try:
+        as_is = lambda w0_sq, w0, a, b, scale: w0_sq  # noqa: E731
+        with _swapped(norms, "base_plus_product_sq_norm", as_is):
             out = outer_step_if(
                 self,
                 outer,
@@ -153,8 +166,6 @@ def _eq6_base_norm_every_step(patch: Patch = setattr) -> None:
                 reset_rng,
                 now,
             )
-        finally:
-            norms.base_plus_product_sq_norm = full_norm
         return (out[0]._replace(base_sq=ctrl.base_sq), *out[1:])
 
     patch(train_step.AromaTrainer, "outer_step_if", hoisted)
@@ -255,7 +266,7 @@ def _outer_step_layer_loop(patch: Patch = setattr) -> None:
 
     from aroma_jax.core import controller
 
-    vmapped, outer_step = controller.per_layer, controller.outer_step
+    outer_step = controller.outer_step
 
     def per_layer_loop(fn, lead_ndim):
         for _ in range(lead_ndim):
@@ -263,11 +274,8 @@ def _outer_step_layer_loop(patch: Patch = setattr) -> None:
         return fn
 
     def looped(*args, **kwargs):
-        controller.per_layer = per_layer_loop  # only while the outer step is traced
-        try:
+        with _swapped(controller, "per_layer", per_layer_loop):
             return outer_step(*args, **kwargs)
-        finally:
-            controller.per_layer = vmapped
 
     patch(controller, "outer_step", looped)
 
@@ -345,26 +353,12 @@ def _fresh_draw_in_chunks(patch: Patch = setattr) -> None:
     def fresh_pairs(key, specs, r):
         from aroma_jax.core import adapters
 
-        with _patched(jax.random, "uniform", chunked):
+        with _swapped(jax.random, "uniform", chunked):
             return adapters.fresh_pairs(key, specs, r)
 
     from aroma_jax.core import controller
 
     patch(controller, "fresh_pairs", fresh_pairs)
-
-
-class _patched:
-    """``setattr(obj, name, value)`` for the duration of a ``with`` block."""
-
-    def __init__(self, obj, name, value):
-        self.obj, self.name, self.value = obj, name, value
-
-    def __enter__(self):
-        self.old = getattr(self.obj, self.name)
-        setattr(self.obj, self.name, self.value)
-
-    def __exit__(self, *exc):
-        setattr(self.obj, self.name, self.old)
 
 
 ABLATIONS = {
