@@ -38,6 +38,7 @@ median of each repeat's two compiles, run back to back) to the full AROMA step a
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import sys
@@ -260,8 +261,6 @@ def _outer_step_layer_loop(patch: Patch = setattr) -> None:
     (``lax.map``: one layer's slices per iteration) instead of ``vmap`` over the stacked arrays:
     the same step, but what the compiler sees does not grow with the layer count. The inner
     check keeps its ``vmap``."""
-    import functools
-
     from jax import lax
 
     from aroma_jax.core import controller
@@ -284,34 +283,18 @@ def _rbg_keys(patch: Patch = setattr) -> None:
     """The trainer's keys made as ``rbg`` keys: random bits from XLA's ``RngBitGenerator``
     instead of the Threefry hash, which XLA compiles as a graph of its own for every draw.
     Other draws than the library's (same statistics, another stream)."""
-    import functools
-
     import jax
 
     patch(jax.random, "key", functools.partial(jax.random.key, impl="rbg"))
 
 
-def _eq6_contract_out_first(patch: Patch = setattr) -> None:
+def _eq6_contract_in_another_order(patch: Patch = setattr, larger_first: bool = False) -> None:
     """Eq. 6's ``<W0, A B>`` as ``sum(A * (W0 B^T))`` (the kernel contracted over its output
     axis first) instead of ``sum((A^T W0) * B)``: the same number, but where the kernel's input
     axis is sharded (fsdp on q, k, v, up) the product stays sharded and only a scalar is
-    all-reduced, not the ``(k, out)`` product."""
-    import jax.numpy as jnp
-
-    from aroma_jax.core import norms
-
-    def inner(w, a, b):
-        f = jnp.float32
-        return jnp.sum(a.astype(f) * (w.astype(f) @ b.astype(f).T))
-
-    patch(norms, "kernel_product_inner", inner)
-
-
-def _eq6_contract_larger_first(patch: Patch = setattr) -> None:
-    """Eq. 6's ``<W0, A B>`` with the kernel contracted over its larger axis first (its output
-    axis on ties): ``sum(A * (W0 B^T))`` or ``sum((A^T W0) * B)``. On the llama shapes under
-    fsdp the larger axis is the unsharded one for q, up and down, so their products stay
-    local and only scalars are all-reduced (k and v, 512 x 256, still all-reduce theirs)."""
+    all-reduced, not the ``(k, out)`` product. ``larger_first``: over whichever axis is larger
+    (the output axis on ties); on the llama shapes under fsdp that is the unsharded one for q,
+    up and down (k and v, 512 x 256, still all-reduce theirs)."""
     import jax.numpy as jnp
 
     from aroma_jax.core import norms
@@ -319,7 +302,7 @@ def _eq6_contract_larger_first(patch: Patch = setattr) -> None:
     def inner(w, a, b):
         f = jnp.float32
         w, a, b = w.astype(f), a.astype(f), b.astype(f)
-        if w.shape[-2] > w.shape[-1]:
+        if larger_first and w.shape[-2] > w.shape[-1]:
             return jnp.sum((a.T @ w) * b)
         return jnp.sum(a * (w @ b.T))
 
@@ -373,8 +356,10 @@ ABLATIONS = {
     "packed-operands": _packed_operands,
     "outer-step-layer-loop": _outer_step_layer_loop,
     "rbg-keys": _rbg_keys,
-    "eq6-contract-out-first": _eq6_contract_out_first,
-    "eq6-contract-larger-first": _eq6_contract_larger_first,
+    "eq6-contract-out-first": _eq6_contract_in_another_order,
+    "eq6-contract-larger-first": functools.partial(
+        _eq6_contract_in_another_order, larger_first=True
+    ),
     "fresh-draw-in-chunks": _fresh_draw_in_chunks,
 }
 
@@ -389,12 +374,15 @@ def child(argv: list[str]) -> None:
     compile_ratio.child(sim_args)
 
 
-def run(ablation: str, method: str, sim_args: list[str]) -> dict:
+def run(
+    ablation: str, method: str, sim_args: list[str], env_extra: dict[str, str] | None = None
+) -> dict:
     """One compile in a fresh process (`compile_ratio.run`'s, with this script as the child)."""
     return compile_ratio.run(
         method,
         sim_args,
         child_cmd=[sys.executable, str(Path(__file__).resolve()), "--child", ablation],
+        env_extra=env_extra,
     )
 
 

@@ -189,11 +189,13 @@ def run(
     sim_args: list[str],
     tree: Path | None = None,
     child_cmd: list[str] | None = None,
+    env_extra: dict[str, str] | None = None,
 ) -> dict:
     """One compile in a fresh process; ``tree``: another checkout whose code compiles it;
     ``child_cmd``: the command that compiles (default: this script's ``--child``), given the
-    scale_sim arguments and ``--method`` (`compile_ablation.py` passes its own)."""
-    env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="false")
+    scale_sim arguments and ``--method`` (`compile_ablation.py` passes its own);
+    ``env_extra``: more environment for the child (`tpu_llo_kernels.py`'s dump flag)."""
+    env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="false", **(env_extra or {}))
     # A compilation cache hit would skip the very compile measured here.
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     code = []
@@ -330,16 +332,21 @@ def _size_ratio(a: dict, b: dict) -> dict:
     return {k: round(a[k] / b[k], 3) if b[k] else (None if a[k] else 1.0) for k in keys}
 
 
+def split_sim_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``(the arguments before "--", scale_sim's arguments after it)``."""
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1 :]
+
+
 def parser(
     argv: list[str], description: str, per: str
 ) -> tuple[argparse.ArgumentParser, list[str], list[str]]:
     """What this script and `compile_ablation.py` parse alike: ``(parser with --repeats and
     --out, the arguments before ``--``, scale_sim's arguments after it)``; ``per``: what one
     repeat compiles once ("method", "series")."""
-    sim_args: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, sim_args = argv[:i], argv[i + 1 :]
+    argv, sim_args = split_sim_args(argv)
     p = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawTextHelpFormatter
     )

@@ -5,9 +5,9 @@
         --ablation outer-step-alone --out docs/scale/tpu-llo-kernels-outer-alone-L32.json -- \\
         --model llama-small --devices 8 --topology v5p:2x2x2 --batch 8 --seq 128 --layers 32
 
-Compiles one step (`compile_ablation.py`'s child: the full AROMA step with ``--ablation none``,
-or one of its ablations; ``--method`` among the arguments after ``--`` picks LoRA) in a fresh
-process with libtpu's low-level dumps on (``LIBTPU_INIT_ARGS=--xla_jf_dump_to=DIR``), then
+Compiles one step (`compile_ablation.run`: the full step of ``--method`` with ``--ablation
+none``, or one of its ablations; a fresh process, no compilation cache) with libtpu's
+low-level dumps on (``LIBTPU_INIT_ARGS=--xla_jf_dump_to=DIR``), then
 reads the dump. libtpu writes, for every kernel it generates, a file per stage of its backend
 named ``<start ns>-<kernel>-<stage>-<what>.txt``. Reported per kernel:
 
@@ -28,12 +28,15 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import compile_ablation  # noqa: E402  (beside this script; no jax at module level)
+import compile_ratio  # noqa: E402
+
 DUMP_FILE = re.compile(r"^(\d{10,})-(.+)-(\d\d)-([^/]+)\.txt$")
 OPERAND = re.compile(r"inlined_call_operand\.(.+?) \[shape: ([a-z0-9]+\[[^\]]*\])")
 
@@ -73,18 +76,11 @@ def parse_dump(root: Path) -> dict:
     }
 
 
-def compile_with_dump(ablation: str, sim_args: list[str], dump: Path) -> dict:
-    """One compile in a fresh process with libtpu's dumps in ``dump``; scale_sim's result."""
-    if "--method" not in sim_args:
-        sim_args = [*sim_args, "--method", "aroma"]
-    cmd = [sys.executable, str(HERE / "compile_ablation.py"), "--child", ablation, *sim_args]
+def compile_with_dump(ablation: str, method: str, sim_args: list[str], dump: Path) -> dict:
+    """One compile (`compile_ablation.run`) with libtpu's dumps in ``dump``; its result."""
     flags = os.environ.get("LIBTPU_INIT_ARGS", "")
-    env = dict(os.environ, LIBTPU_INIT_ARGS=f"{flags} --xla_jf_dump_to={dump}".strip())
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    line = next((x for x in out.stdout.splitlines() if x.startswith("COMPILE_RESULT ")), None)
-    if out.returncode or line is None:
-        raise RuntimeError(f"the compile failed ({out.returncode}):\n{out.stderr[-3000:]}")
-    result = json.loads(line[len("COMPILE_RESULT ") :])
+    dump_flag = {"LIBTPU_INIT_ARGS": f"{flags} --xla_jf_dump_to={dump}".strip()}
+    result = compile_ablation.run(ablation, method, sim_args, env_extra=dump_flag)
     if "TPU" not in str(result.get("target")):
         raise SystemExit(
             "tpu_llo_kernels.py reads libtpu's dumps: give a TPU --topology after '--' and put "
@@ -95,19 +91,23 @@ def compile_with_dump(ablation: str, sim_args: list[str], dump: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    ours, sim_args = (
-        (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    )
+    ours, sim_args = compile_ratio.split_sim_args(argv)
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--ablation", default="none", help="compile_ablation.py's, or none (default)")
+    p.add_argument("--method", default="aroma", help="scale_sim's method (default: aroma)")
     p.add_argument("--top", type=int, default=15, help="kernels printed (all are in --out)")
     p.add_argument("--out", type=Path, help="write the JSON here")
     p.add_argument("--keep", type=Path, help="keep the dump in this directory")
     args = p.parse_args(ours)
     if not sim_args:
         p.error("give scale_sim.py's arguments after '--' (model, layers, --topology ...)")
+    compile_ratio.check_compile_args(p, 1, sim_args)
+    known = ("none", *compile_ablation.ABLATIONS)
+    unknown = [a for a in args.ablation.split("+") if a not in known]
+    if unknown:
+        p.error(f"--ablation: unknown {unknown}; accepted: {', '.join(known)} ('a+b': both)")
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
         dump, tmp = args.keep, None
@@ -115,14 +115,19 @@ def main(argv: list[str] | None = None) -> dict:
         tmp = tempfile.TemporaryDirectory(prefix="llo-")
         dump = Path(tmp.name)
     try:
-        compiled = compile_with_dump(args.ablation, sim_args, dump)
-        result = {"scale_sim_args": sim_args, "ablation": args.ablation, "compile": compiled}
+        compiled = compile_with_dump(args.ablation, args.method, sim_args, dump)
+        result = {
+            "scale_sim_args": sim_args,
+            "method": args.method,
+            "ablation": args.ablation,
+            "compile": compiled,
+        }
         result.update(parse_dump(dump))
     finally:
         if tmp is not None:
             tmp.cleanup()
     print(
-        f"{args.ablation}: compile {compiled['compile_cpu_s']} CPU s; "
+        f"{args.method}, ablation {args.ablation}: compile {compiled['compile_cpu_s']} CPU s; "
         f"{len(result['kernels'])} kernels, {result['total_llo_bytes'] / 1e6:.1f} MB of LLO, "
         f"{result['span_s']} s from the first to the last"
     )

@@ -52,10 +52,15 @@ def test_parse_dump_of_an_empty_directory(tmp_path):
     assert LLO.parse_dump(tmp_path) == {"kernels": [], "total_llo_bytes": 0, "span_s": 0.0}
 
 
-def test_main_needs_scale_sim_arguments(capsys):
-    with pytest.raises(SystemExit):
-        LLO.main(["--ablation", "outer-step-alone"])
-    assert "after '--'" in capsys.readouterr().err
+def test_main_refuses_what_it_cannot_compile(capsys):
+    for argv, says in (
+        (["--ablation", "outer-step-alone"], "after '--'"),
+        (["--ablation", "no-such", "--", "--layers", "2"], "unknown ['no-such']"),
+        (["--", "--layers", "2", "--method", "lora"], "no --method after it"),
+    ):
+        with pytest.raises(SystemExit):
+            LLO.main(argv)
+        assert says in capsys.readouterr().err
 
 
 @pytest.mark.slow
