@@ -12,7 +12,9 @@ The runs: a tiny LLaMA (native model, 2 layers, GQA) on a copy task, AROMA r=1 w
 loops so that several outer steps merge and re-initialise within ``--steps``, and, late in the
 60-step default, stop some modules by eq. 6 (the done modules' masking then runs too); one run per
 configuration in ``--configs``: layers scanned (stacked adapters) or unrolled, fp32 kernels
-(folded) or bf16 (frozen factors applied), ``prune`` or ``full`` optimizer resets.
+(folded) or bf16 (frozen factors applied), ``prune`` or ``full`` optimizer resets; AROMA with
+``none`` (no reset); and LoRA, ReLoRA, DoRA, AdaLoRA (a budget pruning from 4 to 2 triplets) and
+head-only (``lm_head`` trained), each scanned in fp32 and unrolled in bf16 (``lora-scan-fp32``).
 
 Saved per run: every step's loss, ``rho_in``, ``rho_out``, ranks and outer/merged flags, and every
 leaf of the final train state (base params with folded kernels, adapters, optimizer state,
@@ -37,6 +39,17 @@ CONFIGS = [
         ("scan", "unrolled"), ("fp32", "bf16"), ("prune", "full")
     )
 ]
+# AROMA without resets and the other methods, each scanned in fp32 and unrolled in bf16.
+OTHERS = ("lora", "relora", "dora", "adalora", "head")
+CONFIGS += ["scan-fp32-none", "unrolled-bf16-none"]
+CONFIGS += [f"{m}-{layers}" for m in OTHERS for layers in ("scan-fp32", "unrolled-bf16")]
+METHOD_KNOBS = {  # short-run settings under which each method's own machinery runs
+    "lora": dict(r=2, alpha=4.0),
+    "relora": dict(),
+    "dora": dict(),
+    "adalora": dict(init_r=4, target_r=2, tinit=5, tfinal=10, delta_t=5),
+    "head": dict(train_patterns=("lm_head",)),
+}
 MODEL = dict(
     model_type="llama",
     vocab_size=64,
@@ -85,14 +98,16 @@ def trace(name: str, steps: int) -> dict[str, np.ndarray]:
     from aroma_jax.models.hf import PRESETS
     from aroma_jax.models.native import NativeCausalLM, NativeConfig
 
-    layers, dtype, reset = name.split("-")
+    method, rest = name.split("-", 1) if name.split("-")[0] in OTHERS else ("aroma", name)
+    layers, dtype, *reset = rest.split("-")
+    reset = reset[0] if reset else "prune"
     scan = layers == "scan"
     cfg = NativeConfig.from_dict(MODEL)
     model = NativeCausalLM(cfg, seed=0, scan_layers=scan)
     if dtype == "bf16":
         model.params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), model.params)
     loss_fn, _ = objectives.causal_lm(model)
-    aroma = AromaConfig(
+    knobs = dict(
         target_modules=PRESETS["llama"],
         r=1,
         alpha=2.0,
@@ -105,6 +120,9 @@ def trace(name: str, steps: int) -> dict[str, np.ndarray]:
         rewarmup_steps=2,
         reset=reset,
     )
+    if method != "aroma":
+        knobs.update(method=method, **METHOD_KNOBS[method])
+    aroma = AromaConfig(**knobs)
     stacked = {"model/layers": cfg.num_hidden_layers} if scan else None
     trainer = AromaTrainer(loss_fn, model.params, aroma, donate=False, stacked=stacked)
     state = trainer.init(model.params)

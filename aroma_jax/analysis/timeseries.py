@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from aroma_jax.core import methods
+
 STOPS = ("done", "merged_full")  # outer-step actions after which a module trains no more
 
 
@@ -57,9 +59,8 @@ def total_rank_series(
     LoRA trains rank ``r`` in every module from the start, so its curve is ``r * n_modules``."""
     recs = _steps(history)
     steps = np.asarray([s["step"] for s in recs], np.int64)
-    if method == "lora":
-        return steps, np.full(steps.shape, r * n_modules, np.int64)
-    return steps, np.asarray([s["total_rank"] for s in recs], np.int64)
+    recorded = np.asarray([s["total_rank"] for s in recs], np.int64)
+    return steps, methods.get(method).total_rank_series(recorded, r, n_modules)
 
 
 def pair_params(
@@ -69,13 +70,7 @@ def pair_params(
     magnitude (``out``); AdaLoRA trains ``init_r`` triplets (``P``, ``lambda``, ``Q``) whatever
     its budget keeps (pruned triplets still move under the orthogonality penalty, and PEFT
     counts them as trainable); head-only runs train none."""
-    if method == "head":
-        return 0
-    if method == "adalora":
-        k = init_r if init_r is not None else r
-        return k * (fan_in + fan_out) + k
-    n = r * (fan_in + fan_out)
-    return n + fan_out if method == "dora" else n
+    return methods.get(method).pair_params(fan_in, fan_out, r, init_r)
 
 
 def trained_params_series(

@@ -37,7 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from aroma_jax.core import dora
 from aroma_jax.core.config import AromaConfig, ConfigError
 
 Array = jax.Array
@@ -47,8 +46,9 @@ class Pair(NamedTuple):
     """The trainable rank-r pair: contribution ``s * (x @ a) @ b``.
 
     DoRA and AdaLoRA train one more vector with it (``None`` for the other methods):
-    ``magnitude`` (DoRA's ``m``, `aroma_jax.core.dora`) and ``singular`` (AdaLoRA's
-    ``lambda``: the contribution is ``s * (x @ (a * lambda)) @ b``, `aroma_jax.core.adalora`).
+    ``magnitude`` (DoRA's ``m``, `aroma_jax.core.methods.dora`) and ``singular`` (AdaLoRA's
+    ``lambda``: the contribution is ``s * (x @ (a * lambda)) @ b``,
+    `aroma_jax.core.methods.adalora`).
     """
 
     a: Array  # (in, r)
@@ -299,21 +299,12 @@ def init(
 ) -> AdapterState:
     """A fresh adapter state: new pairs, empty frozen slots, rank 0, nothing done.
 
-    DoRA needs the 2-D base ``kernels`` (its magnitude starts at their column norms).
+    The pairs are the method's (`Method.init_pairs`); DoRA's need the 2-D base ``kernels``
+    (its magnitude starts at their column norms).
     """
     k = capacity(cfg) * cfg.pair_rank
-    if cfg.method == "adalora":
-        from aroma_jax.core import adalora
-
-        pairs = adalora.fresh_pairs(key, specs, cfg.pair_rank)
-    else:
-        pairs = fresh_pairs(key, specs, cfg.r)
-    if cfg.method == "dora":
-        if kernels is None:
-            raise ValueError("method 'dora' needs the base kernels to initialise its magnitude")
-        pairs = {
-            p: pair._replace(magnitude=dora.init_magnitude(kernels[p])) for p, pair in pairs.items()
-        }
+    method = cfg.plugin
+    pairs = method.init_pairs(key, specs, cfg, kernels)
     frozen, merges, done = {}, {}, {}
     for path, spec in sorted(specs.items()):
         lead = spec.lead
@@ -322,7 +313,7 @@ def init(
             jnp.zeros(lead + (k, spec.fan_out), jnp.float32),
         )
         merges[path] = jnp.zeros(lead, jnp.int32)
-        done[path] = jnp.full(lead, cfg.method == "head")  # head-only: adapters never train
+        done[path] = jnp.full(lead, not method.trains_adapters)  # head-only: never trained
     return AdapterState(pairs, frozen, merges, done)
 
 

@@ -21,7 +21,9 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-METHODS = ("aroma", "lora", "relora", "head", "dora", "adalora")
+from aroma_jax.core import methods
+
+METHODS = tuple(methods.BUILTIN)  # the built-in methods; `methods.register` adds more
 RESET_MODES = ("prune", "full", "none")
 SCHEDULES = ("linear", "cosine", "constant")
 FOLD_MODES = ("auto", "always", "never")
@@ -52,8 +54,10 @@ class AromaConfig:
         ``"relora"`` (merge and reset every ``inner_max_steps``, no stopping criteria) or
         ``"head"`` (no adapter is trained: only ``train_patterns``, the head-only baseline),
         ``"dora"`` (LoRA with DoRA's magnitude and normalised direction, PEFT's ``use_dora``;
-        `aroma_jax.core.dora`) or ``"adalora"`` (SVD-form pairs whose rank-one triplets are
-        pruned to a budget, PEFT's ``AdaLoraConfig``; `aroma_jax.core.adalora`).
+        `aroma_jax.core.methods.dora`) or ``"adalora"`` (SVD-form pairs whose rank-one triplets are
+        pruned to a budget, PEFT's ``AdaLoraConfig``; `aroma_jax.core.methods.adalora`), or a
+        method of one's own: a name given to `aroma_jax.core.methods.register`, or a dotted path
+        ``"package.module:Attribute"`` to a `aroma_jax.core.methods.base.Method` subclass.
       r: inner rank of the trainable pair (paper: 1; AROMA_r=8 for LLaMA).
       alpha: the adapter's output is scaled by ``alpha / r``.
       inner_tol: epsilon_in of eq. 5; a module is inner-converged when the signed relative change
@@ -169,8 +173,12 @@ class AromaConfig:
     def _validate(self) -> None:
         if not self.target_modules:
             _fail("target_modules", self.target_modules, "a non-empty list of module patterns")
-        if self.method not in METHODS:
-            _fail("method", self.method, f"one of {METHODS}")
+        if not isinstance(self.method, str):
+            _fail("method", self.method, f"one of {methods.names()} or 'package.module:Class'")
+        try:
+            self.plugin  # noqa: B018 (resolves a registered name or imports a dotted path)
+        except methods.UnknownMethod as e:
+            raise ConfigError(f"invalid method={self.method!r}: {e}") from None
         if self.reset not in RESET_MODES:
             _fail("reset", self.reset, f"one of {RESET_MODES}")
         if self.schedule not in SCHEDULES:
@@ -232,21 +240,11 @@ class AromaConfig:
         w = self.orth_reg_weight
         if not _is_number(w) or w < 0 or not math.isfinite(w):
             _fail("orth_reg_weight", w, "a finite number >= 0")
-        if self.method == "adalora":
-            if self.target_r > self.init_r:
-                _fail("target_r", self.target_r, f"an integer <= init_r ({self.init_r})")
-            if self.tinit >= self.max_steps - self.tfinal:
-                _fail(
-                    "tinit",
-                    self.tinit,
-                    f"fewer than max_steps - tfinal ({self.max_steps} - {self.tfinal}) steps, "
-                    "so a budgeting phase is left (PEFT's rule)",
-                )
+        self.plugin.validate(self)  # the method's cross-field rules (AdaLoRA's, like PEFT's)
 
     def _warn_binding_capacity(self) -> None:
         needed = max_outer_steps(self) + 1
-        grows = self.method in ("aroma", "relora")
-        if self.rank_capacity is not None and grows and self.rank_capacity < needed:
+        if self.rank_capacity is not None and self.grows and self.rank_capacity < needed:
             warnings.warn(
                 f"rank_capacity={self.rank_capacity} can bind: this run can take up to "
                 f"{needed - 1} outer steps (max_steps={self.max_steps}, shortest inner loop "
@@ -258,6 +256,11 @@ class AromaConfig:
             )
 
     @property
+    def plugin(self) -> Any:
+        """The `aroma_jax.core.methods.base.Method` named by ``method`` (`methods.get`)."""
+        return methods.get(self.method)
+
+    @property
     def slots(self) -> int:
         """Merge slots per module: LoRA one (its final merge), the others `rank_capacity`,
         derived from the run when it is ``None``."""
@@ -267,20 +270,18 @@ class AromaConfig:
 
     @property
     def scale(self) -> float:
-        """The adapter scale s = alpha / r."""
-        if self.method == "adalora":  # PEFT: scaling / (ranknum + 1e-5), ranknum = init_r
-            return self.alpha / (self.init_r + 1e-5)
-        return self.alpha / self.r
+        """The adapter scale s (``alpha / r``; the method's, `Method.scale`)."""
+        return self.plugin.scale(self)
 
     @property
     def pair_rank(self) -> int:
         """Columns of the trainable pair: ``init_r`` for AdaLoRA, ``r`` otherwise."""
-        return self.init_r if self.method == "adalora" else self.r
+        return self.plugin.pair_rank(self)
 
     @property
     def grows(self) -> bool:
         """Whether outer steps (merges) happen at all."""
-        return self.method in ("aroma", "relora")
+        return bool(self.plugin.grows)
 
     def replace(self, **changes: Any) -> AromaConfig:
         """A copy with some fields changed (validated; unknown names are rejected)."""
@@ -288,15 +289,13 @@ class AromaConfig:
 
 
 def shortest_inner_loop(cfg: AromaConfig) -> int:
-    """The fewest steps an inner loop can last.
+    """The fewest steps an inner loop can last (`Method.shortest_inner_loop`).
 
     ReLoRA's last exactly ``inner_max_steps``. AROMA's last at least two check intervals, since
     the first check after a re-init compares against a zero norm and never converges (or
     ``inner_max_steps``, if that is shorter).
     """
-    if cfg.method == "relora":
-        return cfg.inner_max_steps
-    return min(2 * cfg.inner_check_every, cfg.inner_max_steps)
+    return cfg.plugin.shortest_inner_loop(cfg)
 
 
 def max_outer_steps(cfg: AromaConfig) -> int:

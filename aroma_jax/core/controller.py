@@ -17,7 +17,8 @@ Per module (DESIGN-NOTES section 1):
   step (the authors' code). A module that has filled all but its last slot (an explicit, binding
   ``rank_capacity``) stops merging and keeps training its pair; `finalize` merges it.
 
-LoRA never triggers; ReLoRA triggers every ``inner_max_steps`` with no criteria.
+Which of these a method uses is the method's (`aroma_jax.core.methods`): AROMA all of it; ReLoRA
+the outer step every ``inner_max_steps`` with no stop rule; LoRA, DoRA and AdaLoRA none.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class ControllerState(NamedTuple):
     base_sq: dict[str, Array]  # |W0|_F^2 of unfolded kernels (eq. 6's denominator)
     key: Array  # PRNG key for re-inits and prunes
     finished: Array  # bool: every module done, or max_steps reached
-    # DoRA: path -> |W0_j|^2 (out,) (`core.dora`); AdaLoRA: `core.adalora.AllocatorState`.
+    # The method's own state (`Method.init_state`): DoRA's |W0_j|^2 per module, AdaLoRA's
+    # `AllocatorState`, None for AROMA, LoRA and ReLoRA.
     method_state: Any = None
 
 
@@ -82,7 +84,7 @@ def init(
     )
 
 
-def _stack(d: Mapping[str, Array]) -> Array:
+def stack_entries(d: Mapping[str, Array]) -> Array:
     """Per-entry vector: modules in sorted path order, a stacked module's layers in order."""
     return jnp.concatenate([jnp.ravel(d[p]) for p in sorted(d)])
 
@@ -95,7 +97,7 @@ def per_layer(fn, lead_ndim: int):
 
 
 def _unstack(vec: Array, like: Mapping[str, Array]) -> dict[str, Array]:
-    """The inverse of `_stack`: a per-entry vector split into ``like``'s per-module shapes."""
+    """The inverse of `stack_entries`: a per-entry vector split into ``like``'s module shapes."""
     out, start = {}, 0
     for p in sorted(like):
         n = like[p].size
@@ -148,21 +150,21 @@ def inner_check(
         conv[p], rhos[p] = per_layer(one, done.ndim)(
             now[p], ctrl.prev_norm[p], ctrl.inner_conv[p], done
         )
-    return ctrl._replace(inner_conv=conv, prev_norm=now), _stack(rhos)
+    return ctrl._replace(inner_conv=conv, prev_norm=now), stack_entries(rhos)
+
+
+def converged_or_done(ctrl: ControllerState, adapters: AdapterState) -> Array:
+    """Per entry (bool ``(n,)``): inner-converged (eq. 5's sticky label) or done."""
+    return stack_entries({p: ctrl.inner_conv[p] | adapters.done[p] for p in adapters.done})
 
 
 def outer_due(ctrl: ControllerState, adapters: AdapterState, cfg: AromaConfig) -> Array:
-    """The global trigger: all active modules inner-converged, or the inner step cap."""
-    if not cfg.grows:
-        return jnp.zeros((), jnp.bool_)
-    capped = ctrl.inner_t >= cfg.inner_max_steps
-    if cfg.method == "relora":
-        return capped & ~ctrl.finished
-    all_conv = jnp.all(_stack({p: ctrl.inner_conv[p] | adapters.done[p] for p in adapters.done}))
-    return (all_conv | capped) & ~ctrl.finished
+    """The method's global trigger of an outer step (`Method.outer_due`): for AROMA, all active
+    modules inner-converged or the inner step cap; never for a method that does not grow."""
+    return cfg.plugin.outer_due(ctrl, adapters, cfg)
 
 
-def _write_slot(frozen: Frozen, pair: Pair, slot: Array, r: int, write: Array) -> Frozen:
+def write_slot(frozen: Frozen, pair: Pair, slot: Array, r: int, write: Array) -> Frozen:
     """``frozen`` with ``pair`` written into slot ``slot`` (columns of A, rows of B) if ``write``.
 
     A select over the whole (small) factor buffers rather than a dynamic update slice: mapped
@@ -196,7 +198,7 @@ def outer_step(
     caller together with its own key (`AromaTrainer`'s step: one Threefry call for both);
     default: split here. ``now``: the pairs' `pair_norms`, when the caller has them.
     """
-    s = cfg.scale
+    s, method = cfg.scale, cfg.plugin
     # The last slot is kept for `AromaTrainer.finalize`: a module that has filled the others
     # stops growing but keeps training its current pair (it is not marked done, so a binding
     # capacity never ends training early).
@@ -207,7 +209,7 @@ def outer_step(
 
     pair_norm_all = pair_norms(adapters) if now is None else now
 
-    def one(pair, fz, m, was_done, conv, fresh, kernel, base_sq, pair_norm, folds):
+    def one(pair, fz, m, was_done, conv, fresh, kernel, base_sq, pair_norm, local, folds):
         """One module (one layer of a stacked one): eq. 6, then merge, stop or keep training."""
         active = ~was_done
         if folds:  # the kernel already holds W0 + dW
@@ -215,15 +217,11 @@ def outer_step(
         else:
             base_norm = jnp.sqrt(norms.base_plus_product_sq_norm(base_sq, kernel, fz.a, fz.b, s))
         rho = norms.outer_ratio(pair_norm, base_norm, s)
-        if cfg.method == "aroma":
-            stop = active & (rho < cfg.outer_tol)
-            if cfg.keep_first_pair:  # the authors' code skips eq. 6 at the first outer step
-                stop = stop & (m > 0)
-        else:
-            stop = jnp.zeros((), bool)
+        rule, local = method.stop(cfg, rho, m, local)  # the method's stop rule (eq. 6's)
+        stop = jnp.zeros((), bool) if rule is None else active & rule
         merge = active & ~stop & (m < growth_slots)
         full = active & ~stop & ~merge
-        new_fz = _write_slot(fz, pair, m, cfg.r, merge)
+        new_fz = write_slot(fz, pair, m, cfg.r, merge)
         zero = Pair(jnp.zeros_like(pair.a), jnp.zeros_like(pair.b))
 
         # Merged: a fresh pair. Stopped: the pair is discarded (zeros). Full: it keeps training.
@@ -237,15 +235,14 @@ def outer_step(
             new_kernel = jnp.where(merge, kernel + delta.astype(kernel.dtype), kernel)
         now_done = was_done | stop
         info = (jnp.where(active, rho, jnp.nan), merge, now_done & ~was_done, full, active & conv)
-        return new_pair, new_fz, m + merge.astype(jnp.int32), now_done, new_kernel, info
+        return new_pair, new_fz, m + merge.astype(jnp.int32), now_done, new_kernel, info, local
 
     pairs, frozen, merges, done = {}, {}, {}, {}
-    new_kernels = {}
-    infos = {}
+    new_kernels, infos, locals_ = {}, {}, {}
     for p in paths:
         folds = p in folded
         lead_ndim = adapters.done[p].ndim
-        pair, fz, m, d, k, info = per_layer(
+        pair, fz, m, d, k, info, locals_[p] = per_layer(
             lambda *xs, folds=folds: one(*xs, folds=folds), lead_ndim
         )(
             adapters.pairs[p],
@@ -257,6 +254,7 @@ def outer_step(
             kernels[p],
             ctrl.base_sq[p],
             pair_norm_all[p],
+            method.outer_local(ctrl.method_state, p),
         )
         pairs[p], frozen[p], merges[p], done[p] = pair, fz, m, d
         if folds:
@@ -269,8 +267,9 @@ def outer_step(
         prev_norm={p: jnp.zeros_like(ctrl.prev_norm[p]) for p in paths},
         inner_conv={p: jnp.zeros_like(ctrl.inner_conv[p]) for p in paths},
         key=key,
+        method_state=method.with_outer_locals(ctrl.method_state, locals_),
     )
-    info = OuterInfo(*(_stack({p: infos[p][j] for p in paths}) for j in range(5)))
+    info = OuterInfo(*(stack_entries({p: infos[p][j] for p in paths}) for j in range(5)))
     return ctrl, adapters, new_kernels, info
 
 
@@ -281,4 +280,4 @@ def no_outer_info(n: int) -> OuterInfo:
 
 
 def all_done(adapters: AdapterState) -> Array:
-    return jnp.all(_stack(adapters.done))
+    return jnp.all(stack_entries(adapters.done))

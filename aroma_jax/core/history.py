@@ -27,14 +27,14 @@ def _num(x: Any) -> float | None:
 
 class History:
     """Inner checks ``{step, module, rho_in, converged}`` and outer steps
-    ``{step, module, rho_out, action, rank, trigger, inner_converged}``: ``action`` is merged,
+    ``{step, module, rho_out, action, rank, trigger, inner_converged}``: ``converged`` is the
+    check's eq. 5 label as the device computed it (`StepInfo.inner_label`); ``action`` is merged,
     done (eq. 6 stopped it; the pair is discarded) or full (capacity reached: the pair keeps
     training); ``trigger`` is ``eq5`` (every active module was inner-converged) or ``cap``
     (``inner_max_steps`` reached); ``inner_converged`` is the module's own eq. 5 label."""
 
-    def __init__(self, paths: Sequence[str], inner_tol: float | None = None):
+    def __init__(self, paths: Sequence[str]):
         self.paths = tuple(paths)
-        self.inner_tol = inner_tol
         self.inner_checks: list[dict] = []
         self.outer_steps: list[dict] = []
         self.steps: list[dict] = []  # per logged step: step, loss, lr, total rank
@@ -61,8 +61,7 @@ class History:
                     if rho is None:
                         continue
                     rec = {"step": step, "module": p, "rho_in": rho}
-                    if self.inner_tol is not None:
-                        rec["converged"] = rho < self.inner_tol
+                    rec["converged"] = bool(info.inner_label[i])
                     self.inner_checks.append(rec)
             if bool(info.outer):
                 for i, p in enumerate(self.paths):

@@ -253,7 +253,7 @@ def adapters_applied(
       dropout: ``(rate, key)``: dropout on the trainable pair's input only, PEFT's
         ``lora_dropout`` (``s * b(a(dropout(x)))``); the frozen factors see ``x``. Each module
         call draws its own mask (the key folded with the module's path and call count).
-      column_scale: path -> DoRA's factor ``f = m / n`` ``(out,)`` (`aroma_jax.core.dora`):
+      column_scale: path -> DoRA's factor ``f = m / n`` ``(out,)`` (`aroma_jax.core.methods.dora`):
         those modules return ``f * (x W0 + delta) + bias`` instead of ``y + delta``. An
         `IN_PARAMS` module reads its layer's factor from its params (`COLUMN_SCALE`).
 

@@ -29,7 +29,7 @@ def run(
     on_sync: Callable[[TrainState, list[StepInfo]], None] | None = None,
 ) -> tuple[TrainState, History]:
     """Steps through ``batches`` until they run out or the controller finishes."""
-    history = history or History(trainer.paths, trainer.cfg.inner_tol)
+    history = history or History(trainer.paths)
     pending: list[StepInfo] = []
     for batch in batches:
         state, info = trainer.step(state, batch)

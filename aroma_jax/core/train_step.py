@@ -41,8 +41,8 @@ from flax import traverse_util
 from flax.core import unfreeze
 from jax import lax
 
-from aroma_jax.core import adalora, controller, dora, inject, norms, optim
 from aroma_jax.core import adapters as adapters_lib
+from aroma_jax.core import controller, inject, optim
 from aroma_jax.core.adapters import AdapterState, ModuleSpec
 from aroma_jax.core.config import AromaConfig, ConfigError
 
@@ -84,6 +84,7 @@ class StepInfo(NamedTuple):
     by_cap: Array  # an outer step ran because T_in was reached (not every module converged)
     converged: Array  # (n,) bool at an outer step: the module's inner loop ended by eq. 5
     full: Array  # (n,) bool at an outer step: the module could not merge (capacity)
+    inner_label: Array  # (n,) bool where checked: eq. 5's label (rho_in < inner_tol), on device
 
 
 def _get(tree: Mapping, path: str) -> Any:
@@ -155,6 +156,7 @@ class AromaTrainer:
         stacked: Mapping[str, int] | None = None,
     ):
         self.cfg = cfg
+        self.method = cfg.plugin  # what the step asks the method (`aroma_jax.core.methods`)
         self.loss_fn = loss_fn
         self.stacked = dict(stacked or {})
         base, _ = split_params(params, cfg.train_patterns)
@@ -176,10 +178,6 @@ class AromaTrainer:
         self._traces = 0
         self._donate = (0,) if donate else ()
         self._step = jax.jit(self._step_impl, donate_argnums=self._donate)
-        # AdaLoRA's budget per global step, computed once on the host (`adalora.budget_table`).
-        self._budget = (
-            adalora.budget_table(cfg, len(self.paths)) if cfg.method == "adalora" else None
-        )
 
     def set_shardings(self, state_sharding: Any, batch_sharding: Any = None) -> None:
         """Compiles the step for a sharded state (a `TrainState` of shardings) and batch.
@@ -201,7 +199,7 @@ class AromaTrainer:
             e for p in self.module_paths if p not in self.folded for e in self.specs[p].entries
         ]
         columns = adapters_lib.capacity(self.cfg) * self.cfg.r
-        if unfolded and self.cfg.grows and columns > SLOT_COST_COLUMNS:
+        if unfolded and self.method.grows and columns > SLOT_COST_COLUMNS:
             warnings.warn(
                 f"{len(unfolded)} adapted kernels are not fp32, so their frozen factors are "
                 f"applied every step with {columns} columns (rank_capacity "
@@ -214,7 +212,7 @@ class AromaTrainer:
             )
 
     def _folds(self, spec: ModuleSpec) -> bool:
-        if self.cfg.fold == "never" or not self.cfg.grows:
+        if self.cfg.fold == "never" or not self.method.grows:
             return False
         fp32 = jnp.dtype(spec.kernel_dtype) == jnp.float32
         if self.cfg.fold == "always" and not fp32:
@@ -273,12 +271,7 @@ class AromaTrainer:
         adapters = adapters_lib.init(self.specs, self.cfg, k_adapt, kernels)
         opt_state = self.tx.init(self._trainable(adapters, extra))
         ctrl = controller.init(adapters, kernels, k_ctrl, self.folded)
-        if self.cfg.method == "dora":  # |W0_j|^2 once; the step adds the pair's terms
-            ctrl = ctrl._replace(
-                method_state={p: dora.column_sq_norms(kernels[p]) for p in kernels}
-            )
-        elif self.cfg.method == "adalora":
-            ctrl = ctrl._replace(method_state=adalora.init(adapters.pairs))
+        ctrl = ctrl._replace(method_state=self.method.init_state(self.cfg, adapters, kernels))
         return TrainState(base, extra, adapters, opt_state, ctrl, k_rng)
 
     @staticmethod
@@ -290,16 +283,14 @@ class AromaTrainer:
         """What `inject.adapters_applied` needs: ``(pair, frozen or None when folded)``.
 
         Methods that never merge (LoRA, DoRA, AdaLoRA) only fill their frozen slot at
-        `finalize`, so their train step skips the frozen part. AdaLoRA's pair is applied as
-        ``(a * lambda, b)``.
+        `finalize`, so their train step skips the frozen part. The pair is the method's
+        `Method.forward_pair` (AdaLoRA's ``(a * lambda, b)``).
         """
-        use_frozen = not (training and not self.cfg.grows)
+        use_frozen = not (training and not self.method.grows)
         out = {}
         for p in self.module_paths:
             skip = p in self.folded or not use_frozen
-            pair = adapters.pairs[p]
-            if pair.singular is not None:
-                pair = adalora.effective(pair)
+            pair = self.method.forward_pair(adapters.pairs[p])
             out[p] = (pair, None if skip else adapters.frozen[p])
         return out
 
@@ -334,27 +325,9 @@ class AromaTrainer:
         return params
 
     def column_scale(self, state: TrainState, adapters: AdapterState, training: bool = False):
-        """DoRA's factor ``m / n`` per module (`aroma_jax.core.dora`); ``None`` for the others.
-
-        ``n`` is the column norm of ``W0 + s * [A | a] @ [B; b]`` from factors, detached.
-        """
-        if self.cfg.method != "dora":
-            return None
-        kernels = self.kernels(state.base)
-        scale = self.cfg.scale
-        out = {}
-        for p, (pair, frozen) in self.modules(adapters, training).items():
-            a, b = pair.a, pair.b
-            if frozen is not None:
-                a = jnp.concatenate([frozen.a, a], axis=-1)
-                b = jnp.concatenate([frozen.b, b], axis=-2)
-            mag = adapters.pairs[p].magnitude
-            col_sq = state.ctrl.method_state[p]
-            fn = controller.per_layer(
-                lambda m, c, k, a, b: dora.factor(m, c, k, a, b, scale), len(self.specs[p].lead)
-            )
-            out[p] = fn(mag, col_sq, kernels[p], a, b)
-        return out
+        """The method's factor per module on the adapted output (DoRA's ``m / n``,
+        `Method.column_scale`); ``None`` for the others."""
+        return self.method.column_scale(self, state, adapters, training)
 
     @contextlib.contextmanager
     def applied(self, state: TrainState) -> Iterator[dict]:
@@ -411,9 +384,9 @@ class AromaTrainer:
                 "nn.Dense/nn.DenseGeneral module at that path ran inside loss_fn"
             )
         loss, aux = out if isinstance(out, tuple) else (out, None)
-        if self.cfg.method == "adalora" and self.cfg.orth_reg_weight > 0:
-            # PEFT adds it to the model's loss, so the reported loss includes it too.
-            loss = loss + self.cfg.orth_reg_weight * adalora.orth_penalty(trainable["pairs"])
+        extra = self.method.extra_loss(self.cfg, trainable["pairs"])  # AdaLoRA's orthogonality
+        if extra is not None:
+            loss = loss + extra
         return loss, aux
 
     # ------------------------------------------------------------------- step
@@ -427,8 +400,8 @@ class AromaTrainer:
 
     def _step_impl(self, state: TrainState, batch: Any) -> tuple[TrainState, StepInfo]:
         self._traces += 1
-        cfg, n = self.cfg, len(self.paths)
-        if cfg.grows:
+        cfg, n, method = self.cfg, len(self.paths), self.method
+        if method.grows:
             rng, step_rng, reset_rng, outer_keys = self.split_keys(state)
         else:
             rng, step_rng, reset_rng = jax.random.split(state.rng, 3)
@@ -453,15 +426,17 @@ class AromaTrainer:
             grads, state.opt_state, trainable, active=active, rewarm=rewarm
         )
         trainable = jax.tree.map(lambda p, u: p + u.astype(p.dtype), trainable, updates)
-        ctrl_method = state.ctrl.method_state
-        if cfg.method == "adalora":  # PEFT's update_and_allocate, after the optimizer step
-            tables = tuple(jnp.asarray(t) for t in self._budget)
-            alloc, pairs = adalora.allocate(
-                ctrl_method, trainable["pairs"], grads["pairs"], state.ctrl.step, cfg, tables
-            )
-            keep = lambda new, old: jnp.where(live, new, old)  # noqa: E731
-            ctrl_method = jax.tree.map(keep, alloc, ctrl_method)
-            trainable = {**trainable, "pairs": jax.tree.map(keep, pairs, trainable["pairs"])}
+        # The method's work after the update (AdaLoRA's budget), then the controller's.
+        ctrl_method, pairs = method.after_update(
+            cfg,
+            state.ctrl.method_state,
+            trainable["pairs"],
+            grads["pairs"],
+            state.ctrl.step,
+            live,
+            n,
+        )
+        trainable = {**trainable, "pairs": pairs}
         adapters = state.adapters._replace(pairs=trainable["pairs"])
         ctrl = state.ctrl._replace(
             step=state.ctrl.step + live.astype(jnp.int32),
@@ -472,33 +447,19 @@ class AromaTrainer:
         # The pairs' norms, for eq. 5 and eq. 6: every step, outside both branches. They cost
         # one read of the (small) pairs; inside the branches they compiled twice, and on a TPU
         # mesh each copy reshards the pairs.
-        now = controller.pair_norms(adapters) if cfg.grows else None
+        now = controller.pair_norms(adapters) if method.grows else None
 
-        # Inner check (eq. 5) when due: a handful of per-module scalars, selected rather than
-        # branched to (a `lax.cond` here cost XLA:CPU a second of compile).
-        nan_n = jnp.full((n,), jnp.nan, jnp.float32)
-        if cfg.method == "aroma":
-            checked = live & (ctrl.inner_t % cfg.inner_check_every == 0)
-            new_ctrl, new_rho = controller.inner_check(ctrl, adapters, cfg, now=now)
-            pick = lambda new, old: jnp.where(checked, new, old)  # noqa: E731
-            ctrl = ctrl._replace(
-                prev_norm=jax.tree.map(pick, new_ctrl.prev_norm, ctrl.prev_norm),
-                inner_conv=jax.tree.map(pick, new_ctrl.inner_conv, ctrl.inner_conv),
-            )
-            rho_in = pick(new_rho, nan_n)
-        else:
-            checked, rho_in = jnp.zeros((), bool), nan_n
+        # The method's inner check when due (AROMA's eq. 5).
+        ctrl, checked, rho_in, inner_label = method.inner_check(ctrl, adapters, cfg, now, live, n)
 
         # Outer step (eq. 6, merge, re-init, reset) when triggered, for all modules at once.
         outer = controller.outer_due(ctrl, adapters, cfg)
         # "cap" only when the cap fired with some active module unconverged: a loop whose
         # every module converged at the capping step ended by eq. 5.
-        all_conv = jnp.all(
-            controller._stack({p: ctrl.inner_conv[p] | adapters.done[p] for p in self.module_paths})
-        )
+        all_conv = jnp.all(controller.converged_or_done(ctrl, adapters))
         by_cap = outer & (ctrl.inner_t >= cfg.inner_max_steps) & ~all_conv
         base = state.base
-        if cfg.grows:
+        if method.grows:
             ctrl, adapters, opt_state, base, info = self.outer_step_if(
                 outer,
                 ctrl,
@@ -514,13 +475,11 @@ class AromaTrainer:
             info = controller.no_outer_info(n)
 
         finished = ctrl.step >= cfg.max_steps
-        if cfg.method != "head":  # head-only runs have every module "done" from the start
+        if method.trains_adapters:  # head-only runs have every module "done" from the start
             finished = finished | controller.all_done(adapters)
         ctrl = ctrl._replace(finished=finished)
         new_state = TrainState(base, trainable["extra"], adapters, opt_state, ctrl, rng)
-        ranks = controller._stack(adapters.merges) * cfg.r
-        if cfg.method == "adalora":  # kept triplets, whatever has been merged
-            ranks = controller._stack(adalora.ranks(ctrl.method_state))
+        ranks = method.rank_vector(cfg, ctrl, adapters)
         step_info = StepInfo(
             step=ctrl.step,
             loss=loss,
@@ -536,6 +495,7 @@ class AromaTrainer:
             by_cap=by_cap,
             converged=info.converged,
             full=info.full,
+            inner_label=inner_label,
         )
         return new_state, step_info
 
@@ -627,18 +587,14 @@ class AromaTrainer:
         final rank and the frozen factors (plus folded kernels) hold the whole update.
         """
         adapters, base = state.adapters, state.base
-        cfg = self.cfg
+        cfg, method = self.cfg, self.method
         pairs, frozen, merges, done = {}, {}, {}, {}
 
-        def one(pair, fz, m, d, kept, kernel, folds):
-            final = pair
-            if pair.singular is not None:  # AdaLoRA: the latest allocation's triplets only
-                final = adalora.effective(pair._replace(singular=pair.singular * kept))
-            nonzero = norms.product_sq_norm(final.a, final.b) > 0
-            if pair.magnitude is not None:  # DoRA adapts through m even when a b = 0
-                nonzero = jnp.ones((), bool)
+        def one(pair, fz, m, d, local, kernel, folds):
+            final = method.final_pair(pair, local)  # AdaLoRA: the latest allocation's triplets
+            nonzero = method.final_nonzero(final)
             write = ~d & nonzero & (m < adapters_lib.capacity(cfg))
-            new_fz = controller._write_slot(fz, final, m, cfg.pair_rank, write)
+            new_fz = controller.write_slot(fz, final, m, cfg.pair_rank, write)
             if folds:
                 delta = (cfg.scale * pair.a) @ pair.b
                 kernel = jnp.where(write, kernel + delta.astype(kernel.dtype), kernel)
@@ -649,9 +605,6 @@ class AromaTrainer:
         kernels = self.kernels(base)
         for p in self.module_paths:
             spec, folds = self.specs[p], p in self.folded
-            kept = None
-            if cfg.method == "adalora":
-                kept = state.ctrl.method_state.kept[p]
             fn = controller.per_layer(
                 lambda *xs, folds=folds: one(*xs, folds=folds), len(spec.lead)
             )
@@ -660,7 +613,7 @@ class AromaTrainer:
                 adapters.frozen[p],
                 adapters.merges[p],
                 adapters.done[p],
-                kept,
+                method.final_local(state.ctrl.method_state, p),
                 kernels[p],
             )
             if folds:
@@ -674,7 +627,5 @@ class AromaTrainer:
         }
 
     def ranks(self, state: TrainState) -> dict[str, int]:
-        if self.cfg.method == "adalora":
-            kept = jax.device_get(adalora.ranks(state.ctrl.method_state))
-            return {e: int(k) for e, k in self.per_entry(kept).items()}
-        return adapters_lib.ranks(state.adapters, self.cfg, self.specs)
+        """Entry name -> its rank (`Method.host_ranks`)."""
+        return self.method.host_ranks(self, state)

@@ -28,6 +28,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from aroma_jax.core.adapters import AdapterState, Frozen
+from aroma_jax.core.methods.base import factors
 from aroma_jax.core.train_step import AromaTrainer, TrainState
 
 
@@ -40,16 +41,11 @@ def save_final(directory: str | Path, trainer: AromaTrainer, state: TrainState) 
     frozen, merges, pairs = entries.frozen, entries.merges, entries.pairs
     extra = jax.device_get(state.extra)
     cfg = trainer.cfg
-    tensors: dict[str, np.ndarray] = {}
-    kept = None
-    if cfg.method == "adalora":  # per entry: a stacked module's row for each layer
-        kept = trainer.per_entry(jax.device_get(state.ctrl.method_state.kept))
+    tensors = cfg.plugin.save_tensors(trainer, state)  # the method's own, e.g. AdaLoRA's kept
     for p in trainer.paths:
         k = int(merges[p]) * cfg.pair_rank
         if pairs[p].magnitude is not None:
             tensors[f"magnitude/{p}"] = np.asarray(pairs[p].magnitude, np.float32)
-        if kept is not None:
-            tensors[f"kept/{p}"] = np.asarray(kept[p], np.uint8)
         tensors[f"frozen/{p}/a"] = np.ascontiguousarray(np.asarray(frozen[p].a)[:, :k])
         tensors[f"frozen/{p}/b"] = np.ascontiguousarray(np.asarray(frozen[p].b)[:k, :])
         tensors[f"merges/{p}"] = np.asarray(merges[p], np.int32).reshape(1)
@@ -68,12 +64,7 @@ def save_final(directory: str | Path, trainer: AromaTrainer, state: TrainState) 
         "stacked": trainer.stacked,
         "ranks": trainer.ranks(state),
     }
-    if cfg.method == "adalora":
-        meta["adalora"] = {
-            name: getattr(cfg, name)
-            for name in ("init_r", "target_r", "tinit", "tfinal", "delta_t", "ipt_beta1")
-            + ("ipt_beta2", "orth_reg_weight", "max_steps")
-        }
+    meta.update(cfg.plugin.save_meta(cfg))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     if directory.exists():
         old = directory.with_name(f".{directory.name}.old")
@@ -100,11 +91,6 @@ def load_final(directory: str | Path) -> tuple[dict[str, np.ndarray], dict[str, 
     return load_file(str(files[0])), json.loads(files[1].read_text())
 
 
-def factors(tensors: dict[str, np.ndarray], path: str) -> tuple[np.ndarray, np.ndarray]:
-    """The exact merged factors ``(A (in, k), B (k, out))`` of one module."""
-    return tensors[f"frozen/{path}/a"], tensors[f"frozen/{path}/b"]
-
-
 def extra_params(tensors: dict[str, np.ndarray]) -> dict:
     flat = {k[len("extra/") :]: v for k, v in tensors.items() if k.startswith("extra/")}
     return traverse_util.unflatten_dict(flat, sep="/") if flat else {}
@@ -123,13 +109,7 @@ def rebuild_state(trainer: AromaTrainer, params: Any, directory: str | Path) -> 
     frozen, merges, pairs, done = {}, {}, {}, {}
     fresh_entries = trainer.unstacked(state.adapters)
     cap = fresh_entries.frozen
-    ctrl = state.ctrl
-    if trainer.cfg.method == "adalora":
-        kept = {}
-        for module in trainer.module_paths:
-            rows = [tensors[f"kept/{e}"].astype(bool) for e in trainer.specs[module].entries]
-            kept[module] = jnp.asarray(np.stack(rows) if trainer.specs[module].stack else rows[0])
-        ctrl = ctrl._replace(method_state=ctrl.method_state._replace(kept=kept))
+    ctrl = trainer.cfg.plugin.restore(trainer, tensors, state.ctrl)
     for p in trainer.paths:
         a, b = factors(tensors, p)
         k = a.shape[1]

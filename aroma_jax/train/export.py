@@ -24,7 +24,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import save_file
 
-from aroma_jax.core import dora
+from aroma_jax.core import methods
 from aroma_jax.train import artifacts, run_config
 from aroma_jax.train.checkpoint import staged_export
 
@@ -50,6 +50,7 @@ def merged_params(params: Mapping, tensors: Mapping[str, np.ndarray], meta: Mapp
     if is_scanned(params):
         params = unstack_layers(params)
     flat = traverse_util.flatten_dict(params, sep="/")
+    method = methods.get(meta.get("method", "aroma"))
     for path in meta["paths"]:
         a, b = artifacts.factors(tensors, path)
         if a.shape[1] == 0:
@@ -57,12 +58,7 @@ def merged_params(params: Mapping, tensors: Mapping[str, np.ndarray], meta: Mapp
         key = f"{path}/kernel"
         w = np.asarray(flat[key])
         w2 = w.astype(np.float32).reshape(a.shape[0], b.shape[1])
-        if meta.get("method") == "dora":  # m * (W0 + s A B) / n, per output column
-            new = np.asarray(
-                dora.merged_kernel(w2, a, b, tensors[f"magnitude/{path}"], meta["scale"])
-            )
-        else:
-            new = w2 + meta["scale"] * (a.astype(np.float32) @ b.astype(np.float32))
+        new = method.merged_kernel(w2, a, b, tensors, path, meta)
         flat[key] = new.reshape(w.shape).astype(w.dtype)
     extra = traverse_util.flatten_dict(artifacts.extra_params(dict(tensors)), sep="/")
     for key, value in extra.items():
@@ -121,11 +117,8 @@ def peft_files(
     head_modules: list[str],
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """(adapter_config, safetensors dict) in HF PEFT's format for the run's method: LoRA
-    (AROMA, LoRA, ReLoRA), LoRA with ``use_dora`` (DoRA) or ``ADALORA``."""
-    if meta.get("method") == "adalora":
-        config, state = _adalora_files(tensors, meta, torch_name)
-    else:
-        config, state = _lora_files(tensors, meta, torch_name)
+    (AROMA, LoRA, ReLoRA), LoRA with ``use_dora`` (DoRA) or ``ADALORA`` (`Method.peft_files`)."""
+    config, state = methods.get(meta.get("method", "aroma")).peft_files(tensors, meta, torch_name)
     state.update(_head_tensors(tensors, torch_name))
     config.update(
         base_model_name_or_path=base_model,
@@ -138,84 +131,6 @@ def peft_files(
         inference_mode=True,
         use_rslora=False,
     )
-    return config, state
-
-
-def _lora_files(tensors, meta, torch_name) -> tuple[dict, dict[str, np.ndarray]]:
-    state: dict[str, np.ndarray] = {}
-    rank_pattern: dict[str, int] = {}
-    alpha_pattern: dict[str, float] = {}
-    targets = []
-    dora = meta.get("method") == "dora"
-    for path in meta["paths"]:
-        a, b = artifacts.factors(tensors, path)
-        k = a.shape[1]
-        if k == 0:
-            continue  # rank 0: nothing to load
-        name = torch_name(path)
-        prefix = f"base_model.model.{name}"
-        state[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a.T.astype(np.float32))
-        state[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b.T.astype(np.float32))
-        if dora:
-            state[f"{prefix}.lora_magnitude_vector"] = np.asarray(
-                tensors[f"magnitude/{path}"], np.float32
-            ).reshape(-1)
-        targets.append(name)
-        rank_pattern[name] = k
-        alpha_pattern[name] = float(meta["scale"]) * k  # PEFT scales by alpha / r
-    default_r = max(rank_pattern.values(), default=meta["r"])
-    config = {
-        "peft_type": "LORA",
-        "r": default_r,
-        "lora_alpha": float(meta["scale"]) * default_r,
-        "target_modules": sorted(targets),
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "use_dora": dora,
-    }
-    return config, state
-
-
-def _adalora_files(tensors, meta, torch_name) -> tuple[dict, dict[str, np.ndarray]]:
-    """PEFT's AdaLoRA layout: per module ``lora_A (k, in)``, ``lora_E (k, 1)``,
-    ``lora_B (out, k)`` for the ``k`` kept triplets, and ``rank_pattern`` over all ``init_r``.
-
-    The finished factors hold ``P diag(lambda)`` and ``Q``, so ``lora_E`` is written as ones and
-    ``lora_A`` carries the singular values: PEFT computes the same product. PEFT scales by
-    ``lora_alpha / (init_r + 1e-5)``, our scale too, so ``lora_alpha`` is ``alpha``.
-    """
-    settings = meta["adalora"]
-    state: dict[str, np.ndarray] = {}
-    rank_pattern: dict[str, list[bool]] = {}
-    targets = []
-    for path in meta["paths"]:
-        a, b = artifacts.factors(tensors, path)
-        kept = np.asarray(tensors[f"kept/{path}"]).astype(bool)
-        if a.shape[1] == 0 or not kept.any():
-            continue  # nothing kept (or never written): the module is not adapted
-        name = torch_name(path)
-        prefix = f"base_model.model.{name}"
-        state[f"{prefix}.lora_A"] = np.ascontiguousarray(a[:, kept].T.astype(np.float32))
-        state[f"{prefix}.lora_E"] = np.ones((int(kept.sum()), 1), np.float32)
-        state[f"{prefix}.lora_B"] = np.ascontiguousarray(b[kept].T.astype(np.float32))
-        targets.append(name)
-        rank_pattern[f"{name}.lora_E"] = kept.tolist()
-    config = {
-        "peft_type": "ADALORA",
-        "lora_alpha": float(meta["alpha"]),
-        "target_modules": sorted(targets),
-        "init_r": settings["init_r"],
-        "target_r": settings["target_r"],
-        "tinit": settings["tinit"],
-        "tfinal": settings["tfinal"],
-        "deltaT": settings["delta_t"],
-        "beta1": settings["ipt_beta1"],
-        "beta2": settings["ipt_beta2"],
-        "orth_reg_weight": settings["orth_reg_weight"],
-        "total_step": settings["max_steps"],
-        "rank_pattern": rank_pattern,
-        "use_dora": False,
-    }
     return config, state
 
 

@@ -185,7 +185,7 @@ def train(
 
         mesh = sharding.parse_mesh(cfg["mesh"])
         state = sharding.shard_trainer(trainer, state, mesh, sharding.rules_for(pipe.arch))
-    history = History(trainer.paths, aroma.inner_tol)
+    history = History(trainer.paths)
     ckpt = CheckpointManager(
         out / "checkpoints", keep=tcfg["keep_checkpoints"], save_every=tcfg["save_every"]
     )
@@ -300,7 +300,7 @@ def train(
             if finished:
                 done = jax.device_get(state.adapters.done)
                 all_done = all(bool(np.all(d)) for d in done.values())
-                all_done = all_done and aroma.method != "head"
+                all_done = all_done and aroma.plugin.trains_adapters
                 stopped = "all_modules_done" if all_done else "max_steps"
                 break
         sync()
@@ -353,7 +353,8 @@ def train(
         "head_params": head_params,
         "outer_steps": len(history.outer_step_numbers()),
         "inner_loops": history.inner_loop_endings(),
-        "rank_capacity": aroma.slots,
+        "rank_capacity": aroma.rank_capacity,  # as requested (null: derive it from the run)
+        "rank_capacity_derived": aroma.slots,  # the merge slots per module the run had
         "capacity_full": history.full_modules(),
         "steps": step,
         "step_ms": step_ms,

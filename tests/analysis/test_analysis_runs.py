@@ -159,7 +159,7 @@ def test_from_live_state_matches_dense_update():
     )
     trainer = AromaTrainer(loss_fn, params, cfg, donate=False)
     state = trainer.init(params)
-    hist = History(trainer.paths, cfg.inner_tol)
+    hist = History(trainer.paths)
     rng = np.random.default_rng(0)
     batch = {"x": jnp.asarray(rng.normal(size=(16, 5))), "y": jnp.asarray(rng.normal(size=(16, 3)))}
     infos = []

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from aroma_jax import AromaConfig, AromaTrainer, ConfigError
-from aroma_jax.core import adalora
 from aroma_jax.core.adapters import Pair
+from aroma_jax.core.methods import adalora
 from aroma_jax.examples.toy import batches, make_problem, toy_config
 
 SHAPES = {"l1": (6, 5), "l2": (4, 7), "l3": (5, 5)}  # (in, out)

@@ -28,7 +28,7 @@ def test_write_slot_writes_each_layers_own_slot_and_nothing_else():
     frozen, pair = stacked_factors()
     slots = jnp.array([0, 3, 1])
     write = jnp.array([True, True, False])
-    write_fn = controller.per_layer(lambda f, p, s, w: controller._write_slot(f, p, s, R, w), 1)
+    write_fn = controller.per_layer(lambda f, p, s, w: controller.write_slot(f, p, s, R, w), 1)
     got = write_fn(frozen, pair, slots, write)
     want_a, want_b = np.array(frozen.a), np.array(frozen.b)
     for i, (s, w) in enumerate(zip(slots.tolist(), write.tolist(), strict=True)):
@@ -46,7 +46,7 @@ def test_per_layer_slot_writes_compile_to_no_scatter_or_gather():
     # A dynamic update slice mapped over layers with per-layer slots becomes a scatter (and its
     # read a gather), the costliest kernels XLA:CPU compiles in the outer step.
     frozen, pair = stacked_factors()
-    write_fn = controller.per_layer(lambda f, p, s, w: controller._write_slot(f, p, s, R, w), 1)
+    write_fn = controller.per_layer(lambda f, p, s, w: controller.write_slot(f, p, s, R, w), 1)
     hlo = jax.jit(write_fn).lower(frozen, pair, jnp.zeros((L,), int), jnp.ones((L,), bool))
     ops = set(re.findall(r"= \S+ ([a-z-]+)\(", hlo.compile().as_text()))
     assert not ops & {"scatter", "gather"}, ops

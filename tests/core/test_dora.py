@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from aroma_jax import AromaTrainer
-from aroma_jax.core import dora, inject
+from aroma_jax.core import inject
 from aroma_jax.core.adapters import Pair
+from aroma_jax.core.methods import dora
 from aroma_jax.examples.toy import D_IN, D_OUT, batches, make_problem, toy_config
 
 IN, OUT, R, ALPHA = 6, 5, 3, 4.0

@@ -95,7 +95,7 @@ def test_resume_after_outer_step_and_mid_inner_loop_is_bit_identical(tmp_path):
     """One uninterrupted run checkpoints (a) right after its first outer step and (b) in the
     middle of the next inner loop; fresh trainers restore each and finish bit-identically."""
     trainer, state, batch_at = _fresh()
-    history = History(trainer.paths, CFG.inner_tol)
+    history = History(trainer.paths)
     points: dict[str, int] = {}
     managers = {
         "a": CheckpointManager(tmp_path / "a", keep=2, save_every=1000),
@@ -137,7 +137,7 @@ def test_resume_after_outer_step_and_mid_inner_loop_is_bit_identical(tmp_path):
         if key == "b":  # mid inner loop: sticky labels and previous norms are live state
             assert any(bool(v) for v in state.ctrl.inner_conv.values())
             assert int(state.ctrl.inner_t) == points["b"] - points["a"]
-        history = History(trainer.paths, CFG.inner_tol)
+        history = History(trainer.paths)
         history.inner_checks = list(meta["history"]["inner_checks"])
         history.outer_steps = list(meta["history"]["outer_steps"])
         for i in range(meta["data"]["index"], N_STEPS):

@@ -15,7 +15,7 @@ matmul is not repeated.
 
 Example:
     >>> import jax.numpy as jnp
-    >>> from aroma_jax.core import dora
+    >>> from aroma_jax.core.methods import dora
     >>> w0 = jnp.array([[3.0, 0.0], [4.0, 1.0]])  # column norms 5 and 1
     >>> col_sq = dora.column_sq_norms(w0)
     >>> a, b = jnp.zeros((2, 1)), jnp.zeros((1, 2))
@@ -27,9 +27,20 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+
+from aroma_jax.core import controller
+from aroma_jax.core.adapters import AdapterState, ModuleSpec, Pair
+from aroma_jax.core.methods.base import Method, lora_peft_files
+
+if TYPE_CHECKING:
+    from aroma_jax.core.config import AromaConfig
 
 Array = jax.Array
 
@@ -81,3 +92,74 @@ def merged_kernel(w0: Array, a: Array, b: Array, magnitude: Array, scale: float)
     direction = w0.astype(jnp.float32) + scale * (a.astype(jnp.float32) @ b.astype(jnp.float32))
     n = jnp.linalg.norm(direction, axis=0)
     return direction * (magnitude.astype(jnp.float32) / n)[None, :]
+
+
+class DoRA(Method):
+    """DoRA as a method: LoRA's pair plus the magnitude ``m`` (in `Pair.magnitude`); its state is
+    ``|W0_j|^2`` per module (computed once; the step adds the pair's terms)."""
+
+    name = "dora"
+
+    def init_pairs(
+        self,
+        key: Array,
+        specs: Mapping[str, ModuleSpec],
+        cfg: AromaConfig,
+        kernels: Mapping[str, Array] | None,
+    ) -> dict[str, Pair]:
+        if kernels is None:
+            raise ValueError("method 'dora' needs the base kernels to initialise its magnitude")
+        pairs = super().init_pairs(key, specs, cfg, kernels)
+        return {p: pair._replace(magnitude=init_magnitude(kernels[p])) for p, pair in pairs.items()}
+
+    def init_state(
+        self, cfg: AromaConfig, adapters: AdapterState, kernels: Mapping[str, Array]
+    ) -> dict[str, Array]:
+        return {p: column_sq_norms(kernels[p]) for p in kernels}
+
+    def column_scale(
+        self, trainer: Any, state: Any, adapters: AdapterState, training: bool
+    ) -> dict[str, Array]:
+        """``m / n`` per module; ``n`` is the column norm of ``W0 + s * [A | a] @ [B; b]`` from
+        factors, detached."""
+        kernels = trainer.kernels(state.base)
+        scale = trainer.cfg.scale
+        out = {}
+        for p, (pair, frozen) in trainer.modules(adapters, training).items():
+            a, b = pair.a, pair.b
+            if frozen is not None:
+                a = jnp.concatenate([frozen.a, a], axis=-1)
+                b = jnp.concatenate([frozen.b, b], axis=-2)
+            mag = adapters.pairs[p].magnitude
+            col_sq = state.ctrl.method_state[p]
+            fn = controller.per_layer(
+                lambda m, c, k, a, b: factor(m, c, k, a, b, scale), len(trainer.specs[p].lead)
+            )
+            out[p] = fn(mag, col_sq, kernels[p], a, b)
+        return out
+
+    def final_nonzero(self, final: Pair) -> Array:
+        return jnp.ones((), bool)  # DoRA adapts through m even when a b = 0
+
+    def pair_params(self, fan_in: int, fan_out: int, r: int, init_r: int | None = None) -> int:
+        return r * (fan_in + fan_out) + fan_out
+
+    def merged_kernel(
+        self,
+        w: np.ndarray,
+        a: np.ndarray,
+        b: np.ndarray,
+        tensors: Mapping[str, np.ndarray],
+        path: str,
+        meta: Mapping[str, Any],
+    ) -> np.ndarray:
+        """``m * (W0 + s A B) / n``, per output column."""
+        return np.asarray(merged_kernel(w, a, b, tensors[f"magnitude/{path}"], meta["scale"]))
+
+    def peft_files(
+        self,
+        tensors: Mapping[str, np.ndarray],
+        meta: Mapping[str, Any],
+        torch_name: Callable[[str], str],
+    ) -> tuple[dict, dict[str, np.ndarray]]:
+        return lora_peft_files(tensors, meta, torch_name, magnitude=True)

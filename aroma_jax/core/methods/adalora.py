@@ -25,7 +25,7 @@ its count). A pruned ``lambda`` can grow back before the next allocation, also a
 
 Example:
     >>> from aroma_jax.core.config import AromaConfig
-    >>> from aroma_jax.core import adalora
+    >>> from aroma_jax.core.methods import adalora
     >>> cfg = AromaConfig(target_modules=("q",), method="adalora", init_r=4, target_r=2,
     ...                   max_steps=10, tinit=2, tfinal=3)
     >>> budget, due = adalora.budget_table(cfg, n_modules=3)
@@ -35,16 +35,18 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aroma_jax.core.adapters import ModuleSpec, Pair
-from aroma_jax.core.config import AromaConfig
+from aroma_jax.core import controller
+from aroma_jax.core.adapters import AdapterState, ModuleSpec, Pair
+from aroma_jax.core.config import AromaConfig, ConfigError
 from aroma_jax.core.controller import per_layer
+from aroma_jax.core.methods.base import Method, factors
 
 Array = jax.Array
 
@@ -217,3 +219,152 @@ def allocate(
 def ranks(state: AllocatorState) -> dict[str, Array]:
     """Kept triplets per module (int32 scalars; ``(L,)`` for a layer stack)."""
     return {p: jnp.sum(k.astype(jnp.int32), axis=-1) for p, k in state.kept.items()}
+
+
+class AdaLoRA(Method):
+    """AdaLoRA as a method: SVD-form pairs of ``init_r`` triplets, the orthogonality penalty,
+    and the rank allocator after every update; its state is an `AllocatorState`."""
+
+    name = "adalora"
+    SETTINGS = ("init_r", "target_r", "tinit", "tfinal", "delta_t", "ipt_beta1", "ipt_beta2")
+    SETTINGS += ("orth_reg_weight", "max_steps")
+
+    def validate(self, cfg: AromaConfig) -> None:
+        if cfg.target_r > cfg.init_r:
+            raise ConfigError(
+                f"invalid target_r={cfg.target_r!r}: accepted an integer <= init_r ({cfg.init_r})"
+            )
+        if cfg.tinit >= cfg.max_steps - cfg.tfinal:
+            raise ConfigError(
+                f"invalid tinit={cfg.tinit!r}: accepted fewer than max_steps - tfinal "
+                f"({cfg.max_steps} - {cfg.tfinal}) steps, so a budgeting phase is left "
+                "(PEFT's rule)"
+            )
+
+    def pair_rank(self, cfg: AromaConfig) -> int:
+        return cfg.init_r
+
+    def scale(self, cfg: AromaConfig) -> float:
+        return cfg.alpha / (cfg.init_r + 1e-5)  # PEFT: scaling / (ranknum + 1e-5)
+
+    def init_pairs(
+        self,
+        key: Array,
+        specs: Mapping[str, ModuleSpec],
+        cfg: AromaConfig,
+        kernels: Mapping[str, Array] | None,
+    ) -> dict[str, Pair]:
+        return fresh_pairs(key, specs, cfg.init_r)
+
+    def init_state(
+        self, cfg: AromaConfig, adapters: AdapterState, kernels: Mapping[str, Array]
+    ) -> AllocatorState:
+        return init(adapters.pairs)
+
+    def forward_pair(self, pair: Pair) -> Pair:
+        return effective(pair)
+
+    def extra_loss(self, cfg: AromaConfig, pairs: Mapping[str, Pair]) -> Array | None:
+        if cfg.orth_reg_weight > 0:  # PEFT adds it to the model's loss, so it is reported too
+            return cfg.orth_reg_weight * orth_penalty(pairs)
+        return None
+
+    def after_update(
+        self,
+        cfg: AromaConfig,
+        method_state: AllocatorState,
+        pairs: dict[str, Pair],
+        grads: Mapping[str, Pair],
+        step: Array,
+        live: Array,
+        n_entries: int,
+    ) -> tuple[AllocatorState, dict[str, Pair]]:
+        """PEFT's ``update_and_allocate``; the budget per global step is computed on the host
+        once, when the step is traced (`budget_table`)."""
+        tables = tuple(jnp.asarray(t) for t in budget_table(cfg, n_entries))
+        alloc, new_pairs = allocate(method_state, pairs, grads, step, cfg, tables)
+        keep = lambda new, old: jnp.where(live, new, old)  # noqa: E731
+        return jax.tree.map(keep, alloc, method_state), jax.tree.map(keep, new_pairs, pairs)
+
+    def rank_vector(
+        self, cfg: AromaConfig, ctrl: controller.ControllerState, adapters: AdapterState
+    ) -> Array:
+        return controller.stack_entries(ranks(ctrl.method_state))  # kept triplets
+
+    def host_ranks(self, trainer: Any, state: Any) -> dict[str, int]:
+        kept = jax.device_get(ranks(state.ctrl.method_state))
+        return {e: int(k) for e, k in trainer.per_entry(kept).items()}
+
+    def pair_params(self, fan_in: int, fan_out: int, r: int, init_r: int | None = None) -> int:
+        """``init_r`` triplets (``P``, ``lambda``, ``Q``) whatever the budget keeps: pruned ones
+        still move under the orthogonality penalty, and PEFT counts them as trainable."""
+        k = init_r if init_r is not None else r
+        return k * (fan_in + fan_out) + k
+
+    def final_local(self, method_state: AllocatorState, path: str) -> Array:
+        return method_state.kept[path]
+
+    def final_pair(self, pair: Pair, local: Array) -> Pair:
+        return effective(pair._replace(singular=pair.singular * local))  # the latest allocation
+
+    def save_tensors(self, trainer: Any, state: Any) -> dict[str, np.ndarray]:
+        kept = trainer.per_entry(jax.device_get(state.ctrl.method_state.kept))
+        return {f"kept/{p}": np.asarray(kept[p], np.uint8) for p in trainer.paths}
+
+    def save_meta(self, cfg: AromaConfig) -> dict[str, Any]:
+        return {"adalora": {name: getattr(cfg, name) for name in self.SETTINGS}}
+
+    def restore(self, trainer: Any, tensors: Mapping[str, np.ndarray], ctrl: Any) -> Any:
+        kept = {}
+        for module in trainer.module_paths:
+            rows = [tensors[f"kept/{e}"].astype(bool) for e in trainer.specs[module].entries]
+            kept[module] = jnp.asarray(np.stack(rows) if trainer.specs[module].stack else rows[0])
+        return ctrl._replace(method_state=ctrl.method_state._replace(kept=kept))
+
+    def peft_files(
+        self,
+        tensors: Mapping[str, np.ndarray],
+        meta: Mapping[str, Any],
+        torch_name: Callable[[str], str],
+    ) -> tuple[dict, dict[str, np.ndarray]]:
+        """PEFT's AdaLoRA layout: per module ``lora_A (k, in)``, ``lora_E (k, 1)``,
+        ``lora_B (out, k)`` for the ``k`` kept triplets, and ``rank_pattern`` over all
+        ``init_r``.
+
+        The finished factors hold ``P diag(lambda)`` and ``Q``, so ``lora_E`` is written as ones
+        and ``lora_A`` carries the singular values: PEFT computes the same product. PEFT scales
+        by ``lora_alpha / (init_r + 1e-5)``, our scale too, so ``lora_alpha`` is ``alpha``.
+        """
+        settings = meta["adalora"]
+        state: dict[str, np.ndarray] = {}
+        rank_pattern: dict[str, list[bool]] = {}
+        targets = []
+        for path in meta["paths"]:
+            a, b = factors(tensors, path)
+            kept = np.asarray(tensors[f"kept/{path}"]).astype(bool)
+            if a.shape[1] == 0 or not kept.any():
+                continue  # nothing kept (or never written): the module is not adapted
+            name = torch_name(path)
+            prefix = f"base_model.model.{name}"
+            state[f"{prefix}.lora_A"] = np.ascontiguousarray(a[:, kept].T.astype(np.float32))
+            state[f"{prefix}.lora_E"] = np.ones((int(kept.sum()), 1), np.float32)
+            state[f"{prefix}.lora_B"] = np.ascontiguousarray(b[kept].T.astype(np.float32))
+            targets.append(name)
+            rank_pattern[f"{name}.lora_E"] = kept.tolist()
+        config = {
+            "peft_type": "ADALORA",
+            "lora_alpha": float(meta["alpha"]),
+            "target_modules": sorted(targets),
+            "init_r": settings["init_r"],
+            "target_r": settings["target_r"],
+            "tinit": settings["tinit"],
+            "tfinal": settings["tfinal"],
+            "deltaT": settings["delta_t"],
+            "beta1": settings["ipt_beta1"],
+            "beta2": settings["ipt_beta2"],
+            "orth_reg_weight": settings["orth_reg_weight"],
+            "total_step": settings["max_steps"],
+            "rank_pattern": rank_pattern,
+            "use_dora": False,
+        }
+        return config, state

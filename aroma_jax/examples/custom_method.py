@@ -1,0 +1,64 @@
+"""A growth rule the paper does not have, in one file: grow while eq. 6 holds up.
+
+AROMA stops a module when eq. 6's ratio ``|s a b| / |W0 + dW|`` falls below a fixed
+``outer_tol``. `GrowWhileRatioHolds` stops it *relative to itself*: a module keeps growing while
+each new pair's ratio stays above ``fraction`` of its first pair's, so a module whose first pair
+mattered a lot needs its later pairs to matter too, and a quiet module is judged by its own
+scale rather than one threshold for all (``outer_tol`` stays as a floor, so a module whose first
+pair changed nothing stops at its next outer step). Everything else (eq. 5's inner loop, the merge, the
+re-init, the optimizer-state reset) is AROMA's, inherited.
+
+It needs no edit of the package. Train it by its dotted path:
+
+    aroma-jax train --config experiments/configs/tiny-roberta.yaml --output runs/grow \\
+        --set aroma.method=aroma_jax.examples.custom_method:GrowWhileRatioHolds
+
+or, from Python, register it under a short name first:
+
+    from aroma_jax.core import methods
+    from aroma_jax.examples.custom_method import GrowWhileRatioHolds
+    methods.register("grow-while", GrowWhileRatioHolds())
+    cfg = AromaConfig(target_modules=("query", "value"), method="grow-while")
+
+The rule's state is one number per module (one per layer of a scanned stack): its first pair's
+eq. 6 ratio, NaN until its first outer step. It rides in ``ControllerState.method_state``, so it
+is checkpointed and restored with the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from aroma_jax.core.adapters import AdapterState
+from aroma_jax.core.config import AromaConfig
+from aroma_jax.core.methods.aroma import Aroma
+
+Array = jax.Array
+
+
+class GrowWhileRatioHolds(Aroma):
+    """AROMA whose stop rule is ``rho < fraction * rho_first``, or eq. 6's own ``rho <
+    outer_tol`` (for a module whose first pair changed nothing), never at the first pair."""
+
+    name = "grow-while-ratio-holds"
+    fraction = 0.5  # subclass to change it
+
+    def init_state(
+        self, cfg: AromaConfig, adapters: AdapterState, kernels: Mapping[str, Array]
+    ) -> dict[str, Array]:
+        return {p: jnp.full(d.shape, jnp.nan, jnp.float32) for p, d in adapters.done.items()}
+
+    def outer_local(self, method_state: dict[str, Array], path: str) -> Array:
+        return method_state[path]
+
+    def with_outer_locals(self, method_state: Any, local: Mapping[str, Array]) -> dict:
+        return dict(local)
+
+    def stop(self, cfg: AromaConfig, rho: Array, merges: Array, local: Array) -> tuple[Any, Any]:
+        first = jnp.where(merges == 0, rho, local)  # the first pair's ratio, kept from then on
+        below = (rho < self.fraction * first) | (rho < cfg.outer_tol)
+        return (merges > 0) & below, first
