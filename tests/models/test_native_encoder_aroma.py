@@ -47,9 +47,9 @@ def batches(n, vocab=512):
         yield {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels}
 
 
-def aroma_cfg(steps):
+def aroma_cfg(steps, head="classifier"):
     return AromaConfig(
-        target_modules=(*hf.PRESETS["bert"], "classifier"),
+        target_modules=(*hf.PRESETS["bert"], head),
         r=1,
         alpha=2.0,
         learning_rate=5e-3,
@@ -107,3 +107,53 @@ def test_impl_selection(fake_assets):
     if hasattr(transformers, "FlaxRobertaForSequenceClassification"):
         flax_model = hf.load_for_task("tiny-roberta", task, impl="hf").model
         assert type(flax_model).__name__ == "FlaxRobertaForSequenceClassification"
+
+
+@pytest.mark.slow
+def test_merged_export_of_a_native_roberta_run_loads_in_pytorch(tmp_path):
+    """`aroma-jax export --merged` of a native RoBERTa run: merged weights and the trained head
+    in PyTorch layout; AutoModelForSequenceClassification loads them and agrees within 1e-4."""
+    torch = pytest.importorskip("torch")
+    from aroma_jax.train import artifacts
+    from aroma_jax.train.export import merged_params, save_pytorch_weights
+
+    cfg = EncoderConfig.from_dict(
+        {
+            **MINILM,
+            "model_type": "roberta",
+            "hidden_size": 32,
+            "num_attention_heads": 4,
+            "intermediate_size": 48,
+            "pad_token_id": 1,
+        }
+    )
+    model = NativeEncoder(cfg, seed=0, scan_layers=True)
+    loss_fn, _ = objectives.classification(model)
+    acfg = aroma_cfg(8, head="classifier/dense")  # train.head: paper
+    trainer = AromaTrainer(loss_fn, model.params, acfg, stacked=hf.stacked_of(model), donate=False)
+    state = trainer.init(model.params)
+    for b in batches(8):
+        state, info = trainer.step(state, b)
+    final = trainer.finalize(state)
+    artifacts.save_final(tmp_path / "final", trainer, final)
+    tensors, meta = artifacts.load_final(tmp_path / "final")
+    merged = merged_params(model.params, tensors, meta)
+    assert save_pytorch_weights(model, merged, tmp_path / "merged") is None  # written natively
+    model.save_pretrained(tmp_path / "merged", params=merged)
+    pt = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    x = next(batches(1))
+    with trainer.applied(final) as p:
+        want = np.asarray(
+            model(x["input_ids"], x["attention_mask"], x["token_type_ids"], params=p).logits
+        )
+    with torch.no_grad():
+        got = pt.eval()(
+            *(torch.tensor(x[k]).long() for k in ("input_ids", "attention_mask", "token_type_ids"))
+        ).logits.numpy()
+    base = np.asarray(model(x["input_ids"], x["attention_mask"], x["token_type_ids"]).logits)
+    print(
+        f"merged export: max |torch - native| {np.abs(got - want).max():.2e}, "
+        f"change by training {np.abs(want - base).max():.2e}; ranks {np.asarray(info.ranks)}"
+    )
+    assert np.abs(want - base).max() > 1e-3  # training moved the logits: the test has teeth
+    np.testing.assert_allclose(got, want, atol=1e-4)
