@@ -45,10 +45,11 @@ def merged_params(params: Mapping, tensors: Mapping[str, np.ndarray], meta: Mapp
     native model's stacked params are unstacked to match (its ``save_pretrained`` takes both).
     """
     params = jax.device_get(dict(params))
-    from aroma_jax.models.native import is_scanned, unstack_layers
+    from aroma_jax.models.native import STACK_PATHS, is_scanned, unstack_layers
 
-    if is_scanned(params):
-        params = unstack_layers(params)
+    for at in STACK_PATHS:
+        if is_scanned(params, at):
+            params = unstack_layers(params, at)
     flat = traverse_util.flatten_dict(params, sep="/")
     for path in meta["paths"]:
         a, b = artifacts.factors(tensors, path)

@@ -359,14 +359,14 @@ def _set_path(tree: Mapping, path: tuple[str, ...], value: Any) -> dict:
     return out
 
 
-def is_scanned(params: Mapping) -> bool:
+def is_scanned(params: Mapping, at: tuple[str, ...] = LAYERS_PATH) -> bool:
     """Whether ``params`` holds its layers in the stacked (scanned) layout: ``model/layers``
-    exists and none of its keys is a layer index."""
-    layers = _get_path(params, LAYERS_PATH)
+    (or ``at``) exists and none of its keys is a layer index."""
+    layers = _get_path(params, at)
     return isinstance(layers, Mapping) and not any(str(k).isdigit() for k in layers)
 
 
-def stack_layers(params: Mapping, num_layers: int) -> dict:
+def stack_layers(params: Mapping, num_layers: int, at: tuple[str, ...] = LAYERS_PATH) -> dict:
     """The unrolled tree (``model/layers/<i>/...``) in the scanned layout: every layer leaf,
     extra leaves such as adapter factors included, becomes ``model/layers/<sub-path>`` with a
     leading axis of length ``num_layers`` (``np.stack`` / ``jnp.stack`` in layer order). Other
@@ -379,23 +379,23 @@ def stack_layers(params: Mapping, num_layers: int) -> dict:
     """
     if num_layers < 1:
         raise ValueError(f"stack_layers: num_layers must be >= 1, got {num_layers}")
-    layers = _get_path(params, LAYERS_PATH)
+    layers = _get_path(params, at)
     want = [str(i) for i in range(num_layers)]
     if not isinstance(layers, Mapping) or sorted(layers, key=str) != sorted(want):
         found = sorted(layers, key=str) if isinstance(layers, Mapping) else None
         raise ValueError(
             f"stack_layers: expected layers {want[:3]}...{want[-1:]} under "
-            f"{'/'.join(LAYERS_PATH)}, found {found}"
+            f"{'/'.join(at)}, found {found}"
         )
     first = jax.tree.structure(layers["0"])
     for i in want[1:]:
         if jax.tree.structure(layers[i]) != first:
             raise ValueError(f"stack_layers: layer {i} has other leaves than layer 0")
     stacked = jax.tree.map(lambda *xs: _stack(list(xs)), *(layers[i] for i in want))
-    return _set_path(params, LAYERS_PATH, stacked)
+    return _set_path(params, at, stacked)
 
 
-def unstack_layers(params: Mapping) -> dict:
+def unstack_layers(params: Mapping, at: tuple[str, ...] = LAYERS_PATH) -> dict:
     """The inverse of `stack_layers`: ``model/layers/<sub-path>`` leaves of shape ``(L, ...)``
     become ``model/layers/<i>/<sub-path>`` (views ``leaf[i]``). Other leaves are shared.
 
@@ -405,12 +405,12 @@ def unstack_layers(params: Mapping) -> dict:
         >>> sorted(u["model"]["layers"]), u["model"]["layers"]["1"]["w"].tolist(), u["lm_head"]
         (['0', '1'], [2, 3], 1)
     """
-    if not is_scanned(params):
-        raise ValueError(f"unstack_layers: no stacked layers under {'/'.join(LAYERS_PATH)}")
-    layers = _get_path(params, LAYERS_PATH)
+    if not is_scanned(params, at):
+        raise ValueError(f"unstack_layers: no stacked layers under {'/'.join(at)}")
+    layers = _get_path(params, at)
     lengths = {int(x.shape[0]) for x in jax.tree.leaves(layers)}
     if len(lengths) != 1:
         raise ValueError(f"unstack_layers: stacked leaves disagree on the layer count {lengths}")
     (n,) = lengths
     unrolled = {str(i): jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n)}
-    return _set_path(params, LAYERS_PATH, unrolled)
+    return _set_path(params, at, unrolled)
