@@ -54,7 +54,7 @@ def table(summaries: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     """Silence what the main job's user need not read: transformers' Flax deprecation banner
     and its expected weight-loading notes (MiniLM has no classifier, which the run trains from a
     fresh init, and an unused ``position_ids`` buffer). Warnings from our code, JAX and Python's
@@ -85,7 +85,7 @@ def main(
     from aroma_jax.train import runner
 
     offline.fetch(["minilm", "rotten_tomatoes"], prepare=ASSET_PREPARE)
-    _quiet_transformers()
+    quiet_transformers()
     summaries = {}
     for name, (path, cfg) in run_configs(overrides, progress).items():
         out = output / name

@@ -23,6 +23,7 @@ class Task:
     label_field: str = "label"
     target_field: str = "target"
     label_names: tuple[str, ...] = ()
+    text_labels: bool = False  # the data named its classes in text (mapped by label_names)
     metrics: tuple[str, ...] = ("accuracy",)
 
 

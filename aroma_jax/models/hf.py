@@ -362,6 +362,8 @@ def load_for_task(
             require_on_hub(name)
         with _loading(name, path, "config"):
             model_type = model_type_of(path)
+        if impl == "auto" and model_type in ENCODER_FAMILY and _flax_weights_only(path):
+            impl = "hf"  # the native encoders read safetensors; a Flax-only checkpoint stays on HF
         if choose_impl(impl, model_type, name) == "native":
             with _loading(name, path):
                 if model_type in ENCODER_FAMILY:
@@ -380,6 +382,12 @@ def load_for_task(
 
 
 # ---------------------------------------------------------------------------- native models
+def _flax_weights_only(path: str) -> bool:
+    """A local directory with HF Flax weights (``flax_model.msgpack``) and no safetensors."""
+    d = Path(path)
+    return (d / "flax_model.msgpack").exists() and not any(d.glob("*.safetensors*"))
+
+
 def model_type_of(path: str) -> str | None:
     """``model_type`` from a local directory's or a hub repo's ``config.json`` (None: unknown)."""
     import json

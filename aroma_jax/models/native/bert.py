@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from aroma_jax.models.native.config import NativeConfigError, read_config_json
-from aroma_jax.models.native.modeling import REMAT_POLICIES, _remat_policy
+from aroma_jax.models.native.modeling import REMAT_POLICIES, remat_policy
 
 ENCODER_TYPES = ("bert", "roberta")
 
@@ -344,7 +344,7 @@ class Layers(nn.Module):
     def __call__(self, x, mask):
         cls = Layer
         if self.remat != "none":
-            cls = nn.remat(Layer, policy=_remat_policy(self.remat), prevent_cse=True)
+            cls = nn.remat(Layer, policy=remat_policy(self.remat), prevent_cse=True)
         for i in range(self.config.num_hidden_layers):
             x, _ = cls(
                 self.config,
@@ -370,7 +370,7 @@ def scanned_layers(
     per layer, the mask broadcast), called as ``(x, mask) -> (x, None)``."""
     cls = Layer
     if remat != "none":  # flax: prevent_cse=False under scan (the loop already blocks CSE)
-        cls = nn.remat(cls, policy=_remat_policy(remat), prevent_cse=False)
+        cls = nn.remat(cls, policy=remat_policy(remat), prevent_cse=False)
     scan = nn.scan(
         cls,
         variable_axes={"params": 0},

@@ -63,7 +63,7 @@ def init_cache(config: NativeConfig, batch: int, slots: int, dtype: Any = jnp.fl
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
-def _remat_policy(name: str):
+def remat_policy(name: str):
     if name == "full":
         return None  # save nothing: recompute the whole layer
     if name == "dots":
@@ -213,7 +213,7 @@ class Layers(nn.Module):
         """``(x, cache)``: the `KVCache` of all layers updated, or ``None`` without one."""
         cls = DecoderLayer
         if self.remat != "none":
-            cls = nn.remat(DecoderLayer, policy=_remat_policy(self.remat), prevent_cse=True)
+            cls = nn.remat(DecoderLayer, policy=remat_policy(self.remat), prevent_cse=True)
         new = []
         for i in range(self.config.num_hidden_layers):
             layer = cls(
@@ -248,7 +248,7 @@ def scanned_layers(
     """
     cls = DecoderLayer
     if remat != "none":  # flax: prevent_cse=False under scan (the loop already blocks CSE)
-        cls = nn.remat(cls, policy=_remat_policy(remat), prevent_cse=False)
+        cls = nn.remat(cls, policy=remat_policy(remat), prevent_cse=False)
     scan = nn.scan(
         cls,
         variable_axes={"params": 0},
