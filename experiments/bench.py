@@ -1,6 +1,6 @@
 """Benchmark AROMA's train step against the floor and LoRA on random weights of a named shape.
 
-    python experiments/bench.py --model roberta-base --batch 8 --seq 128 --json out.json
+    python -m experiments.bench --model roberta-base --batch 8 --seq 128 --json out.json
 
 Measured in one process, interleaved (every variant once per round, several rounds), as the
 median seconds per step after warm-up:

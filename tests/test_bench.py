@@ -168,3 +168,26 @@ def test_trace_run_saves_every_leaf_and_compares_bit_for_bit(tmp_path):
         text=True,
     )
     assert res.returncode == 0 and ": 0 differ" in res.stdout
+
+
+def test_trace_run_code_runs_the_other_checkouts_package(tmp_path):
+    """``--code DIR`` traces with DIR's aroma_jax (a re-run with DIR first on PYTHONPATH), not
+    with whichever aroma_jax this interpreter would import."""
+    fake = tmp_path / "other" / "aroma_jax"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise SystemExit('the other checkout was imported')\n")
+    args = ["--code", str(fake.parent), "--steps", "1", "--out", str(tmp_path / "x.npz")]
+    res = subprocess.run(
+        [sys.executable, "-m", "experiments.trace_run", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert res.returncode == 1 and "the other checkout was imported" in res.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "experiments.trace_run", "--code", str(tmp_path), "--out", "x"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert bad.returncode == 2 and "no aroma_jax package there" in bad.stderr

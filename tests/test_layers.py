@@ -258,3 +258,20 @@ def test_checkers_catch_a_cycle_and_a_private_name():
         "aroma_jax.a imports aroma_jax.p._hidden",
         "aroma_jax.a uses aroma_jax.p.q._helper",
     ]
+
+
+def test_experiments_is_a_package_without_path_edits():
+    """The lab scripts import each other as ``experiments.<name>``, never by editing
+    ``sys.path`` (run them as ``python -m experiments.<name>``)."""
+    lab = PKG.parent / "experiments"
+    assert (lab / "__init__.py").is_file()
+    edits = [
+        f"{path.name}:{n.lineno}"
+        for path in sorted(lab.rglob("*.py"))
+        for n in ast.walk(ast.parse(path.read_text()))
+        if isinstance(n, ast.Attribute)
+        and n.attr == "path"
+        and isinstance(n.value, ast.Name)
+        and n.value.id == "sys"
+    ]
+    assert edits == []

@@ -36,6 +36,14 @@ def names() -> list[str]:
     )
 
 
+def _shipped_summary() -> str:
+    """The shipped configs in one line: the top-level ones by name, the paper's by family."""
+    top = [n.removesuffix(".yaml") for n in names() if "/" not in n]
+    families = sorted({n.split("/")[1] for n in names() if n.startswith("paper/")})
+    paper = sum(n.startswith("paper/") for n in names())
+    return f"{', '.join(top)}, or paper/<{'|'.join(families)}>/<row>.yaml ({paper} presets)"
+
+
 def config_path(name: str) -> Path:
     """The shipped config ``name`` (``demo-aroma``, ``demo-aroma.yaml``, ``paper/glue/x.yaml``,
     or its old source-tree path); `FileNotFoundError` naming the shipped ones otherwise."""
@@ -51,7 +59,7 @@ def config_path(name: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(
             f"config file {name!r} does not exist and is not a shipped config: accepted a YAML "
-            f"file path or one of {', '.join(names())}"
+            f"file path or {_shipped_summary()}"
         )
     return path
 
