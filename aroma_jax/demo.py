@@ -12,7 +12,6 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"
 RUNS = (("aroma", "demo-aroma.yaml"), ("lora-r8", "demo-lora-r8.yaml"))
 
 
@@ -55,7 +54,7 @@ def table(summaries: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     """Silence what the main job's user need not read: transformers' Flax deprecation banner
     and its expected weight-loading notes (MiniLM has no classifier, which the run trains from a
     fresh init, and an unused ``position_ids`` buffer). Warnings from our code, JAX and Python's
@@ -65,19 +64,30 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
+def run_configs(overrides: Sequence[str] = (), progress: bool = True) -> dict[str, tuple]:
+    """The demo's runs, resolved without training: name -> (shipped config file, run config)."""
+    from aroma_jax.configs import config_path
+    from aroma_jax.train import run_config
+
+    extra = list(overrides) + ([] if progress else ["train.progress=false"])
+    out = {}
+    for name, cfg_file in RUNS:
+        path = config_path(cfg_file)
+        out[name] = (path, run_config.load(path, extra))
+    return out
+
+
 def main(
     output: Path = Path("runs/demo"), overrides: Sequence[str] = (), progress: bool = True
 ) -> int:
     from aroma_jax.data import offline
     from aroma_jax.models.hf import ASSET_PREPARE
-    from aroma_jax.train import run_config, runner
+    from aroma_jax.train import runner
 
     offline.fetch(["minilm", "rotten_tomatoes"], prepare=ASSET_PREPARE)
-    _quiet_transformers()
+    quiet_transformers()
     summaries = {}
-    for name, cfg_file in RUNS:
-        extra = list(overrides) + ([] if progress else ["train.progress=false"])
-        cfg = run_config.load(CONFIG_DIR / cfg_file, extra)
+    for name, (path, cfg) in run_configs(overrides, progress).items():
         out = output / name
         done = out / "summary.json"
         if done.exists() and json.loads(done.read_text()).get("status") == "finished":
@@ -85,7 +95,7 @@ def main(
             summaries[name] = json.loads(done.read_text())
             continue
         resume = (out / "checkpoints").exists()
-        print(f"\n== {name}: {CONFIG_DIR / cfg_file} -> {out}" + (" (resuming)" if resume else ""))
+        print(f"\n== {name}: {path} -> {out}" + (" (resuming)" if resume else ""))
         summaries[name] = runner.train(cfg, out, resume=resume)
     print("\n" + table(summaries))
     for name, s in summaries.items():

@@ -1,6 +1,6 @@
 """Benchmark AROMA's train step against the floor and LoRA on random weights of a named shape.
 
-    python experiments/bench.py --model roberta-base --batch 8 --seq 128 --json out.json
+    python -m experiments.bench --model roberta-base --batch 8 --seq 128 --json out.json
 
 Measured in one process, interleaved (every variant once per round, several rounds), as the
 median seconds per step after warm-up:
@@ -23,7 +23,7 @@ a table of GPUs/TPUs or ``--peak-tflops``); the allocator's peak where the devic
 ``--vs-peft`` adds HF PEFT LoRA r=1/r=8 and a torch floor in PyTorch. ``--smoke`` runs every
 variant on a tiny model for 2 steps (CI checks that the script works; it never reads timings).
 
-On a GPU: ``python experiments/bench.py --dtype bfloat16 --batch 32 --seq 512 --json gpu.json``.
+On a GPU: ``python -m experiments.bench --dtype bfloat16 --batch 32 --seq 512 --json gpu.json``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import json
 import platform
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -45,57 +44,13 @@ import numpy as np
 import optax
 import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from aroma_jax import AromaConfig, AromaTrainer
+from aroma_jax.core import controller, optim
+from aroma_jax.models.hf import PRESETS
+from aroma_jax.models.llama import FixedFlaxLlamaForCausalLM
+from experiments.shapes import SHAPES, of_arch
 
-from aroma_jax import AromaConfig, AromaTrainer  # noqa: E402
-from aroma_jax.core import controller, optim  # noqa: E402
-from aroma_jax.models.hf import PRESETS  # noqa: E402
-from aroma_jax.models.llama import FixedFlaxLlamaForCausalLM  # noqa: E402
-
-SHAPES = {
-    "roberta-base": (
-        "roberta",
-        dict(
-            hidden_size=768,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            intermediate_size=3072,
-            vocab_size=50265,
-        ),
-    ),
-    "llama-small": (
-        "llama",
-        dict(
-            hidden_size=512,
-            num_hidden_layers=8,
-            num_attention_heads=8,
-            num_key_value_heads=4,
-            intermediate_size=1536,
-            vocab_size=8000,
-        ),
-    ),
-    "tiny": (
-        "roberta",
-        dict(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=128,
-            vocab_size=500,
-        ),
-    ),
-    "tiny-llama": (
-        "llama",
-        dict(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=128,
-            vocab_size=500,
-        ),
-    ),
-}
+SHAPES = {name: SHAPES[name] for name in of_arch("roberta", "llama")}  # what `build` builds
 
 
 def build(name: str, seq: int, dtype: str = "float32"):
@@ -106,11 +61,10 @@ def build(name: str, seq: int, dtype: str = "float32"):
     dt = jnp.dtype(dtype)
     if arch == "roberta":
         cfg = tf.RobertaConfig(
-            max_position_embeddings=seq + 4,
+            **{**kw, "max_position_embeddings": seq + 4},
             num_labels=2,
             hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0,
-            **kw,
         )
         model = tf.FlaxRobertaForSequenceClassification(cfg, seed=0, dtype=dt)
 
@@ -120,7 +74,7 @@ def build(name: str, seq: int, dtype: str = "float32"):
                 optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
             )
     else:
-        cfg = tf.LlamaConfig(max_position_embeddings=seq + 4, **kw)
+        cfg = tf.LlamaConfig(**{**kw, "max_position_embeddings": seq + 4})
         model = FixedFlaxLlamaForCausalLM(cfg, seed=0, dtype=dt)  # HF's, defects fixed
 
         def loss_fn(params, batch, rng):

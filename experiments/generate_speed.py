@@ -1,6 +1,6 @@
 """Greedy generation on the native LLaMA model: with the KV cache against re-running the buffer.
 
-    python experiments/generate_speed.py --out docs/generate-speed-cpu.json
+    python -m experiments.generate_speed --out docs/generate-speed-cpu.json
 
 Builds a random native model of a given shape (no weights are downloaded), left-pads a batch of
 prompts, and times `NativeCausalLM.generate` with ``use_cache=True`` and ``use_cache=False``
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -23,19 +22,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from scale_sim import MODELS  # noqa: E402  (the model shapes: llama-small, tiny, llama3-8b, ...)
-
-from aroma_jax.models.native import NativeCausalLM, NativeConfig  # noqa: E402
+from aroma_jax.models.native import NativeCausalLM, NativeConfig
+from experiments.shapes import SHAPES, of_arch
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
         "--model",
-        choices=sorted(MODELS),
+        choices=of_arch("llama"),
         default="llama-small",
         help="model shape (random weights)",
     )
@@ -46,7 +41,7 @@ def main(argv=None) -> dict:
     p.add_argument("--scan", choices=("on", "off"), default="on", help="layers under nn.scan")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
-    cfg = NativeConfig.from_dict({"model_type": "llama", **MODELS[args.model]})
+    cfg = NativeConfig.from_dict({"model_type": "llama", **SHAPES[args.model][1]})
     model = NativeCausalLM(cfg, seed=0, scan_layers=args.scan == "on")
     rng = np.random.default_rng(0)
     ids = rng.integers(1, cfg.vocab_size, (args.batch, args.prompt)).astype(np.int32)

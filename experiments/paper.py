@@ -1,15 +1,15 @@
 """The paper's experiments, one command per table: run the presets, print ours beside the paper's.
 
-    python experiments/paper.py table2 --tasks mrpc,rte --seeds 0,1,2 --out runs/paper
-    python experiments/paper.py table3 --dry-run
+    python -m experiments.paper table2 --tasks mrpc,rte --seeds 0,1,2 --out runs/paper
+    python -m experiments.paper table3 --dry-run
 
-Each cell is an ordinary ``aroma-jax train`` run directory (`aroma_jax.train.runner.train`) under
-``OUT/<preset>/seed<k>``, from a preset in ``experiments/paper/`` (one YAML per runnable row, each
-naming its source table). Runs are resumable: a finished run is read back, not rerun; an
-interrupted one resumes from its last checkpoint. A run directory that holds a run with a
-different config is an error, never silently reused. The printed table puts every cell next to
-the paper's number (``experiments/paper/paper_numbers.yaml``); with several seeds a cell is the
-mean, with the standard deviation after it.
+Each cell is an ordinary ``aroma-jax train`` run directory (`aroma_jax.train.runner.train`)
+under ``OUT/<preset>/seed<k>``, from a preset shipped in ``aroma_jax/configs/paper/`` (one YAML
+per runnable row, each naming its source table). Runs are resumable: a finished run is read
+back, not rerun; an interrupted one resumes from its last checkpoint. A run directory that holds
+a run with a different config is an error, never silently reused. The printed table puts every
+cell next to the paper's number (``paper/paper_numbers.yaml`` there); with several seeds a cell
+is the mean, with the standard deviation after it.
 
 ``--dry-run`` trains nothing: it resolves every preset of the table and prints its plan (steps,
 adapted modules, trainable parameters, the largest rank a module can reach and the memory of its
@@ -29,12 +29,10 @@ from typing import Any
 
 import yaml
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from aroma_jax.configs import root
+from experiments import paper_plan
 
-import paper_plan  # noqa: E402
-
-PRESETS = HERE / "paper"
+PRESETS = root() / "paper"
 NUMBERS = PRESETS / "paper_numbers.yaml"
 GLUE = ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb")
 GLUE_NAMES = dict(
@@ -384,7 +382,7 @@ def format_plan(specs: Sequence[RunSpec], tiny: bool) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="experiments/paper.py",
+        prog="python -m experiments.paper",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Tables: " + "; ".join(f"{k}: {t.title}" for k, t in TABLES.items()),

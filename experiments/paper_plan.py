@@ -5,14 +5,14 @@ from a config (no weights are allocated or downloaded), matches the run's target
 against them exactly as training does (`aroma_jax.core.adapters.find_targets`), and counts.
 
 The hub is not needed: the three models of the paper are described by their published
-``config.json`` values, written out in `PUBLISHED` (roberta-base, facebook/bart-large,
+``config.json`` values in `experiments.shapes` (roberta-base, facebook/bart-large,
 meta-llama/Meta-Llama-3-8B). ``tiny=True`` swaps in a small model of the same architecture (the
 stand-in the tests build); ``tiny-<arch>`` model names always use it.
 
-Example:
-    >>> import sys; sys.path.insert(0, "experiments")
+Example (from the checkout's root):
+    >>> from aroma_jax.configs import config_path
     >>> from aroma_jax.train import run_config
-    >>> cfg = run_config.load("experiments/paper/glue/aroma-mrpc.yaml")
+    >>> cfg = run_config.load(config_path("paper/glue/aroma-mrpc.yaml"))
     >>> p = plan(cfg)
     >>> p.modules, p.trainable
     (73, 167424)
@@ -27,95 +27,7 @@ from typing import Any
 
 import jax
 
-# Published config.json values of the paper's models (the hub is not reachable from every
-# machine; these are the fields that decide parameter shapes).
-PUBLISHED: dict[str, tuple[str, dict[str, Any]]] = {
-    "roberta-base": (
-        "roberta",
-        dict(
-            vocab_size=50265,
-            hidden_size=768,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            intermediate_size=3072,
-            max_position_embeddings=514,
-            type_vocab_size=1,
-            layer_norm_eps=1e-5,
-            pad_token_id=1,
-            bos_token_id=0,
-            eos_token_id=2,
-        ),
-    ),
-    "facebook/bart-large": (
-        "bart",
-        dict(
-            vocab_size=50265,
-            d_model=1024,
-            encoder_layers=12,
-            decoder_layers=12,
-            encoder_attention_heads=16,
-            decoder_attention_heads=16,
-            encoder_ffn_dim=4096,
-            decoder_ffn_dim=4096,
-            max_position_embeddings=1024,
-            pad_token_id=1,
-            bos_token_id=0,
-            eos_token_id=2,
-            decoder_start_token_id=2,
-            forced_bos_token_id=0,
-            forced_eos_token_id=2,
-        ),
-    ),
-    "meta-llama/Meta-Llama-3-8B": (
-        "llama",
-        dict(
-            vocab_size=128256,
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            max_position_embeddings=8192,
-            rope_theta=500000.0,
-            rms_norm_eps=1e-5,
-            bos_token_id=128000,
-            eos_token_id=128001,
-            tie_word_embeddings=False,
-        ),
-    ),
-}
-
-TINY: dict[str, dict[str, Any]] = {
-    "roberta": dict(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    ),
-    "bart": dict(
-        vocab_size=100,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=64,
-    ),
-    "llama": dict(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    ),
-}
+from experiments.shapes import HUB_NAMES, SHAPES, TINY
 
 
 class PlanError(ValueError):
@@ -158,16 +70,16 @@ def model_config(name: str, tiny: bool, num_labels: int):
     if name.startswith("tiny-"):
         arch = name[5:]
         tiny = True
-    elif name in PUBLISHED:
-        arch = PUBLISHED[name][0]
+    elif name in HUB_NAMES:
+        arch = SHAPES[HUB_NAMES[name]][0]
     else:
         raise PlanError(
-            f"no published config for model {name!r} here: accepted {', '.join(PUBLISHED)} "
+            f"no published config for model {name!r} here: accepted {', '.join(HUB_NAMES)} "
             "or tiny-<roberta|bart|llama>"
         )
     if arch not in TINY:
         raise PlanError(f"unknown architecture {arch!r}: accepted {', '.join(TINY)}")
-    values = dict(TINY[arch]) if tiny else dict(PUBLISHED[name][1])
+    values = dict(SHAPES[TINY[arch] if tiny else HUB_NAMES[name]][1])
     cls = {"roberta": tf.RobertaConfig, "bart": tf.BartConfig, "llama": tf.LlamaConfig}[arch]
     return arch, cls(**values, num_labels=max(num_labels, 1))
 

@@ -1,8 +1,8 @@
 """Scale by simulation: the AROMA train step of a LLaMA-3 model, compiled for meshes of simulated
 devices from abstract shapes (no weights are ever created).
 
-    python experiments/scale_sim.py --model llama3-8b --devices 1,8,64 --out scale.json
-    python experiments/scale_sim.py --model llama3-70b --devices 64
+    python -m experiments.scale_sim --model llama3-8b --devices 1,8,64 --out scale.json
+    python -m experiments.scale_sim --model llama3-70b --devices 64
 
 For each device count the step (bf16 base weights, fp32 adapters and optimizer state, AROMA
 r=1 on the paper's LLaMA targets) is traced with `jax.ShapeDtypeStruct` inputs, sharded with the
@@ -31,46 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-MODELS = {
-    "llama3-8b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        rope_theta=500000.0,
-        max_position_embeddings=8192,
-    ),
-    "llama3-70b": dict(
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        rope_theta=500000.0,
-        max_position_embeddings=8192,
-    ),
-    "llama-small": dict(  # the bench's LLaMA shape: compile-time comparisons on a CPU
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        vocab_size=8000,
-        max_position_embeddings=1024,
-    ),
-    "tiny": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=128,
-    ),
-}
+from experiments.shapes import SHAPES, of_arch
+
 # Table 13 (LLaMA-3-8B on Commonsense170K, AROMA r=1): batch 32, max sequence length 256.
 TABLE13 = dict(batch=32, seq=256)
 DEFAULT_MESHES = {1: "", 8: "fsdp=8", 64: "fsdp=16,tensor=4"}
@@ -95,7 +57,7 @@ GB = 1e9
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", choices=sorted(MODELS), default="llama3-8b", help="model shape")
+    p.add_argument("--model", choices=of_arch("llama"), default="llama3-8b", help="model shape")
     p.add_argument(
         "--devices", default="1,8,64", help="comma-separated simulated device counts (1,8,64)"
     )
@@ -367,7 +329,7 @@ def compile_step(args, n_devices: int, jax):
     from aroma_jax.models.native import NativeCausalLM, NativeConfig
     from aroma_jax.models.native.partitioning import sharding_rules
 
-    shape = dict(MODELS[args.model])
+    shape = dict(SHAPES[args.model][1])
     if args.layers:
         shape["num_hidden_layers"] = args.layers
     cfg = NativeConfig.from_dict({"model_type": "llama", "tie_word_embeddings": False, **shape})
@@ -466,7 +428,6 @@ def main(argv=None) -> list[dict]:
     else:  # no TPU attached: libtpu's compiler only; quiet its worker discovery
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import jax
 
     results = []

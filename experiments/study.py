@@ -1,7 +1,7 @@
 """A multi-seed study: a grid of task x method x seed, each cell an ordinary training run.
 
-    python experiments/study.py experiments/study/claims.yaml --out runs/study [--jobs 2]
-    python experiments/study.py experiments/study/claims.yaml --out runs/study --report-only
+    python -m experiments.study experiments/study/claims.yaml --out runs/study [--jobs 2]
+    python -m experiments.study experiments/study/claims.yaml --out runs/study --report-only
 
 The grid file names a base run config, the tasks (each with its overrides and the metric that
 scores it), the methods (overrides on top) and the seeds. Every cell is a run directory

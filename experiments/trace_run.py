@@ -4,9 +4,9 @@ For a change meant to leave training unchanged (a compile-time rewrite, a new la
 same short runs with this checkout's code and with another's, then compare every leaf.
 
     git worktree add /tmp/before f8125a8
-    python experiments/trace_run.py --out /tmp/now.npz
-    python experiments/trace_run.py --code /tmp/before --out /tmp/before.npz
-    python experiments/trace_run.py --compare /tmp/now.npz /tmp/before.npz
+    python -m experiments.trace_run --out /tmp/now.npz
+    python -m experiments.trace_run --code /tmp/before --out /tmp/before.npz
+    python -m experiments.trace_run --compare /tmp/now.npz /tmp/before.npz
 
 The runs: a tiny LLaMA (native model, 2 layers, GQA) on a copy task, AROMA r=1 with short inner
 loops so that several outer steps merge and re-initialise within ``--steps``, and, late in the
@@ -26,7 +26,10 @@ included), prints every leaf that differs with its largest difference, and exits
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -61,6 +64,7 @@ MODEL = dict(
     max_position_embeddings=32,
     tie_word_embeddings=False,
 )
+_RERUN = "AROMA_TRACE_RUN_CODE"  # set in the re-run process: the checkout it must import
 STEP_FIELDS = ("loss", "rho_in", "rho_out", "ranks", "outer", "merged", "newly_done")
 
 
@@ -151,6 +155,23 @@ def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> list[str]:
     return problems
 
 
+def _imported_from(code: Path) -> Path | None:
+    """``code``'s aroma_jax package if it is the one ``import aroma_jax`` would load here."""
+    spec = importlib.util.find_spec("aroma_jax")
+    origin = Path(spec.origin).resolve() if spec and spec.origin else None
+    return origin.parent if origin == code / "aroma_jax" / "__init__.py" else None
+
+
+def _rerun_with(code: Path, argv: list[str]) -> int:
+    """This script again, in a process whose ``PYTHONPATH`` puts ``code`` first (once: a second
+    mismatch means the path did not take effect, which is an error, not a loop)."""
+    if os.environ.get(_RERUN) == str(code):
+        raise SystemExit(f"--code {code}: its aroma_jax is not importable from PYTHONPATH")
+    path = os.pathsep.join(p for p in (str(code), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, _RERUN: str(code)}
+    return subprocess.run([sys.executable, __file__, *argv], env=env).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, help="save the runs' numbers here (.npz)")
@@ -192,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     code = (args.code or HERE.parent).resolve()
     if not (code / "aroma_jax" / "__init__.py").is_file():
         p.error(f"--code {args.code}: no aroma_jax package there; accepted: an aroma-jax checkout")
-    sys.path.insert(0, str(code))
+    if _imported_from(code) is None:  # another checkout: trace in a process that imports it
+        return _rerun_with(code, sys.argv[1:] if argv is None else argv)
     import aroma_jax
 
     print(f"aroma_jax from {Path(aroma_jax.__file__).parent}", flush=True)

@@ -9,7 +9,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # start (they inherit the environment): many tests compile the same train step again (a resumed
 # run, the same tiny config in another test), and XLA:CPU compiles dominate the suite. A fresh
 # directory per session, so nothing carries over between runs; the programs are identical either
-# way, only their compile is skipped. (experiments/xla_phases.py turns it off for its own runs.)
+# way, only their compile is skipped.
 _CACHE_DIR = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _CACHE_DIR = tempfile.mkdtemp(prefix="aroma-test-xla-cache-")

@@ -2,7 +2,6 @@
 a dotted path, trained end to end through ``aroma-jax train``."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ from aroma_jax.examples.custom_method import GrowWhileRatioHolds
 from aroma_jax.examples.toy import toy_config, train_toy
 
 DOTTED = "aroma_jax.examples.custom_method:GrowWhileRatioHolds"
-CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
 
 
 def test_its_stop_rule_is_relative_to_the_first_pair():
@@ -53,7 +51,7 @@ def test_registered_under_a_name_and_refused_when_unknown():
 @pytest.mark.slow  # a tiny-roberta run through the CLI, about 40 s (make test-slow)
 def test_trains_through_the_cli_by_dotted_path(fake_assets, tmp_path):
     out = tmp_path / "run"
-    argv = ["train", "--config", str(CONFIGS / "tiny-roberta.yaml"), "--output", str(out)]
+    argv = ["train", "--config", "tiny-roberta", "--output", str(out)]
     sets = [
         f"aroma.method={DOTTED}",
         "train.progress=false",

@@ -1,23 +1,16 @@
-"""experiments/paper.py: every preset resolves and builds; the plan reproduces the paper's #Param;
+"""experiments.paper: every preset resolves and builds; the plan reproduces the paper's #Param;
 one tiny end-to-end run per task family; resumable runs; the table printed beside the paper's."""
 
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 from paper_fixtures import write_commonsense, write_glue, write_xsum
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "experiments"))
-paper = importlib.import_module("paper")
-paper_plan = importlib.import_module("paper_plan")
+from aroma_jax.train import run_config, runner
+from experiments import paper, paper_plan
 
-from aroma_jax.train import run_config, runner  # noqa: E402
-
-PRESETS = sorted((ROOT / "experiments" / "paper").glob("*/*.yaml"))
+PRESETS = sorted(paper.PRESETS.glob("*/*.yaml"))
 FAST = [
     "train.batch_size=8",
     "train.eval_batch_size=8",

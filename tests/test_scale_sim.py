@@ -1,22 +1,15 @@
-"""experiments/scale_sim.py on a tiny config: the same AOT path as the LLaMA-3-8B simulation."""
+"""experiments.scale_sim on a tiny config: the same AOT path as the LLaMA-3-8B simulation."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import jax
 import pytest
 
-PATH = Path(__file__).resolve().parents[1] / "experiments" / "scale_sim.py"
-
 
 def load():
-    spec = importlib.util.spec_from_file_location("scale_sim", PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["scale_sim"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    from experiments import scale_sim
+
+    return scale_sim
 
 
 def test_tiny_step_compiles_from_abstract_shapes_on_a_simulated_mesh(tmp_path):
@@ -26,7 +19,8 @@ def test_tiny_step_compiles_from_abstract_shapes_on_a_simulated_mesh(tmp_path):
     out = tmp_path / "tiny.json"
     # Unrolled: one compile (a scanned step also compiles unrolled 1- and 2-layer steps for its
     # FLOPs; the next test covers that path).
-    argv = ["--model", "tiny", "--devices", "8", "--batch", "8", "--seq", "16", "--scan", "off"]
+    argv = ["--model", "tiny-llama", "--devices", "8", "--batch", "8", "--seq", "16"]
+    argv += ["--scan", "off"]
     (r,) = sim.main(argv + ["--layers", "1", "--out", str(out)])
     assert json.loads(out.read_text())[0]["devices"] == 8
     assert r["mesh"] == "fsdp=8" and r["layers"] == 1 and r["adapted_modules"] == 5
@@ -44,7 +38,8 @@ def test_scanned_step_reports_every_layers_flops(tmp_path):
     """XLA counts a scanned layer (a while body) once; the script extrapolates the unrolled
     1- and 2-layer steps instead, which must agree with the unrolled 3-layer step."""
     sim = load()
-    argv = ["--model", "tiny", "--devices", "1", "--batch", "2", "--seq", "8", "--layers", "3"]
+    argv = ["--model", "tiny-llama", "--devices", "1", "--batch", "2", "--seq", "8"]
+    argv += ["--layers", "3"]
     (scanned,) = sim.main(argv)
     (unrolled,) = sim.main(argv + ["--scan", "off"])
     assert scanned["scan_layers"] and not unrolled["scan_layers"]

@@ -1,10 +1,8 @@
-"""experiments/study.py on a tiny grid: cells are run directories, the grid resumes, the report
+"""experiments.study on a tiny grid: cells are run directories, the grid resumes, the report
 has mean +- std with n, paired comparisons and plots."""
 
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,11 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("study", ROOT / "experiments" / "study.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["study"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    from experiments import study
+
+    return study
 
 
 def write_grid(tmp_path):

@@ -154,6 +154,9 @@ def open_run(directory: str | Path, name: str | None = None) -> Run:
             f"{str(directory)!r} is not a finished run directory (missing {missing}); analyze "
             "reads the final adapters that `aroma-jax train` writes when a run finishes"
         )
+    from aroma_jax.train.artifacts import verify_final
+
+    verify_final(final)  # a damaged file is a one-line error naming it and the remedy
     meta = json.loads(meta_path.read_text())
     for key in ("scale", "r", "paths"):
         if key not in meta:

@@ -1,7 +1,7 @@
 """Factored Frobenius norms and AROMA's two convergence ratios (eqs. 5 and 6).
 
 Nothing here forms an ``(in, out)`` matrix: every norm of a low-rank product is computed from the
-small Gram matrices of its factors (DESIGN-NOTES section 1).
+small Gram matrices of its factors (docs/DESIGN.md section 1).
 
 Flax convention: a kernel ``W`` has shape ``(in, out)``; a pair is ``a: (in, r)``, ``b: (r, out)``
 and contributes ``x @ a @ b``.

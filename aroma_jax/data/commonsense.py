@@ -34,8 +34,8 @@ from typing import Any, NamedTuple
 import datasets
 import numpy as np
 
+from aroma_jax.data.base import DataError, Task
 from aroma_jax.data.sources import is_local, load_splits, seeded_holdout
-from aroma_jax.data.tasks import DataError, Task
 
 TRAIN_HUB = "zwhe99/commonsense_170k"
 COLUMNS = ("instruction", "input", "output", "answer")

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from aroma_jax.data.base import DataError, Task
+from aroma_jax.data.labels import map_classes
 from aroma_jax.data.sources import load_splits, seeded_holdout
-from aroma_jax.data.tasks import DataError, Task
 
 HUB_NAME = "nyu-mll/glue"
 
@@ -50,8 +51,17 @@ GLUE_TASKS: dict[str, GlueTask] = {
 }
 
 
-def glue(task: str, seed: int = 0, source: str | None = None, dev_examples: int = 0) -> Task:
-    """GLUE ``task`` from the hub or a local copy (``source``), split as described above."""
+def glue(
+    task: str,
+    seed: int = 0,
+    source: str | None = None,
+    dev_examples: int = 0,
+    label_names: list[str] | tuple[str, ...] | None = None,
+) -> Task:
+    """GLUE ``task`` from the hub or a local copy (``source``), split as described above.
+
+    Class names come from the hub's ``ClassLabel`` feature; a local copy with text labels has
+    them mapped to ids (`tasks.map_classes`), in sorted order or in that of ``label_names``."""
     if task not in GLUE_TASKS:
         raise DataError(f"unknown GLUE task {task!r}: accepted {', '.join(sorted(GLUE_TASKS))}")
     spec = GLUE_TASKS[task]
@@ -67,6 +77,12 @@ def glue(task: str, seed: int = 0, source: str | None = None, dev_examples: int 
             )
     if isinstance(dev_examples, bool) or not isinstance(dev_examples, int) or dev_examples < 0:
         raise DataError(f"invalid task.dev_examples={dev_examples!r}: accepted an integer >= 0")
+    names: tuple[str, ...] = ()
+    from_text = False
+    if spec.kind != "regression":
+        where = repr(source or HUB_NAME)
+        mapped, names, from_text = map_classes([train, report], "label", label_names, where)
+        train, report = mapped
     dev = report
     if dev_examples:
         train, dev = seeded_holdout(train, dev_examples, seed)
@@ -77,5 +93,7 @@ def glue(task: str, seed: int = 0, source: str | None = None, dev_examples: int 
         {"train": train, "validation": dev, "test": report},
         text_field=spec.text,
         text_pair_field=spec.text_pair,
+        label_names=names,
+        text_labels=from_text,
         metrics=(spec.metric,),
     )

@@ -33,28 +33,12 @@ from typing import Any
 import datasets
 import numpy as np
 
+from aroma_jax.data.base import DataError, Task
+from aroma_jax.data.labels import class_ids, map_classes  # noqa: F401  (re-exported)
 from aroma_jax.data.offline import asset_path
 
 SPLITS = ("train", "validation", "test")
 BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
-
-
-@dataclasses.dataclass
-class Task:
-    name: str
-    kind: str  # classification | regression | pair_classification | generation
-    num_labels: int
-    splits: dict[str, datasets.Dataset]
-    text_field: str = "text"
-    text_pair_field: str | None = None
-    label_field: str = "label"
-    target_field: str = "target"
-    label_names: tuple[str, ...] = ()
-    metrics: tuple[str, ...] = ("accuracy",)
-
-
-class DataError(ValueError):
-    """Bad task data; the message names the column, row or value and what is accepted."""
 
 
 def normalise(text: str) -> str:
@@ -199,6 +183,7 @@ def bbc(name: str, seed: int = 0, data_dir=None) -> Task:
     raise DataError(f"unknown BBC task {name!r}")
 
 
+
 BAD_ROWS = ("error", "drop")
 
 
@@ -228,9 +213,53 @@ def _row_problem(row: dict, text_fields: list[str], label_field: str) -> str | N
         return f"empty {label_field!r} cell"
     if isinstance(label, float) and not math.isfinite(label):
         return f"{label_field!r} is {label}"
+    if isinstance(label, str):
+        return f"blank {label_field!r} cell" if not label.strip() else None
     if isinstance(label, bool) or not isinstance(label, (int, float, np.integer, np.floating)):
-        return f"{label_field!r} is {label!r}, not a number"
+        return f"{label_field!r} is {label!r}, not a number or a class name"
     return None
+
+
+def _number(text: str) -> int | float | None:
+    """``"3"`` -> 3, ``"0.5"`` -> 0.5, anything else None."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+
+def text_labels(
+    labels: list, label_names: list[str] | tuple[str, ...] | None, where: str
+) -> tuple[list, tuple[str, ...]]:
+    """Labels as read from a file -> (labels, class names).
+
+    Numbers stay numbers (class ids or regression targets); ``label_names`` then names the ids.
+    Text labels that all read as numbers (``"1"`` in a JSON file) become numbers; other text
+    labels are class names mapped by `class_ids`. A column that mixes numbers with other text is
+    an error naming the first text cell (a typo in a numeric column must not turn a regression
+    into a many-class classification).
+    """
+    if not any(isinstance(x, str) for x in labels):
+        return labels, tuple(str(n) for n in label_names or ())
+    parsed = [_number(x) if isinstance(x, str) else x for x in labels]
+    if all(p is not None for p in parsed):
+        return parsed, tuple(str(n) for n in label_names or ())
+    numbers = [p is not None for p in parsed]
+    if any(numbers):  # numeric cells beside text ones
+        row = next(i for i, p in enumerate(parsed) if p is None)
+        raise DataError(
+            f"{where}: the label column mixes numbers and text (row {row + 1}: "
+            f"{labels[row]!r}): accepted numbers only (class ids or regression targets), or "
+            "class names only"
+        )
+    stripped = [x.strip() for x in labels]
+    return class_ids(stripped, label_names, where)
 
 
 def clean_rows(
@@ -268,9 +297,11 @@ def local(
     label_field: str = "label",
     text_pair_field: str | None = None,
     bad_rows: str = "error",
+    label_names: list[str] | tuple[str, ...] | None = None,
 ) -> Task:
     """A task from one file; ``bad_rows`` (``error`` or ``drop``) decides what an empty text or
-    label cell, a NaN or a non-numeric label does."""
+    label cell or a NaN label does. Text labels are class names: ids in sorted order, or in the
+    order of ``label_names`` (`text_labels`)."""
     p = Path(path)
     fmt = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(p.suffix)
     if fmt is None:
@@ -301,17 +332,31 @@ def local(
     for r in rows:  # a column of numbers is text too
         for field in texts:
             r[field] = str(r[field])
-    labels = [r[label_field] for r in rows]
+    raw = [r[label_field] for r in rows]
+    from_text = any(isinstance(x, str) and _number(x) is None for x in raw)
+    labels, names = text_labels(raw, label_names, repr(path))
+    for r, y in zip(rows, labels, strict=True):
+        r[label_field] = y
     if all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in labels):
-        kind, n = "classification", int(max(labels)) + 1
+        kind, n = "classification", max(int(max(labels)) + 1, len(names))
         bad = [(i, x) for i, x in enumerate(labels) if x < 0]
         if bad:
             raise DataError(
                 f"{path!r}: label {bad[0][1]} in row {bad[0][0] + 1} is out of range: "
                 "accepted integer class ids >= 0"
             )
+        if names and n > len(names):
+            raise DataError(
+                f"{path!r}: label {n - 1} has no name in task.label_names {list(names)}: "
+                f"accepted {n} names, one per class id"
+            )
     else:
         kind, n = "regression", 1
+        if names:
+            raise DataError(
+                f"{path!r} has numeric, non-integer labels (a regression task): "
+                "task.label_names applies to class labels only"
+            )
     if text_pair_field and kind == "classification":
         kind = "pair_classification"
     parts = split_unique(rows, text_field, seed) if not text_pair_field else None
@@ -331,6 +376,8 @@ def local(
         text_field=text_field,
         text_pair_field=text_pair_field,
         label_field=label_field,
+        label_names=names,
+        text_labels=from_text,
         metrics=("accuracy", "f1") if kind != "regression" else ("pearson", "spearman"),
     )
 
@@ -356,6 +403,12 @@ def get_task(
     """
     is_cs = name == "commonsense170k" or name.startswith("commonsense170k/")
     is_paper = name.startswith("glue/") or is_cs or name == "xsum"
+    label_names = fields.pop("label_names", None)
+    if label_names is not None and not (name.startswith(("glue/", "local:"))):
+        raise DataError(
+            f"task {name!r} takes no task.label_names: it applies to local:<file> and "
+            "glue/<task> (the other tasks name their classes themselves)"
+        )
     if ((source is not None or dev_examples) and not is_paper) or (eval_source and not is_cs):
         raise DataError(
             f"task {name!r} takes no task.source / task.eval_source / task.dev_examples: "
@@ -371,7 +424,7 @@ def get_task(
     elif name.startswith("glue/"):
         from aroma_jax.data.glue import glue
 
-        task = glue(name.split("/", 1)[1], seed, source, dev_examples)
+        task = glue(name.split("/", 1)[1], seed, source, dev_examples, label_names)
     elif is_cs:
         from aroma_jax.data.commonsense import commonsense
 
@@ -382,7 +435,7 @@ def get_task(
 
         task = xsum(seed, source, dev_examples)
     elif name.startswith("local:"):
-        task = local(name.split(":", 1)[1], seed, **fields)
+        task = local(name.split(":", 1)[1], seed, label_names=label_names, **fields)
     else:
         raise DataError(
             f"unknown task {name!r}: accepted {', '.join(OFFLINE)}, {', '.join(PAPER)} "
@@ -421,6 +474,35 @@ def validate(task: Task) -> None:
                 raise DataError(
                     f"task {task.name!r} split {split!r} row {int(bad[0])}: label "
                     f"{labels[bad[0]]} is out of range; accepted 0..{task.num_labels - 1}"
+                )
+
+
+def check_learnable(task: Task) -> None:
+    """Refuses data a run cannot learn from (after the split and the example caps): a
+    classification whose training split holds fewer than 2 classes (it would train a constant
+    and report its trivial accuracy), a regression whose labels do not vary in some split
+    (nothing to fit; Pearson and Spearman are undefined)."""
+    if task.kind in ("classification", "pair_classification"):
+        labels = np.asarray(task.splits["train"][task.label_field])
+        found = sorted({int(x) for x in labels})
+        if len(found) < 2:
+            shown = [
+                f"{c} ({task.label_names[c]!r})" if c < len(task.label_names) else str(c)
+                for c in found
+            ]
+            raise DataError(
+                f"task {task.name!r} split 'train' holds {len(found)} class ({', '.join(shown)} "
+                f"in all {len(labels)} rows): a classifier needs at least 2; accepted data with "
+                "two or more classes in the training split"
+            )
+    if task.kind == "regression":
+        for split, ds in task.splits.items():
+            labels = np.asarray(ds[task.label_field], np.float64)
+            if len(labels) and float(np.ptp(labels)) == 0.0:
+                raise DataError(
+                    f"task {task.name!r} split {split!r}: every regression label is "
+                    f"{labels[0]:g} ({len(labels)} rows, zero variance): nothing to fit and "
+                    "Pearson/Spearman are undefined; accepted labels that vary"
                 )
 
 

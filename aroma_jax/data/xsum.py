@@ -19,8 +19,8 @@ Example:
 
 from __future__ import annotations
 
+from aroma_jax.data.base import DataError, Task
 from aroma_jax.data.sources import load_splits, seeded_holdout
-from aroma_jax.data.tasks import DataError, Task
 
 HUB_NAME = "EdinburghNLP/xsum"
 GENERATION = {"num_beams": 6, "length_penalty": 1.0, "min_length": 11, "no_repeat_ngram_size": 3}

@@ -5,12 +5,12 @@ AROMA stops a module when eq. 6's ratio ``|s a b| / |W0 + dW|`` falls below a fi
 each new pair's ratio stays above ``fraction`` of its first pair's, so a module whose first pair
 mattered a lot needs its later pairs to matter too, and a quiet module is judged by its own
 scale rather than one threshold for all (``outer_tol`` stays as a floor, so a module whose first
-pair changed nothing stops at its next outer step). Everything else (eq. 5's inner loop, the merge, the
-re-init, the optimizer-state reset) is AROMA's, inherited.
+pair changed nothing stops at its next outer step). Everything else (eq. 5's inner loop, the
+merge, the re-init, the optimizer-state reset) is AROMA's, inherited.
 
 It needs no edit of the package. Train it by its dotted path:
 
-    aroma-jax train --config experiments/configs/tiny-roberta.yaml --output runs/grow \\
+    aroma-jax train --config tiny-roberta --output runs/grow \\
         --set aroma.method=aroma_jax.examples.custom_method:GrowWhileRatioHolds
 
 or, from Python, register it under a short name first:

@@ -39,6 +39,8 @@ LLAMA_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "do
 # model_types the native models (`aroma_jax.models.native`) implement; ``model.impl: auto`` runs
 # them natively (arch "llama": same presets and pipeline), everything else through HF Flax.
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+ENCODER_FAMILY = ("bert", "roberta")  # `aroma_jax.models.native.encoder_model`
+NATIVE_TYPES = LLAMA_FAMILY + ENCODER_FAMILY
 IMPLS = ("auto", "native", "hf")
 
 
@@ -346,8 +348,11 @@ def load_for_task(
     native_only = dict(scan_layers=scan, remat=remat)
     if name.startswith("tiny-"):
         arch = name[len("tiny-") :]
-        if choose_impl(impl, arch if arch in LLAMA_FAMILY else None, name) == "native":
-            loaded = build_tiny_native(arch, task, dtype, seed, **native_only)
+        if choose_impl(impl, arch if arch in NATIVE_TYPES else None, name) == "native":
+            if arch in ENCODER_FAMILY:
+                loaded = build_tiny_encoder(arch, task, num_labels, dtype, seed, **native_only)
+            else:
+                loaded = build_tiny_native(arch, task, dtype, seed, **native_only)
         else:
             _no_remat(remat, name)
             loaded = build_tiny(arch, task, num_labels or task.num_labels, dtype, seed)
@@ -357,9 +362,15 @@ def load_for_task(
             require_on_hub(name)
         with _loading(name, path, "config"):
             model_type = model_type_of(path)
+        if impl == "auto" and model_type in ENCODER_FAMILY and _flax_weights_only(path):
+            impl = "hf"  # the native encoders read safetensors; a Flax-only checkpoint stays on HF
         if choose_impl(impl, model_type, name) == "native":
             with _loading(name, path):
-                model = load_native_model(path, dtype, param_dtype, **native_only)
+                if model_type in ENCODER_FAMILY:
+                    model = load_native_encoder(path, task, num_labels, dtype, param_dtype, seed,
+                                                **native_only)
+                else:
+                    model = load_native_model(path, dtype, param_dtype, **native_only)
             with _loading(name, path, "tokenizer"):
                 loaded = native_loaded(model)
         else:
@@ -371,6 +382,12 @@ def load_for_task(
 
 
 # ---------------------------------------------------------------------------- native models
+def _flax_weights_only(path: str) -> bool:
+    """A local directory with HF Flax weights (``flax_model.msgpack``) and no safetensors."""
+    d = Path(path)
+    return (d / "flax_model.msgpack").exists() and not any(d.glob("*.safetensors*"))
+
+
 def model_type_of(path: str) -> str | None:
     """``model_type`` from a local directory's or a hub repo's ``config.json`` (None: unknown)."""
     import json
@@ -393,10 +410,10 @@ def choose_impl(impl: str, model_type: str | None, name: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"invalid model.impl={impl!r}: accepted {IMPLS}")
     if impl == "auto":
-        return "native" if model_type in LLAMA_FAMILY else "hf"
-    if impl == "native" and model_type not in LLAMA_FAMILY:
+        return "native" if model_type in NATIVE_TYPES else "hf"
+    if impl == "native" and model_type not in NATIVE_TYPES:
         raise ValueError(
-            f"model.impl=native runs model types {LLAMA_FAMILY}; {name!r} is {model_type!r}: "
+            f"model.impl=native runs model types {NATIVE_TYPES}; {name!r} is {model_type!r}: "
             "use model.impl=hf (or auto)"
         )
     return impl
@@ -430,10 +447,12 @@ def load_native_model(
 
 
 def stacked_of(model) -> dict:
-    """``{"model/layers": L}`` for a native model that scans its layers, else ``{}``."""
+    """``{"model/layers": L}`` (an encoder: ``{"bert/encoder/layer": L}``) for a native model
+    that scans its layers, else ``{}``."""
     if not getattr(model, "scan_layers", False):
         return {}
-    return {"model/layers": model.config.num_hidden_layers}
+    at = getattr(model, "layers_at", ("model", "layers"))
+    return {"/".join(at): model.config.num_hidden_layers}
 
 
 def native_loaded(model) -> Loaded:
@@ -441,7 +460,56 @@ def native_loaded(model) -> Loaded:
     from aroma_jax.models.native import load_tokenizer
 
     tok = load_tokenizer(model.source)
-    return Loaded("llama", model, tok, model.params, stacked_of(model))
+    arch = getattr(model.config, "model_type", "llama")
+    arch = arch if arch in ENCODER_FAMILY else "llama"
+    return Loaded(arch, model, tok, model.params, stacked_of(model))
+
+
+def load_native_encoder(
+    path: str, task, num_labels, dtype, param_dtype, seed: int, scan_layers=False, remat="none"
+):
+    """A BERT / RoBERTa checkpoint as a native sequence classifier for ``task``."""
+    from aroma_jax.models.native.encoder_model import NativeEncoder
+
+    if task.kind == "generation":
+        raise ValueError(f"{path!r} is an encoder; generation tasks need BART or LLaMA")
+    return NativeEncoder.from_pretrained(
+        path,
+        num_labels=num_labels or task.num_labels,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        seed=seed,
+        scan_layers=scan_layers,
+        remat=remat,
+    )
+
+
+def build_tiny_encoder(
+    arch: str, task, num_labels, dtype, seed: int, scan_layers=False, remat="none"
+) -> Loaded:
+    """``tiny-bert`` / ``tiny-roberta`` on the native encoder (the shapes of `build_tiny`)."""
+    from aroma_jax.models.native.bert import EncoderConfig
+    from aroma_jax.models.native.encoder_model import NativeEncoder
+
+    tok = simple_tokenizer(_task_texts(task))
+    cfg = EncoderConfig.from_dict(
+        dict(
+            model_type=arch,
+            vocab_size=len(tok),
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=256,
+            type_vocab_size=2,  # both HF configs' default, as in `build_tiny`
+            num_labels=num_labels or task.num_labels or 2,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    )
+    model = NativeEncoder(cfg, dtype=dtype, seed=seed, scan_layers=scan_layers, remat=remat)
+    return Loaded(arch, model, tok, model.params, stacked_of(model))
 
 
 def build_tiny_native(

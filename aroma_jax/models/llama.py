@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from collections.abc import Iterator
 
 import flax.linen as nn
@@ -38,19 +37,7 @@ import numpy as np
 from transformers.modeling_flax_outputs import FlaxCausalLMOutput
 from transformers.models.llama import modeling_flax_llama as hf
 
-
-def llama3_inv_freq(inv_freq: np.ndarray, scaling: dict) -> np.ndarray:
-    """LLaMA-3.1 frequency scaling: long wavelengths slowed by ``factor``, a smooth band."""
-    factor = scaling["factor"]
-    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
-    old_len = scaling.get("original_max_position_embeddings", 8192)
-    low_wavelen, high_wavelen = old_len / low, old_len / high
-    wavelen = 2 * math.pi / inv_freq
-    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return np.where(medium, smoothed, scaled)
+from aroma_jax.models.native.rope import inv_frequencies
 
 
 def rotary_table(config, num_pos: int) -> jnp.ndarray:
@@ -67,12 +54,9 @@ def rotary_table(config, num_pos: int) -> jnp.ndarray:
 @functools.lru_cache(maxsize=8)  # one table per distinct config, not one per layer and trace
 def _table(theta: float, head_dim: int, scaling_items: tuple, num_pos: int) -> np.ndarray:
     scaling = dict(scaling_items)
-    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind == "llama3":
-        inv_freq = llama3_inv_freq(inv_freq, scaling)
-    elif kind not in (None, "default"):
-        raise ValueError(f"rope_scaling type {kind!r} is not supported: accepted llama3")
+    if "type" in scaling:  # the key's older name in HF configs
+        scaling.setdefault("rope_type", scaling["type"])
+    inv_freq = inv_frequencies(head_dim, theta, scaling, dtype=np.float64)
     freqs = np.outer(np.arange(num_pos), inv_freq).astype(np.float32)
     emb = np.concatenate((freqs, freqs), axis=-1)
     return np.concatenate((np.sin(emb)[:, None, :], np.cos(emb)[:, None, :]), -1)

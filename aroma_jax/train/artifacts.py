@@ -8,7 +8,13 @@ the factors, their merge counts and the trained head, never the (large) base mod
                                  magnitude/<path> (DoRA's m), kept/<path> (AdaLoRA's
                                  latest allocation, 0/1 per triplet)
     final/meta.json              scale, r, target paths and kernel shapes, folded paths
-                                 (AdaLoRA: its settings, for PEFT's config)
+                                 (AdaLoRA: its settings, for PEFT's config), class names
+    final/integrity.json         each file's size and sha256, the step it was finalized at
+
+The directory is written whole beside its place and renamed into it, and every reader
+(`load_final`: eval, export; `aroma_jax.analysis.runs.open_run`) checks it against
+``integrity.json`` first (`verify_final`): a missing or damaged file is a `FinalError` naming it
+and how to rebuild ``final/`` from the run's last checkpoint (``aroma-jax finalize DIR``).
 
 `rebuild_state` turns it back into a finalized `TrainState` on top of the pretrained base:
 folded kernels are recomputed as ``W0 + s * A @ B`` in fp32 (once, at load), the others keep
@@ -17,7 +23,11 @@ applying their factors.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +41,49 @@ from aroma_jax.core.adapters import AdapterState, Frozen
 from aroma_jax.core.methods.base import factors
 from aroma_jax.core.train_step import AromaTrainer, TrainState
 
+FILES = ("adapters.safetensors", "meta.json")
+MANIFEST = "integrity.json"
 
-def save_final(directory: str | Path, trainer: AromaTrainer, state: TrainState) -> Path:
-    """Writes the finalized adapters and head atomically (tmp dir, then rename)."""
+
+class FinalError(ValueError):
+    """A run's ``final/`` is missing or damaged; the message names the file and the remedy."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # directories cannot be fsynced everywhere
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_final(
+    directory: str | Path,
+    trainer: AromaTrainer,
+    state: TrainState,
+    label_names: Sequence[str] = (),
+    step: int | None = None,
+) -> Path:
+    """Writes the finalized adapters and head atomically: a fresh directory beside ``directory``
+    gets every file, their fingerprints (``integrity.json``) and an fsync, then replaces it.
+
+    ``label_names`` (class names in id order) go to meta.json for the exports' ``id2label``;
+    ``step`` is the step the state was finalized at.
+    """
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a crash: never mix its files in
+    tmp.mkdir(parents=True)
     entries = trainer.unstacked(jax.device_get(state.adapters))  # one layer per entry
     frozen, merges, pairs = entries.frozen, entries.merges, entries.pairs
     extra = jax.device_get(state.extra)
@@ -65,30 +112,98 @@ def save_final(directory: str | Path, trainer: AromaTrainer, state: TrainState) 
         "ranks": trainer.ranks(state),
     }
     meta.update(cfg.plugin.save_meta(cfg))
+    if label_names:
+        meta["label_names"] = list(label_names)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    manifest = {
+        "format": 1,
+        "step": step,
+        "files": {
+            name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            for name in FILES
+        },
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    for name in (*FILES, MANIFEST):
+        _fsync(tmp / name)
+    _fsync(tmp)
     if directory.exists():
         old = directory.with_name(f".{directory.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
         directory.replace(old)
         tmp.replace(directory)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
+        shutil.rmtree(old)
     else:
         tmp.replace(directory)
+    _fsync(directory.parent)
     return directory
+
+
+def _remedy(directory: Path) -> str:
+    run = directory.parent
+    return f"rebuild final/ from the run's last checkpoint with `aroma-jax finalize {run}`"
+
+
+def verify_final(directory: str | Path) -> dict[str, Any]:
+    """Checks ``final/`` against its ``integrity.json``; returns the manifest.
+
+    Raises `FinalError` naming the first missing or damaged file and the remedy. A ``final/``
+    written before fingerprints existed (no ``integrity.json``) is checked for readability
+    only: its safetensors header and its meta.json must parse.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FinalError(f"{str(directory)!r} is missing: {_remedy(directory)}")
+    manifest_path = directory / MANIFEST
+    if not manifest_path.exists():
+        missing = [n for n in FILES if not (directory / n).is_file()]
+        if missing:
+            raise FinalError(f"{str(directory / missing[0])!r} is missing: {_remedy(directory)}")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(directory / FILES[0]), framework="np") as f:
+                f.keys()
+        except Exception as err:  # safetensors raises its own error type for a bad header
+            raise FinalError(
+                f"{str(directory / FILES[0])!r} is damaged ({type(err).__name__}: {err}): "
+                f"{_remedy(directory)}"
+            ) from None
+        _json(directory / FILES[1], directory)
+        return {}
+    manifest = _json(manifest_path, directory)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or set(files) != set(FILES):
+        raise FinalError(f"{str(manifest_path)!r} is damaged (no file list): {_remedy(directory)}")
+    for name in FILES:
+        path, want = directory / name, files[name]
+        if not path.is_file():
+            raise FinalError(f"{str(path)!r} is missing: {_remedy(directory)}")
+        size = path.stat().st_size
+        if size != want.get("bytes") or _sha256(path) != want.get("sha256"):
+            what = (
+                f"{size} bytes, {want.get('bytes')} written"
+                if size != want.get("bytes")
+                else ("its sha256 differs from the one written")
+            )
+            raise FinalError(f"{str(path)!r} is damaged ({what}): {_remedy(directory)}")
+    return manifest
+
+
+def _json(path: Path, directory: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise FinalError(
+            f"{str(path)!r} is damaged (not readable JSON: {err}): {_remedy(directory)}"
+        ) from None
 
 
 def load_final(directory: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(tensors, meta) of a saved artefact; a clear error if it is missing or incomplete."""
     directory = Path(directory)
-    files = [directory / "adapters.safetensors", directory / "meta.json"]
-    missing = [str(f) for f in files if not f.exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"no finished adapters in {str(directory)!r} (missing {missing}); a run writes them "
-            "when training finishes — resume an interrupted run with `aroma-jax train ... --resume`"
-        )
-    return load_file(str(files[0])), json.loads(files[1].read_text())
+    verify_final(directory)
+    return load_file(str(directory / FILES[0])), json.loads((directory / FILES[1]).read_text())
 
 
 def extra_params(tensors: dict[str, np.ndarray]) -> dict:
@@ -151,4 +266,12 @@ def _set_kernel(tree: dict, path: str, value) -> dict:
     return out
 
 
-__all__ = ["extra_params", "factors", "load_final", "rebuild_state", "save_final"]
+__all__ = [
+    "FinalError",
+    "extra_params",
+    "factors",
+    "load_final",
+    "rebuild_state",
+    "save_final",
+    "verify_final",
+]

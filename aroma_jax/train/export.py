@@ -45,10 +45,11 @@ def merged_params(params: Mapping, tensors: Mapping[str, np.ndarray], meta: Mapp
     native model's stacked params are unstacked to match (its ``save_pretrained`` takes both).
     """
     params = jax.device_get(dict(params))
-    from aroma_jax.models.native import is_scanned, unstack_layers
+    from aroma_jax.models.native import STACK_PATHS, is_scanned, unstack_layers
 
-    if is_scanned(params):
-        params = unstack_layers(params)
+    for at in STACK_PATHS:
+        if is_scanned(params, at):
+            params = unstack_layers(params, at)
     flat = traverse_util.flatten_dict(params, sep="/")
     method = methods.get(meta.get("method", "aroma"))
     for path in meta["paths"]:
@@ -96,9 +97,53 @@ def save_pytorch_weights(flax_model: Any, params: Mapping, out: Path) -> Path | 
     return out / "model.safetensors"
 
 
-def export_merged(run_dir: str | Path, out: str | Path) -> Path:
+MODEL_SUFFIXES = (".safetensors", ".msgpack", ".bin", ".pt", ".pth", ".gguf", ".h5", ".ckpt")
+
+
+def held_model_files(out: Path) -> list[str]:
+    """The names in ``out`` that an export would replace or that belong to another model: adapter
+    and model weights, their indexes, ``adapter_config.json`` and ``config.json``."""
+    if not out.is_dir():
+        return []
+    return sorted(
+        p.name
+        for p in out.iterdir()
+        if p.name.startswith("adapter_")
+        or p.name == "config.json"
+        or p.name.endswith(MODEL_SUFFIXES)
+        or p.name.endswith(".index.json")
+    )
+
+
+def check_target(out: str | Path, overwrite: bool = False) -> None:
+    """Refuses an export target that already holds model or adapter files, unless ``overwrite``
+    (other files in it are never touched either way)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"export target {str(out)!r} is a file: accepted a directory")
+    held = held_model_files(out)
+    if held and not overwrite:
+        shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+        raise FileExistsError(
+            f"export target {str(out)!r} already holds model or adapter files ({shown}): pass "
+            "--overwrite to replace them, or choose an empty directory"
+        )
+
+
+def with_labels(config: Any, names: list[str] | None) -> Any:
+    """An HF config with ``id2label``/``label2id`` set from the run's class names (if any)."""
+    if names:
+        config.id2label = {i: str(n) for i, n in enumerate(names)}
+        config.label2id = {str(n): i for i, n in enumerate(names)}
+    return config
+
+
+def export_merged(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """The merged model in ``out`` (config with the run's class names); see the module doc."""
     run_dir, out = Path(run_dir), Path(out)
+    check_target(out, overwrite)
     _, pipe, tensors, meta = _load(run_dir)
+    with_labels(pipe.model.config, meta.get("label_names"))
     params = merged_params(pipe.params, tensors, meta)
     with staged_export(out, "config.json") as stage:  # a failed write leaves no half model
         save_pytorch_weights(pipe.model, params, stage)
@@ -171,10 +216,14 @@ def base_model_id(name: str) -> str:
     return name
 
 
-def export_peft(run_dir: str | Path, out: str | Path) -> Path:
+def export_peft(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """The PEFT adapter in ``out``; a run with class names also writes the base model's
+    ``config.json`` with its ``num_labels``, ``id2label`` and ``label2id`` (load the base with
+    ``config=AutoConfig.from_pretrained(out)`` to see the names)."""
     from aroma_jax.models import hf as models
 
     run_dir, out = Path(run_dir), Path(out)
+    check_target(out, overwrite)
     cfg, pipe, tensors, meta = _load(run_dir)
     torch_name = lambda path: models.torch_module_name(pipe.arch, path)  # noqa: E731
     heads = sorted(
@@ -192,4 +241,6 @@ def export_peft(run_dir: str | Path, out: str | Path) -> Path:
     with staged_export(out, "adapter_config.json") as stage:
         save_file(state, str(stage / "adapter_model.safetensors"), metadata={"format": "pt"})
         (stage / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        if meta.get("label_names"):
+            with_labels(pipe.model.config, meta["label_names"]).save_pretrained(str(stage))
     return out

@@ -45,6 +45,7 @@ class Pipeline:
     eval_examples: dict[str, Any]  # split -> encoded eval data
     evaluator: Callable  # (pipeline, trainer, state, split, batch_size) -> metrics dict
     stacked: dict = dataclasses.field(default_factory=dict)  # scanned layer stacks: path -> L
+    task: Any = None  # the `data.Task` (its kind, class names)
 
     def evaluate(self, trainer, state, split: str, batch_size: int) -> dict:
         return self.evaluator(self, trainer, state, split, batch_size)
@@ -58,6 +59,7 @@ def build_pipeline(cfg: Mapping[str, Any]) -> Pipeline:
     tcfg, mcfg = cfg["task"], cfg["model"]
     task = data.get_task(tcfg["name"], seed=cfg["train"]["seed"], **_task_kwargs(tcfg))
     task = data.limit(task, tcfg["max_train_examples"], tcfg["max_eval_examples"])
+    data.check_learnable(task)
     loaded = models.load_for_task(
         mcfg["name"],
         task,
@@ -84,6 +86,23 @@ def build_pipeline(cfg: Mapping[str, Any]) -> Pipeline:
     if loaded.arch == "bart":
         return _seq2seq_pipeline(cfg, task, loaded, aroma)
     return _encoder_pipeline(cfg, task, loaded, aroma)
+
+
+def class_names(pipe: Pipeline) -> tuple[str, ...]:
+    """The class names of a classification run, in id order (() for other tasks)."""
+    task = pipe.task
+    if task is None or task.kind not in ("classification", "pair_classification"):
+        return ()
+    return tuple(task.label_names)
+
+
+def with_label_names(cfg: Mapping[str, Any], pipe: Pipeline) -> dict[str, Any]:
+    """``cfg`` with the class order a run mapped its text labels by (``task.label_names``), so
+    the run directory's config.yaml keeps the mapping and eval, export and resume use it."""
+    out = {**cfg, "task": dict(cfg["task"])}
+    if out["task"].get("label_names") is None and pipe.task is not None and pipe.task.text_labels:
+        out["task"]["label_names"] = list(pipe.task.label_names)
+    return out
 
 
 def check_lengths(cfg: Mapping[str, Any], loaded: models.Loaded) -> None:
@@ -148,11 +167,13 @@ def _make(loaded, task, aroma, loss_fn, train, evals, evaluator) -> Pipeline:
         evals,
         evaluator,
         stacked=dict(loaded.stacked),
+        task=task,
     )
 
 
 def _task_kwargs(tcfg: Mapping[str, Any]) -> dict:
     keys = ("text_field", "text_pair_field", "label_field", "source", "eval_source", "bad_rows")
+    keys += ("label_names",)
     out = {k: tcfg[k] for k in keys if tcfg.get(k) is not None}
     if tcfg.get("dev_examples"):
         out["dev_examples"] = tcfg["dev_examples"]

@@ -56,6 +56,9 @@ SECTIONS: dict[str, dict[str, Any]] = {
         "text_field": None,  # local files only
         "text_pair_field": None,
         "label_field": None,
+        # class names in id order (local files, GLUE copies): text labels are mapped to ids by
+        # this order (null: sorted); a run with text labels saves the order it used here
+        "label_names": None,
         "bad_rows": "error",  # local files: an empty/NaN cell is an error, or "drop" the row
         # the paper's tasks (glue/<task>, commonsense170k, xsum): a hub name or a local copy in
         # the hub's schema; null = the usual hub dataset
@@ -239,6 +242,17 @@ def _check_task(task: Mapping[str, Any]) -> None:
             raise ConfigError(f"invalid task.{name}={value!r}: accepted an integer >= 1 or null")
     if task["bad_rows"] not in ("error", "drop"):
         raise ConfigError(f"invalid task.bad_rows={task['bad_rows']!r}: accepted error, drop")
+    names = task.get("label_names")
+    if names is not None and (
+        not isinstance(names, list)
+        or len(names) < 2
+        or not all(isinstance(n, (str, int)) and not isinstance(n, bool) for n in names)
+        or len({str(n) for n in names}) != len(names)
+    ):
+        raise ConfigError(
+            f"invalid task.label_names={names!r}: accepted a list of 2 or more distinct class "
+            "names, in id order, or null"
+        )
     if not isinstance(task["name"], str) or not task["name"]:
         raise ConfigError(f"invalid task.name={task['name']!r}: accepted a task name")
 
@@ -260,6 +274,32 @@ def _check_generation_and_dev(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"invalid train.length_penalty={lp!r}: accepted a finite number")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps
+    the last one silently, so ``model:`` twice would drop the first section unseen)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<`` merges are not duplicates
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, (str, int, float, bool)) and key is not None:
+                    continue  # an unhashable key: the constructor reports it
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], line)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, second: int):
+        super().__init__(key, first, second)
+        self.key, self.first, self.second = key, first, second
+
+
 def parse_yaml(path: Path) -> Any:
     """A YAML file's data; unreadable text or a syntax error is a `ConfigError` naming the file,
     line and column (1-based, as editors count)."""
@@ -272,7 +312,12 @@ def parse_yaml(path: Path) -> Any:
             "accepted a UTF-8 YAML file"
         ) from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except _DuplicateKey as dup:
+        raise ConfigError(
+            f"config file {str(path)!r} gives key {dup.key!r} twice, at lines {dup.first} and "
+            f"{dup.second}: keep one (YAML would silently use the second)"
+        ) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import signal
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,8 +34,8 @@ from aroma_jax.core.adapters import adapter_param_count
 from aroma_jax.core.config import AromaConfig
 from aroma_jax.core.history import History
 from aroma_jax.core.train_step import AromaTrainer, StepInfo, TrainState
-from aroma_jax.train import memory, plots, run_config
-from aroma_jax.train.pipeline import Pipeline, build_pipeline
+from aroma_jax.train import lock, memory, plots, run_config
+from aroma_jax.train.pipeline import Pipeline, build_pipeline, class_names, with_label_names
 
 
 class TrainingError(RuntimeError):
@@ -155,11 +156,36 @@ def train(
     output: str | Path,
     resume: bool = False,
     interrupt_at: int | None = None,
+    break_lock: bool = False,
 ) -> dict:
     """Runs one training job; returns the summary (also written to ``summary.json``).
 
-    ``interrupt_at`` behaves as if Ctrl-C arrived right after that step (for tests and drills).
+    The run directory is locked for the whole run (`aroma_jax.train.lock`; process 0 of a
+    multi-process run holds it): a second writer is refused, ``break_lock`` takes over a lock
+    left by another host. ``resume`` with no checkpoint in ``output`` says so on stderr and
+    starts a new run. ``interrupt_at`` behaves as if Ctrl-C arrived right after that step (for
+    tests and drills).
     """
+    out = prepare_run_dir(output, resume=True)  # created and writable; its checks come locked
+    with lock.hold(out, "train --resume" if resume else "train", break_lock):
+        if resume and not has_checkpoint(out):
+            say(f"--resume: nothing to resume in {str(out)!r} (no checkpoint); starting a new run")
+            resume = False
+        return _train(cfg, out, resume, interrupt_at)
+
+
+def has_checkpoint(out: Path) -> bool:
+    """Whether ``out/checkpoints`` holds a finished checkpoint step (orbax names them by step)."""
+    ckpts = out / "checkpoints"
+    return ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
+
+
+def say(line: str) -> None:
+    """One line of the run's own account, on stderr (stdout carries the summary JSON)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def _train(cfg: Mapping[str, Any], output: Path, resume: bool, interrupt_at: int | None) -> dict:
     from aroma_jax.train.checkpoint import CheckpointManager
 
     t0 = time.perf_counter()
@@ -168,6 +194,7 @@ def train(
         cfg = run_config.adopt_legacy(cfg, yaml.safe_load((out / "config.yaml").read_text()) or {})
     pipe: Pipeline = build_pipeline(cfg)
     batch_at(pipe.train_arrays, cfg["train"]["batch_size"], 0, 0)  # fewer rows than a batch?
+    cfg = with_label_names(cfg, pipe)  # the class order of text labels, kept in config.yaml
     aroma = pipe.aroma
     resolved = run_config.to_plain(cfg, aroma)
     if resume:
@@ -177,6 +204,8 @@ def train(
 
     trainer = AromaTrainer(pipe.loss_fn, pipe.params, aroma, stacked=pipe.stacked)
     head_params = sum(int(x.size) for x in jax.tree.leaves(trainer_extra(pipe, trainer)))
+    say(f"config: {out / 'config.yaml'}")
+    say(head_line(cfg, pipe, head_params))
     memory.check_run(cfg, pipe, trainer)  # refuse now rather than be killed mid-run
     state = trainer.init(pipe.params)
     pipe.params = None  # the state owns the buffers now (the step donates them)
@@ -197,6 +226,8 @@ def train(
         _restore_history(history, meta.get("history", {}))
         unlogged = [float(x) for x in meta.get("unlogged_losses", [])]
         drop_records_after(out / "metrics.jsonl", start)
+    if start == 0:  # records of an earlier attempt that left no checkpoint: not this run's
+        drop_records_after(out / "metrics.jsonl", -1)
     log = MetricsLog(out)
     entry_pairs = trainer.unstacked(state.adapters).pairs
     pair_sizes = {p: _pair_size(entry_pairs[p]) for p in trainer.paths}
@@ -362,8 +393,8 @@ def train(
         "compiles": trainer.compiles,
         "plots": [str(plots_dir / "rank_growth.png"), str(plots_dir / "rank_map.png")],
     }
+    _save_adapters(out, trainer, final, class_names(pipe), step)  # before "finished" is said
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
-    _save_adapters(out, trainer, final)
     return summary
 
 
@@ -427,11 +458,34 @@ def trainer_extra(pipe: Pipeline, trainer: AromaTrainer) -> Any:
     return split_params(pipe.params, trainer.cfg.train_patterns)[1]
 
 
-def _save_adapters(out: Path, trainer: AromaTrainer, state: TrainState) -> None:
+def _save_adapters(
+    out: Path, trainer: AromaTrainer, state: TrainState, names: tuple[str, ...], step: int
+) -> None:
     """The finalized adapters and head (for eval and export), independent of checkpoints."""
     from aroma_jax.train.artifacts import save_final
 
-    save_final(out / "final", trainer, state)
+    save_final(out / "final", trainer, state, names, step)
+
+
+def head_line(cfg: Mapping[str, Any], pipe: Pipeline, head_params: int) -> str:
+    """The run's one-line account of its task head (what the model's load notes were about)."""
+    kind = pipe.kind
+    if pipe.arch in ("llama", "bart") or kind in ("generation", "instruction"):
+        return "head: none; the model answers in text through its pretrained LM head (frozen)"
+    mode = run_config.head_mode(cfg)
+    how = {
+        "train": "trained in full",
+        "frozen": "frozen at its initialisation",
+        "paper": "frozen, its dense layer adapted like the targets",
+    }[mode]
+    if kind == "regression":
+        what = "regression head (1 output)"
+    else:
+        names = class_names(pipe)
+        n = len(names) or int(getattr(pipe.model.config, "num_labels", 0) or 0)
+        shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+        what = f"{n}-class classifier" + (f" ({shown})" if names else "")
+    return f"head: {what}, {head_params:,} parameters, {how} (train.head={mode})"
 
 
 class _StepClock:

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from aroma_jax import cli
+from aroma_jax import cli, configs
 from aroma_jax.train import run_config, runner
 
-CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs"
+CONFIGS = configs.root()
 FAST = [
     "train.progress=false",
     "task.max_train_examples=128",

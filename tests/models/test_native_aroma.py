@@ -144,7 +144,7 @@ def test_impl_selection(fake_assets):
     qwen = hf.load_for_task("tiny-qwen2", task)
     assert qwen.arch == "llama" and qwen.model.config.qkv_bias
     with pytest.raises(ValueError, match="model.impl=native runs"):
-        hf.load_for_task("tiny-roberta", task, impl="native")
+        hf.load_for_task("tiny-bart", task, impl="native")
     with pytest.raises(ValueError, match="accepted"):
         hf.load_for_task("tiny-llama", task, impl="jax")
     # model.scan_layers (auto: scanned) and model.remat reach the native model
@@ -154,7 +154,7 @@ def test_impl_selection(fake_assets):
     unrolled = hf.load_for_task("tiny-llama", task, scan_layers=False)
     assert not unrolled.model.scan_layers and unrolled.stacked == {}
     with pytest.raises(ValueError, match="model.remat='full' needs a native model"):
-        hf.load_for_task("tiny-roberta", task, remat="full")
+        hf.load_for_task("tiny-bart", task, remat="full")
 
 
 def test_native_loads_hf_flax_msgpack_like_the_smollm2_asset(tmp_path):

@@ -4,17 +4,17 @@ bad input."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from aroma_jax import configs
 from aroma_jax.core.config import ConfigError
 from aroma_jax.train import run_config, runner
 from aroma_jax.train.checkpoint import CheckpointManager
 
-CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs"
+CONFIGS = configs.root()
 FAST = [
     "train.progress=false",
     "task.max_train_examples=256",

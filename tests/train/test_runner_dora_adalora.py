@@ -1,17 +1,16 @@
 """`aroma-jax train` with ``method: dora | adalora`` on tiny-roberta: run, resume, exports."""
 
 import json
-from pathlib import Path
 
 import jax.numpy as jnp
 import pytest
 
-from aroma_jax import AromaTrainer
+from aroma_jax import AromaTrainer, configs
 from aroma_jax.examples.toy import batches, make_problem, toy_config
 from aroma_jax.train import export, run_config, runner
 from aroma_jax.train.checkpoint import CheckpointManager, arrays_equal
 
-CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs"
+CONFIGS = configs.root()
 FAST = [
     "train.progress=false",
     "task.max_train_examples=128",

@@ -1,4 +1,5 @@
-"""JAX-native LLaMA-family models (LLaMA 2/3/3.1/3.2, Mistral, Qwen2/2.5) in linen.
+"""JAX-native models in linen: the LLaMA family (LLaMA 2/3/3.1/3.2, Mistral, Qwen2/2.5) and
+the BERT / RoBERTa sequence classifiers (`encoder_model`).
 
 Read HF ``config.json`` and safetensors directly (no torch, no transformers model classes), keep
 HF's Flax param paths so adapters inject unchanged, and attend through
@@ -14,11 +15,22 @@ from aroma_jax.models.native.causal_lm import NativeCausalLM, load_tokenizer
 from aroma_jax.models.native.config import NativeConfig, NativeConfigError
 from aroma_jax.models.native.modeling import CausalLM, is_scanned, stack_layers, unstack_layers
 
+# Where the native models keep a layer stack (stacked under ``scan_layers``): LLaMA family,
+# BERT, RoBERTa, BART encoder and decoder.
+STACK_PATHS = (
+    ("model", "layers"),
+    ("bert", "encoder", "layer"),
+    ("roberta", "encoder", "layer"),
+    ("model", "encoder", "layers"),
+    ("model", "decoder", "layers"),
+)
+
 __all__ = [
     "CausalLM",
     "NativeCausalLM",
     "NativeConfig",
     "NativeConfigError",
+    "STACK_PATHS",
     "is_scanned",
     "load_tokenizer",
     "stack_layers",

@@ -232,19 +232,27 @@ def load_params(
     return traverse_util.unflatten_dict(flat)
 
 
-def save_safetensors(params: Mapping, path: str | Path, metadata: dict | None = None) -> Path:
+def save_safetensors(
+    params: Mapping,
+    path: str | Path,
+    metadata: dict | None = None,
+    to_torch: Callable[[tuple[str, ...]], tuple[str, bool]] = flax_to_torch,
+    layers_at: tuple[tuple[str, ...], ...] = (LAYERS_PATH,),
+) -> Path:
     """Writes ``params`` (Flax layout) as one HF ``model.safetensors`` (PyTorch layout).
 
-    A scanned tree (``model/layers/<sub-path> (L, ...)``) is written under per-layer names
-    (``model.layers.<i>....``), exactly as its unrolled twin.
+    A scanned tree (``model/layers/<sub-path> (L, ...)``, or any stack in ``layers_at``) is
+    written under per-layer names (``model.layers.<i>....``), exactly as its unrolled twin.
+    ``to_torch`` names each leaf (default: the LLaMA family's `flax_to_torch`).
     """
     host = jax.device_get(dict(params))
-    if is_scanned(host):
-        host = unstack_layers(host)  # numpy views: no copy
+    for at in layers_at:
+        if is_scanned(host, at):
+            host = unstack_layers(host, at)  # numpy views: no copy
     flat = traverse_util.flatten_dict(host)
     tensors = {}
     for key, value in flat.items():
-        name, transpose = flax_to_torch(tuple(str(k) for k in key))
+        name, transpose = to_torch(tuple(str(k) for k in key))
         arr = np.asarray(value)
         tensors[name] = np.ascontiguousarray(arr.T if transpose else arr)
     header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}

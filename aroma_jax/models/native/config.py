@@ -137,12 +137,7 @@ class NativeConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> NativeConfig:
         """``config.json`` (or a directory holding it)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.exists():
-            raise FileNotFoundError(f"no config.json at {str(path)!r}")
-        return cls.from_dict(json.loads(path.read_text()))
+        return cls.from_dict(read_config_json(path))
 
     def replace(self, **kw) -> NativeConfig:
         return dataclasses.replace(self, **kw)
@@ -170,3 +165,13 @@ def _rope(d: Mapping[str, Any]) -> tuple[float, dict[str, Any]]:
         "original_max_position_embeddings",
     )
     return theta, {k: v for k, v in scaling.items() if k in keep}
+
+
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """The dict in ``config.json`` (``path`` the file or a directory holding it)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no config.json at {str(path)!r}")
+    return json.loads(path.read_text())

@@ -63,7 +63,7 @@ def init_cache(config: NativeConfig, batch: int, slots: int, dtype: Any = jnp.fl
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
-def _remat_policy(name: str):
+def remat_policy(name: str):
     if name == "full":
         return None  # save nothing: recompute the whole layer
     if name == "dots":
@@ -213,7 +213,7 @@ class Layers(nn.Module):
         """``(x, cache)``: the `KVCache` of all layers updated, or ``None`` without one."""
         cls = DecoderLayer
         if self.remat != "none":
-            cls = nn.remat(DecoderLayer, policy=_remat_policy(self.remat), prevent_cse=True)
+            cls = nn.remat(DecoderLayer, policy=remat_policy(self.remat), prevent_cse=True)
         new = []
         for i in range(self.config.num_hidden_layers):
             layer = cls(
@@ -248,7 +248,7 @@ def scanned_layers(
     """
     cls = DecoderLayer
     if remat != "none":  # flax: prevent_cse=False under scan (the loop already blocks CSE)
-        cls = nn.remat(cls, policy=_remat_policy(remat), prevent_cse=False)
+        cls = nn.remat(cls, policy=remat_policy(remat), prevent_cse=False)
     scan = nn.scan(
         cls,
         variable_axes={"params": 0},
@@ -359,14 +359,14 @@ def _set_path(tree: Mapping, path: tuple[str, ...], value: Any) -> dict:
     return out
 
 
-def is_scanned(params: Mapping) -> bool:
+def is_scanned(params: Mapping, at: tuple[str, ...] = LAYERS_PATH) -> bool:
     """Whether ``params`` holds its layers in the stacked (scanned) layout: ``model/layers``
-    exists and none of its keys is a layer index."""
-    layers = _get_path(params, LAYERS_PATH)
+    (or ``at``) exists and none of its keys is a layer index."""
+    layers = _get_path(params, at)
     return isinstance(layers, Mapping) and not any(str(k).isdigit() for k in layers)
 
 
-def stack_layers(params: Mapping, num_layers: int) -> dict:
+def stack_layers(params: Mapping, num_layers: int, at: tuple[str, ...] = LAYERS_PATH) -> dict:
     """The unrolled tree (``model/layers/<i>/...``) in the scanned layout: every layer leaf,
     extra leaves such as adapter factors included, becomes ``model/layers/<sub-path>`` with a
     leading axis of length ``num_layers`` (``np.stack`` / ``jnp.stack`` in layer order). Other
@@ -379,23 +379,23 @@ def stack_layers(params: Mapping, num_layers: int) -> dict:
     """
     if num_layers < 1:
         raise ValueError(f"stack_layers: num_layers must be >= 1, got {num_layers}")
-    layers = _get_path(params, LAYERS_PATH)
+    layers = _get_path(params, at)
     want = [str(i) for i in range(num_layers)]
     if not isinstance(layers, Mapping) or sorted(layers, key=str) != sorted(want):
         found = sorted(layers, key=str) if isinstance(layers, Mapping) else None
         raise ValueError(
             f"stack_layers: expected layers {want[:3]}...{want[-1:]} under "
-            f"{'/'.join(LAYERS_PATH)}, found {found}"
+            f"{'/'.join(at)}, found {found}"
         )
     first = jax.tree.structure(layers["0"])
     for i in want[1:]:
         if jax.tree.structure(layers[i]) != first:
             raise ValueError(f"stack_layers: layer {i} has other leaves than layer 0")
     stacked = jax.tree.map(lambda *xs: _stack(list(xs)), *(layers[i] for i in want))
-    return _set_path(params, LAYERS_PATH, stacked)
+    return _set_path(params, at, stacked)
 
 
-def unstack_layers(params: Mapping) -> dict:
+def unstack_layers(params: Mapping, at: tuple[str, ...] = LAYERS_PATH) -> dict:
     """The inverse of `stack_layers`: ``model/layers/<sub-path>`` leaves of shape ``(L, ...)``
     become ``model/layers/<i>/<sub-path>`` (views ``leaf[i]``). Other leaves are shared.
 
@@ -405,12 +405,12 @@ def unstack_layers(params: Mapping) -> dict:
         >>> sorted(u["model"]["layers"]), u["model"]["layers"]["1"]["w"].tolist(), u["lm_head"]
         (['0', '1'], [2, 3], 1)
     """
-    if not is_scanned(params):
-        raise ValueError(f"unstack_layers: no stacked layers under {'/'.join(LAYERS_PATH)}")
-    layers = _get_path(params, LAYERS_PATH)
+    if not is_scanned(params, at):
+        raise ValueError(f"unstack_layers: no stacked layers under {'/'.join(at)}")
+    layers = _get_path(params, at)
     lengths = {int(x.shape[0]) for x in jax.tree.leaves(layers)}
     if len(lengths) != 1:
         raise ValueError(f"unstack_layers: stacked leaves disagree on the layer count {lengths}")
     (n,) = lengths
     unrolled = {str(i): jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n)}
-    return _set_path(params, LAYERS_PATH, unrolled)
+    return _set_path(params, at, unrolled)

@@ -59,6 +59,25 @@ PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"norm/weight$", ("norm",)),
 )
 
+# BERT / RoBERTa (`aroma_jax.models.native.bert`): ``encoder/layer/<i>/...`` unrolled,
+# ``encoder/layer/...`` with a leading layer axis when scanned.
+_ENCODER_LAYER = (
+    (r"attention/self/(query|key|value)/kernel$", ("embed", "heads")),
+    (r"attention/self/(query|key|value)/bias$", ("heads",)),
+    (r"attention/output/dense/kernel$", ("heads", "embed")),
+    (r"intermediate/dense/kernel$", ("embed", "mlp")),
+    (r"intermediate/dense/bias$", ("mlp",)),
+    (r"output/dense/kernel$", ("mlp", "embed")),  # the FFN output: right after the layer
+)
+ENCODER_PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    *((r"encoder/layer/\d+/" + p, names) for p, names in _ENCODER_LAYER),
+    (r"word_embeddings/embedding$", ("vocab", "embed")),
+    (r"(position|token_type)_embeddings/embedding$", (None, "embed")),
+)
+ENCODER_SCANNED_PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = tuple(
+    (r"encoder/layer/" + p, ("layers", *names)) for p, names in _ENCODER_LAYER
+)
+
 LAYER_AXIS = "layers"
 # scanned layer leaves: ``layers/`` directly followed by a module name (not a layer index)
 SCANNED_PREFIX = r"(^|/)layers/"
@@ -73,7 +92,7 @@ SCANNED_PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = tuple(
 def all_param_axes() -> tuple[tuple[str, tuple[str, ...]], ...]:
     """The scanned table, then the unrolled one (first match wins; they never overlap on a
     leaf, since unrolled layer leaves have a layer index after ``layers/``)."""
-    return SCANNED_PARAM_AXES + PARAM_AXES
+    return SCANNED_PARAM_AXES + ENCODER_PARAM_AXES + ENCODER_SCANNED_PARAM_AXES + PARAM_AXES
 
 
 def param_logical_axes(path: str) -> tuple[str, ...] | None:
@@ -100,7 +119,7 @@ def sharding_rules() -> tuple[Rule, ...]:
     for pattern, names in all_param_axes():
         axes = []
         for n in names:
-            ax = mesh_axis(n)
+            ax = None if n is None else mesh_axis(n)
             axes.append(ax if isinstance(ax, str) or ax is None else ax[0])
         out.append(Rule(pattern, tuple(axes)))
     return tuple(out)

@@ -24,8 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def inv_frequencies(head_dim: int, theta: float, scaling: Mapping[str, Any]) -> np.ndarray:
-    """``(head_dim // 2,)`` float32 inverse frequencies, scaled per ``scaling["rope_type"]``."""
+def inv_frequencies(
+    head_dim: int, theta: float, scaling: Mapping[str, Any], dtype: Any = np.float32
+) -> np.ndarray:
+    """``(head_dim // 2,)`` inverse frequencies, scaled per ``scaling["rope_type"]``: computed in
+    float64 and returned as ``dtype`` (float32 for the native model; the HF LLaMA fix keeps
+    float64 until its table is built, as transformers does)."""
     inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     kind = scaling.get("rope_type", "default")
     if kind == "llama3":
@@ -34,7 +38,7 @@ def inv_frequencies(head_dim: int, theta: float, scaling: Mapping[str, Any]) -> 
         inv = inv / float(scaling["factor"])
     elif kind != "default":
         raise ValueError(f"rope_type {kind!r} is not supported: accepted default, linear, llama3")
-    return inv.astype(np.float32)
+    return inv.astype(dtype)
 
 
 def _llama3(inv: np.ndarray, s: Mapping[str, Any]) -> np.ndarray:

@@ -1,0 +1,153 @@
+"""The model shapes the lab scripts build from a config alone (random weights or abstract shapes,
+nothing downloaded): one table for `bench`, `scale_sim`, `generate_speed` and `paper_plan`.
+
+``SHAPES[name] = (architecture, config.json fields)``. The published models carry their hub
+``config.json`` values (the fields that decide parameter shapes and token ids), so a plan or a
+simulation of them matches the real checkpoint; the small shapes exist for CPU timings and tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+Shape = tuple[str, dict[str, Any]]
+
+SHAPES: dict[str, Shape] = {
+    "roberta-base": (
+        "roberta",
+        dict(
+            vocab_size=50265,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            max_position_embeddings=514,
+            type_vocab_size=1,
+            layer_norm_eps=1e-5,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+        ),
+    ),
+    "bart-large": (
+        "bart",
+        dict(
+            vocab_size=50265,
+            d_model=1024,
+            encoder_layers=12,
+            decoder_layers=12,
+            encoder_attention_heads=16,
+            decoder_attention_heads=16,
+            encoder_ffn_dim=4096,
+            decoder_ffn_dim=4096,
+            max_position_embeddings=1024,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            forced_bos_token_id=0,
+            forced_eos_token_id=2,
+        ),
+    ),
+    "llama3-8b": (
+        "llama",
+        dict(
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=8192,
+            rope_theta=500000.0,
+            rms_norm_eps=1e-5,
+            bos_token_id=128000,
+            eos_token_id=128001,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "llama3-70b": (
+        "llama",
+        dict(
+            vocab_size=128256,
+            hidden_size=8192,
+            intermediate_size=28672,
+            num_hidden_layers=80,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            max_position_embeddings=8192,
+            rope_theta=500000.0,
+            rms_norm_eps=1e-5,
+            bos_token_id=128000,
+            eos_token_id=128001,
+            tie_word_embeddings=False,
+        ),
+    ),
+    # A LLaMA small enough to time and compile on a 2-core CPU.
+    "llama-small": (
+        "llama",
+        dict(
+            vocab_size=8000,
+            hidden_size=512,
+            intermediate_size=1536,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            max_position_embeddings=1024,
+            tie_word_embeddings=False,
+        ),
+    ),
+    # Test-sized stand-ins, one per architecture (`tiny` is the RoBERTa one).
+    "tiny": (
+        "roberta",
+        dict(
+            vocab_size=500,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=128,
+        ),
+    ),
+    "tiny-llama": (
+        "llama",
+        dict(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "tiny-bart": (
+        "bart",
+        dict(
+            vocab_size=256,
+            d_model=64,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=128,
+            decoder_ffn_dim=128,
+            max_position_embeddings=128,
+        ),
+    ),
+}
+
+# Hub names of the published shapes (what a run config's ``model.name`` says).
+HUB_NAMES = {
+    "roberta-base": "roberta-base",
+    "facebook/bart-large": "bart-large",
+    "meta-llama/Meta-Llama-3-8B": "llama3-8b",
+}
+# The test-sized stand-in of each architecture.
+TINY = {"roberta": "tiny", "llama": "tiny-llama", "bart": "tiny-bart"}
+
+
+def of_arch(*archs: str) -> list[str]:
+    """The names of the shapes of these architectures, sorted (for a script's ``--model``)."""
+    return sorted(name for name, (arch, _) in SHAPES.items() if arch in archs)
