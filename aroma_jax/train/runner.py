@@ -22,7 +22,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from aroma_jax.core.config import AromaConfig
 from aroma_jax.core.history import History
 from aroma_jax.core.train_step import AromaTrainer, StepInfo, TrainState
 from aroma_jax.train import lock, memory, plots, run_config
+from aroma_jax.train.hooks import Hook, OuterHook, TrainLoop
 from aroma_jax.train.pipeline import Pipeline, build_pipeline, class_names, with_label_names
 
 
@@ -151,12 +152,138 @@ def _trainable_now(trainer: AromaTrainer, state: TrainState, head: int) -> int:
     )
 
 
+class _RunHooks:
+    """The runner's built-in hooks (`aroma_jax.train.hooks`) and the state they share: the
+    step infos not yet on the host, the losses of the log window, the latest evaluation."""
+
+    def __init__(self, loop, pipe, cfg, history, ckpt, log, unlogged, head_params, out, at):
+        self.loop, self.pipe, self.cfg, self.history = loop, pipe, cfg, history
+        self.ckpt, self.log, self.out, self.interrupt_at = ckpt, log, out, at
+        self.unlogged: list[float] = unlogged  # losses of the log window so far
+        self.head_params = head_params
+        self.pending: list[StepInfo] = []
+        self.finished = False  # the latest logged window ended the run
+        self.last_eval: dict = {}
+        self.clock = _StepClock()
+        self.bar = None
+        self.signal: _Interrupt | None = None
+
+    def meta(self, step: int) -> dict:
+        return {
+            "data": {"step": step},
+            "history": _history_dict(self.history),
+            "unlogged_losses": list(self.unlogged),
+        }
+
+    def sync(self, write: bool = True) -> bool:
+        """Moves pending step infos to the history; ``write``: also log the window so far.
+
+        Records are written only at multiples of ``log_every`` (and at the end), so a run resumed
+        at step 161 logs at 170, 180, ... like an uninterrupted one; a window cut by a save or an
+        interrupt carries its losses (``unlogged``, kept in the checkpoint meta) to its record.
+        A non-finite loss stops the run here (the NaN stop), before anything is written.
+        """
+        if not self.pending:
+            return False
+        infos = jax.device_get(self.pending)
+        self.history.extend(infos)
+        outer_now = any(bool(i.outer) for i in infos)
+        last = infos[-1]
+        losses = [float(i.loss) for i in infos]
+        self.unlogged = self.unlogged + losses
+        bad = [int(i.step) for i, v in zip(infos, losses, strict=True) if not math.isfinite(v)]
+        if bad:
+            raise TrainingError(
+                f"loss became {losses[-1]} at step {bad[0]}; stopped. The last good checkpoint "
+                f"(step {self.ckpt.latest_step()}) is kept in {str(self.out / 'checkpoints')!r}. "
+                "Lower aroma.learning_rate or check the data."
+            )
+        self.pending = []
+        if write:
+            self._write_record(last)
+        if outer_now:
+            self.loop.outer_event(infos)
+        return bool(last.finished)
+
+    def _write_record(self, last: StepInfo) -> None:
+        loop = self.loop
+        record = {
+            "step": int(last.step),
+            "split": "train",
+            "loss": float(np.mean(self.unlogged)),
+            "lr": float(last.lr),
+            "total_rank": int(np.sum(last.ranks)),
+            "trainable_params": _trainable_now(loop.trainer, loop.state, self.head_params),
+            "outer_steps": len(self.history.outer_step_numbers()),
+        }
+        self.log.write(record)
+        self.unlogged = []
+        if self.bar is not None:
+            self.bar.set_postfix(
+                loss=f"{record['loss']:.4f}",
+                rank=record["total_rank"],
+                trainable=record["trainable_params"],
+            )
+
+    # The hooks, in the order the runner adds them.
+    def collect(self, loop: TrainLoop) -> None:
+        """Every step: keep the step's info (on the device) and advance the progress bar."""
+        self.pending.append(loop.info)
+        self.finished = False
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log_window(self, loop: TrainLoop) -> None:
+        """Every ``log_every`` steps and at the last: metrics.jsonl and TensorBoard."""
+        self.finished = self.sync()
+
+    def start_clock(self, loop: TrainLoop) -> None:
+        if not self.pending and self.clock.start is None:  # first sync: compiled and warm
+            self.clock.begin(loop.step)
+
+    def checkpoint(self, loop: TrainLoop) -> None:
+        """Every ``save_every`` steps."""
+        self.sync(write=False)
+        with self.clock.paused():
+            self.ckpt.save(loop.step, loop.state, self.meta(loop.step))
+
+    def checkpoint_outer_step(self, loop: TrainLoop, infos: Sequence[StepInfo]) -> None:
+        """At every synced outer step: a checkpoint, so an outer step's work is never lost."""
+        step = int(infos[-1].step)
+        self.ckpt.save(step, loop.state, self.meta(step), force=True)
+
+    def evaluate(self, loop: TrainLoop) -> None:
+        """Every ``eval_every`` steps, unless this step's window ended the run."""
+        if self.finished:
+            return
+        with self.clock.paused():
+            self.last_eval = _evaluate(self.pipe, loop.trainer, loop.state, "validation", self.cfg)
+        self.log.write({"step": loop.step, "split": "validation", **self.last_eval})
+
+    def interrupt(self, loop: TrainLoop) -> None:
+        """Ctrl-C (or ``interrupt_at``): checkpoint and stop."""
+        if (self.signal is not None and self.signal.hit) or loop.step == self.interrupt_at:
+            self.sync(write=False)
+            self.ckpt.save(loop.step, loop.state, self.meta(loop.step), force=True)
+            loop.stop("interrupted")
+
+    def finish(self, loop: TrainLoop) -> None:
+        """Stop once the logged window says the run finished (every module done, or max)."""
+        if self.finished:
+            done = jax.device_get(loop.state.adapters.done)
+            all_done = all(bool(np.all(d)) for d in done.values())
+            all_done = all_done and loop.trainer.cfg.plugin.trains_adapters
+            loop.stop("all_modules_done" if all_done else "max_steps")
+
+
 def train(
     cfg: Mapping[str, Any],
     output: str | Path,
     resume: bool = False,
     interrupt_at: int | None = None,
     break_lock: bool = False,
+    hooks: Sequence[Hook] = (),
+    outer_hooks: Sequence[OuterHook] = (),
 ) -> dict:
     """Runs one training job; returns the summary (also written to ``summary.json``).
 
@@ -164,14 +291,16 @@ def train(
     multi-process run holds it): a second writer is refused, ``break_lock`` takes over a lock
     left by another host. ``resume`` with no checkpoint in ``output`` says so on stderr and
     starts a new run. ``interrupt_at`` behaves as if Ctrl-C arrived right after that step (for
-    tests and drills).
+    tests and drills). ``hooks`` run after the built-in metrics, checkpoint and eval hooks of a
+    step, before the interrupt and finish checks; ``outer_hooks`` get each synced window with an
+    outer step (`aroma_jax.train.hooks`).
     """
     out = prepare_run_dir(output, resume=True)  # created and writable; its checks come locked
     with lock.hold(out, "train --resume" if resume else "train", break_lock):
         if resume and not has_checkpoint(out):
             say(f"--resume: nothing to resume in {str(out)!r} (no checkpoint); starting a new run")
             resume = False
-        return _train(cfg, out, resume, interrupt_at)
+        return _train(cfg, out, resume, interrupt_at, hooks, outer_hooks)
 
 
 def has_checkpoint(out: Path) -> bool:
@@ -185,7 +314,14 @@ def say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _train(cfg: Mapping[str, Any], output: Path, resume: bool, interrupt_at: int | None) -> dict:
+def _train(
+    cfg: Mapping[str, Any],
+    output: Path,
+    resume: bool,
+    interrupt_at: int | None,
+    hooks: Sequence[Hook],
+    outer_hooks: Sequence[OuterHook],
+) -> dict:
     from aroma_jax.train.checkpoint import CheckpointManager
 
     t0 = time.perf_counter()
@@ -231,110 +367,38 @@ def _train(cfg: Mapping[str, Any], output: Path, resume: bool, interrupt_at: int
     log = MetricsLog(out)
     entry_pairs = trainer.unstacked(state.adapters).pairs
     pair_sizes = {p: _pair_size(entry_pairs[p]) for p in trainer.paths}
-    total_steps = aroma.max_steps
-    bar = _progress(tcfg["progress"], total_steps, start)
-    seed = tcfg["seed"]
-    pending: list[StepInfo] = []
-    step = start
-    last_eval: dict = {}
-    stopped = "max_steps"
-
-    def meta(step_now: int) -> dict:
-        return {
-            "data": {"step": step_now},
-            "history": _history_dict(history),
-            "unlogged_losses": list(unlogged),
-        }
-
-    def sync(write: bool = True) -> bool:
-        """Moves pending step infos to the history; ``write``: also log the window so far.
-
-        Records are written only at multiples of ``log_every`` (and at the end), so a run resumed
-        at step 161 logs at 170, 180, ... like an uninterrupted one; a window cut by a save or an
-        interrupt carries its losses (``unlogged``, kept in the checkpoint meta) to its record.
-        """
-        nonlocal pending, unlogged
-        if not pending:
-            return False
-        infos = jax.device_get(pending)
-        history.extend(infos)
-        outer_now = any(bool(i.outer) for i in infos)
-        last = infos[-1]
-        losses = [float(i.loss) for i in infos]
-        unlogged = unlogged + losses
-        bad = [int(i.step) for i, v in zip(infos, losses, strict=True) if not math.isfinite(v)]
-        if bad:
-            raise TrainingError(
-                f"loss became {losses[-1]} at step {bad[0]}; stopped. The last good checkpoint "
-                f"(step {ckpt.latest_step()}) is kept in {str(out / 'checkpoints')!r}. Lower "
-                "aroma.learning_rate or check the data."
-            )
-        pending = []
-        if not write:
-            if outer_now:
-                ckpt.save(int(last.step), state, meta(int(last.step)), force=True)
-            return bool(last.finished)
-        record = {
-            "step": int(last.step),
-            "split": "train",
-            "loss": float(np.mean(unlogged)),
-            "lr": float(last.lr),
-            "total_rank": int(np.sum(last.ranks)),
-            "trainable_params": _trainable_now(trainer, state, head_params),
-            "outer_steps": len(history.outer_step_numbers()),
-        }
-        log.write(record)
-        unlogged = []
-        if bar is not None:
-            bar.set_postfix(
-                loss=f"{record['loss']:.4f}",
-                rank=record["total_rank"],
-                trainable=record["trainable_params"],
-            )
-        if outer_now:  # never lose an outer step's work
-            ckpt.save(int(last.step), state, meta(int(last.step)), force=True)
-        return bool(last.finished)
-
     initial_metrics: dict = {}
     if tcfg["eval_at_start"] and start == 0:
         initial_metrics = _evaluate(pipe, trainer, state, "validation", cfg)
         log.write({"step": 0, "split": "validation", **initial_metrics})
+    loop = TrainLoop(
+        trainer,
+        state,
+        lambda s: batch_at(pipe.train_arrays, tcfg["batch_size"], tcfg["seed"], s),
+        start,
+        aroma.max_steps,
+    )
+    run = _RunHooks(loop, pipe, cfg, history, ckpt, log, unlogged, head_params, out, interrupt_at)
+    run.bar = _progress(tcfg["progress"], aroma.max_steps, start)
+    loop.add_hook(run.collect, name="progress")
+    loop.add_hook(run.log_window, tcfg["log_every"], at_last_step=True, name="metrics")
+    loop.add_hook(run.start_clock, name="clock")
+    loop.add_hook(run.checkpoint, tcfg["save_every"], name="checkpoint")
+    loop.add_hook(run.evaluate, tcfg["eval_every"], name="eval")
+    for hook in hooks:
+        loop.add_hook(hook)
+    loop.add_hook(run.interrupt, name="interrupt")
+    loop.add_hook(run.finish, name="finish")
+    loop.add_outer_hook(run.checkpoint_outer_step)  # never lose an outer step's work
+    for fn in outer_hooks:
+        loop.add_outer_hook(fn)
     if bool(jax.device_get(state.ctrl.finished)):
-        stopped, step = "all_modules_done", max(step, int(jax.device_get(state.ctrl.step)))
-    clock = _StepClock()
-    with _Interrupt() as interrupt:
-        while step < total_steps and stopped != "all_modules_done":
-            batch = batch_at(pipe.train_arrays, tcfg["batch_size"], seed, step)
-            state, info = trainer.step(state, batch)
-            pending.append(info)
-            step += 1
-            if bar is not None:
-                bar.update(1)
-            finished = False
-            if step % tcfg["log_every"] == 0 or step == total_steps:
-                finished = sync()
-            if len(pending) == 0 and clock.start is None:  # first sync: compiled and warm
-                clock.begin(step)
-            if step % tcfg["save_every"] == 0:
-                sync(write=False)
-                with clock.paused():
-                    ckpt.save(step, state, meta(step))
-            if step % tcfg["eval_every"] == 0 and not finished:
-                with clock.paused():
-                    last_eval = _evaluate(pipe, trainer, state, "validation", cfg)
-                log.write({"step": step, "split": "validation", **last_eval})
-            if interrupt.hit or step == interrupt_at:
-                sync(write=False)
-                ckpt.save(step, state, meta(step), force=True)
-                stopped = "interrupted"
-                break
-            if finished:
-                done = jax.device_get(state.adapters.done)
-                all_done = all(bool(np.all(d)) for d in done.values())
-                all_done = all_done and aroma.plugin.trains_adapters
-                stopped = "all_modules_done" if all_done else "max_steps"
-                break
-        sync()
+        loop.stopped = "all_modules_done"
+        loop.step = max(loop.step, int(jax.device_get(state.ctrl.step)))
+    with _Interrupt() as run.signal:
+        stopped = loop.run() or "max_steps"
+        run.sync()
+    state, step, last_eval, clock, bar = loop.state, loop.step, run.last_eval, run.clock, run.bar
     step_ms = clock.ms_per_step(step)  # before the final checkpoint, merge and test eval
     if bar is not None:
         bar.close()
@@ -347,7 +411,7 @@ def _train(cfg: Mapping[str, Any], output: Path, resume: bool, interrupt_at: int
         }
         write_atomic(out / "summary.json", json.dumps(summary, indent=2))
         return summary
-    ckpt.save(step, state, meta(step), force=True)
+    ckpt.save(step, state, run.meta(step), force=True)
     final = trainer.finalize(state)
     metrics = _evaluate(pipe, trainer, final, "test", cfg)
     log.write({"step": step, "split": "test", **metrics})

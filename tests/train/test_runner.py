@@ -13,6 +13,7 @@ from aroma_jax import configs
 from aroma_jax.core.config import ConfigError
 from aroma_jax.train import run_config, runner
 from aroma_jax.train.checkpoint import CheckpointManager
+from aroma_jax.train.hooks import Hook
 
 CONFIGS = configs.root()
 FAST = [
@@ -93,9 +94,17 @@ def test_tiny_roberta_run_directory(roberta_run, tmp_path):
 def test_resume_is_bit_identical(roberta_run, tmp_path, stop):
     full = roberta_run[0]
     part = tmp_path / "part"
-    s = runner.train(cfg(), part, interrupt_at=stop)
+    # A user's hooks, through the interrupted and the resumed run: every 5 steps, and at outer
+    # steps (with the synced infos: eq. 6's ratios are there to log).
+    every5, outer = [], []
+    hooks = [Hook(lambda loop: every5.append(loop.step), every=5)]
+    outer_hooks = [lambda loop, infos: outer.extend(int(i.step) for i in infos if i.outer)]
+    s = runner.train(cfg(), part, interrupt_at=stop, hooks=hooks, outer_hooks=outer_hooks)
     assert s["status"] == "interrupted" and s["step"] == stop
-    runner.train(cfg(), part, resume=True)
+    runner.train(cfg(), part, resume=True, hooks=hooks, outer_hooks=outer_hooks)
+    assert every5 == list(range(5, 41, 5))
+    history = json.loads((full / "history.json").read_text())
+    assert outer == sorted({r["step"] for r in history["outer_steps"]})
     a = load_file(str(full / "final" / "adapters.safetensors"))
     b = load_file(str(part / "final" / "adapters.safetensors"))
     assert a.keys() == b.keys()
