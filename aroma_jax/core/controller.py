@@ -14,8 +14,12 @@ Per module (DESIGN-NOTES section 1):
   ``rho_out < outer_tol`` discards the pair and marks the module done; otherwise the pair is
   merged into the next frozen slot (and folded into an fp32 kernel when folding), ``a`` is
   re-initialised and ``b`` zeroed. ``keep_first_pair`` skips the stop at a module's first outer
-  step (the authors' code). A module that has filled all but its last slot (an explicit, binding
-  ``rank_capacity``) stops merging and keeps training its pair; `finalize` merges it.
+  step (the authors' code), never for a zero pair; no method merges a zero pair. A module that
+  has filled all but its last slot (an explicit, binding ``rank_capacity``) stops merging and
+  keeps training its pair.
+* at ``max_steps`` (`AromaTrainer.finalize`) the pair still training is checked by eq. 6 like
+  any other: merged if it passes, dropped if it fails. A module's rank therefore counts only
+  pairs that passed eq. 6 (and, with ``keep_first_pair``, its exempt first pair).
 
 LoRA never triggers; ReLoRA triggers every ``inner_max_steps`` with no criteria.
 """
@@ -177,6 +181,37 @@ def _write_slot(frozen: Frozen, pair: Pair, slot: Array, r: int, write: Array) -
     return Frozen(a, b)
 
 
+def eq6(
+    pair_norm: Array,
+    fz: Frozen,
+    m: Array,
+    kernel: Array,
+    base_sq: Array,
+    cfg: AromaConfig,
+    folds: bool,
+) -> tuple[Array, Array]:
+    """``(rho_out, stop)`` for one module (one layer of a stacked one): eq. 6's ratio
+    ``|s a b| / |W0 + dW|`` and whether it stops the module (AROMA only; ``rho < outer_tol``).
+
+    Used at every outer step and by `AromaTrainer.finalize` for the pair left at ``max_steps``.
+    ``keep_first_pair`` (the authors' code) exempts a module's first pair, but never a zero
+    one: a module whose pair never moved must not be reported at rank 1 with no update.
+    """
+    if folds:  # the kernel already holds W0 + dW
+        base_norm = jnp.sqrt(jnp.sum(jnp.square(kernel.astype(jnp.float32))))
+    else:
+        base_norm = jnp.sqrt(
+            norms.base_plus_product_sq_norm(base_sq, kernel, fz.a, fz.b, cfg.scale)
+        )
+    rho = norms.outer_ratio(pair_norm, base_norm, cfg.scale)
+    if cfg.method != "aroma":
+        return rho, jnp.zeros((), bool)
+    stop = rho < cfg.outer_tol
+    if cfg.keep_first_pair:
+        stop = stop & ((m > 0) | (pair_norm == 0))
+    return rho, stop
+
+
 def outer_step(
     ctrl: ControllerState,
     adapters: AdapterState,
@@ -210,19 +245,13 @@ def outer_step(
     def one(pair, fz, m, was_done, conv, fresh, kernel, base_sq, pair_norm, folds):
         """One module (one layer of a stacked one): eq. 6, then merge, stop or keep training."""
         active = ~was_done
-        if folds:  # the kernel already holds W0 + dW
-            base_norm = jnp.sqrt(jnp.sum(jnp.square(kernel.astype(jnp.float32))))
-        else:
-            base_norm = jnp.sqrt(norms.base_plus_product_sq_norm(base_sq, kernel, fz.a, fz.b, s))
-        rho = norms.outer_ratio(pair_norm, base_norm, s)
-        if cfg.method == "aroma":
-            stop = active & (rho < cfg.outer_tol)
-            if cfg.keep_first_pair:  # the authors' code skips eq. 6 at the first outer step
-                stop = stop & (m > 0)
-        else:
-            stop = jnp.zeros((), bool)
-        merge = active & ~stop & (m < growth_slots)
-        full = active & ~stop & ~merge
+        rho, stop = eq6(pair_norm, fz, m, kernel, base_sq, cfg, folds)
+        stop = active & stop
+        # Never merge an exactly zero pair (ReLoRA, or AROMA with outer_tol <= 0): it would
+        # count a rank with no update. It keeps training (and AROMA's eq. 6 stops it).
+        nonzero = pair_norm > 0
+        merge = active & ~stop & nonzero & (m < growth_slots)
+        full = active & ~stop & nonzero & (m >= growth_slots)
         new_fz = _write_slot(fz, pair, m, cfg.r, merge)
         zero = Pair(jnp.zeros_like(pair.a), jnp.zeros_like(pair.b))
 
