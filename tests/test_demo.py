@@ -31,6 +31,8 @@ def test_table_shows_how_inner_loops_ended_and_the_distinct_ranks():
         {"module_loops_converged": 6, "module_loops_capped": 0},
         0.792,
     )
+    aroma["eq6_stopped"] = {"modules": 1, "during_training": 1, "at_rank": {"2": 1}}
+    aroma["final_pairs"] = {"merged": 0, "dropped": 1, "zero": 0}
     lora = summary("lora", {"a/0/q": 8, "a/0/v": 8}, 0, {}, 0.79)
     lines = demo.table({"aroma": aroma, "lora-r8": lora}).splitlines()
     cells = [re.split(r"\s{2,}", line.strip()) for line in lines[1:]]
@@ -39,3 +41,5 @@ def test_table_shows_how_inner_loops_ended_and_the_distinct_ranks():
     assert row["inner loops ended by eq.5 / cap"] == ["6 / 0", "-"]
     assert row["ranks (distinct values)"] == ["2,4", "8"]
     assert row["ms / step (no compile, eval)"] == ["250", "250"]
+    assert row["modules eq.6 stopped / all"] == ["1/2 (1@2)", "-"]
+    assert row["pairs left at T: merged / dropped"] == ["0 / 1", "-"]

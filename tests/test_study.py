@@ -107,3 +107,84 @@ def test_average_trained_params_counts_each_methods_pair(study):
     stopped = {"outer_steps": [{"module": "m", "step": 4, "action": "done"}]}
     got = study._average_trained(summary, stopped, {"kernel_shapes": shapes, "r": 1})
     assert got == (12 * 4 + 11 * 10) / 10
+
+
+def test_long_grid_sweeps_lr_on_validation_then_runs_seeds_and_resumes(
+    study, tmp_path, monkeypatch
+):
+    """The long-budget grid's phases on fake runs (no training): every method at each of its
+    rates on seed 0, the best validation rate chosen (a diverged rate is never chosen), seeds 1
+    and 2 at that rate only, seed 0's run reused; a restart runs nothing; the report lands
+    between the doc's markers, replacing the previous one."""
+    grid = tmp_path / "long.yaml"
+    grid.write_text(
+        "base: base.yaml\nseeds: [0, 1, 2]\n"
+        "lr_sweep: {seed: 0, values: [1.0e-3, 2.0e-3, 4.0e-3],\n"
+        "           methods: {b: [1.0e-4, 2.0e-4, 4.0e-4]}}\n"
+        "tasks: {t: {metric: accuracy, overrides: []}}\n"
+        "methods: {a: [], b: [aroma.method=lora]}\n"
+        "claims: [[a, b, beats, 'A beats B']]\n"
+    )
+    best = {"a": 2.0e-3, "b": 4.0e-4}
+    calls = []
+
+    def fake_run(base, sets, run):
+        lr = float(next(s for s in sets if s.startswith("aroma.learning_rate=")).split("=")[1])
+        seed = int(next(s for s in sets if s.startswith("train.seed=")).split("=")[1])
+        method = "b" if "aroma.method=lora" in sets else "a"
+        calls.append((method, lr, seed))
+        diverged = method == "a" and lr == 4.0e-3  # a NaN validation score is never chosen
+        val = float("nan") if diverged else 0.8 - abs(lr - best[method]) / best[method] / 10
+        run = Path(run)
+        run.mkdir(parents=True)
+        test = val + (0.05 if method == "a" else 0.0) + 0.01 * seed
+        summary = {
+            "status": "finished",
+            "metrics": {"accuracy": test},
+            "validation_metrics": {"accuracy": val},
+            "ranks": {"x/0/q": 2, "x/1/q": 3},
+            "eq6_stopped": {"modules": 1, "during_training": 1, "at_rank": {"2": 1}},
+            "total_rank": 5,
+            "outer_steps": 3,
+            "steps": 10,
+        }
+        (run / "summary.json").write_text(json.dumps(summary))
+        (run / "history.json").write_text(json.dumps({"outer_steps": []}))
+        (run / "metrics.jsonl").write_text(
+            "".join(
+                json.dumps({"step": s, "split": "validation", "accuracy": val * s / 10}) + "\n"
+                for s in (5, 10)
+            )
+        )
+        return "finished"
+
+    monkeypatch.setattr(study, "run_cell", fake_run)
+    doc = tmp_path / "REPRODUCTION.md"
+    doc.write_text("# Study\n\nkept text\n")
+    out = tmp_path / "out"
+    assert study.main([str(grid), "--out", str(out), "--doc", str(doc)]) == 0
+    sweep = [c for c in calls if c[2] == 0]
+    assert sorted(sweep) == sorted(
+        [("a", lr, 0) for lr in (1e-3, 2e-3, 4e-3)] + [("b", lr, 0) for lr in (1e-4, 2e-4, 4e-4)]
+    )
+    assert sorted(c for c in calls if c[2] != 0) == [
+        ("a", 2e-3, 1),
+        ("a", 2e-3, 2),
+        ("b", 4e-4, 1),
+        ("b", 4e-4, 2),
+    ]
+    choice = {r["method"]: r["chosen"] for r in json.loads((out / "lr_choice.json").read_text())}
+    assert choice == best
+    assert (out / "t" / "a" / "lr0.002" / "seed2" / "summary.json").exists()
+    report = (out / "report.md").read_text()
+    assert "| t | a | 0.002 | 0.8000 | 2.50 | 2,3 | 1 (1@2) | 3 | **yes** |" in report
+    assert "| t | a | 0.004 | - |" in report  # the diverged rate, reported, not chosen
+    # A beats B by +0.05 on every seed: the interval excludes 0
+    assert "| t | A beats B | a | b | 3 | +0.0500 |" in report and "**holds** (A better)" in report
+    assert "a reaches" not in report  # no lora_r8 in this grid: no reach line
+    calls.clear()
+    assert study.main([str(grid), "--out", str(out), "--doc", str(doc)]) == 0
+    assert calls == []  # resumable: everything finished
+    text = doc.read_text()
+    assert text.startswith("# Study\n\nkept text\n") and text.count(study.BEGIN) == 1
+    assert text.count("### Learning-rate sweep") == 1

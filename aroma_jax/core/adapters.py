@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -268,26 +269,123 @@ def capacity(cfg: AromaConfig) -> int:
     return cfg.slots
 
 
+def entry_id(entry: str) -> tuple[str, tuple[int, ...]]:
+    """A (module, layer) entry's name, independent of how its layers are laid out.
+
+    Every integer in the path is taken out, in order: a whole component (``layers/3/up``, the
+    name of layer 3 of a stacked module and of an HF unrolled model) or a ``_<n>`` suffix
+    (``layers_3/up``, flax's automatic names). Both give ``("layers/up", (3,))``, so the stacked
+    and the unrolled model derive the same key for the same layer.
+    """
+    parts, numbers = [], []
+    for c in entry.split("/"):
+        m = re.fullmatch(r"(.*?)_?(\d+)", c)
+        if m is None:
+            parts.append(c)
+            continue
+        numbers.append(int(m.group(2)))
+        if m.group(1):
+            parts.append(m.group(1))
+    return "/".join(parts), tuple(numbers)
+
+
+def _entry_hash(entry: str, leaf: int) -> tuple[int, int]:
+    """A stable 64-bit hash of (`entry_id`, leaf) as two uint32 words (Python's `hash` is
+    salted per process)."""
+    name, numbers = entry_id(entry)
+    digest = hashlib.blake2b(f"{name}|{numbers}|{leaf}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
+
+
+def entry_uniforms(
+    key: Array, specs: Mapping[str, ModuleSpec], shapes: Mapping[str, tuple[tuple[int, ...], ...]]
+) -> dict[str, list[Array]]:
+    """``U(0, 1)`` draws per (module, layer) entry: ``shapes[path][j]`` is one layer's shape of
+    leaf ``j``; returns, per path, one ``lead + shape`` array per leaf.
+
+    Leaf ``j`` of an entry is drawn from ``key`` folded with a hash of (`entry_id`, ``j``), so
+    it depends on that entry alone: a stacked and an unrolled model draw the same numbers for
+    the same layer, whatever other modules are targeted. One vmapped fold for all keys and one
+    vmapped draw per distinct leaf size keep the compiled step at a few Threefry kernels (72
+    inlined ones, one per module, made the outer step's compile 4x longer).
+    """
+    # (path, layer, leaf) ordered by leaf size, then path, leaf and layer: every size group is
+    # one slice of the keys, and every (path, leaf) one slice of its group's draw.
+    rows = sorted(
+        (
+            (p, i, j)
+            for p in shapes
+            for j in range(len(shapes[p]))
+            for i in range(len(specs[p].entries))
+        ),
+        key=lambda r: (math.prod(shapes[r[0]][r[2]]), r[0], r[2], r[1]),
+    )
+    words = [_entry_hash(specs[p].entries[i], j) for p, i, j in rows]
+    if len(set(words)) < len(words):
+        same = sorted(
+            {
+                specs[p].entries[i]
+                for (p, i, _), w in zip(rows, words, strict=True)
+                if words.count(w) > 1
+            }
+        )
+        raise ValueError(
+            f"modules {same[:4]} share a layout-independent name (their paths differ only in "
+            "how layer numbers are written), so they would draw the same random numbers"
+        )
+    fold = lambda w: jax.random.fold_in(jax.random.fold_in(key, w[0]), w[1])  # noqa: E731
+    keys = jax.vmap(fold)(jnp.asarray(np.asarray(words, np.uint32).reshape(-1, 2)))
+    groups: dict[int, list[int]] = {}
+    for n, (p, _, j) in enumerate(rows):
+        groups.setdefault(math.prod(shapes[p][j]), []).append(n)
+    out: dict[str, list[Any]] = {p: [None] * len(shapes[p]) for p in shapes}
+    for size, members in groups.items():
+        group_keys = keys[members[0] : members[-1] + 1]
+        u = jax.vmap(lambda k, size=size: jax.random.uniform(k, (size,), jnp.float32))(group_keys)
+        # Materialised once: without the barrier XLA fuses the Threefry hash into each module's
+        # consumer (one copy per layout group, each a large kernel to compile).
+        u = jax.lax.optimization_barrier(u)
+        start = 0
+        while start < len(members):  # one contiguous block per (path, leaf)
+            p, _, j = rows[members[start]]
+            n = len(specs[p].entries)
+            out[p][j] = u[start : start + n].reshape(specs[p].lead + tuple(shapes[p][j]))
+            start += n
+    return out
+
+
 def fresh_pairs(key: Array, specs: Mapping[str, ModuleSpec], r: int) -> dict[str, Pair]:
     """New pairs for every module: ``a`` Kaiming-uniform like torch's ``nn.Linear``, ``b = 0``.
 
-    One ``uniform`` call over all modules' ``a`` entries, sliced per module: the same
-    distribution as per-module calls, but one random-number kernel in the compiled step instead
-    of one per module (72 inlined Threefry kernels made the outer step's compile 4x longer).
+    Each (module, layer) entry's ``a`` comes from its own key (`entry_uniforms`), so a stacked
+    and an unrolled model draw the same fresh pairs, whatever other modules are targeted.
     """
     paths = sorted(specs)
-    sizes = [math.prod(specs[p].lead) * specs[p].fan_in * r for p in paths]
-    u = jax.random.uniform(key, (max(sum(sizes), 1),), jnp.float32, -1.0, 1.0)
-    # Materialised once: without the barrier XLA fuses the Threefry hash into each module's
-    # consumer (one copy per layout group, each a large kernel to compile).
-    u = jax.lax.optimization_barrier(u)
-    out, start = {}, 0
-    for p, n in zip(paths, sizes, strict=True):
+    u = entry_uniforms(key, specs, {p: ((specs[p].fan_in, r),) for p in paths})
+    out = {}
+    for p in paths:
         spec = specs[p]
         bound = 1.0 / jnp.sqrt(jnp.asarray(spec.fan_in, jnp.float32))
-        a = (u[start : start + n] * bound).reshape(spec.lead + (spec.fan_in, r))
+        a = (2.0 * u[p][0] - 1.0) * bound
         out[p] = Pair(a, jnp.zeros(spec.lead + (r, spec.fan_out), jnp.float32))
-        start += n
+    return out
+
+
+def prune_keep(
+    key: Array, specs: Mapping[str, ModuleSpec], pairs: Mapping[str, Pair], ratio: float
+) -> dict[str, Pair]:
+    """Per pair leaf, which optimizer-state entries a ``"prune"`` reset keeps (a ``1 - ratio``
+    share), drawn per (module, layer) entry like `fresh_pairs` (see `optim.reset`'s ``keep``)."""
+    paths = sorted(pairs)
+    shapes = {
+        p: tuple(tuple(x.shape[len(specs[p].lead) :]) for x in pairs[p] if x is not None)
+        for p in paths
+    }
+    u = entry_uniforms(key, specs, shapes)
+    out = {}
+    for p in paths:
+        drawn = iter(x < 1.0 - ratio for x in u[p])
+        out[p] = Pair(*(None if x is None else next(drawn) for x in pairs[p]))
     return out
 
 

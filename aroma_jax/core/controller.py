@@ -14,8 +14,12 @@ Per module (DESIGN-NOTES section 1):
   ``rho_out < outer_tol`` discards the pair and marks the module done; otherwise the pair is
   merged into the next frozen slot (and folded into an fp32 kernel when folding), ``a`` is
   re-initialised and ``b`` zeroed. ``keep_first_pair`` skips the stop at a module's first outer
-  step (the authors' code). A module that has filled all but its last slot (an explicit, binding
-  ``rank_capacity``) stops merging and keeps training its pair; `finalize` merges it.
+  step (the authors' code), never for a zero pair; no method merges a zero pair. A module that
+  has filled all but its last slot (an explicit, binding ``rank_capacity``) stops merging and
+  keeps training its pair.
+* at ``max_steps`` (`AromaTrainer.finalize`) the pair still training is checked by eq. 6 like
+  any other: merged if it passes, dropped if it fails. A module's rank therefore counts only
+  pairs that passed eq. 6 (and, with ``keep_first_pair``, its exempt first pair).
 
 Which of these a method uses is the method's (`aroma_jax.core.methods`): AROMA all of it; ReLoRA
 the outer step every ``inner_max_steps`` with no stop rule; LoRA, DoRA and AdaLoRA none.
@@ -179,6 +183,34 @@ def write_slot(frozen: Frozen, pair: Pair, slot: Array, r: int, write: Array) ->
     return Frozen(a, b)
 
 
+def eq6(
+    pair_norm: Array,
+    fz: Frozen,
+    m: Array,
+    kernel: Array,
+    base_sq: Array,
+    cfg: AromaConfig,
+    folds: bool,
+    local: Any = None,
+) -> tuple[Array, Array, Any]:
+    """``(rho_out, stop, local)`` for one module (one layer of a stacked one): eq. 6's ratio
+    ``|s a b| / |W0 + dW|`` and whether the method's stop rule (`Method.stop`: AROMA's
+    ``rho < outer_tol``; none for the others) stops the module, with the rule's updated
+    per-module state ``local`` (`Method.outer_local`).
+
+    Used at every outer step and by `AromaTrainer.finalize` for the pair left at ``max_steps``.
+    """
+    if folds:  # the kernel already holds W0 + dW
+        base_norm = jnp.sqrt(jnp.sum(jnp.square(kernel.astype(jnp.float32))))
+    else:
+        base_norm = jnp.sqrt(
+            norms.base_plus_product_sq_norm(base_sq, kernel, fz.a, fz.b, cfg.scale)
+        )
+    rho = norms.outer_ratio(pair_norm, base_norm, cfg.scale)
+    rule, local = cfg.plugin.stop(cfg, rho, m, pair_norm, local)
+    return rho, jnp.zeros((), bool) if rule is None else rule, local
+
+
 def outer_step(
     ctrl: ControllerState,
     adapters: AdapterState,
@@ -212,15 +244,13 @@ def outer_step(
     def one(pair, fz, m, was_done, conv, fresh, kernel, base_sq, pair_norm, local, folds):
         """One module (one layer of a stacked one): eq. 6, then merge, stop or keep training."""
         active = ~was_done
-        if folds:  # the kernel already holds W0 + dW
-            base_norm = jnp.sqrt(jnp.sum(jnp.square(kernel.astype(jnp.float32))))
-        else:
-            base_norm = jnp.sqrt(norms.base_plus_product_sq_norm(base_sq, kernel, fz.a, fz.b, s))
-        rho = norms.outer_ratio(pair_norm, base_norm, s)
-        rule, local = method.stop(cfg, rho, m, local)  # the method's stop rule (eq. 6's)
-        stop = jnp.zeros((), bool) if rule is None else active & rule
-        merge = active & ~stop & (m < growth_slots)
-        full = active & ~stop & ~merge
+        rho, stop, local = eq6(pair_norm, fz, m, kernel, base_sq, cfg, folds, local)
+        stop = active & stop
+        # Never merge an exactly zero pair (ReLoRA, or AROMA with outer_tol <= 0): it would
+        # count a rank with no update. It keeps training (and AROMA's eq. 6 stops it).
+        nonzero = pair_norm > 0
+        merge = active & ~stop & nonzero & (m < growth_slots)
+        full = active & ~stop & nonzero & (m >= growth_slots)
         new_fz = write_slot(fz, pair, m, cfg.r, merge)
         zero = Pair(jnp.zeros_like(pair.a), jnp.zeros_like(pair.b))
 

@@ -111,6 +111,7 @@ def reset(
     params: Any,
     mode: str,
     prune_ratio: float = 0.999,
+    keep: Any = None,
 ) -> WrappedState:
     """Starts the re-warmup and resets the state of the leaves where ``mask`` is True.
 
@@ -124,6 +125,9 @@ def reset(
       mode: ``"prune"`` zeroes a random ``prune_ratio`` of each masked leaf's entries (all of an
         entry's state together, so no first moment survives without its second moment),
         ``"full"`` sets them to a fresh ``init``, ``"none"`` leaves them as they are.
+      keep: for ``"prune"``, a params-shaped tree of bools: the entries to keep. `AromaTrainer`
+        draws it per (module, layer) with `adapters.prune_keep`, so stacked and unrolled models
+        prune alike. Default: one draw over all leaves, sliced in traversal order.
     """
     inner = tx.update.inner  # type: ignore[attr-defined]
     new_inner = state.inner
@@ -136,14 +140,17 @@ def reset(
         # One uniform draw over all parameters, sliced in traversal order: a single random-number
         # kernel in the compiled step. The barrier keeps it single: without it XLA fuses the
         # (elementwise) Threefry hash into every slice's consumer, one copy per layout group.
-        leaves, treedef = jax.tree.flatten(params)
-        u = jax.random.uniform(key, (max(sum(x.size for x in leaves), 1),))
-        keep = jax.lax.optimization_barrier(u < 1.0 - prune_ratio)
-        keeps, start = [], 0
-        for x in leaves:
-            keeps.append(keep[start : start + x.size].reshape(x.shape))
-            start += x.size
-        keep_tree = treedef.unflatten(keeps)
+        if keep is None:
+            leaves, treedef = jax.tree.flatten(params)
+            u = jax.random.uniform(key, (max(sum(x.size for x in leaves), 1),))
+            drawn = jax.lax.optimization_barrier(u < 1.0 - prune_ratio)
+            keeps, start = [], 0
+            for x in leaves:
+                keeps.append(drawn[start : start + x.size].reshape(x.shape))
+                start += x.size
+            keep_tree = treedef.unflatten(keeps)
+        else:
+            keep_tree = keep
 
         def prune(x, m, keep):
             return jnp.where(m & ~keep, jnp.zeros_like(x), x)

@@ -37,12 +37,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
 from jax import lax
 
 from aroma_jax.core import adapters as adapters_lib
-from aroma_jax.core import controller, inject, optim
+from aroma_jax.core import controller, inject, norms, optim
 from aroma_jax.core.adapters import AdapterState, ModuleSpec
 from aroma_jax.core.config import AromaConfig, ConfigError
 
@@ -418,8 +419,18 @@ class AromaTrainer:
             "extra": jax.tree.map(lambda _: live, trainable["extra"]),
         }
         lr = optim.learning_rate(cfg, state.opt_state)
-        rewarm = {  # only the pairs restart at outer steps; heads keep their learning rate
-            "pairs": jax.tree.map(lambda _: jnp.ones((), bool), trainable["pairs"]),
+        # Only pairs reset at the latest outer step re-warm; heads keep their learning rate.
+        # A pair merges at every outer step until its module is done or full (capacity), and a
+        # full module never merges again: so merges < outer_count marks a pair that was not
+        # reset (capacity-full), without a flag in the state (checkpoints keep their layout).
+        rewarm = {
+            "pairs": {
+                p: jax.tree.map(
+                    lambda x, p=p: _lead(state.adapters.merges[p] >= state.ctrl.outer_count, x),
+                    pair,
+                )
+                for p, pair in trainable["pairs"].items()
+            },
             "extra": jax.tree.map(lambda _: jnp.zeros((), bool), trainable["extra"]),
         }
         updates, opt_state = self.tx.update(
@@ -557,6 +568,14 @@ class AromaTrainer:
                 },
                 "extra": jax.tree.map(lambda _: jnp.zeros((), bool), extra),
             }
+            keep = None
+            if self.cfg.reset == "prune":  # drawn per (module, layer): stacked == unrolled
+                keep = {
+                    "pairs": adapters_lib.prune_keep(
+                        reset_rng, self.specs, adapters_.pairs, self.cfg.prune_ratio
+                    ),
+                    "extra": jax.tree.map(lambda x: jnp.ones(x.shape, bool), extra),
+                }
             opt_ = optim.reset(
                 self.tx,
                 opt_,
@@ -565,6 +584,7 @@ class AromaTrainer:
                 self._trainable(adapters_, extra),
                 self.cfg.reset,
                 self.cfg.prune_ratio,
+                keep=keep,
             )
             return (ctrl_, adapters_, opt_, new_k), info
 
@@ -581,26 +601,56 @@ class AromaTrainer:
 
     # ---------------------------------------------------------------- finish
     def finalize(self, state: TrainState) -> TrainState:
-        """Merges every still-active pair (a run ended by ``max_steps`` or a LoRA run).
+        """Ends a run: the pair each still-active module trains is merged or dropped.
 
-        The model's function is unchanged; afterwards every module is done, ``merges * r`` is its
-        final rank and the frozen factors (plus folded kernels) hold the whole update.
+        AROMA checks that pair by eq. 6 like at any outer step (`controller.eq6`): merged if it
+        passes, dropped if it fails (the module then ends as if eq. 6 had stopped it there), so
+        a reported rank counts only pairs that passed eq. 6. ReLoRA merges it; LoRA, DoRA and
+        AdaLoRA merge their one pair. A zero pair is never merged. The model's function changes
+        only by the dropped pairs; afterwards every module is done, ``merges * r`` is its final
+        rank and the frozen factors (plus folded kernels) hold the whole update.
         """
+        return self._finalize(state)[0]
+
+    def final_pairs(self, state: TrainState) -> dict[str, dict[str, Any]]:
+        """What `finalize` does with each entry's last pair: ``{"rho_out", "action"}``, action
+        ``merged``, ``dropped`` (failed eq. 6 at ``max_steps``), ``zero`` (never moved: not
+        merged) or ``stopped`` (eq. 6 stopped the module during training; ``rho_out`` None)."""
+        _, (rho, stop, write, done) = self._finalize(state)
+        rho, stop, write, done = (
+            {e: np.asarray(v) for e, v in self.per_entry(jax.device_get(x)).items()}
+            for x in (rho, stop, write, done)
+        )
+        out = {}
+        for e in self.paths:
+            if done[e]:
+                out[e] = {"rho_out": None, "action": "stopped"}
+                continue
+            action = "merged" if write[e] else ("dropped" if stop[e] else "zero")
+            out[e] = {"rho_out": float(rho[e]), "action": action}
+        return out
+
+    def _finalize(self, state: TrainState) -> tuple[TrainState, tuple[dict, ...]]:
         adapters, base = state.adapters, state.base
         cfg, method = self.cfg, self.method
         pairs, frozen, merges, done = {}, {}, {}, {}
+        rhos, stops, writes, was_done = {}, {}, {}, {}
 
-        def one(pair, fz, m, d, local, kernel, folds):
-            final = method.final_pair(pair, local)  # AdaLoRA: the latest allocation's triplets
-            nonzero = method.final_nonzero(final)
-            write = ~d & nonzero & (m < adapters_lib.capacity(cfg))
+        def one(pair, fz, m, d, local, kernel, base_sq, folds):
+            final_local, stop_local = local
+            final = method.final_pair(pair, final_local)  # AdaLoRA: the latest allocation's
+            pair_norm = norms.product_norm(final.a, final.b)
+            nonzero = method.final_nonzero(final, pair_norm)
+            rho, stop, _ = controller.eq6(pair_norm, fz, m, kernel, base_sq, cfg, folds, stop_local)
+            write = ~d & nonzero & ~stop & (m < adapters_lib.capacity(cfg))
             new_fz = controller.write_slot(fz, final, m, cfg.pair_rank, write)
             if folds:
                 delta = (cfg.scale * pair.a) @ pair.b
                 kernel = jnp.where(write, kernel + delta.astype(kernel.dtype), kernel)
             # DoRA's magnitude (and AdaLoRA's lambda) stay: the frozen slot holds the pair only.
             cleared = pair._replace(a=jnp.zeros_like(pair.a), b=jnp.zeros_like(pair.b))
-            return cleared, new_fz, m + write.astype(jnp.int32), jnp.ones_like(d), kernel
+            out = (cleared, new_fz, m + write.astype(jnp.int32), jnp.ones_like(d), kernel)
+            return out + (rho, ~d & stop, write, d)
 
         kernels = self.kernels(base)
         for p in self.module_paths:
@@ -608,17 +658,32 @@ class AromaTrainer:
             fn = controller.per_layer(
                 lambda *xs, folds=folds: one(*xs, folds=folds), len(spec.lead)
             )
-            pairs[p], frozen[p], merges[p], done[p], k = fn(
+            (
+                pairs[p],
+                frozen[p],
+                merges[p],
+                done[p],
+                k,
+                rhos[p],
+                stops[p],
+                writes[p],
+                was_done[p],
+            ) = fn(
                 adapters.pairs[p],
                 adapters.frozen[p],
                 adapters.merges[p],
                 adapters.done[p],
-                method.final_local(state.ctrl.method_state, p),
+                (
+                    method.final_local(state.ctrl.method_state, p),
+                    method.outer_local(state.ctrl.method_state, p),
+                ),
                 kernels[p],
+                state.ctrl.base_sq[p],
             )
             if folds:
                 base = _set(base, p + "/kernel", k.reshape(spec.lead + spec.kernel_shape))
-        return state._replace(base=base, adapters=AdapterState(pairs, frozen, merges, done))
+        new = state._replace(base=base, adapters=AdapterState(pairs, frozen, merges, done))
+        return new, (rhos, stops, writes, was_done)
 
     def per_entry(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """Entry name -> its value: ``values[module]``, or its layer's row for a stacked module."""

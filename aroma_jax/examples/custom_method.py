@@ -58,7 +58,9 @@ class GrowWhileRatioHolds(Aroma):
     def with_outer_locals(self, method_state: Any, local: Mapping[str, Array]) -> dict:
         return dict(local)
 
-    def stop(self, cfg: AromaConfig, rho: Array, merges: Array, local: Array) -> tuple[Any, Any]:
+    def stop(
+        self, cfg: AromaConfig, rho: Array, merges: Array, pair_norm: Array, local: Array
+    ) -> tuple[Any, Any]:
         first = jnp.where(merges == 0, rho, local)  # the first pair's ratio, kept from then on
         below = (rho < self.fraction * first) | (rho < cfg.outer_tol)
         return (merges > 0) & below, first

@@ -16,6 +16,7 @@ uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -412,6 +413,7 @@ def _train(
         write_atomic(out / "summary.json", json.dumps(summary, indent=2))
         return summary
     ckpt.save(step, state, run.meta(step), force=True)
+    last_pairs = trainer.final_pairs(state) if aroma.grows else {}
     final = trainer.finalize(state)
     metrics = _evaluate(pipe, trainer, final, "test", cfg)
     log.write({"step": step, "split": "test", **metrics})
@@ -448,6 +450,7 @@ def _train(
         "head_params": head_params,
         "outer_steps": len(history.outer_step_numbers()),
         "inner_loops": history.inner_loop_endings(),
+        **rank_report(ranks, history, last_pairs),
         "rank_capacity": aroma.rank_capacity,  # as requested (null: derive it from the run)
         "rank_capacity_derived": aroma.slots,  # the merge slots per module the run had
         "capacity_full": history.full_modules(),
@@ -460,6 +463,27 @@ def _train(
     _save_adapters(out, trainer, final, class_names(pipe), step)  # before "finished" is said
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def rank_report(ranks: Mapping[str, int], history: History, last_pairs: Mapping) -> dict:
+    """What the reported ranks are made of (every rank counts only pairs that passed eq. 6):
+    ``final_pairs``, what `AromaTrainer.finalize` did with the pairs left at ``max_steps``
+    (merged / dropped by eq. 6 / zero); ``eq6_stopped``, the modules eq. 6 ended (during
+    training, or by dropping the last pair), with how many ended at each rank; and the
+    ``distinct_ranks``."""
+    actions = collections.Counter(v["action"] for v in last_pairs.values())
+    ended = {r["module"] for r in history.outer_steps if r["action"] == "done"}
+    ended |= {e for e, v in last_pairs.items() if v["action"] == "dropped"}
+    at_rank = collections.Counter(ranks[e] for e in ended)
+    return {
+        "final_pairs": {k: actions.get(k, 0) for k in ("merged", "dropped", "zero")},
+        "eq6_stopped": {
+            "modules": len(ended),
+            "during_training": actions.get("stopped", 0),
+            "at_rank": {str(r): n for r, n in sorted(at_rank.items())},
+        },
+        "distinct_ranks": sorted(set(ranks.values())),
+    }
 
 
 RESUME_MAY_CHANGE = ("train.progress", "train.eval_batch_size", "mesh")  # no effect on the state

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from aroma_jax.core import adapters as adapters_lib
-from aroma_jax.core import controller, norms
+from aroma_jax.core import controller
 from aroma_jax.core.adapters import Frozen, Pair
 from aroma_jax.examples.toy import batches, toy_config
 from tests.core.test_train_step import make
@@ -70,23 +70,55 @@ def test_pair_norms_of_stacked_and_unstacked_modules_match_each_layers_norm():
     np.testing.assert_allclose(got["u"], want, rtol=1e-5)
 
 
-def test_inner_check_equals_eq5_module_by_module():
-    trainer, state, model, teacher = make(toy_config(inner_tol=0.05))
-    for batch in batches(teacher, model, 32, 7):
-        state, _ = trainer.step(state, batch)
-    prev = dict(zip(sorted(state.ctrl.prev_norm), [0.0, 1e-3, 9.0], strict=True))
-    # a mix of previous norms: zero (the first check after a re-init), small, large
-    ctrl = state.ctrl._replace(prev_norm={p: jnp.asarray(v) for p, v in prev.items()})
-    adapters = state.adapters._replace(done={**state.adapters.done, "m1": jnp.array(True)})
-    new, rho = controller.inner_check(ctrl, adapters, trainer.cfg)
-    for i, p in enumerate(sorted(adapters.pairs)):
-        now = norms.product_norm(adapters.pairs[p].a, adapters.pairs[p].b)
-        want = norms.inner_ratio(now, ctrl.prev_norm[p])
-        done = bool(adapters.done[p])
-        conv = bool(ctrl.inner_conv[p]) or (not done and float(want) < trainer.cfg.inner_tol)
-        assert bool(new.inner_conv[p]) == conv
-        np.testing.assert_allclose(new.prev_norm[p], now, rtol=1e-6)
-        np.testing.assert_allclose(rho[i], np.nan if done else want, rtol=1e-6)
+def test_inner_check_is_the_signed_eq5_of_dense_products():
+    """Eq. 5 against ``(|A B|_F - prev) / prev`` written out on dense numpy products, one
+    module per case: a shrinking pair (negative rho) converges, a sticky label survives
+    rho >= tol, a done module gets NaN and keeps its label (either way), a zero previous norm
+    never converges, and a growing pair under tol converges."""
+    tol = 0.05
+    rng = np.random.default_rng(0)
+    cases = {  # name: (scale of the pair's product against prev, label before, done)
+        "a_shrinks": (0.5, False, False),  # rho = -0.5: negative, converges
+        "b_sticky": (1.8, True, False),  # rho = +0.8 >= tol: the label stays
+        "c_done_labelled": (0.5, True, True),  # NaN, label kept True
+        "d_done_unlabelled": (0.5, False, True),  # NaN, label kept False despite rho < tol
+        "e_first_check": (1.0, False, False),  # prev = 0: never converges
+        "f_grows_slowly": (1.01, False, False),  # rho = +0.01 < tol
+        "g_grows_fast": (1.3, False, False),  # rho = +0.3: not converged
+    }
+    pairs, prev, conv, done, want_rho, want_conv = {}, {}, {}, {}, {}, {}
+    for name, (ratio, label, is_done) in cases.items():
+        a = rng.normal(size=(IN, R)).astype(np.float32)
+        b = rng.normal(size=(R, OUT)).astype(np.float32)
+        now = float(np.linalg.norm(a.astype(np.float64) @ b.astype(np.float64)))
+        before = 0.0 if name == "e_first_check" else now / ratio
+        rho = (now - before) / before if before > 0 else np.inf
+        pairs[name] = Pair(jnp.asarray(a), jnp.asarray(b))
+        prev[name] = jnp.asarray(before, jnp.float32)
+        conv[name], done[name] = jnp.asarray(label), jnp.asarray(is_done)
+        want_rho[name] = np.nan if is_done else rho
+        want_conv[name] = label or (not is_done and rho < tol)
+    assert want_rho["a_shrinks"] < 0 and want_conv["a_shrinks"]
+    assert want_rho["b_sticky"] >= tol and want_conv["b_sticky"]
+    adapters = adapters_lib.AdapterState(
+        pairs, {k: None for k in cases}, {k: jnp.zeros((), jnp.int32) for k in cases}, done
+    )
+    ctrl = controller.ControllerState(
+        step=jnp.zeros((), jnp.int32),
+        inner_t=jnp.zeros((), jnp.int32),
+        outer_count=jnp.zeros((), jnp.int32),
+        prev_norm=prev,
+        inner_conv=conv,
+        base_sq={k: jnp.ones(()) for k in cases},
+        key=jax.random.key(0),
+        finished=jnp.zeros((), bool),
+    )
+    new, rho = controller.inner_check(ctrl, adapters, toy_config(inner_tol=tol))
+    for i, name in enumerate(sorted(cases)):
+        np.testing.assert_allclose(float(rho[i]), want_rho[name], rtol=1e-5, err_msg=name)
+        assert bool(new.inner_conv[name]) == want_conv[name], name
+        now = np.linalg.norm(np.asarray(pairs[name].a, np.float64) @ np.asarray(pairs[name].b))
+        np.testing.assert_allclose(float(new.prev_norm[name]), now, rtol=1e-5, err_msg=name)
 
 
 def test_outer_step_with_caller_split_keys_equals_splitting_its_own():
@@ -121,13 +153,16 @@ def random_calls(jaxpr) -> dict[str, int]:
 @pytest.mark.parametrize(
     ("method", "want"),
     [
-        ("aroma", {"random_split": 1, "random_bits": 2}),
+        # re-init: one draw (every a is 32 long); prune: one per leaf size (a 32, b 24); each
+        # draw's per-(module, layer) keys come from one vmapped pair of folds
+        ("aroma", {"random_split": 1, "random_bits": 3, "random_fold_in": 4}),
         ("lora", {"random_split": 1}),
     ],
 )
 def test_the_step_makes_one_threefry_call_per_purpose(method, want):
     # XLA:CPU compiles each Threefry call site as its own loop: the step's key and the
-    # controller's are split in one call; an outer step draws the re-init and the prune.
+    # controller's are split in one call; an outer step draws the re-init and the prune, one
+    # vmapped call per leaf size over every (module, layer), not one per module.
     trainer, state, model, teacher = make(toy_config(method=method, reset="prune"))
     batch = next(batches(teacher, model, 8, 1))
     jaxpr = jax.make_jaxpr(trainer._step_impl)(state, batch).jaxpr
@@ -191,8 +226,9 @@ def test_the_steps_inner_check_is_eq5_at_check_steps_and_changes_nothing_between
 def test_the_outer_steps_random_draws_are_materialised_once():
     # XLA's TPU compiler inlines the (elementwise) Threefry hash into every consumer of a draw:
     # the prune's one draw over all pairs became four copies of ~170 instructions, one per
-    # layout group, the re-init's two. A barrier after each draw keeps one copy (same numbers).
+    # layout group, the re-init's two. A barrier after each draw keeps one copy (same numbers):
+    # the re-init's one draw and the prune's two (one per leaf size: a 32, b 24).
     trainer, state, model, teacher = make(toy_config(reset="prune"))
     batch = next(batches(teacher, model, 8, 1))
     text = trainer._step.lower(state, batch).as_text()
-    assert text.count("stablehlo.optimization_barrier") == 2
+    assert text.count("stablehlo.optimization_barrier") == 3

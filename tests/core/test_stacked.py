@@ -89,16 +89,27 @@ def _entries_unrolled(name: str) -> str:  # layers_1/up -> layers/1/up
     return f"layers/{head.split('_')[1]}/{rest}"
 
 
-@pytest.mark.parametrize("bias_correction", ["shared", "per_module"])
-def test_stacked_run_equals_the_unrolled_run(params, bias_correction):
-    cfg = _cfg(bias_correction=bias_correction)
+@pytest.mark.parametrize(
+    "reset,bias_correction",
+    [("prune", "shared"), ("full", "per_module"), ("none", "shared")],
+)
+def test_stacked_run_equals_the_unrolled_run(params, reset, bias_correction):
+    """Two modules per layer, every reset mode: each (module, layer) draws its fresh pairs and
+    prune masks from its own key, so the scanned and the unrolled run decide alike."""
+    cfg = _cfg(bias_correction=bias_correction, reset=reset, target_modules=("up", "down"))
     st = _trainer(Scanned(), params, cfg, stacked={"layers": L})
     un = _trainer(Unrolled(), _unrolled_params(params), cfg)
-    assert st.module_paths == ("layers/up",)
-    assert st.paths == ("layers/0/up", "layers/1/up", "layers/2/up")
-    assert tuple(_entries_unrolled(p) for p in un.paths) == st.paths
+    assert st.module_paths == ("layers/down", "layers/up")
+    assert st.paths[3:] == ("layers/0/up", "layers/1/up", "layers/2/up")
+    assert sorted(_entries_unrolled(p) for p in un.paths) == sorted(st.paths)
+    order = [
+        un.paths.index(next(u for u in un.paths if _entries_unrolled(u) == e)) for e in st.paths
+    ]
     s_state, u_state = st.init(params), un.init(_unrolled_params(params))
     assert s_state.adapters.pairs["layers/up"].a.shape == (L, D, 1)
+    s_pairs = st.unstacked(s_state.adapters).pairs
+    for p in un.paths:  # the same initial pairs, entry by entry
+        np.testing.assert_array_equal(s_pairs[_entries_unrolled(p)].a, u_state.adapters.pairs[p].a)
     batch = _data()
     outer_steps = 0
     for _ in range(cfg.max_steps):
@@ -108,9 +119,17 @@ def test_stacked_run_equals_the_unrolled_run(params, bias_correction):
         for field in ("checked", "outer", "by_cap", "finished"):
             assert bool(getattr(si, field)) == bool(getattr(ui, field)), field
         for field in ("merged", "newly_done", "ranks", "converged", "full"):
-            np.testing.assert_array_equal(getattr(si, field), getattr(ui, field), err_msg=field)
-        np.testing.assert_allclose(si.rho_in, ui.rho_in, rtol=1e-4, equal_nan=True)
-        np.testing.assert_allclose(si.rho_out, ui.rho_out, rtol=1e-4, equal_nan=True)
+            np.testing.assert_array_equal(
+                getattr(si, field), np.asarray(getattr(ui, field))[order], err_msg=field
+            )
+        for field in ("rho_in", "rho_out"):
+            np.testing.assert_allclose(
+                getattr(si, field),
+                np.asarray(getattr(ui, field))[order],
+                rtol=1e-4,
+                equal_nan=True,
+                err_msg=field,
+            )
         outer_steps += int(si.outer)
     assert outer_steps >= 2  # the comparison covered merges, resets and re-inits
     assert st.compiles == 1
@@ -223,20 +242,13 @@ def test_dora_and_adalora_stacked_runs_equal_the_unrolled_runs(params, tmp_path,
     un = _trainer(Unrolled(), _unrolled_params(params), cfg)
     s_state, u_state = st.init(params), un.init(_unrolled_params(params))
     s_pairs = st.unstacked(s_state.adapters).pairs
-    if method == "adalora":  # one target module: the same init values, entry by entry
-        for p in un.paths:
-            for x, y in zip(
-                jax.tree.leaves(s_pairs[_entries_unrolled(p)]),
-                jax.tree.leaves(u_state.adapters.pairs[p]),
-                strict=True,
-            ):
-                np.testing.assert_array_equal(x, y)
-    else:  # two modules draw in a different order unrolled: start both from the same pairs
-        u_state = u_state._replace(
-            adapters=u_state.adapters._replace(
-                pairs={p: s_pairs[_entries_unrolled(p)] for p in un.paths}
-            )
-        )
+    for p in un.paths:  # the same init values, entry by entry (DoRA: two modules per layer)
+        for x, y in zip(
+            jax.tree.leaves(s_pairs[_entries_unrolled(p)]),
+            jax.tree.leaves(u_state.adapters.pairs[p]),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(x, y)
     batch = _data()
     unrolled_name = {_entries_unrolled(p): p for p in un.paths}
     by_name = [un.paths.index(unrolled_name[e]) for e in st.paths]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from aroma_jax import AromaTrainer
+from aroma_jax.core import adapters as adapters_lib
 from aroma_jax.core import controller, loop
 from aroma_jax.examples.toy import D_IN, D_OUT, batches, make_problem, toy_config
 
@@ -38,8 +39,9 @@ def trained(cfg, steps):
 
 @pytest.mark.parametrize("fold", ["never", "auto"])
 def test_merge_leaves_output_unchanged_and_reinit_zeroes_b(fold):
+    # m0's planted rank is 0: its pair never moves, and a zero pair is never merged
     cfg = toy_config(fold=fold, outer_tol=0.0, inner_max_steps=10_000, r=2)
-    trainer, state, model, _ = trained(cfg, 30)
+    trainer, state, model, _ = trained(cfg.replace(target_modules=("m1", "m3")), 30)
     x = jax.random.normal(jax.random.key(7), (16, D_IN))
     before = outputs(trainer, state, model, x)
     kernels = trainer.kernels(state.base)
@@ -68,7 +70,7 @@ def test_the_steps_eq6_is_the_dense_ratio_at_every_merge(fold):
     ``s |a b| / |W0 + dW|`` formed densely from the frozen slots, at every outer step (with
     several merges behind it), for factors and folded kernels."""
     cfg = toy_config(fold=fold, outer_tol=0.0, inner_max_steps=6, r=2, alpha=3.0)
-    trainer, state, model, teacher = make(cfg)
+    trainer, state, model, teacher = make(cfg.replace(target_modules=("m1", "m3")))
     w0 = {p: np.asarray(k, np.float64) for p, k in trainer.kernels(state.base).items()}
     s, r, seen = cfg.scale, cfg.r, 0
     for batch in batches(teacher, model, 32, 30):
@@ -112,6 +114,7 @@ def test_bf16_bases_keep_factors_and_train_in_bf16(r):
         losses.append(float(info.loss))
         outer += int(info.outer)
     assert trainer.compiles == 1 and outer >= 3
+    # bf16 rounding leaves m0 (planted rank 0) a non-zero gradient, so its pairs merge too
     assert trainer.ranks(state) == {p: outer * r for p in trainer.paths}
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
     x = jax.random.normal(jax.random.key(7), (16, D_IN)).astype(jnp.bfloat16)
@@ -126,27 +129,103 @@ def test_bf16_bases_keep_factors_and_train_in_bf16(r):
     assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
 
 
-def test_outer_check_discards_pair_and_done_module_gets_zero_updates():
-    cfg = toy_config(outer_tol=0.05, inner_max_steps=40, max_steps=200)
-    trainer, state, model, teacher = make(cfg)
-    done_at = None
-    for i, batch in enumerate(batches(teacher, model, 32, 120)):
-        state, info = trainer.step(state, batch)
-        if done_at is None and bool(state.adapters.done["m0"]):
-            done_at = i
-            snap = jax.device_get((state.adapters.pairs["m0"], state.adapters.frozen["m0"]))
-            opt_snap = jax.device_get(state.opt_state.inner[0].mu["pairs"]["m0"])
-    assert done_at is not None, "m0 (true rank 0) should stop at its first outer step"
-    # The discarded pair is zero, and nothing about the module moves afterwards.
-    assert float(np.abs(snap[0].a).max()) == 0 and float(np.abs(snap[0].b).max()) == 0
-    jax.tree.map(
-        np.testing.assert_array_equal,
-        snap,
-        (state.adapters.pairs["m0"], state.adapters.frozen["m0"]),
+def _set_ratios(trainer, state, ratios):
+    """``state`` with each module's pair scaled so eq. 6 gives ``ratios[p]`` (W0 alone, rank 0)."""
+    s, pairs = trainer.cfg.scale, dict(state.adapters.pairs)
+    for p, ratio in ratios.items():
+        w = np.linalg.norm(np.asarray(trainer.kernels(state.base)[p], np.float64))
+        a = np.asarray(pairs[p].a, np.float64)
+        b = np.random.default_rng(len(p)).normal(size=pairs[p].b.shape)
+        b *= ratio * w / (s * np.linalg.norm(a @ b))
+        pairs[p] = pairs[p]._replace(b=jnp.asarray(b, jnp.float32))
+    return state._replace(adapters=state.adapters._replace(pairs=pairs))
+
+
+def test_eq6_at_0_9_and_1_1_outer_tol_and_moments_bit_for_bit_after_a_prune():
+    """Pairs at 0.9x outer_tol stop (discarded, done, no more updates), at 1.1x merge; the
+    merged pairs' Adam moments after the step's prune are the unpruned step's moments with
+    exactly the entries `adapters.prune_keep` drops (the step's own reset key) set to zero."""
+    tol = 0.05
+    cfg = toy_config(
+        outer_tol=tol,
+        inner_max_steps=1,
+        learning_rate=1e-9,
+        warmup_steps=0,
+        reset="prune",
+        prune_ratio=0.5,
     )
-    assert int(state.adapters.merges["m0"]) == 0
-    mu_now = state.opt_state.inner[0].mu["pairs"]["m0"]
-    assert jax.tree.map(lambda x: x.shape, opt_snap) == jax.tree.map(lambda x: x.shape, mu_now)
+    trainer, state, model, teacher = make(cfg)
+    ratios = {"m0": 1.1 * tol, "m1": 0.9 * tol, "m3": 1.1 * tol}
+    state = _set_ratios(trainer, state, ratios)
+    plain = AromaTrainer(
+        loss_for(model), make_problem(0)[1], cfg.replace(reset="none"), donate=False
+    )
+    batch = next(batches(teacher, model, 32, 1))
+    new, info = trainer.step(state, batch)
+    unpruned, _ = plain.step(state, batch)
+    assert bool(info.outer)
+    np.testing.assert_allclose(info.rho_out, [ratios[p] for p in trainer.paths], rtol=1e-4)
+    np.testing.assert_array_equal(info.merged, [True, False, True])
+    np.testing.assert_array_equal(info.newly_done, [False, True, False])
+    assert trainer.ranks(new) == {"m0": 1, "m1": 0, "m3": 1}
+    assert not np.any(new.adapters.pairs["m1"].a) and not np.any(new.adapters.pairs["m1"].b)
+    reset_rng = AromaTrainer.split_keys(state)[2]
+    keep = adapters_lib.prune_keep(reset_rng, trainer.specs, new.adapters.pairs, 0.5)
+    adam, adam_unpruned = new.opt_state.inner[0], unpruned.opt_state.inner[0]
+    zeroed = 0
+    for p, merged in zip(trainer.paths, info.merged.tolist(), strict=True):
+        for moment in ("mu", "nu"):
+            got = getattr(adam, moment)["pairs"][p]
+            full = getattr(adam_unpruned, moment)["pairs"][p]
+            for leaf in ("a", "b"):
+                k, g, f = (np.asarray(getattr(t, leaf)) for t in (keep[p], got, full))
+                want = np.where(~k, 0.0, f).astype(f.dtype) if merged else f
+                np.testing.assert_array_equal(g, want, err_msg=f"{p} {moment} {leaf}")
+                zeroed += int(np.sum(merged & ~k & (f != 0)))
+    assert zeroed > 20  # the prune removed real (non-zero) moments
+    # The stopped module gets no update from now on: pair, slots and moments stay.
+    after, _ = trainer.step(new, next(batches(teacher, model, 32, 1, seed=5)))
+    for x, y in zip(
+        jax.tree.leaves((new.adapters.pairs["m1"], new.adapters.frozen["m1"])),
+        jax.tree.leaves((after.adapters.pairs["m1"], after.adapters.frozen["m1"])),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_rewarmup_reaches_only_the_pairs_just_reset():
+    """After an outer step that merged (and reset) the pairs, their next update runs at
+    1/rewarmup_steps of the rate; after one where every module was capacity-full (nothing
+    reset), the pairs keep the base rate: the update equals a no-re-warmup run's bit for bit."""
+    cfg = toy_config(
+        outer_tol=0.0, inner_max_steps=5, rank_capacity=3, rewarmup_steps=10, warmup_steps=0
+    )
+    trainer, state, model, teacher = make(cfg)
+    state = _set_ratios(trainer, state, {"m0": 0.1, "m1": 0.1, "m3": 0.1})
+    flat = AromaTrainer(
+        loss_for(model), make_problem(0)[1], cfg.replace(rewarmup_steps=0), donate=False
+    )
+    stream = batches(teacher, model, 32, 17)
+    seen = []
+    for step in range(1, 16):  # outer steps at 5 and 10 merge (2 growth slots), at 15 all full
+        state, info = trainer.step(state, next(stream))
+        if step not in (10, 15):
+            continue
+        assert bool(info.outer)
+        assert bool(np.all(info.merged)) if step == 10 else bool(np.all(info.full))
+        batch = next(batches(teacher, model, 32, 1, seed=step))
+        rewarmed, _ = trainer.step(state, batch)
+        plain, _ = flat.step(state, batch)
+        for p in trainer.paths:  # b: a fresh pair's a gets no gradient while b = 0
+            moved = np.asarray(rewarmed.adapters.pairs[p].b - state.adapters.pairs[p].b)
+            moved_plain = np.asarray(plain.adapters.pairs[p].b - state.adapters.pairs[p].b)
+            assert np.abs(moved_plain).max() > 0
+            if step == 10:  # just reset: 1/10 of the rate
+                np.testing.assert_allclose(moved, moved_plain / 10, rtol=1e-3, atol=1e-12)
+            else:
+                np.testing.assert_array_equal(moved, moved_plain)
+        seen.append(step)
+    assert seen == [10, 15] and trainer.ranks(state) == {"m0": 2, "m1": 2, "m3": 2}
 
 
 def test_one_compile_over_several_outer_steps_and_rewarmup_at_actual_steps():

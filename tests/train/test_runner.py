@@ -83,7 +83,20 @@ def test_tiny_roberta_run_directory(roberta_run, tmp_path):
     peft_dir = export.export_peft(run, tmp_path / "peft")
     config = json.loads((peft_dir / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["modules_to_save"] == ["classifier"]
-    assert set(config["rank_pattern"].values()) <= {r for r in s["ranks"].values() if r}
+    # one definition of rank: summary, PEFT export and analysis (all from the finalized factors)
+    assert sorted(config["rank_pattern"].values()) == sorted(r for r in s["ranks"].values() if r)
+    from aroma_jax.analysis import summary as analysis
+    from aroma_jax.analysis.runs import open_run
+
+    modules = analysis.analyze_run(open_run(run))["modules"]
+    assert {p: m["rank"] for p, m in modules.items()} == s["ranks"]
+    assert s["distinct_ranks"] == sorted(set(s["ranks"].values()))
+    last, stopped = s["final_pairs"], s["eq6_stopped"]
+    assert last["merged"] + last["dropped"] + last["zero"] + stopped["during_training"] == len(
+        s["ranks"]
+    )
+    assert stopped["modules"] == stopped["during_training"] + last["dropped"]
+    assert sum(stopped["at_rank"].values()) == stopped["modules"]
     merged = export.export_merged(run, tmp_path / "merged")
     assert (merged / "flax_model.msgpack").exists() and (merged / "config.json").exists()
 

@@ -59,8 +59,12 @@ class Aroma(Method):
         all_conv = jnp.all(controller.converged_or_done(ctrl, adapters))
         return (all_conv | capped) & ~ctrl.finished
 
-    def stop(self, cfg: AromaConfig, rho: Array, merges: Array, local: Any) -> tuple[Any, Any]:
+    def stop(
+        self, cfg: AromaConfig, rho: Array, merges: Array, pair_norm: Array, local: Any
+    ) -> tuple[Any, Any]:
         stop = rho < cfg.outer_tol
-        if cfg.keep_first_pair:  # the authors' code skips eq. 6 at the first outer step
-            stop = stop & (merges > 0)
+        # The authors' code exempts a module's first pair, but never a zero one: a module
+        # whose pair never moved must not be reported at rank 1 with no update.
+        if cfg.keep_first_pair:
+            stop = stop & ((merges > 0) | (pair_norm == 0))
         return stop, local

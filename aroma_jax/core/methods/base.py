@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aroma_jax.core import adapters as adapters_lib
-from aroma_jax.core import controller, norms
+from aroma_jax.core import controller
 from aroma_jax.core.adapters import AdapterState, ModuleSpec, Pair
 
 if TYPE_CHECKING:  # types only: the config looks methods up at run time
@@ -143,9 +143,12 @@ class Method:
         grow."""
         return jnp.zeros((), jnp.bool_)
 
-    def stop(self, cfg: AromaConfig, rho: Array, merges: Array, local: Any) -> tuple[Any, Any]:
-        """At an outer step, per active module (one layer of a stacked one): whether eq. 6's
-        ratio ``rho`` stops it (bool, or ``None``: never), given its ``merges`` so far and its
+    def stop(
+        self, cfg: AromaConfig, rho: Array, merges: Array, pair_norm: Array, local: Any
+    ) -> tuple[Any, Any]:
+        """At an outer step and at ``max_steps`` (`AromaTrainer.finalize`), per active module
+        (one layer of a stacked one): whether eq. 6's ratio ``rho`` stops it (bool, or
+        ``None``: never), given its ``merges`` so far, its pair's ``|a b|`` and its
         `outer_local` state; returns ``(stop, new local)``."""
         return None, local
 
@@ -185,9 +188,10 @@ class Method:
         """The plain pair `AromaTrainer.finalize` merges into the module's last slot."""
         return pair
 
-    def final_nonzero(self, final: Pair) -> Array:
-        """Whether the final pair changes the model (a zero pair is not written)."""
-        return norms.product_sq_norm(final.a, final.b) > 0
+    def final_nonzero(self, final: Pair, pair_norm: Array) -> Array:
+        """Whether the final pair (``|a b|`` = ``pair_norm``) changes the model (a zero pair is
+        not written)."""
+        return pair_norm > 0
 
     # ------------------------------------------------------------------ export
     def save_tensors(self, trainer: Any, state: Any) -> dict[str, np.ndarray]:

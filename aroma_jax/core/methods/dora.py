@@ -138,7 +138,7 @@ class DoRA(Method):
             out[p] = fn(mag, col_sq, kernels[p], a, b)
         return out
 
-    def final_nonzero(self, final: Pair) -> Array:
+    def final_nonzero(self, final: Pair, pair_norm: Array) -> Array:
         return jnp.ones((), bool)  # DoRA adapts through m even when a b = 0
 
     def pair_params(self, fan_in: int, fan_out: int, r: int, init_r: int | None = None) -> int:
