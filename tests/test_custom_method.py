@@ -22,15 +22,16 @@ def test_its_stop_rule_is_relative_to_the_first_pair():
     stopped = 0
     for rec in history.outer_steps:
         m, rho = rec["module"], rec["rho_out"]
-        if m not in first:  # the first pair always merges
+        if m not in first:  # the first pair merges, unless it never moved (then the floor stops it)
+            assert rec["action"] == ("done" if rho == 0 else "merged"), rec
             first[m] = rho
-            assert rec["action"] == "merged", rec
             continue
         relative = rho < GrowWhileRatioHolds.fraction * first[m]
         below = relative or rho < cfg.outer_tol
         assert rec["action"] == ("done" if below else "merged"), (rec, first[m])
         stopped += relative and rho >= cfg.outer_tol  # stopped by the new rule alone
     assert stopped >= 1 and len(first) == len(trainer.paths)
+    assert [r["action"] for r in history.outer_steps if r["module"] == "m0"] == ["done"]
     # The rule's state is each module's first ratio, carried on the device.
     kept = {p: float(v) for p, v in state.ctrl.method_state.items()}
     assert kept == pytest.approx(first, rel=1e-6)

@@ -42,7 +42,8 @@ Array = jax.Array
 
 class GrowWhileRatioHolds(Aroma):
     """AROMA whose stop rule is ``rho < fraction * rho_first``, or eq. 6's own ``rho <
-    outer_tol`` (for a module whose first pair changed nothing), never at the first pair."""
+    outer_tol`` (for a module whose first pair changed little), never at the first (nonzero)
+    pair."""
 
     name = "grow-while-ratio-holds"
     fraction = 0.5  # subclass to change it
@@ -63,4 +64,6 @@ class GrowWhileRatioHolds(Aroma):
     ) -> tuple[Any, Any]:
         first = jnp.where(merges == 0, rho, local)  # the first pair's ratio, kept from then on
         below = (rho < self.fraction * first) | (rho < cfg.outer_tol)
-        return (merges > 0) & below, first
+        # A zero pair is never merged (it would count a rank with no update), so it is no first
+        # pair either: the floor stops a module whose pair never moved.
+        return below & ((merges > 0) | (pair_norm == 0)), first
