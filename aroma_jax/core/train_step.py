@@ -450,6 +450,8 @@ class AromaTrainer:
         # A pair merges at every outer step until its module is done or full (capacity), and a
         # full module never merges again: so merges < outer_count marks a pair that was not
         # reset (capacity-full), without a flag in the state (checkpoints keep their layout).
+        # The one exception: a pair left exactly zero through an outer step (not merged, see
+        # `controller.outer_step`) is not re-warmed after a later merge.
         rewarm = {
             "pairs": {
                 p: jax.tree.map(
