@@ -169,7 +169,10 @@ def train(
     out = prepare_run_dir(output, resume=True)  # created and writable; its checks come locked
     with lock.hold(out, "train --resume" if resume else "train", break_lock):
         if resume and not has_checkpoint(out):
-            say(f"--resume: nothing to resume in {str(out)!r} (no checkpoint); starting a new run")
+            say(
+                f"aroma-jax train: --resume: nothing to resume in {str(out)!r} (no checkpoint); "
+                "starting a new run"
+            )
             resume = False
         return _train(cfg, out, resume, interrupt_at)
 
