@@ -207,9 +207,9 @@ def _train(cfg: Mapping[str, Any], output: Path, resume: bool, interrupt_at: int
 
     trainer = AromaTrainer(pipe.loss_fn, pipe.params, aroma, stacked=pipe.stacked)
     head_params = sum(int(x.size) for x in jax.tree.leaves(trainer_extra(pipe, trainer)))
+    memory.check_run(cfg, pipe, trainer)  # refuse now rather than be killed mid-run
     say(f"config: {out / 'config.yaml'}")
     say(head_line(cfg, pipe, head_params))
-    memory.check_run(cfg, pipe, trainer)  # refuse now rather than be killed mid-run
     state = trainer.init(pipe.params)
     pipe.params = None  # the state owns the buffers now (the step donates them)
     if cfg.get("mesh"):
