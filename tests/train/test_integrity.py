@@ -126,6 +126,7 @@ def test_only_process_zero_takes_the_lock(tmp_path, monkeypatch):
         assert (tmp_path / lock.LOCK_NAME).exists()
 
 
+@pytest.mark.slow  # two CLI processes, one of them trains: 541 s at load 30 on 2 shared cores
 def test_two_train_processes_at_once(fake_assets, tmp_path):
     """Two real `aroma-jax train` processes into one directory: the second is refused while the
     first runs, and the first run's files are whole (one metrics row per step, final/ valid)."""
