@@ -65,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue the run in --output from its "
-        "latest checkpoint (bit-identical to an uninterrupted run)",
+        "latest checkpoint (bit-identical to an uninterrupted run); with no checkpoint there, "
+        "says so and starts a new run",
     )
     t.add_argument(
         "--mesh",
