@@ -202,7 +202,7 @@ def _writer_flags(p: argparse.ArgumentParser) -> None:
         "--break-lock",
         action="store_true",
         help="take over the run directory's lock when another host holds it (only if that "
-        "run is gone; a lock of a finished process on this host is taken over by itself)",
+        "run is gone; a lock left by a dead process on this host is taken over without it)",
     )
     p.add_argument(
         "--verbose",
