@@ -64,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue the run in --output from its "
-        "latest checkpoint (bit-identical to an uninterrupted run)",
+        "latest checkpoint (bit-identical to an uninterrupted run); with no checkpoint there, "
+        "says so and starts a new run",
     )
     t.add_argument(
         "--mesh",
@@ -200,7 +201,7 @@ def _writer_flags(p: argparse.ArgumentParser) -> None:
         "--break-lock",
         action="store_true",
         help="take over the run directory's lock when another host holds it (only if that "
-        "run is gone; a lock of a finished process on this host is taken over by itself)",
+        "run is gone; a lock left by a dead process on this host is taken over without it)",
     )
     p.add_argument(
         "--verbose",

@@ -170,7 +170,10 @@ def train(
     out = prepare_run_dir(output, resume=True)  # created and writable; its checks come locked
     with lock.hold(out, "train --resume" if resume else "train", break_lock):
         if resume and not has_checkpoint(out):
-            say(f"--resume: nothing to resume in {str(out)!r} (no checkpoint); starting a new run")
+            say(
+                f"aroma-jax train: --resume: nothing to resume in {str(out)!r} (no checkpoint); "
+                "starting a new run"
+            )
             resume = False
         return _train(cfg, out, resume, interrupt_at)
 
@@ -205,9 +208,9 @@ def _train(cfg: Mapping[str, Any], output: Path, resume: bool, interrupt_at: int
 
     trainer = AromaTrainer(pipe.loss_fn, pipe.params, aroma, stacked=pipe.stacked)
     head_params = sum(int(x.size) for x in jax.tree.leaves(trainer_extra(pipe, trainer)))
+    memory.check_run(cfg, pipe, trainer)  # refuse now rather than be killed mid-run
     say(f"config: {out / 'config.yaml'}")
     say(head_line(cfg, pipe, head_params))
-    memory.check_run(cfg, pipe, trainer)  # refuse now rather than be killed mid-run
     state = trainer.init(pipe.params)
     pipe.params = None  # the state owns the buffers now (the step donates them)
     if cfg.get("mesh"):
