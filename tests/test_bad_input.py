@@ -126,7 +126,7 @@ CASES = [
         "truncated-safetensors",
         train("--set", "model.name={tmp}/m"),
         {"m": "@bert-truncated-safetensors"},
-        "SafetensorError",
+        "model.safetensors is truncated",
         2,
     ),
     (

@@ -84,7 +84,8 @@ def test_tiny_roberta_run_directory(roberta_run, tmp_path):
     assert config["peft_type"] == "LORA" and config["modules_to_save"] == ["classifier"]
     assert set(config["rank_pattern"].values()) <= {r for r in s["ranks"].values() if r}
     merged = export.export_merged(run, tmp_path / "merged")
-    assert (merged / "flax_model.msgpack").exists() and (merged / "config.json").exists()
+    # tiny-roberta runs natively: PyTorch-layout safetensors
+    assert (merged / "model.safetensors").exists() and (merged / "config.json").exists()
 
 
 # right after an outer step (the slow tier: a longer run; tests/train/test_checkpoint.py resumes
