@@ -53,20 +53,46 @@ from experiments.shapes import SHAPES, of_arch
 SHAPES = {name: SHAPES[name] for name in of_arch("roberta", "llama")}  # what `build` builds
 
 
-def build(name: str, seq: int, dtype: str = "float32"):
-    """The named shape, random weights; ``dtype``: the computation dtype (params stay fp32)."""
-    import transformers as tf
+def roberta_config(kw: dict, seq: int) -> dict:
+    """An HF RoBERTa ``config.json`` dict of the shape (`experiments.shapes`), positions sized
+    for ``seq`` tokens, two labels, no dropout."""
+    return dict(
+        model_type="roberta",
+        **{**kw, "max_position_embeddings": seq + 4},
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
 
+
+def hf_flax_available() -> bool:
+    """transformers 4.x (its Flax classes), for the HF Flax side-by-side rows."""
+    try:
+        import transformers as tf
+
+        return hasattr(tf, "FlaxRobertaForSequenceClassification")
+    except ImportError:
+        return False
+
+
+def build(name: str, seq: int, dtype: str = "float32", impl: str = "native"):
+    """The named shape, random weights; ``dtype``: the computation dtype (params stay fp32).
+    ``impl``: RoBERTa on the native encoder (`aroma_jax.models.native`) or HF's Flax class."""
     arch, kw = SHAPES[name]
     dt = jnp.dtype(dtype)
     if arch == "roberta":
-        cfg = tf.RobertaConfig(
-            **{**kw, "max_position_embeddings": seq + 4},
-            num_labels=2,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
-        model = tf.FlaxRobertaForSequenceClassification(cfg, seed=0, dtype=dt)
+        cfg_dict = roberta_config(kw, seq)
+        if impl == "native":
+            from aroma_jax.models.native.bert import EncoderConfig
+            from aroma_jax.models.native.encoder_model import NativeEncoder
+
+            cfg = EncoderConfig.from_dict(cfg_dict)
+            model = NativeEncoder(cfg, seed=0, dtype=dt)
+        else:
+            import transformers as tf
+
+            cfg = tf.RobertaConfig(**{k: v for k, v in cfg_dict.items() if k != "model_type"})
+            model = tf.FlaxRobertaForSequenceClassification(cfg, seed=0, dtype=dt)
 
         def loss_fn(params, batch, rng):
             logits = model(batch["input_ids"], batch["attention_mask"], params=params).logits
@@ -74,6 +100,8 @@ def build(name: str, seq: int, dtype: str = "float32"):
                 optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
             )
     else:
+        import transformers as tf
+
         cfg = tf.LlamaConfig(**{**kw, "max_position_embeddings": seq + 4})
         model = FixedFlaxLlamaForCausalLM(cfg, seed=0, dtype=dt)  # HF's, defects fixed
 
@@ -288,7 +316,8 @@ class TorchVariant:
         torch.manual_seed(0)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if arch == "roberta":
-            model = tf.RobertaForSequenceClassification(tf.RobertaConfig(**flax_cfg.to_dict()))
+            hf_cfg = flax_cfg.to_dict() if hasattr(flax_cfg, "to_dict") else flax_cfg.hf_dict
+            model = tf.RobertaForSequenceClassification(tf.RobertaConfig(**hf_cfg))
             labels = batch["labels"]
         else:
             model = tf.LlamaForCausalLM(tf.LlamaConfig(**flax_cfg.to_dict()))
@@ -357,7 +386,7 @@ def compile_stats(run, batch) -> dict:
 
 
 def bench(args) -> dict:
-    arch, model, loss_fn, vocab = build(args.model, args.seq, args.dtype)
+    arch, model, loss_fn, vocab = build(args.model, args.seq, args.dtype, args.impl)
     params = model.params
     batch = make_batch(vocab, args.batch, args.seq)
     targets = PRESETS[arch]
@@ -396,6 +425,11 @@ def bench(args) -> dict:
     )
     runners = {name: Variant(name, loss_fn, params, cfg, m) for name, (cfg, m) in variants.items()}
     runners["floor"] = Floor(loss_fn, runners["aroma_r1"].trainer, params)
+    if arch == "roberta" and args.impl == "native" and hf_flax_available() and not args.no_hf:
+        # HF's Flax class on the same params (the trees agree): the same step, side by side
+        _, _, hf_loss, _ = build(args.model, args.seq, args.dtype, "hf")
+        runners["hf_flax_aroma_r1"] = Variant("hf_flax_aroma_r1", hf_loss, params, aroma, 0)
+        runners["hf_flax_floor"] = Floor(hf_loss, runners["hf_flax_aroma_r1"].trainer, params)
     if args.vs_peft:
         import torch
 
@@ -450,7 +484,7 @@ def bench(args) -> dict:
     opt_bytes = {
         k: int(sum(x.nbytes for x in jax.tree.leaves(r.state.opt_state)))
         for k, r in jax_runners.items()
-        if k != "floor"
+        if not isinstance(r, Floor)
     }
     result = {
         "device": f"{device.platform}: {device.device_kind}",
@@ -489,10 +523,19 @@ def bench(args) -> dict:
                 else sum(x.size for x in jax.tree.leaves({"pairs": r.state.adapters.pairs}))
             )
             for k, r in runners.items()
-            if k != "floor"
+            if not isinstance(r, Floor)
         },
         "optimizer_state_bytes": opt_bytes,
         "optimizer_state_bytes_aroma_r1": opt_bytes["aroma_r1"],
+        "impl": args.impl,
+        "native_vs_hf_flax": (
+            {
+                "floor": med["floor"] / med["hf_flax_floor"],
+                "aroma_r1": med["aroma_r1"] / med["hf_flax_aroma_r1"],
+            }
+            if "hf_flax_floor" in med
+            else None
+        ),
         "rounds": args.rounds,
         "steps_per_round": args.steps,
         "date": datetime.date.today().isoformat(),
@@ -541,6 +584,14 @@ def markdown(r: dict) -> str:
         f"| outer step (all modules) | {r['outer_step_s'] * 1e3:.1f} | "
         f"{r['outer_step_s'] / floor:.3f} | | | | | |"
     )
+    vs = r.get("native_vs_hf_flax")
+    if vs:
+        faster = "native" if vs["aroma_r1"] < 1 else "HF Flax"
+        rows.append(
+            f"\nnative / HF Flax step time: floor {vs['floor']:.3f}, aroma_r1 "
+            f"{vs['aroma_r1']:.3f} ({faster} is faster; hf_flax_* rows: HF's Flax class on "
+            "the same params, same batch, same rounds)"
+        )
     mfu = f"{r['floor_mfu']:.1%}" if r["floor_mfu"] is not None else "n/a (no known peak)"
     rows.append(
         f"\nfloor: {r['floor_model_flops'] / 1e9:.4g} model GFLOP/step (XLA counts "
@@ -581,6 +632,16 @@ def main(argv=None) -> dict:
         type=float,
         help="the device's peak TFLOP/s for --dtype, for the floor's MFU (default: a table of "
         "GPUs and TPUs; none for CPUs)",
+    )
+    p.add_argument(
+        "--impl",
+        choices=["native", "hf"],
+        default="native",
+        help="RoBERTa shapes: our native encoder (default; with transformers 4.x installed, HF's "
+        "Flax class runs beside it as hf_flax_floor / hf_flax_aroma_r1) or HF's Flax class",
+    )
+    p.add_argument(
+        "--no-hf", action="store_true", help="skip the HF Flax rows beside the native model"
     )
     p.add_argument("--json", type=Path, help="write the results as JSON here")
     p.add_argument("--md", type=Path, help="write the markdown table here")

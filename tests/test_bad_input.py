@@ -131,7 +131,7 @@ CASES = [
         "truncated-safetensors",
         train("--set", "model.name={tmp}/m"),
         {"m": "@bert-truncated-safetensors"},
-        "is a file missing or truncated?",
+        "model.safetensors is truncated",
         2,
     ),
     (

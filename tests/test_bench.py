@@ -104,6 +104,14 @@ def test_bench_smoke(tmp_path):
         assert data["trainable_params"]["peft_lora_r8"] == data["trainable_params"]["lora_r8"]
     assert all(v == 1 for v in data["train_step_compiles"].values())
     assert "| floor |" in (tmp_path / "bench.md").read_text()
+    # the native encoder runs; HF's Flax class beside it where transformers 4.x has it
+    assert data["impl"] == "native"
+    import transformers
+
+    if hasattr(transformers, "FlaxRobertaForSequenceClassification"):
+        assert {"hf_flax_floor_s", "hf_flax_aroma_r1_s"} <= set(data)
+        assert set(data["native_vs_hf_flax"]) == {"floor", "aroma_r1"}
+        assert "native / HF Flax step time" in (tmp_path / "bench.md").read_text()
 
 
 @pytest.mark.slow

@@ -242,7 +242,7 @@ def _seq2seq_pipeline(cfg, task, loaded, aroma) -> Pipeline:
         )
         for s in task.splits
     }
-    search = generation.search_kwargs(cfg)
+    search = generation.search_kwargs(cfg, native=hasattr(loaded.model, "search_settings"))
 
     def gen_fn(params, batch):
         return loaded.model.generate(

@@ -89,10 +89,33 @@ SCANNED_PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = tuple(
 ) + ((SCANNED_PREFIX + _LAYER_NORMS, (LAYER_AXIS, "norm")),)
 
 
+# BART (`aroma_jax.models.native.bart`): q/k/v of self_attn follow the LLaMA rules above
+_BART_LAYER = (
+    (r"encoder_attn/(q_proj|k_proj|v_proj)/kernel$", ("embed", "heads")),
+    (r"encoder_attn/(q_proj|k_proj|v_proj)/bias$", ("heads",)),
+    (r"(self_attn|encoder_attn)/out_proj/kernel$", ("heads", "embed")),
+    (r"fc1/kernel$", ("embed", "mlp")),
+    (r"fc1/bias$", ("mlp",)),
+    (r"fc2/kernel$", ("mlp", "embed")),
+)
+BART_PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    *((r"layers/\d+/" + p, names) for p, names in _BART_LAYER),
+    *((SCANNED_PREFIX + p, (LAYER_AXIS, *names)) for p, names in _BART_LAYER),
+    (r"shared/embedding$", ("vocab", "embed")),
+    (r"embed_positions/embedding$", (None, "embed")),
+)
+
+
 def all_param_axes() -> tuple[tuple[str, tuple[str, ...]], ...]:
     """The scanned table, then the unrolled one (first match wins; they never overlap on a
     leaf, since unrolled layer leaves have a layer index after ``layers/``)."""
-    return SCANNED_PARAM_AXES + ENCODER_PARAM_AXES + ENCODER_SCANNED_PARAM_AXES + PARAM_AXES
+    return (
+        SCANNED_PARAM_AXES
+        + ENCODER_PARAM_AXES
+        + ENCODER_SCANNED_PARAM_AXES
+        + BART_PARAM_AXES
+        + PARAM_AXES
+    )
 
 
 def param_logical_axes(path: str) -> tuple[str, ...] | None:
