@@ -107,6 +107,7 @@ def test_own_export_round_trip_then_aroma_grows_on_top(tmp_path):
     assert all(v >= 0 for v in added.values()) and sum(added.values()) >= 1
 
 
+@pytest.mark.slow
 def test_lora_continues_training_the_imported_pair(tmp_path):
     model = NativeCausalLM(NativeConfig.from_dict(TINY), seed=0)
     cfg = aroma_cfg(method="lora", r=2, max_steps=6)
