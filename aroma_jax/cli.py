@@ -72,6 +72,13 @@ def _parser() -> argparse.ArgumentParser:
         help="device mesh, e.g. data=2,fsdp=2,tensor=2 (product = device "
         "count); overrides the config's mesh",
     )
+    t.add_argument(
+        "--init-adapter",
+        type=Path,
+        help="start from a PEFT LoRA adapter directory (adapter_config.json + "
+        "adapter_model.safetensors): its factors become the frozen merged rank AROMA grows on "
+        "(LoRA: the pair it trains on); sets model.init_adapter",
+    )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     _writer_flags(t)
 
@@ -88,6 +95,12 @@ def _parser() -> argparse.ArgumentParser:
         help="which held-out split (default: test)",
     )
     e.add_argument("--verbose", action="store_true", help="show third-party loading notes")
+    e.add_argument(
+        "--adapter",
+        type=Path,
+        help="score this PEFT LoRA adapter directory on the run's model and task instead of "
+        "the run's own adapters",
+    )
 
     x = sub.add_parser("export", help="export a run: merged HF model and/or HF PEFT LoRA adapter")
     x.add_argument("run_dir", type=Path, help="a run directory written by `aroma-jax train`")
@@ -235,6 +248,8 @@ def _train(args) -> int:
         overrides.append(f"mesh={args.mesh}")
     if args.no_progress:
         overrides.append("train.progress=false")
+    if args.init_adapter:
+        overrides.append(f"model.init_adapter={args.init_adapter}")
     path = None if args.config is None else configs.resolve(args.config)
     cfg = run_config.load(path, overrides)
     summary = runner.train(cfg, args.output, resume=args.resume, break_lock=args.break_lock)
@@ -274,10 +289,12 @@ def _eval(args) -> int:
     from aroma_jax.train import run_config, runner
     from aroma_jax.train.lock import check_free
 
-    _require_finished(args.run_dir)
+    if args.adapter is None:
+        _require_finished(args.run_dir)
     check_free(args.run_dir)  # eval writes nothing: it only refuses to read a run being written
     cfg = run_config.load_run(args.run_dir)
-    print(json.dumps(runner.evaluate_only(cfg, args.run_dir, args.split), indent=2))
+    result = runner.evaluate_only(cfg, args.run_dir, args.split, args.adapter)
+    print(json.dumps(result, indent=2))
     return 0
 
 

@@ -3,6 +3,7 @@ devices from abstract shapes (no weights are ever created).
 
     python -m experiments.scale_sim --model llama3-8b --devices 1,8,64 --out scale.json
     python -m experiments.scale_sim --model llama3-70b --devices 64
+    python -m experiments.scale_sim --model gemma3-4b --devices 1,8 --remat full  # or qwen3-8b
 
 For each device count the step (bf16 base weights, fp32 adapters and optimizer state, AROMA
 r=1 on the paper's LLaMA targets) is traced with `jax.ShapeDtypeStruct` inputs, sharded with the
@@ -57,7 +58,12 @@ GB = 1e9
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", choices=of_arch("llama"), default="llama3-8b", help="model shape")
+    p.add_argument(
+        "--model",
+        choices=of_arch("llama", "qwen3", "gemma3_text"),
+        default="llama3-8b",
+        help="model shape",
+    )
     p.add_argument(
         "--devices", default="1,8,64", help="comma-separated simulated device counts (1,8,64)"
     )

@@ -38,7 +38,7 @@ PRESETS["roberta"] = PRESETS["bert"]
 LLAMA_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # model_types the native models (`aroma_jax.models.native`) implement; ``model.impl: auto`` runs
 # them natively (arch "llama": same presets and pipeline), everything else through HF Flax.
-LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 ENCODER_FAMILY = ("bert", "roberta")  # `aroma_jax.models.native.encoder_model`
 NATIVE_TYPES = (*LLAMA_FAMILY, *ENCODER_FAMILY, "bart")  # bart: `native.seq2seq_model`
 IMPLS = ("auto", "native", "hf")

@@ -46,6 +46,8 @@ SECTIONS: dict[str, dict[str, Any]] = {
         "scan_layers": "auto",
         # native models: recompute activations in the backward pass (none | full | dots)
         "remat": "none",
+        # a PEFT LoRA adapter directory to start from (frozen factors; LoRA: the pair)
+        "init_adapter": None,
     },
     "task": {
         "name": "rotten_tomatoes",

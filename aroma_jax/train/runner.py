@@ -212,6 +212,10 @@ def _train(cfg: Mapping[str, Any], output: Path, resume: bool, interrupt_at: int
     say(f"config: {out / 'config.yaml'}")
     say(head_line(cfg, pipe, head_params))
     state = trainer.init(pipe.params)
+    if cfg["model"].get("init_adapter"):  # a resumed checkpoint overwrites it below
+        from aroma_jax.train import peft_import
+
+        state = peft_import.load_for_run(trainer, state, pipe.arch, cfg["model"]["init_adapter"])
     pipe.params = None  # the state owns the buffers now (the step donates them)
     if cfg.get("mesh"):
         from aroma_jax.core import sharding
@@ -565,13 +569,21 @@ def _evaluate(
     return pipe.evaluate(trainer, state, split, cfg["train"]["eval_batch_size"])
 
 
-def evaluate_only(cfg: Mapping[str, Any], run_dir: str | Path, split: str = "test") -> dict:
-    """``aroma-jax eval``: metrics of a finished run's final adapters on a split."""
+def evaluate_only(
+    cfg: Mapping[str, Any], run_dir: str | Path, split: str = "test", adapter: Path | None = None
+) -> dict:
+    """``aroma-jax eval``: metrics of a finished run's final adapters on a split, or of a PEFT
+    ``adapter`` directory on the run's model and task instead."""
     from aroma_jax.train.artifacts import rebuild_state
 
     pipe = build_pipeline(cfg)
     trainer = AromaTrainer(
         pipe.loss_fn, pipe.params, pipe.aroma, donate=False, stacked=pipe.stacked
     )
-    state = rebuild_state(trainer, pipe.params, Path(run_dir) / "final")
+    if adapter is not None:
+        from aroma_jax.train import peft_import
+
+        state = peft_import.load_for_run(trainer, trainer.init(pipe.params), pipe.arch, adapter)
+    else:
+        state = rebuild_state(trainer, pipe.params, Path(run_dir) / "final")
     return pipe.evaluate(trainer, state, split, cfg["train"]["eval_batch_size"])

@@ -81,7 +81,7 @@ ENCODER_SCANNED_PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = tuple(
 LAYER_AXIS = "layers"
 # scanned layer leaves: ``layers/`` directly followed by a module name (not a layer index)
 SCANNED_PREFIX = r"(^|/)layers/"
-_LAYER_NORMS = r"(input_layernorm|post_attention_layernorm)/weight$"
+_LAYER_NORMS = r"(\w+_layernorm|self_attn/[qk]_norm)/weight$"
 SCANNED_PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = tuple(
     (SCANNED_PREFIX + pattern, (LAYER_AXIS, *names))
     for pattern, names in PARAM_AXES
