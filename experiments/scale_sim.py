@@ -24,6 +24,7 @@ within tens of percent), and attention goes through XLA's reference path (it mat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -98,6 +99,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         "chips); needs libtpu (pip install libtpu), no TPU: XLA's TPU compiler runs on the host. "
         "--devices is then the topology's chip count",
     )
+    p.add_argument(
+        "--activations",
+        choices=("pinned", "free"),
+        default="pinned",
+        help="pinned (the default): trace the step under the native model's activation rules, "
+        "so its with_logical_constraint calls keep activations batch-sharded; free: no "
+        "constraints, XLA's partitioner propagates the weights' shardings into the activations",
+    )
+    p.add_argument(
+        "--hlo-dir", type=Path, default=None, help="write each compiled step's optimized HLO here"
+    )
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     try:
@@ -131,54 +143,116 @@ def _shape_bytes(shape: str) -> int:
     return total
 
 
-def _loop_multipliers(hlo: str) -> dict[str, int]:
-    """How many times each computation runs per step through ``while`` loops with a known
-    trip count (a scanned layer stack's body runs once per layer); 1 for the rest."""
-    loops: list[tuple[str, str, int]] = []  # (computation holding the while, body, trips)
-    current = None
-    for line in hlo.splitlines():
-        head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
-        if head and not line.startswith(" "):
-            current = head.group(1)
+def _trip_count(line: str, comps: dict[str, list[str]]) -> int | None:
+    """A ``while``'s trip count: XLA's ``known_trip_count`` backend config when present, else
+    from its condition, a compare of the induction variable (a tuple element of the loop
+    state) against a constant: ``i < N`` or ``N > i`` from an initial ``i`` of 0 (scan's
+    loops count from 0; XLA's TPU pipeline leaves the config off its loops). None if neither
+    is found."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+    if known:
+        return int(known.group(1))
+    cond = re.search(r"condition=%?([\w.\-]+)", line)
+    if not cond or cond.group(1) not in comps:
+        return None
+    consts: dict[str, int] = {}
+    for body_line in comps[cond.group(1)]:
+        c = re.match(r"\s*%?([\w.\-]+) = s(?:32|64)\[\] constant\((-?\d+)\)", body_line)
+        if c:
+            consts[c.group(1)] = int(c.group(2))
+    for body_line in comps[cond.group(1)]:
+        cmp = re.search(
+            r"compare\([^%]*%([\w.\-]+), [^%]*%([\w.\-]+)\), direction=(LT|GT)", body_line
+        )
+        if not cmp:
             continue
-        m = re.search(r"\swhile\(.*body=%?([\w.\-]+)", line)
-        if m:
-            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-            loops.append((current, m.group(1), int(trips.group(1)) if trips else 1))
-    mult: dict[str, int] = {}
-    for _ in range(len(loops) + 1):  # nested loops: propagate outer multipliers inward
-        for parent, body, trips in loops:
-            mult[body] = mult.get(parent, 1) * trips
-    return mult
+        a, b, direction = cmp.groups()
+        bound = consts.get(b) if direction == "LT" else consts.get(a)
+        if bound is not None:
+            return bound
+    return None
 
 
-def collectives(hlo: str) -> dict:
+_CALLEE = re.compile(
+    r"(?:body|condition|to_apply|calls|true_computation|false_computation)=%?([\w.\-]+)"
+    r"|branch_computations=\{([^}]*)\}"
+)
+
+
+def _callees(line: str) -> list[str]:
+    out = []
+    for m in _CALLEE.finditer(line):
+        names = [m.group(1)] if m.group(1) else m.group(2).split(",")
+        out += [n.strip().lstrip("%") for n in names]
+    return out
+
+
+def run_counts(hlo: str) -> dict[str, tuple[int, int]]:
+    """Per computation reachable from the entry: how many times it runs per step outside any
+    ``conditional`` and how many times at most inside one (the controller's branches, which run
+    on a few steps only). A ``while`` body and condition run once per trip (`_trip_count`; a
+    loop whose count is not found counts once), nested loops multiply, and a computation called
+    from several places adds their counts up."""
+    comps, entry = computations(hlo)
+    counts: dict[str, list[int]] = {}
+
+    def visit(name: str, n: int, in_branch: bool) -> None:
+        counts.setdefault(name, [0, 0])[int(in_branch)] += n
+        for line in comps.get(name, []):
+            callees = [c for c in _callees(line) if c in comps]
+            if not callees:
+                continue
+            trips = (_trip_count(line, comps) or 1) if re.search(r"\swhile\(", line) else 1
+            branch = in_branch or " conditional(" in line
+            for c in callees:
+                visit(c, n * trips, branch)
+
+    if entry:
+        visit(entry, 1, False)
+    return {k: (v[0], v[1]) for k, v in counts.items()}
+
+
+def collectives(hlo: str, detail: bool = False) -> dict:
     """Per kind: how many run per step and their result bytes per step, split into every-step
-    and conditional-branch ones; a collective in a loop body counts once per iteration."""
-    branch_names: set[str] = set()
-    for m in re.finditer(r"branch_computations=\{([^}]*)\}", hlo):
-        branch_names |= {x.strip().lstrip("%") for x in m.group(1).split(",")}
-    for m in re.finditer(r"(?:true|false)_computation=%?([\w.\-]+)", hlo):
-        branch_names.add(m.group(1))
-    mult = _loop_multipliers(hlo)
+    and conditional-branch ones; a collective in a loop body counts once per iteration
+    (`run_counts`). ``detail``: also ``"ops"``, one row per collective instruction and where it
+    runs (its computation, result shape, runs per step, bytes per step), largest first."""
+    runs = run_counts(hlo)
+    comps, _ = computations(hlo)
     out: dict = {"every_step": {}, "conditional": {}}
-    current = None
+    ops = []
     op_re = re.compile(
-        r"=\s+(\([^=]*?\)|[a-z]+\d*\[[\d,]*\]\S*)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\("
+        r"%?([\w.\-]+) = (\([^=]*?\)|[a-z]+\d*\[[\d,]*\]\S*)\s+("
+        + "|".join(COLLECTIVES)
+        + r")(-start|-done)?\("
     )
-    for line in hlo.splitlines():
-        head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
-        if head and not line.startswith(" "):
-            current = head.group(1)
-            continue
-        m = op_re.search(line)
-        if not m:
-            continue
-        where = "conditional" if current in branch_names else "every_step"
-        rec = out[where].setdefault(m.group(2), {"count": 0, "bytes": 0})
-        n = mult.get(current, 1)
-        rec["count"] += n
-        rec["bytes"] += n * _shape_bytes(m.group(1))
+    for name, lines in comps.items():
+        for line in lines:
+            m = op_re.search(line)
+            # an async pair counts once, at its done, whose result is the collective's (the
+            # start's is a tuple that also holds the operand)
+            if not m or m.group(4) == "-start" and f"{m.group(3)}-done(" in hlo:
+                continue
+            size = _shape_bytes(m.group(2))
+            for where, n in zip(("every_step", "conditional"), runs.get(name, (0, 0))):
+                if n == 0:
+                    continue
+                rec = out[where].setdefault(m.group(3), {"count": 0, "bytes": 0})
+                rec["count"] += n
+                rec["bytes"] += n * size
+                ops.append(
+                    {
+                        "op": m.group(1),
+                        "kind": m.group(3),
+                        "computation": name,
+                        "where": where,
+                        "shape": m.group(2),
+                        "runs": n,
+                        "bytes": n * size,
+                    }
+                )
+    if detail:
+        out["ops"] = sorted(ops, key=lambda o: -o["bytes"])
     return out
 
 
@@ -295,6 +369,10 @@ def simulate(args, n_devices: int, jax) -> dict:
     compiled, info = compile_step(args, n_devices, jax)
     mem = compiled.memory_analysis()
     hlo = compiled.as_text()
+    if args.hlo_dir:
+        args.hlo_dir.mkdir(parents=True, exist_ok=True)
+        name = f"{args.model}-L{info['layers']}-{n_devices}-{args.remat}-{args.activations}"
+        (args.hlo_dir / f"{name}.hlo.txt").write_text(hlo)
     flops = float(_cost(compiled).get("flops", float("nan")))
     if info["scan_layers"]:
         info["flops_scan_body_once"] = flops
@@ -316,6 +394,20 @@ def simulate(args, n_devices: int, jax) -> dict:
         "collectives": collectives(hlo),
         "fusions": fusions(hlo),
     }
+
+
+def activation_context(mesh, jax) -> contextlib.ExitStack:
+    """The mesh and the native model's activation rules as the ambient context, so the model's
+    ``with_logical_constraint`` calls pin activations (batch over ``data``/``fsdp``, width
+    replicated) instead of being no-ops."""
+    import flax.linen as nn
+
+    from aroma_jax.models.native.partitioning import activation_rules
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(nn.logical_axis_rules(activation_rules(mesh)))
+    return stack
 
 
 def compile_step(args, n_devices: int, jax):
@@ -361,14 +453,18 @@ def compile_step(args, n_devices: int, jax):
     state = jax.eval_shape(trainer.init, params)
     batch = {"input_ids": ids, "attention_mask": ids, "loss_mask": ids}
     mesh_spec = args.meshes.get(n_devices, "")
+    context = contextlib.nullcontext()
     if n_devices > 1 or args.topology:  # a topology's programs need explicit shardings
         mesh = sharding.parse_mesh(mesh_spec or "data=1", _devices(args, n_devices, jax))
         shardings = sharding.state_shardings(trainer, state, mesh, sharding_rules())
         trainer.set_shardings(shardings, sharding.batch_sharding(mesh))
+        if args.activations == "pinned":
+            context = activation_context(mesh, jax)
     # CPU seconds next to wall seconds: on a shared machine the wall clock measures the
     # neighbours too, the process's CPU time much less so.
     t0, c0 = time.perf_counter(), time.process_time()
-    lowered = trainer._step.lower(state, batch)
+    with context:  # constraints are applied while tracing, so lowering is where they matter
+        lowered = trainer._step.lower(state, batch)
     t1, c1 = time.perf_counter(), time.process_time()
     compiled = lowered.compile()
     t2, c2 = time.perf_counter(), time.process_time()
@@ -385,6 +481,7 @@ def compile_step(args, n_devices: int, jax):
         "remat": args.remat,
         "method": args.method,
         "scan_layers": scan,
+        "activations": args.activations if n_devices > 1 or args.topology else "single device",
         "adapted_modules": len(trainer.paths),
         "lower_s": round(t1 - t0, 1),
         "compile_s": round(t2 - t1, 1),
