@@ -157,7 +157,7 @@ def _trip_count(line: str, comps: dict[str, list[str]]) -> int | None:
         return None
     consts: dict[str, int] = {}
     for body_line in comps[cond.group(1)]:
-        c = re.match(r"\s*%?([\w.\-]+) = s(?:32|64)\[\] constant\((-?\d+)\)", body_line)
+        c = re.match(r"\s*%?([\w.\-]+) = s(?:32|64)\[\]\S* constant\((-?\d+)\)", body_line)
         if c:
             consts[c.group(1)] = int(c.group(2))
     for body_line in comps[cond.group(1)]:
@@ -234,7 +234,7 @@ def collectives(hlo: str, detail: bool = False) -> dict:
             if not m or m.group(4) == "-start" and f"{m.group(3)}-done(" in hlo:
                 continue
             size = _shape_bytes(m.group(2))
-            for where, n in zip(("every_step", "conditional"), runs.get(name, (0, 0))):
+            for where, n in zip(("every_step", "conditional"), runs.get(name, (0, 0)), strict=True):
                 if n == 0:
                     continue
                 rec = out[where].setdefault(m.group(3), {"count": 0, "bytes": 0})
@@ -396,20 +396,6 @@ def simulate(args, n_devices: int, jax) -> dict:
     }
 
 
-def activation_context(mesh, jax) -> contextlib.ExitStack:
-    """The mesh and the native model's activation rules as the ambient context, so the model's
-    ``with_logical_constraint`` calls pin activations (batch over ``data``/``fsdp``, width
-    replicated) instead of being no-ops."""
-    import flax.linen as nn
-
-    from aroma_jax.models.native.partitioning import activation_rules
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.set_mesh(mesh))
-    stack.enter_context(nn.logical_axis_rules(activation_rules(mesh)))
-    return stack
-
-
 def compile_step(args, n_devices: int, jax):
     """The compiled train step and the facts about it (model, mesh, compile seconds)."""
     import jax.numpy as jnp
@@ -419,7 +405,7 @@ def compile_step(args, n_devices: int, jax):
     from aroma_jax.data import objectives
     from aroma_jax.models.hf import PRESETS
     from aroma_jax.models.native import NativeCausalLM, NativeConfig
-    from aroma_jax.models.native.partitioning import sharding_rules
+    from aroma_jax.models.native.partitioning import activation_context, sharding_rules
 
     shape = dict(SHAPES[args.model][1])
     if args.layers:
@@ -459,7 +445,7 @@ def compile_step(args, n_devices: int, jax):
         shardings = sharding.state_shardings(trainer, state, mesh, sharding_rules())
         trainer.set_shardings(shardings, sharding.batch_sharding(mesh))
         if args.activations == "pinned":
-            context = activation_context(mesh, jax)
+            context = activation_context(mesh)
     # CPU seconds next to wall seconds: on a shared machine the wall clock measures the
     # neighbours too, the process's CPU time much less so.
     t0, c0 = time.perf_counter(), time.process_time()

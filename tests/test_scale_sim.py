@@ -158,8 +158,8 @@ def test_hlo_trip_counts_from_the_loop_condition():
 
 %layer_cond (p: (s32[], f32[4])) -> pred[] {
   %i = s32[] get-tuple-element((s32[], f32[4]) %p), index=0
-  %n = s32[] constant(32)
-  ROOT %lt = pred[] compare(s32[] %i, s32[] %n), direction=LT
+  %n = s32[]{:T(128)} constant(32)
+  ROOT %lt = pred[]{:T(512)} compare(%i, %n), direction=LT, metadata={op_name="while/cond/lt"}
 }
 
 %add (a: f32[], b: f32[]) -> f32[] {
@@ -197,5 +197,5 @@ ENTRY %main (x: f32[4]) -> f32[4] {
         "bytes": 96 * 4096,
     }
     # a loop whose bound is not a constant counts once, rather than being guessed
-    unknown = hlo.replace("%n = s32[] constant(32)", "%n = s32[] parameter(1)")
+    unknown = hlo.replace("%n = s32[]{:T(128)} constant(32)", "%n = s32[] parameter(1)")
     assert sim.run_counts(unknown)["layer"] == (1, 0)
