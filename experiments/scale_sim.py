@@ -110,6 +110,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--hlo-dir", type=Path, default=None, help="write each compiled step's optimized HLO here"
     )
+    p.add_argument(
+        "--skip-flops",
+        action="store_true",
+        help="skip the unrolled 1- and 2-layer compiles a scanned step's FLOPs come from "
+        "(flops_per_device is then NaN; flops_scan_body_once counts the layer loop once)",
+    )
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     try:
@@ -256,6 +262,33 @@ def collectives(hlo: str, detail: bool = False) -> dict:
     return out
 
 
+def traffic(ops: list[dict], batch: int, seq: int, n_devices: int) -> dict[str, dict]:
+    """Every-step collectives (`collectives`'s ``ops``) grouped by kind and by what they move:
+    ``activations`` (a shape holding the global or per-device batch next to the sequence
+    length), else ``weights`` (bf16: the frozen base model) or ``adapter/optimizer state``
+    (f32), else ``other``. Keys ``"<kind>: <tensor>"``; runs and result bytes per step."""
+    rows = {batch, max(batch // n_devices, 1)}
+    out: dict[str, dict] = {}
+    for o in ops:
+        if o["where"] != "every_step":
+            continue
+        dims = [
+            [int(d) for d in x.split(",") if d] for x in re.findall(r"\[([\d,]*)\]", o["shape"])
+        ]
+        if any(a in rows and b == seq for d in dims for a, b in zip(d, d[1:], strict=False)):
+            tensor = "activations"
+        elif o["shape"].lstrip("(").startswith("bf16"):
+            tensor = "weights"
+        elif o["shape"].lstrip("(").startswith("f32"):
+            tensor = "adapter/optimizer state"
+        else:
+            tensor = "other"
+        rec = out.setdefault(f"{o['kind']}: {tensor}", {"count": 0, "bytes": 0})
+        rec["count"] += o["runs"]
+        rec["bytes"] += o["bytes"]
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["bytes"]))
+
+
 def computations(hlo: str) -> tuple[dict[str, list[str]], str | None]:
     """An HLO module's text as computation name -> its lines, and the entry's name."""
     comps: dict[str, list[str]] = {}
@@ -376,7 +409,13 @@ def simulate(args, n_devices: int, jax) -> dict:
     flops = float(_cost(compiled).get("flops", float("nan")))
     if info["scan_layers"]:
         info["flops_scan_body_once"] = flops
-        flops = unrolled_flops(args, n_devices, jax, info["layers"])
+        # NaN, not the loop-body-once figure, when the extra unrolled compiles are skipped
+        flops = (
+            float("nan")
+            if args.skip_flops
+            else unrolled_flops(args, n_devices, jax, info["layers"])
+        )
+    coll = collectives(hlo, detail=True)
     peak = (
         mem.argument_size_in_bytes
         + mem.output_size_in_bytes
@@ -391,7 +430,8 @@ def simulate(args, n_devices: int, jax) -> dict:
         "temp_bytes": mem.temp_size_in_bytes,
         "peak_bytes": peak,
         "flops_per_device": flops,
-        "collectives": collectives(hlo),
+        "collectives": coll,
+        "traffic": traffic(coll["ops"], args.batch, args.seq, n_devices),
         "fusions": fusions(hlo),
     }
 

@@ -199,3 +199,54 @@ ENTRY %main (x: f32[4]) -> f32[4] {
     # a loop whose bound is not a constant counts once, rather than being guessed
     unknown = hlo.replace("%n = s32[]{:T(128)} constant(32)", "%n = s32[] parameter(1)")
     assert sim.run_counts(unknown)["layer"] == (1, 0)
+
+
+def test_traffic_groups_collectives_by_the_tensor_they_move():
+    sim = load()
+    ops = [
+        # an activation partial sum: the global batch of 32 next to the sequence of 256
+        {
+            "kind": "all-reduce",
+            "where": "every_step",
+            "shape": "bf16[32,256,4096]{2,1,0}",
+            "runs": 64,
+            "bytes": 64 * 32 * 256 * 4096 * 2,
+        },
+        # a per-device batch (32 / 8) is an activation too, whatever the dtype
+        {
+            "kind": "all-gather",
+            "where": "every_step",
+            "shape": "(f32[4,256]{1,0}, f32[4,256])",
+            "runs": 1,
+            "bytes": 8192,
+        },
+        {
+            "kind": "all-gather",
+            "where": "every_step",
+            "shape": "bf16[1,4096,14336]{2,1,0}",
+            "runs": 64,
+            "bytes": 64 * 4096 * 14336 * 2,
+        },
+        {
+            "kind": "all-gather",
+            "where": "every_step",
+            "shape": "f32[32,14336,1]{1,2,0}",
+            "runs": 1,
+            "bytes": 32 * 14336 * 4,
+        },
+        {
+            "kind": "all-gather",
+            "where": "conditional",
+            "shape": "bf16[32,256]",
+            "runs": 1,
+            "bytes": 1,
+        },
+    ]
+    got = sim.traffic(ops, batch=32, seq=256, n_devices=8)
+    assert got == {
+        "all-gather: weights": {"count": 64, "bytes": 64 * 4096 * 14336 * 2},
+        "all-reduce: activations": {"count": 64, "bytes": 64 * 32 * 256 * 4096 * 2},
+        "all-gather: adapter/optimizer state": {"count": 1, "bytes": 32 * 14336 * 4},
+        "all-gather: activations": {"count": 1, "bytes": 8192},
+    }
+    assert list(got)[0] == "all-gather: weights"  # largest first
