@@ -116,6 +116,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="skip the unrolled 1- and 2-layer compiles a scanned step's FLOPs come from "
         "(flops_per_device is then NaN; flops_scan_body_once counts the layer loop once)",
     )
+    p.add_argument(
+        "--from-hlo",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="compile nothing: parse an optimized HLO text (as --hlo-dir writes) for its "
+        "collectives and traffic, with --batch, --seq and --devices describing its step",
+    )
+    p.add_argument(
+        "--loop-scale",
+        type=int,
+        default=1,
+        help="with --from-hlo: multiply the collectives that run more than once per step (the "
+        "layer loops' bodies) by this, e.g. 16 to read a 2-layer compile as 32 layers",
+    )
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     try:
@@ -534,8 +549,32 @@ def fmt(r: dict) -> str:
     )
 
 
+def from_hlo(args: argparse.Namespace) -> dict:
+    """`collectives` and `traffic` of a saved optimized HLO text (``--from-hlo``)."""
+    coll = collectives(args.from_hlo.read_text(), detail=True)
+    k = args.loop_scale
+    ops = [
+        dict(o, runs=o["runs"] * k, bytes=o["bytes"] * k) if o["runs"] > 1 else o
+        for o in coll["ops"]
+    ]
+    n = args.device_counts[0]
+    return {
+        "hlo": str(args.from_hlo),
+        "loop_scale": k,
+        "traffic": traffic(ops, args.batch, args.seq, n),
+        "collectives": coll,
+    }
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.from_hlo:
+        r = from_hlo(args)
+        for key, v in r["traffic"].items():
+            print(f"{key}: x{v['count']} {v['bytes'] / GB:.2f} GB per device per step")
+        if args.out:
+            args.out.write_text(json.dumps([r], indent=2))
+        return [r]
     flag = f"--xla_force_host_platform_device_count={max(args.device_counts)}"
     if "jax" in sys.modules:
         import jax
