@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 from aroma_jax.core.sharding import Rule
@@ -162,3 +163,19 @@ def activation_rules(mesh=None) -> tuple[tuple[str, str | tuple[str, ...] | None
         return kept or None
 
     return tuple((name, keep(ax)) for name, ax in LOGICAL_RULES)
+
+
+def activation_context(mesh) -> contextlib.ExitStack:
+    """``mesh`` as the ambient mesh and `activation_rules` as flax's logical-axis rules: a
+    step traced inside it (``jit(...).lower`` or its first call) pins the native model's
+    activations, batch over ``data``/``fsdp`` and width replicated over ``fsdp``. Without it the
+    model's ``with_logical_constraint`` calls are no-ops, and XLA's partitioner carries the
+    weights' ``fsdp``-sharded width into the activations: on LLaMA-3-8B under fsdp=8 that
+    replicates the batch and all-reduces activation-sized partial sums (docs/SCALE.md)."""
+    import flax.linen as nn
+    import jax
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(nn.logical_axis_rules(activation_rules(mesh)))
+    return stack
