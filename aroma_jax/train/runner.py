@@ -12,6 +12,11 @@ A run directory holds everything a user needs afterwards::
 
 The data order is a pure function of (seed, step), so a resumed run sees exactly the batches the
 uninterrupted run would have seen.
+
+Multi-process runs (TPU pod slices, several GPU nodes; see docs/SHARDING.md): `train` starts JAX's
+distributed runtime from the environment first, each process feeds only its rows of every global
+batch, evaluation runs on all processes alike, process 0 alone writes the run directory's files
+(`sharding.is_writer`) and every process takes part in each orbax checkpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import time
 from collections.abc import Mapping
@@ -29,11 +35,13 @@ import jax
 import numpy as np
 import yaml
 
+from aroma_jax.core import sharding
 from aroma_jax.core.adapters import adapter_param_count
 from aroma_jax.core.config import AromaConfig
 from aroma_jax.core.history import History
 from aroma_jax.core.train_step import AromaTrainer, StepInfo, TrainState
-from aroma_jax.train import memory, plots, run_config
+from aroma_jax.train import memory, plots, run_config, throughput
+from aroma_jax.train.input import BatchStream
 from aroma_jax.train.pipeline import Pipeline, build_pipeline
 
 
@@ -52,7 +60,7 @@ def prepare_run_dir(output: str | Path, resume: bool) -> Path:
     out = Path(output)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test-{os.getpid()}"  # processes of one run share ``out``
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
@@ -69,9 +77,16 @@ def prepare_run_dir(output: str | Path, resume: bool) -> Path:
     return out
 
 
-def batch_at(arrays: Mapping[str, np.ndarray], batch_size: int, seed: int, step: int) -> dict:
+def batch_at(
+    arrays: Mapping[str, np.ndarray],
+    batch_size: int,
+    seed: int,
+    step: int,
+    rows: slice | None = None,
+) -> dict:
     """The ``step``-th training batch: epochs are seeded permutations, the last partial batch of
-    each epoch is dropped (static shapes, one compile)."""
+    each epoch is dropped (static shapes, one compile). ``rows``: only those rows of the batch
+    (a process's share, `sharding.process_rows`), read from ``arrays`` alone."""
     n = len(next(iter(arrays.values())))
     per_epoch = n // batch_size
     if per_epoch == 0:
@@ -82,6 +97,8 @@ def batch_at(arrays: Mapping[str, np.ndarray], batch_size: int, seed: int, step:
     epoch, index = divmod(step, per_epoch)
     order = np.random.default_rng([seed, epoch]).permutation(n)
     idx = order[index * batch_size : (index + 1) * batch_size]
+    if rows is not None:
+        idx = idx[rows]
     return {k: v[idx] for k, v in arrays.items()}
 
 
@@ -110,11 +127,15 @@ class _Interrupt:
 
 
 class MetricsLog:
-    """metrics.jsonl plus TensorBoard scalars."""
+    """metrics.jsonl plus TensorBoard scalars; ``enabled=False`` (processes other than 0 of a
+    multi-process run) writes nothing."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, enabled: bool = True):
         self.path = out / "metrics.jsonl"
+        self.enabled = enabled
         self._tb = None
+        if not enabled:
+            return
         try:
             from tensorboardX import SummaryWriter
 
@@ -123,6 +144,8 @@ class MetricsLog:
             self._tb = None
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb is not None:
@@ -142,7 +165,7 @@ def _pair_size(pair) -> int:
 
 
 def _trainable_now(trainer: AromaTrainer, state: TrainState, head: int) -> int:
-    done = jax.device_get(state.adapters.done)
+    done = sharding.to_host(state.adapters.done)
     # A stacked module's pair spans its layers: each layer not done trains its share.
     return head + sum(
         _pair_size(p) * int((~np.asarray(done[k])).sum()) // max(np.asarray(done[k]).size, 1)
@@ -155,14 +178,20 @@ def train(
     output: str | Path,
     resume: bool = False,
     interrupt_at: int | None = None,
+    profile: str | tuple[int, int] | None = None,
 ) -> dict:
     """Runs one training job; returns the summary (also written to ``summary.json``).
 
     ``interrupt_at`` behaves as if Ctrl-C arrived right after that step (for tests and drills).
+    ``profile``: ``"START:STOP"`` writes a JAX profiler trace of steps START+1..STOP into
+    ``DIR/profile`` (`throughput.Profiler`).
     """
     from aroma_jax.train.checkpoint import CheckpointManager
 
     t0 = time.perf_counter()
+    sharding.initialize_distributed()  # before anything touches devices; once per process
+    writer = sharding.is_writer()
+    window = profile if isinstance(profile, tuple) else throughput.parse_window(profile)
     out = prepare_run_dir(output, resume)
     if resume and (out / "config.yaml").is_file():
         cfg = run_config.adopt_legacy(cfg, yaml.safe_load((out / "config.yaml").read_text()) or {})
@@ -172,7 +201,9 @@ def train(
     resolved = run_config.to_plain(cfg, aroma)
     if resume:
         check_resume_config(out / "config.yaml", resolved)
-    write_atomic(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    sharding.barrier("aroma-config-read")  # all have read the run's config before it is rewritten
+    if writer:
+        write_atomic(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     tcfg = cfg["train"]
 
     trainer = AromaTrainer(pipe.loss_fn, pipe.params, aroma, stacked=pipe.stacked)
@@ -180,11 +211,18 @@ def train(
     memory.check_run(cfg, pipe, trainer)  # refuse now rather than be killed mid-run
     state = trainer.init(pipe.params)
     pipe.params = None  # the state owns the buffers now (the step donates them)
+    mesh = None
     if cfg.get("mesh"):
-        from aroma_jax.core import sharding
-
         mesh = sharding.parse_mesh(cfg["mesh"])
         state = sharding.shard_trainer(trainer, state, mesh, sharding.rules_for(pipe.arch))
+    elif jax.process_count() > 1:
+        raise TrainingError(
+            f"a run of {jax.process_count()} processes needs a mesh over all "
+            f"{jax.device_count()} devices: accepted --mesh (or mesh: in the config), e.g. "
+            f"--mesh data={jax.process_count()},fsdp={jax.local_device_count()}"
+        )
+    # XLA:CPU's gloo collectives deadlock when several steps are in flight across processes.
+    block_each_step = jax.process_count() > 1 and jax.default_backend() == "cpu"
     history = History(trainer.paths, aroma.inner_tol)
     ckpt = CheckpointManager(
         out / "checkpoints", keep=tcfg["keep_checkpoints"], save_every=tcfg["save_every"]
@@ -196,13 +234,13 @@ def train(
         start = int(meta["data"]["step"])
         _restore_history(history, meta.get("history", {}))
         unlogged = [float(x) for x in meta.get("unlogged_losses", [])]
-        drop_records_after(out / "metrics.jsonl", start)
-    log = MetricsLog(out)
+        if writer:
+            drop_records_after(out / "metrics.jsonl", start)
+    log = MetricsLog(out, enabled=writer)
     entry_pairs = trainer.unstacked(state.adapters).pairs
     pair_sizes = {p: _pair_size(entry_pairs[p]) for p in trainer.paths}
     total_steps = aroma.max_steps
-    bar = _progress(tcfg["progress"], total_steps, start)
-    seed = tcfg["seed"]
+    bar = _progress(tcfg["progress"] and writer, total_steps, start)
     pending: list[StepInfo] = []
     step = start
     last_eval: dict = {}
@@ -225,7 +263,7 @@ def train(
         nonlocal pending, unlogged
         if not pending:
             return False
-        infos = jax.device_get(pending)
+        infos = sharding.to_host(pending)
         history.extend(infos)
         outer_now = any(bool(i.outer) for i in infos)
         last = infos[-1]
@@ -268,14 +306,29 @@ def train(
     if tcfg["eval_at_start"] and start == 0:
         initial_metrics = _evaluate(pipe, trainer, state, "validation", cfg)
         log.write({"step": 0, "split": "validation", **initial_metrics})
-    if bool(jax.device_get(state.ctrl.finished)):
-        stopped, step = "all_modules_done", max(step, int(jax.device_get(state.ctrl.step)))
+    if bool(sharding.to_host(state.ctrl.finished)):
+        stopped, step = "all_modules_done", max(step, int(sharding.to_host(state.ctrl.step)))
     clock = _StepClock()
-    with _Interrupt() as interrupt:
+    profiler = throughput.Profiler(window, out / "profile", enabled=writer)
+    batches = BatchStream(
+        pipe.train_arrays,
+        tcfg["batch_size"],
+        tcfg["seed"],
+        mesh,
+        step,
+        total_steps,
+        prefetch=tcfg["prefetch"],
+    )
+    with _Interrupt() as interrupt, profiler.guard():
         while step < total_steps and stopped != "all_modules_done":
-            batch = batch_at(pipe.train_arrays, tcfg["batch_size"], seed, step)
+            profiler.before(step)
+            fed, batch = next(batches)
+            assert fed == step, (fed, step)  # the stream follows the loop's step
             state, info = trainer.step(state, batch)
+            if block_each_step:
+                jax.block_until_ready(info)
             pending.append(info)
+            profiler.after(step + 1, info)
             step += 1
             if bar is not None:
                 bar.update(1)
@@ -298,7 +351,7 @@ def train(
                 stopped = "interrupted"
                 break
             if finished:
-                done = jax.device_get(state.adapters.done)
+                done = sharding.to_host(state.adapters.done)
                 all_done = all(bool(np.all(d)) for d in done.values())
                 all_done = all_done and aroma.method != "head"
                 stopped = "all_modules_done" if all_done else "max_steps"
@@ -314,24 +367,32 @@ def train(
             "step": step,
             "resume": f"aroma-jax train --config {out / 'config.yaml'} --output {out} --resume",
         }
-        write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+        if writer:
+            write_atomic(out / "summary.json", json.dumps(summary, indent=2))
         return summary
     ckpt.save(step, state, meta(step), force=True)
     final = trainer.finalize(state)
     metrics = _evaluate(pipe, trainer, final, "test", cfg)
     log.write({"step": step, "split": "test", **metrics})
     log.close()
-    ranks = trainer.ranks(final)
-    write_atomic(out / "history.json", json.dumps(_history_dict(history)))
-    plots_dir = out / "plots"
-    plots.plot_rank_growth(
-        history,
-        pair_sizes,
-        plots_dir / "rank_growth.png",
-        head_params,
-        title=f"{aroma.method}: rank and trainable parameters",
+    # The adapters, head and controller on every host (a collective), for the files below.
+    final = final._replace(
+        adapters=sharding.to_host(final.adapters),
+        extra=sharding.to_host(final.extra),
+        ctrl=sharding.to_host(final.ctrl),
     )
-    plots.plot_rank_map(ranks, plots_dir / "rank_map.png")
+    ranks = trainer.ranks(final)
+    plots_dir = out / "plots"
+    if writer:
+        write_atomic(out / "history.json", json.dumps(_history_dict(history)))
+        plots.plot_rank_growth(
+            history,
+            pair_sizes,
+            plots_dir / "rank_growth.png",
+            head_params,
+            title=f"{aroma.method}: rank and trainable parameters",
+        )
+        plots.plot_rank_map(ranks, plots_dir / "rank_map.png")
     summary = {
         "status": "finished",
         "stopped": stopped,
@@ -357,16 +418,34 @@ def train(
         "capacity_full": history.full_modules(),
         "steps": step,
         "step_ms": step_ms,
+        "throughput": throughput.report(
+            step_ms,
+            tcfg["batch_size"],
+            cfg["task"]["max_len"],
+            throughput.model_flops(
+                pipe.arch, pipe.model.config, tcfg["batch_size"], cfg["task"]["max_len"]
+            ),
+            cfg["model"]["dtype"],
+        ),
+        "profile": str(out / "profile") if window else None,
         "wall_s": round(time.perf_counter() - t0, 2),
         "compiles": trainer.compiles,
+        "processes": jax.process_count(),
         "plots": [str(plots_dir / "rank_growth.png"), str(plots_dir / "rank_map.png")],
     }
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
-    _save_adapters(out, trainer, final)
+    if writer:
+        write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+        _save_adapters(out, trainer, final)
+    sharding.barrier("aroma-run-written")  # no process reports success before the files exist
     return summary
 
 
-RESUME_MAY_CHANGE = ("train.progress", "train.eval_batch_size", "mesh")  # no effect on the state
+RESUME_MAY_CHANGE = (
+    "train.progress",
+    "train.eval_batch_size",
+    "train.prefetch",
+    "mesh",
+)  # no effect on the state
 
 
 def check_resume_config(path: Path, resolved: Mapping[str, Any]) -> None:
