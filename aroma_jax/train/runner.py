@@ -324,6 +324,12 @@ def train(
             profiler.before(step)
             fed, batch = next(batches)
             assert fed == step, (fed, step)  # the stream follows the loop's step
+            if block_each_step:
+                # gloo gives a peer 30 s to join a collective's first run: compile first (jit
+                # reuses it), then start every step together.
+                if fed == start:
+                    trainer._step.lower(state, batch).compile()
+                sharding.barrier(f"aroma-step-{step}")
             state, info = trainer.step(state, batch)
             if block_each_step:
                 jax.block_until_ready(info)

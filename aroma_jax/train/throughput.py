@@ -73,7 +73,7 @@ def report(
     if not step_ms:
         return {**out, "mfu": None, "mfu_note": "no timed steps (the run was too short)"}
     steps = 1000.0 / step_ms
-    out.update(steps_per_s=round(steps, 4), tokens_per_s=round(steps * batch * seq, 1))
+    out.update(steps_per_s=_sig(steps), tokens_per_s=_sig(steps * batch * seq))
     device = jax.devices()[0]
     peak = peak_tflops(device.device_kind, dtype)
     if device.platform == "cpu":
@@ -82,8 +82,12 @@ def report(
         why = "no FLOP count for this model" if flops is None else "unknown peak"
         return {**out, "mfu": None, "mfu_note": f"{why} ({device.device_kind}, {dtype})"}
     rate = flops * steps / 1e12
-    out.update(tflops_per_s=round(rate, 3), peak_tflops=peak * jax.device_count())
-    return {**out, "mfu": round(rate / (peak * jax.device_count()), 4), "mfu_note": None}
+    out.update(tflops_per_s=_sig(rate), peak_tflops=peak * jax.device_count())
+    return {**out, "mfu": _sig(rate / (peak * jax.device_count())), "mfu_note": None}
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.6g}")  # six significant digits: enough for any rate, short in JSON
 
 
 def parse_window(spec: str | None) -> tuple[int, int] | None:

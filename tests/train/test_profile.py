@@ -29,6 +29,7 @@ SHORT = [
 ]
 
 
+@pytest.mark.slow  # a short training run: minutes on a loaded 2-core machine
 def test_profile_window_trace_and_throughput(fake_assets, tmp_path):
     cfg = run_config.load(CONFIGS / "tiny-roberta.yaml", SHORT)
     s = runner.train(cfg, tmp_path / "run", profile="2:5")
@@ -68,7 +69,7 @@ def test_model_flops_counts_every_matmul():
     assert throughput.model_flops("bart", Cfg, batch=1, seq=1) is None
 
 
-@pytest.mark.parametrize("spec", ["5", "5:5", "7:3", "a:b", "-1:2"])
+@pytest.mark.parametrize("spec", ["5", "5:5", "7:3", "a:b", "1:x"])
 def test_bad_profile_window_is_refused(spec, tmp_path, capsys):
     args = ["train", "--output", str(tmp_path / "x"), "--profile", spec]
     assert cli.main(args) == 2
