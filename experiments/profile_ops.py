@@ -12,7 +12,9 @@ prints a markdown table of the ops with the most self time per step
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import re
 from pathlib import Path
 
 from aroma_jax.train import throughput
@@ -34,6 +36,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for o in ops:
         ms, share, calls = o["ms_per_step"], o["share"], o["calls_per_step"]
         print(f"| `{o['op']}` | {ms:.3f} | {share:.1%} | {calls} |")
+    every = throughput.top_ops(trace, args.steps, n=10**9)
+    kinds: collections.Counter = collections.Counter()
+    for o in every:  # "ynn_fusion.22" -> "ynn_fusion": one row per kind of op
+        kinds[re.sub(r"\.\d+$", "", o["op"])] += o["ms_per_step"]
+    total = sum(kinds.values()) or 1.0
+    print(f"\n{len(every)} ops in all, {total:.1f} ms of XLA thread time per step, by kind:\n")
+    print("| kind of op | ms per step (self) | share |")
+    print("|---|---:|---:|")
+    for kind, ms in kinds.most_common(args.top):
+        print(f"| `{kind}` | {ms:.1f} | {ms / total:.1%} |")
     return ops
 
 

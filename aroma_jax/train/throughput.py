@@ -156,7 +156,8 @@ def trace_file(directory: str | Path) -> Path:
 def top_ops(trace: str | Path, steps: int, n: int = 15) -> list[dict[str, Any]]:
     """The XLA ops that took the most time in a trace, by self time (an op's duration less the
     ops nested in it, e.g. a ``while`` loop's body), summed over XLA's threads (``tf_XLA*``; the
-    Python thread's dispatch and waiting are left out) and divided by ``steps``:
+    Python thread's dispatch and waiting are left out) and divided by ``steps``. An op split
+    over several threads counts each part, so the total is thread time, above the wall time:
     ``[{"op", "ms_per_step", "share", "calls_per_step"}]``, largest first."""
     import gzip
     import json
