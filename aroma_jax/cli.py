@@ -80,6 +80,28 @@ def _parser() -> argparse.ArgumentParser:
         "(LoRA: the pair it trains on); sets model.init_adapter",
     )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument(
+        "--profile",
+        metavar="START:STOP",
+        help="write a JAX profiler trace of steps START+1..STOP into DIR/profile "
+        "(TensorBoard's profile plugin, or the *.trace.json.gz in Perfetto), e.g. 10:13",
+    )
+    t.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="multi-process run: process 0's address (default $AROMA_COORDINATOR); every "
+        "process runs the same command, see docs/SHARDING.md",
+    )
+    t.add_argument(
+        "--num-processes",
+        type=int,
+        help="multi-process run: how many (default $AROMA_NUM_PROCESSES)",
+    )
+    t.add_argument(
+        "--process-id",
+        type=int,
+        help="multi-process run: this one's id (default $AROMA_PROCESS_ID)",
+    )
     _writer_flags(t)
 
     e = sub.add_parser(
@@ -241,8 +263,11 @@ def _quiet(args) -> None:
 
 def _train(args) -> int:
     from aroma_jax import configs
+    from aroma_jax.core import sharding
     from aroma_jax.train import run_config, runner
 
+    # Before anything touches devices; flags win over the AROMA_* environment.
+    sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     overrides = list(args.overrides)
     if args.mesh:
         overrides.append(f"mesh={args.mesh}")
@@ -252,7 +277,9 @@ def _train(args) -> int:
         overrides.append(f"model.init_adapter={args.init_adapter}")
     path = None if args.config is None else configs.resolve(args.config)
     cfg = run_config.load(path, overrides)
-    summary = runner.train(cfg, args.output, resume=args.resume, break_lock=args.break_lock)
+    summary = runner.train(
+        cfg, args.output, resume=args.resume, break_lock=args.break_lock, profile=args.profile
+    )
     print(json.dumps({k: v for k, v in summary.items() if k != "ranks"}, indent=2))
     return 130 if summary.get("status") == "interrupted" else 0
 

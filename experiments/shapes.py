@@ -135,6 +135,18 @@ SHAPES: dict[str, Shape] = {
             tie_word_embeddings=False,
         ),
     ),
+    # The demo's model (all-MiniLM-L6-v2: 6 layers, 384 wide) as a shape: random weights on the
+    # RoBERTa code path (bench's --input-wait).
+    "minilm": (
+        "roberta",
+        dict(
+            vocab_size=30522,
+            hidden_size=384,
+            num_hidden_layers=6,
+            num_attention_heads=12,
+            intermediate_size=1536,
+        ),
+    ),
     # Test-sized stand-ins, one per architecture (`tiny` is the RoBERTa one).
     "tiny": (
         "roberta",
