@@ -207,3 +207,60 @@ def test_refusals_name_the_module_and_shapes(torch_peft, tmp_path):
         )
         with pytest.raises(PeftImportError, match=message):
             read_adapter(tmp_path / "bad")
+
+
+@pytest.mark.slow
+def test_cli_init_adapter_and_eval_adapter(fake_assets, tmp_path, capsys):
+    """The runner path: a LoRA run's PEFT export scored by `eval --adapter`, then an AROMA run
+    started from it with `--init-adapter` keeps its rank and grows; a bad adapter directory is
+    a one-line CLI error."""
+    from aroma_jax import cli
+    from aroma_jax.train import run_config, runner
+    from aroma_jax.train.export import export_peft
+
+    fast = [
+        "train.progress=false",
+        "task.max_train_examples=64",
+        "task.max_eval_examples=16",
+        "train.batch_size=8",
+        "aroma.inner_max_steps=4",
+        "aroma.inner_check_every=2",
+        "aroma.outer_tol=1e-4",
+        "aroma.warmup_steps=1",
+        "aroma.rewarmup_steps=1",
+    ]
+    lora = run_config.load(
+        None,
+        fast + ["aroma.method=lora", "aroma.r=2", "aroma.max_steps=6", "model.name=tiny-roberta"],
+    )
+    s1 = runner.train(lora, tmp_path / "lora")
+    export_peft(tmp_path / "lora", tmp_path / "peft")
+    scored = runner.evaluate_only(lora, tmp_path / "lora", "validation", tmp_path / "peft")
+    assert set(scored) >= {"accuracy"}
+    on_top = run_config.load(
+        None,
+        fast
+        + [
+            "aroma.max_steps=12",
+            "model.name=tiny-roberta",
+            f"model.init_adapter={tmp_path / 'peft'}",
+        ],
+    )
+    s2 = runner.train(on_top, tmp_path / "aroma")
+    print(f"imported rank {s1['total_rank']}, after AROMA {s2['total_rank']}")
+    assert s2["total_rank"] > s1["total_rank"] > 0
+    code = cli.main(
+        [
+            "train",
+            "--no-progress",
+            "--set",
+            "model.name=tiny-roberta",
+            "--init-adapter",
+            str(tmp_path / "nowhere"),
+            "--output",
+            str(tmp_path / "x"),
+        ]
+    )
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after library warnings
+    assert code == 2 and last.startswith("aroma-jax train: error:")
+    assert "not a PEFT adapter directory" in last
