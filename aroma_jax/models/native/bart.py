@@ -45,7 +45,7 @@ import jax.numpy as jnp
 
 from aroma_jax.models.native.bert import activation
 from aroma_jax.models.native.config import NativeConfigError, read_config_json
-from aroma_jax.models.native.modeling import REMAT_POLICIES, KVCache, _remat_policy
+from aroma_jax.models.native.modeling import REMAT_POLICIES, KVCache, remat_policy
 
 POSITION_OFFSET = 2  # HF's BartLearnedPositionalEmbedding
 GENERATION_KEYS = (
@@ -304,7 +304,7 @@ class _Unrolled(nn.Module):
     def __call__(self, x, *args, cache=None, index=None):
         cls = self.layer_cls
         if self.remat != "none":
-            cls = nn.remat(cls, policy=_remat_policy(self.remat), prevent_cse=True)
+            cls = nn.remat(cls, policy=remat_policy(self.remat), prevent_cse=True)
         new = []
         for i in range(self.n):
             layer = cls(
@@ -337,7 +337,7 @@ def _stack(module: nn.Module, layer_cls, n: int, scan: bool):
         return _Unrolled(layer_cls, n, module.config, remat=module.remat, name="layers", **kw)
     cls = layer_cls
     if module.remat != "none":
-        cls = nn.remat(cls, policy=_remat_policy(module.remat), prevent_cse=False)
+        cls = nn.remat(cls, policy=remat_policy(module.remat), prevent_cse=False)
     extra = (
         (nn.broadcast,) if layer_cls is EncoderLayer else (nn.broadcast,) * 3 + (0, nn.broadcast)
     )

@@ -157,6 +157,8 @@ class NativeEncoder:
         msgpack = path / "flax_model.msgpack"
         if msgpack.exists() and not _has_safetensors(path):  # an HF Flax checkpoint
             tree = flax.serialization.msgpack_restore(msgpack.read_bytes())
+            if config.prefix not in tree:  # a base model's file (FlaxBertModel): no prefix
+                tree = {config.prefix: tree}
             loaded = traverse_util.flatten_dict(tree)
         else:
             loaded = pt_layout.read_checkpoint(path, _renamer(config))
