@@ -37,7 +37,8 @@ VENV5 := .venv-v5
 PY5 := $(VENV5)/bin/python
 NATIVE_TESTS := tests/models/test_native_parity.py tests/models/test_native_partitioning.py \
 	tests/models/test_native_generate.py tests/models/test_native_sampling.py \
-	tests/models/test_native_scan.py tests/models/test_native_encoder.py
+	tests/models/test_native_scan.py tests/models/test_native_encoder.py \
+	tests/models/test_native_bart.py tests/models/test_native_gemma_qwen3.py
 
 $(VENV5)/.installed: requirements-v5.txt pyproject.toml
 	test -x $(PY5) || $(PYTHON) -m venv $(VENV5)

@@ -64,14 +64,44 @@ def _parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue the run in --output from its "
-        "latest checkpoint (bit-identical to an uninterrupted run)",
+        "latest checkpoint (bit-identical to an uninterrupted run); with no checkpoint there, "
+        "says so and starts a new run",
     )
     t.add_argument(
         "--mesh",
         help="device mesh, e.g. data=2,fsdp=2,tensor=2 (product = device "
         "count); overrides the config's mesh",
     )
+    t.add_argument(
+        "--init-adapter",
+        type=Path,
+        help="start from a PEFT LoRA adapter directory (adapter_config.json + "
+        "adapter_model.safetensors): its factors become the frozen merged rank AROMA grows on "
+        "(LoRA: the pair it trains on); sets model.init_adapter",
+    )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument(
+        "--profile",
+        metavar="START:STOP",
+        help="write a JAX profiler trace of steps START+1..STOP into DIR/profile "
+        "(TensorBoard's profile plugin, or the *.trace.json.gz in Perfetto), e.g. 10:13",
+    )
+    t.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="multi-process run: process 0's address (default $AROMA_COORDINATOR); every "
+        "process runs the same command, see docs/SHARDING.md",
+    )
+    t.add_argument(
+        "--num-processes",
+        type=int,
+        help="multi-process run: how many (default $AROMA_NUM_PROCESSES)",
+    )
+    t.add_argument(
+        "--process-id",
+        type=int,
+        help="multi-process run: this one's id (default $AROMA_PROCESS_ID)",
+    )
     _writer_flags(t)
 
     e = sub.add_parser(
@@ -87,6 +117,12 @@ def _parser() -> argparse.ArgumentParser:
         help="which held-out split (default: test)",
     )
     e.add_argument("--verbose", action="store_true", help="show third-party loading notes")
+    e.add_argument(
+        "--adapter",
+        type=Path,
+        help="score this PEFT LoRA adapter directory on the run's model and task instead of "
+        "the run's own adapters",
+    )
 
     x = sub.add_parser("export", help="export a run: merged HF model and/or HF PEFT LoRA adapter")
     x.add_argument("run_dir", type=Path, help="a run directory written by `aroma-jax train`")
@@ -200,7 +236,7 @@ def _writer_flags(p: argparse.ArgumentParser) -> None:
         "--break-lock",
         action="store_true",
         help="take over the run directory's lock when another host holds it (only if that "
-        "run is gone; a lock of a finished process on this host is taken over by itself)",
+        "run is gone; a lock left by a dead process on this host is taken over without it)",
     )
     p.add_argument(
         "--verbose",
@@ -227,16 +263,23 @@ def _quiet(args) -> None:
 
 def _train(args) -> int:
     from aroma_jax import configs
+    from aroma_jax.core import sharding
     from aroma_jax.train import run_config, runner
 
+    # Before anything touches devices; flags win over the AROMA_* environment.
+    sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     overrides = list(args.overrides)
     if args.mesh:
         overrides.append(f"mesh={args.mesh}")
     if args.no_progress:
         overrides.append("train.progress=false")
+    if args.init_adapter:
+        overrides.append(f"model.init_adapter={args.init_adapter}")
     path = None if args.config is None else configs.resolve(args.config)
     cfg = run_config.load(path, overrides)
-    summary = runner.train(cfg, args.output, resume=args.resume, break_lock=args.break_lock)
+    summary = runner.train(
+        cfg, args.output, resume=args.resume, break_lock=args.break_lock, profile=args.profile
+    )
     print(json.dumps({k: v for k, v in summary.items() if k != "ranks"}, indent=2))
     return 130 if summary.get("status") == "interrupted" else 0
 
@@ -273,10 +316,12 @@ def _eval(args) -> int:
     from aroma_jax.train import run_config, runner
     from aroma_jax.train.lock import check_free
 
-    _require_finished(args.run_dir)
+    if args.adapter is None:
+        _require_finished(args.run_dir)
     check_free(args.run_dir)  # eval writes nothing: it only refuses to read a run being written
     cfg = run_config.load_run(args.run_dir)
-    print(json.dumps(runner.evaluate_only(cfg, args.run_dir, args.split), indent=2))
+    result = runner.evaluate_only(cfg, args.run_dir, args.split, args.adapter)
+    print(json.dumps(result, indent=2))
     return 0
 
 

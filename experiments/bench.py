@@ -24,6 +24,13 @@ a table of GPUs/TPUs or ``--peak-tflops``); the allocator's peak where the devic
 variant on a tiny model for 2 steps (CI checks that the script works; it never reads timings).
 
 On a GPU: ``python -m experiments.bench --dtype bfloat16 --batch 32 --seq 512 --json gpu.json``.
+
+``--input-wait`` measures the input pipeline instead (`aroma_jax.train.input.BatchStream` over a
+synthetic tokenized split of ``--input-rows`` rows, AROMA r=1 steps): the share of step time
+spent waiting until the next batch is on its device, without prefetch (rows gathered and
+copied when the step asks for them) and with it (grain threads gather ahead, two batches
+already on the device), e.g. on the demo's shape:
+``python -m experiments.bench --input-wait --model minilm --batch 16 --seq 32``.
 """
 
 from __future__ import annotations
@@ -48,25 +55,52 @@ from aroma_jax import AromaConfig, AromaTrainer
 from aroma_jax.core import controller, optim
 from aroma_jax.models.hf import PRESETS
 from aroma_jax.models.llama import FixedFlaxLlamaForCausalLM
+from aroma_jax.train import throughput
 from experiments.shapes import SHAPES, of_arch
 
 SHAPES = {name: SHAPES[name] for name in of_arch("roberta", "llama")}  # what `build` builds
 
 
-def build(name: str, seq: int, dtype: str = "float32"):
-    """The named shape, random weights; ``dtype``: the computation dtype (params stay fp32)."""
-    import transformers as tf
+def roberta_config(kw: dict, seq: int) -> dict:
+    """An HF RoBERTa ``config.json`` dict of the shape (`experiments.shapes`), positions sized
+    for ``seq`` tokens, two labels, no dropout."""
+    return dict(
+        model_type="roberta",
+        **{**kw, "max_position_embeddings": seq + 4},
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
 
+
+def hf_flax_available() -> bool:
+    """transformers 4.x (its Flax classes), for the HF Flax side-by-side rows."""
+    try:
+        import transformers as tf
+
+        return hasattr(tf, "FlaxRobertaForSequenceClassification")
+    except ImportError:
+        return False
+
+
+def build(name: str, seq: int, dtype: str = "float32", impl: str = "native"):
+    """The named shape, random weights; ``dtype``: the computation dtype (params stay fp32).
+    ``impl``: RoBERTa on the native encoder (`aroma_jax.models.native`) or HF's Flax class."""
     arch, kw = SHAPES[name]
     dt = jnp.dtype(dtype)
     if arch == "roberta":
-        cfg = tf.RobertaConfig(
-            **{**kw, "max_position_embeddings": seq + 4},
-            num_labels=2,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
-        model = tf.FlaxRobertaForSequenceClassification(cfg, seed=0, dtype=dt)
+        cfg_dict = roberta_config(kw, seq)
+        if impl == "native":
+            from aroma_jax.models.native.bert import EncoderConfig
+            from aroma_jax.models.native.encoder_model import NativeEncoder
+
+            cfg = EncoderConfig.from_dict(cfg_dict)
+            model = NativeEncoder(cfg, seed=0, dtype=dt)
+        else:
+            import transformers as tf
+
+            cfg = tf.RobertaConfig(**{k: v for k, v in cfg_dict.items() if k != "model_type"})
+            model = tf.FlaxRobertaForSequenceClassification(cfg, seed=0, dtype=dt)
 
         def loss_fn(params, batch, rng):
             logits = model(batch["input_ids"], batch["attention_mask"], params=params).logits
@@ -74,6 +108,8 @@ def build(name: str, seq: int, dtype: str = "float32"):
                 optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
             )
     else:
+        import transformers as tf
+
         cfg = tf.LlamaConfig(**{**kw, "max_position_embeddings": seq + 4})
         model = FixedFlaxLlamaForCausalLM(cfg, seed=0, dtype=dt)  # HF's, defects fixed
 
@@ -88,52 +124,10 @@ def build(name: str, seq: int, dtype: str = "float32"):
     return arch, model, loss_fn, cfg.vocab_size
 
 
-def floor_model_flops(arch: str, cfg, batch: int, seq: int) -> float:
-    """Model FLOPs of one floor step (analytic), the numerator of its MFU.
-
-    The floor trains no weight, so its backward computes input gradients only: every matmul
-    with a frozen weight costs its forward FLOPs once more (``dx``), and attention's two
-    activation-by-activation products cost twice more (both operands need gradients). Counted
-    as ``2 * m * n * k`` per product; softmax, norms and elementwise work are left out, as is
-    usual for MFU. Causal attention is counted in full (HF's Flax LLaMA computes it in full).
-    """
-    h, layers, inter = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
-    tokens = batch * seq
-    attention = 2 * 2 * batch * seq * seq * h * layers  # scores and weighted values, forward
-    if arch == "roberta":
-        per_token = layers * (4 * h * h + 2 * h * inter)
-        head = batch * (h * h + h * cfg.num_labels)  # the classifier reads the first token
-        dense = 2 * (tokens * per_token + head)
-    else:
-        kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
-        per_token = layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + h * cfg.vocab_size
-        dense = 2 * tokens * per_token
-    return float(2 * dense + 3 * attention)
-
-
-# Dense peak TFLOP/s by device kind (substring) and dtype, from the vendors' data sheets;
-# fp32 matmuls on NVIDIA GPUs run as TF32 under JAX's default precision. ``--peak-tflops``
-# overrides (and is the only source on CPUs).
-PEAK_TFLOPS = {
-    "H200": {"bfloat16": 989.4, "float32": 494.7},
-    "H100 PCIe": {"bfloat16": 756.0, "float32": 378.0},
-    "H100": {"bfloat16": 989.4, "float32": 494.7},
-    "A100": {"bfloat16": 312.0, "float32": 156.0},
-    "L4": {"bfloat16": 121.0, "float32": 60.0},
-    "TPU v4": {"bfloat16": 275.0},
-    "TPU v5 lite": {"bfloat16": 197.0},
-    "TPU v5p": {"bfloat16": 459.0},
-    "TPU v6 lite": {"bfloat16": 918.0},
-}
-
-
-def peak_tflops(device_kind: str, dtype: str, override: float | None) -> float | None:
-    if override:
-        return override
-    for kind, peaks in PEAK_TFLOPS.items():  # longest names first where they overlap
-        if kind in device_kind:
-            return peaks.get(dtype)
-    return None
+# The floor trains no weight: its model FLOPs are the frozen-weight step's count, the one the
+# runner's MFU uses (`aroma_jax.train.throughput`); peaks come from the same table.
+floor_model_flops = throughput.model_flops
+peak_tflops = throughput.peak_tflops
 
 
 def make_batch(vocab: int, batch: int, seq: int) -> dict:
@@ -288,7 +282,8 @@ class TorchVariant:
         torch.manual_seed(0)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if arch == "roberta":
-            model = tf.RobertaForSequenceClassification(tf.RobertaConfig(**flax_cfg.to_dict()))
+            hf_cfg = flax_cfg.to_dict() if hasattr(flax_cfg, "to_dict") else flax_cfg.hf_dict
+            model = tf.RobertaForSequenceClassification(tf.RobertaConfig(**hf_cfg))
             labels = batch["labels"]
         else:
             model = tf.LlamaForCausalLM(tf.LlamaConfig(**flax_cfg.to_dict()))
@@ -357,7 +352,7 @@ def compile_stats(run, batch) -> dict:
 
 
 def bench(args) -> dict:
-    arch, model, loss_fn, vocab = build(args.model, args.seq, args.dtype)
+    arch, model, loss_fn, vocab = build(args.model, args.seq, args.dtype, args.impl)
     params = model.params
     batch = make_batch(vocab, args.batch, args.seq)
     targets = PRESETS[arch]
@@ -396,6 +391,11 @@ def bench(args) -> dict:
     )
     runners = {name: Variant(name, loss_fn, params, cfg, m) for name, (cfg, m) in variants.items()}
     runners["floor"] = Floor(loss_fn, runners["aroma_r1"].trainer, params)
+    if arch == "roberta" and args.impl == "native" and hf_flax_available() and not args.no_hf:
+        # HF's Flax class on the same params (the trees agree): the same step, side by side
+        _, _, hf_loss, _ = build(args.model, args.seq, args.dtype, "hf")
+        runners["hf_flax_aroma_r1"] = Variant("hf_flax_aroma_r1", hf_loss, params, aroma, 0)
+        runners["hf_flax_floor"] = Floor(hf_loss, runners["hf_flax_aroma_r1"].trainer, params)
     if args.vs_peft:
         import torch
 
@@ -450,7 +450,7 @@ def bench(args) -> dict:
     opt_bytes = {
         k: int(sum(x.nbytes for x in jax.tree.leaves(r.state.opt_state)))
         for k, r in jax_runners.items()
-        if k != "floor"
+        if not isinstance(r, Floor)
     }
     result = {
         "device": f"{device.platform}: {device.device_kind}",
@@ -489,10 +489,19 @@ def bench(args) -> dict:
                 else sum(x.size for x in jax.tree.leaves({"pairs": r.state.adapters.pairs}))
             )
             for k, r in runners.items()
-            if k != "floor"
+            if not isinstance(r, Floor)
         },
         "optimizer_state_bytes": opt_bytes,
         "optimizer_state_bytes_aroma_r1": opt_bytes["aroma_r1"],
+        "impl": args.impl,
+        "native_vs_hf_flax": (
+            {
+                "floor": med["floor"] / med["hf_flax_floor"],
+                "aroma_r1": med["aroma_r1"] / med["hf_flax_aroma_r1"],
+            }
+            if "hf_flax_floor" in med
+            else None
+        ),
         "rounds": args.rounds,
         "steps_per_round": args.steps,
         "date": datetime.date.today().isoformat(),
@@ -541,12 +550,99 @@ def markdown(r: dict) -> str:
         f"| outer step (all modules) | {r['outer_step_s'] * 1e3:.1f} | "
         f"{r['outer_step_s'] / floor:.3f} | | | | | |"
     )
+    vs = r.get("native_vs_hf_flax")
+    if vs:
+        faster = "native" if vs["aroma_r1"] < 1 else "HF Flax"
+        rows.append(
+            f"\nnative / HF Flax step time: floor {vs['floor']:.3f}, aroma_r1 "
+            f"{vs['aroma_r1']:.3f} ({faster} is faster; hf_flax_* rows: HF's Flax class on "
+            "the same params, same batch, same rounds)"
+        )
     mfu = f"{r['floor_mfu']:.1%}" if r["floor_mfu"] is not None else "n/a (no known peak)"
     rows.append(
         f"\nfloor: {r['floor_model_flops'] / 1e9:.4g} model GFLOP/step (XLA counts "
         f"{r['floor_xla_flops'] / 1e9:.4g}), {r['floor_tflops_per_s']:.4g} TFLOP/s, MFU {mfu}"
     )
     return "\n".join(rows)
+
+
+def input_wait(args) -> dict:
+    """Seconds per step and the share of it spent waiting for the input, per pipeline mode,
+    alternating the modes for ``args.rounds`` rounds of ``args.steps`` timed steps."""
+    from aroma_jax.train.input import BatchStream
+
+    arch, model, loss_fn, vocab = build(args.model, args.seq, args.dtype)
+    rng = np.random.default_rng(0)
+    n, seq = args.input_rows, args.seq
+    arrays = {
+        "input_ids": rng.integers(0, vocab, (n, seq)).astype(np.int32),
+        "attention_mask": np.ones((n, seq), np.int32),
+        "labels": rng.integers(0, 2, n).astype(np.int32),
+    }
+    cfg = AromaConfig(
+        r=1,
+        alpha=2.0,
+        rank_capacity=32,
+        target_modules=PRESETS[arch],
+        max_steps=10**6,
+        inner_max_steps=10**6,
+        warmup_steps=0,
+        rewarmup_steps=0,
+    )
+    trainer = AromaTrainer(loss_fn, model.params, cfg)
+    state = trainer.init(model.params)
+    modes = {"no_prefetch": (0, 0), "prefetch": (2, 2)}  # (batches on device ahead, threads)
+    waits: dict = {m: [] for m in modes}
+    totals: dict = {m: [] for m in modes}
+    step = 0
+    print(f"input wait: {args.model} batch {args.batch} seq {seq}, {n} rows", flush=True)
+    for _ in range(args.rounds):
+        for mode, (prefetch, threads) in modes.items():
+            count = args.warmup + args.steps
+            stream = BatchStream(arrays, args.batch, 0, None, step, step + count, prefetch, threads)
+            for i in range(count):
+                t0 = time.perf_counter()
+                _, batch = next(stream)
+                batch = jax.block_until_ready(jax.device_put(batch))  # on the device now
+                t1 = time.perf_counter()
+                state, info = trainer.step(state, batch)
+                jax.block_until_ready(info)
+                if i >= args.warmup:
+                    waits[mode].append(t1 - t0)
+                    totals[mode].append(time.perf_counter() - t0)
+            step += count
+    out = {}
+    for mode in modes:
+        out[mode] = {
+            "step_s": statistics.median(totals[mode]),
+            "input_wait_share": sum(waits[mode]) / sum(totals[mode]),
+            "input_wait_ms_median": 1000 * statistics.median(waits[mode]),
+        }
+    return {
+        "model": args.model,
+        "batch": args.batch,
+        "seq": seq,
+        "rows": n,
+        "steps_timed": args.rounds * args.steps,
+        "device": str(jax.devices()[0].device_kind),
+        "input_wait": out,
+    }
+
+
+def input_wait_markdown(r: dict) -> str:
+    lines = [
+        f"input wait, {r['model']} shape (random weights), batch {r['batch']}, seq {r['seq']}, "
+        f"{r['rows']} rows, {r['steps_timed']} timed steps per mode on {r['device']}:",
+        "",
+        "| pipeline | median s/step | share of step time waiting for input | median wait |",
+        "|---|---:|---:|---:|",
+    ]
+    for mode, v in r["input_wait"].items():
+        lines.append(
+            f"| {mode} | {v['step_s']:.4f} | {v['input_wait_share']:.1%} | "
+            f"{v['input_wait_ms_median']:.2f} ms |"
+        )
+    return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
@@ -582,6 +678,16 @@ def main(argv=None) -> dict:
         help="the device's peak TFLOP/s for --dtype, for the floor's MFU (default: a table of "
         "GPUs and TPUs; none for CPUs)",
     )
+    p.add_argument(
+        "--impl",
+        choices=["native", "hf"],
+        default="native",
+        help="RoBERTa shapes: our native encoder (default; with transformers 4.x installed, HF's "
+        "Flax class runs beside it as hf_flax_floor / hf_flax_aroma_r1) or HF's Flax class",
+    )
+    p.add_argument(
+        "--no-hf", action="store_true", help="skip the HF Flax rows beside the native model"
+    )
     p.add_argument("--json", type=Path, help="write the results as JSON here")
     p.add_argument("--md", type=Path, help="write the markdown table here")
     p.add_argument(
@@ -596,7 +702,37 @@ def main(argv=None) -> dict:
         help="a tiny model (--model tiny or tiny-llama; default tiny), 1 step per round, 2 rounds: "
         "checks that the script works (CI; never read its timings)",
     )
+    p.add_argument(
+        "--input-wait",
+        action="store_true",
+        help="measure the input pipeline's wait share without and with prefetch instead",
+    )
+    p.add_argument(
+        "--input-rows",
+        type=int,
+        default=100_000,
+        help="--input-wait: rows of the synthetic tokenized split",
+    )
     args = p.parse_args(argv)
+    if args.input_wait:
+        if args.smoke:
+            args.model, args.batch, args.seq, args.steps, args.rounds, args.warmup = (
+                "tiny",
+                2,
+                16,
+                2,
+                1,
+                1,
+            )
+            args.input_rows = 64
+        result = input_wait(args)
+        table = input_wait_markdown(result)
+        print("\n" + table)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+        if args.md:
+            args.md.write_text(table + "\n")
+        return result
     if args.smoke:
         args.model, args.batch, args.seq, args.steps, args.rounds, args.warmup = (
             args.model if args.model.startswith("tiny") else "tiny",

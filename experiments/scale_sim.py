@@ -3,6 +3,7 @@ devices from abstract shapes (no weights are ever created).
 
     python -m experiments.scale_sim --model llama3-8b --devices 1,8,64 --out scale.json
     python -m experiments.scale_sim --model llama3-70b --devices 64
+    python -m experiments.scale_sim --model gemma3-4b --devices 1,8 --remat full  # or qwen3-8b
 
 For each device count the step (bf16 base weights, fp32 adapters and optimizer state, AROMA
 r=1 on the paper's LLaMA targets) is traced with `jax.ShapeDtypeStruct` inputs, sharded with the
@@ -24,6 +25,7 @@ within tens of percent), and attention goes through XLA's reference path (it mat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -57,7 +59,12 @@ GB = 1e9
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", choices=of_arch("llama"), default="llama3-8b", help="model shape")
+    p.add_argument(
+        "--model",
+        choices=of_arch("llama", "qwen3", "gemma3_text"),
+        default="llama3-8b",
+        help="model shape",
+    )
     p.add_argument(
         "--devices", default="1,8,64", help="comma-separated simulated device counts (1,8,64)"
     )
@@ -98,6 +105,38 @@ def parse_args(argv=None) -> argparse.Namespace:
         "chips); needs libtpu (pip install libtpu), no TPU: XLA's TPU compiler runs on the host. "
         "--devices is then the topology's chip count",
     )
+    p.add_argument(
+        "--activations",
+        choices=("pinned", "free"),
+        default="pinned",
+        help="pinned (the default): trace the step under the native model's activation rules, "
+        "so its with_logical_constraint calls keep activations batch-sharded; free: no "
+        "constraints, XLA's partitioner propagates the weights' shardings into the activations",
+    )
+    p.add_argument(
+        "--hlo-dir", type=Path, default=None, help="write each compiled step's optimized HLO here"
+    )
+    p.add_argument(
+        "--skip-flops",
+        action="store_true",
+        help="skip the unrolled 1- and 2-layer compiles a scanned step's FLOPs come from "
+        "(flops_per_device is then NaN; flops_scan_body_once counts the layer loop once)",
+    )
+    p.add_argument(
+        "--from-hlo",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="compile nothing: parse an optimized HLO text (as --hlo-dir writes) for its "
+        "collectives and traffic, with --batch, --seq and --devices describing its step",
+    )
+    p.add_argument(
+        "--loop-scale",
+        type=int,
+        default=1,
+        help="with --from-hlo: multiply the collectives that run more than once per step (the "
+        "layer loops' bodies) by this, e.g. 16 to read a 2-layer compile as 32 layers",
+    )
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     try:
@@ -131,55 +170,144 @@ def _shape_bytes(shape: str) -> int:
     return total
 
 
-def _loop_multipliers(hlo: str) -> dict[str, int]:
-    """How many times each computation runs per step through ``while`` loops with a known
-    trip count (a scanned layer stack's body runs once per layer); 1 for the rest."""
-    loops: list[tuple[str, str, int]] = []  # (computation holding the while, body, trips)
-    current = None
-    for line in hlo.splitlines():
-        head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
-        if head and not line.startswith(" "):
-            current = head.group(1)
+def _trip_count(line: str, comps: dict[str, list[str]]) -> int | None:
+    """A ``while``'s trip count: XLA's ``known_trip_count`` backend config when present, else
+    from its condition, a compare of the induction variable (a tuple element of the loop
+    state) against a constant: ``i < N`` or ``N > i`` from an initial ``i`` of 0 (scan's
+    loops count from 0; XLA's TPU pipeline leaves the config off its loops). None if neither
+    is found."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+    if known:
+        return int(known.group(1))
+    cond = re.search(r"condition=%?([\w.\-]+)", line)
+    if not cond or cond.group(1) not in comps:
+        return None
+    consts: dict[str, int] = {}
+    for body_line in comps[cond.group(1)]:
+        c = re.match(r"\s*%?([\w.\-]+) = s(?:32|64)\[\]\S* constant\((-?\d+)\)", body_line)
+        if c:
+            consts[c.group(1)] = int(c.group(2))
+    for body_line in comps[cond.group(1)]:
+        cmp = re.search(
+            r"compare\([^%]*%([\w.\-]+), [^%]*%([\w.\-]+)\), direction=(LT|GT)", body_line
+        )
+        if not cmp:
             continue
-        m = re.search(r"\swhile\(.*body=%?([\w.\-]+)", line)
-        if m:
-            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-            loops.append((current, m.group(1), int(trips.group(1)) if trips else 1))
-    mult: dict[str, int] = {}
-    for _ in range(len(loops) + 1):  # nested loops: propagate outer multipliers inward
-        for parent, body, trips in loops:
-            mult[body] = mult.get(parent, 1) * trips
-    return mult
+        a, b, direction = cmp.groups()
+        bound = consts.get(b) if direction == "LT" else consts.get(a)
+        if bound is not None:
+            return bound
+    return None
 
 
-def collectives(hlo: str) -> dict:
-    """Per kind: how many run per step and their result bytes per step, split into every-step
-    and conditional-branch ones; a collective in a loop body counts once per iteration."""
-    branch_names: set[str] = set()
-    for m in re.finditer(r"branch_computations=\{([^}]*)\}", hlo):
-        branch_names |= {x.strip().lstrip("%") for x in m.group(1).split(",")}
-    for m in re.finditer(r"(?:true|false)_computation=%?([\w.\-]+)", hlo):
-        branch_names.add(m.group(1))
-    mult = _loop_multipliers(hlo)
-    out: dict = {"every_step": {}, "conditional": {}}
-    current = None
-    op_re = re.compile(
-        r"=\s+(\([^=]*?\)|[a-z]+\d*\[[\d,]*\]\S*)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\("
-    )
-    for line in hlo.splitlines():
-        head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
-        if head and not line.startswith(" "):
-            current = head.group(1)
-            continue
-        m = op_re.search(line)
-        if not m:
-            continue
-        where = "conditional" if current in branch_names else "every_step"
-        rec = out[where].setdefault(m.group(2), {"count": 0, "bytes": 0})
-        n = mult.get(current, 1)
-        rec["count"] += n
-        rec["bytes"] += n * _shape_bytes(m.group(1))
+_CALLEE = re.compile(
+    r"(?:body|condition|to_apply|calls|true_computation|false_computation)=%?([\w.\-]+)"
+    r"|branch_computations=\{([^}]*)\}"
+)
+
+
+def _callees(line: str) -> list[str]:
+    out = []
+    for m in _CALLEE.finditer(line):
+        names = [m.group(1)] if m.group(1) else m.group(2).split(",")
+        out += [n.strip().lstrip("%") for n in names]
     return out
+
+
+def run_counts(hlo: str) -> dict[str, tuple[int, int]]:
+    """Per computation reachable from the entry: how many times it runs per step outside any
+    ``conditional`` and how many times at most inside one (the controller's branches, which run
+    on a few steps only). A ``while`` body and condition run once per trip (`_trip_count`; a
+    loop whose count is not found counts once), nested loops multiply, and a computation called
+    from several places adds their counts up."""
+    comps, entry = computations(hlo)
+    counts: dict[str, list[int]] = {}
+
+    def visit(name: str, n: int, in_branch: bool) -> None:
+        counts.setdefault(name, [0, 0])[int(in_branch)] += n
+        for line in comps.get(name, []):
+            callees = [c for c in _callees(line) if c in comps]
+            if not callees:
+                continue
+            trips = (_trip_count(line, comps) or 1) if re.search(r"\swhile\(", line) else 1
+            branch = in_branch or " conditional(" in line
+            for c in callees:
+                visit(c, n * trips, branch)
+
+    if entry:
+        visit(entry, 1, False)
+    return {k: (v[0], v[1]) for k, v in counts.items()}
+
+
+def collectives(hlo: str, detail: bool = False) -> dict:
+    """Per kind: how many run per step and their result bytes per step, split into every-step
+    and conditional-branch ones; a collective in a loop body counts once per iteration
+    (`run_counts`). ``detail``: also ``"ops"``, one row per collective instruction and where it
+    runs (its computation, result shape, runs per step, bytes per step), largest first."""
+    runs = run_counts(hlo)
+    comps, _ = computations(hlo)
+    out: dict = {"every_step": {}, "conditional": {}}
+    ops = []
+    op_re = re.compile(
+        r"%?([\w.\-]+) = (\([^=]*?\)|[a-z]+\d*\[[\d,]*\]\S*)\s+("
+        + "|".join(COLLECTIVES)
+        + r")(-start|-done)?\("
+    )
+    for name, lines in comps.items():
+        for line in lines:
+            m = op_re.search(line)
+            # an async pair counts once, at its done, whose result is the collective's (the
+            # start's is a tuple that also holds the operand)
+            if not m or m.group(4) == "-start" and f"{m.group(3)}-done(" in hlo:
+                continue
+            size = _shape_bytes(m.group(2))
+            for where, n in zip(("every_step", "conditional"), runs.get(name, (0, 0)), strict=True):
+                if n == 0:
+                    continue
+                rec = out[where].setdefault(m.group(3), {"count": 0, "bytes": 0})
+                rec["count"] += n
+                rec["bytes"] += n * size
+                ops.append(
+                    {
+                        "op": m.group(1),
+                        "kind": m.group(3),
+                        "computation": name,
+                        "where": where,
+                        "shape": m.group(2),
+                        "runs": n,
+                        "bytes": n * size,
+                    }
+                )
+    if detail:
+        out["ops"] = sorted(ops, key=lambda o: -o["bytes"])
+    return out
+
+
+def traffic(ops: list[dict], batch: int, seq: int, n_devices: int) -> dict[str, dict]:
+    """Every-step collectives (`collectives`'s ``ops``) grouped by kind and by what they move:
+    ``activations`` (a shape holding the global or per-device batch next to the sequence
+    length), else ``weights`` (bf16: the frozen base model) or ``adapter/optimizer state``
+    (f32), else ``other``. Keys ``"<kind>: <tensor>"``; runs and result bytes per step."""
+    rows = {batch, max(batch // n_devices, 1)}
+    out: dict[str, dict] = {}
+    for o in ops:
+        if o["where"] != "every_step":
+            continue
+        dims = [
+            [int(d) for d in x.split(",") if d] for x in re.findall(r"\[([\d,]*)\]", o["shape"])
+        ]
+        if any(a in rows and b == seq for d in dims for a, b in zip(d, d[1:], strict=False)):
+            tensor = "activations"
+        elif o["shape"].lstrip("(").startswith("bf16"):
+            tensor = "weights"
+        elif o["shape"].lstrip("(").startswith("f32"):
+            tensor = "adapter/optimizer state"
+        else:
+            tensor = "other"
+        rec = out.setdefault(f"{o['kind']}: {tensor}", {"count": 0, "bytes": 0})
+        rec["count"] += o["runs"]
+        rec["bytes"] += o["bytes"]
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["bytes"]))
 
 
 def computations(hlo: str) -> tuple[dict[str, list[str]], str | None]:
@@ -295,10 +423,20 @@ def simulate(args, n_devices: int, jax) -> dict:
     compiled, info = compile_step(args, n_devices, jax)
     mem = compiled.memory_analysis()
     hlo = compiled.as_text()
+    if args.hlo_dir:
+        args.hlo_dir.mkdir(parents=True, exist_ok=True)
+        name = f"{args.model}-L{info['layers']}-{n_devices}-{args.remat}-{args.activations}"
+        (args.hlo_dir / f"{name}.hlo.txt").write_text(hlo)
     flops = float(_cost(compiled).get("flops", float("nan")))
     if info["scan_layers"]:
         info["flops_scan_body_once"] = flops
-        flops = unrolled_flops(args, n_devices, jax, info["layers"])
+        # NaN, not the loop-body-once figure, when the extra unrolled compiles are skipped
+        flops = (
+            float("nan")
+            if args.skip_flops
+            else unrolled_flops(args, n_devices, jax, info["layers"])
+        )
+    coll = collectives(hlo, detail=True)
     peak = (
         mem.argument_size_in_bytes
         + mem.output_size_in_bytes
@@ -313,7 +451,8 @@ def simulate(args, n_devices: int, jax) -> dict:
         "temp_bytes": mem.temp_size_in_bytes,
         "peak_bytes": peak,
         "flops_per_device": flops,
-        "collectives": collectives(hlo),
+        "collectives": coll,
+        "traffic": traffic(coll["ops"], args.batch, args.seq, n_devices),
         "fusions": fusions(hlo),
     }
 
@@ -327,7 +466,7 @@ def compile_step(args, n_devices: int, jax):
     from aroma_jax.data import objectives
     from aroma_jax.models.hf import PRESETS
     from aroma_jax.models.native import NativeCausalLM, NativeConfig
-    from aroma_jax.models.native.partitioning import sharding_rules
+    from aroma_jax.models.native.partitioning import activation_context, sharding_rules
 
     shape = dict(SHAPES[args.model][1])
     if args.layers:
@@ -361,14 +500,18 @@ def compile_step(args, n_devices: int, jax):
     state = jax.eval_shape(trainer.init, params)
     batch = {"input_ids": ids, "attention_mask": ids, "loss_mask": ids}
     mesh_spec = args.meshes.get(n_devices, "")
+    context = contextlib.nullcontext()
     if n_devices > 1 or args.topology:  # a topology's programs need explicit shardings
         mesh = sharding.parse_mesh(mesh_spec or "data=1", _devices(args, n_devices, jax))
         shardings = sharding.state_shardings(trainer, state, mesh, sharding_rules())
         trainer.set_shardings(shardings, sharding.batch_sharding(mesh))
+        if args.activations == "pinned":
+            context = activation_context(mesh)
     # CPU seconds next to wall seconds: on a shared machine the wall clock measures the
     # neighbours too, the process's CPU time much less so.
     t0, c0 = time.perf_counter(), time.process_time()
-    lowered = trainer._step.lower(state, batch)
+    with context:  # constraints are applied while tracing, so lowering is where they matter
+        lowered = trainer._step.lower(state, batch)
     t1, c1 = time.perf_counter(), time.process_time()
     compiled = lowered.compile()
     t2, c2 = time.perf_counter(), time.process_time()
@@ -385,6 +528,7 @@ def compile_step(args, n_devices: int, jax):
         "remat": args.remat,
         "method": args.method,
         "scan_layers": scan,
+        "activations": args.activations if n_devices > 1 or args.topology else "single device",
         "adapted_modules": len(trainer.paths),
         "lower_s": round(t1 - t0, 1),
         "compile_s": round(t2 - t1, 1),
@@ -411,8 +555,32 @@ def fmt(r: dict) -> str:
     )
 
 
+def from_hlo(args: argparse.Namespace) -> dict:
+    """`collectives` and `traffic` of a saved optimized HLO text (``--from-hlo``)."""
+    coll = collectives(args.from_hlo.read_text(), detail=True)
+    k = args.loop_scale
+    ops = [
+        dict(o, runs=o["runs"] * k, bytes=o["bytes"] * k) if o["runs"] > 1 else o
+        for o in coll["ops"]
+    ]
+    n = args.device_counts[0]
+    return {
+        "hlo": str(args.from_hlo),
+        "loop_scale": k,
+        "traffic": traffic(ops, args.batch, args.seq, n),
+        "collectives": coll,
+    }
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.from_hlo:
+        r = from_hlo(args)
+        for key, v in r["traffic"].items():
+            print(f"{key}: x{v['count']} {v['bytes'] / GB:.2f} GB per device per step")
+        if args.out:
+            args.out.write_text(json.dumps([r], indent=2))
+        return [r]
     flag = f"--xla_force_host_platform_device_count={max(args.device_counts)}"
     if "jax" in sys.modules:
         import jax

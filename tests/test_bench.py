@@ -46,6 +46,12 @@ def load_experiment(name: str):
 
 
 @pytest.mark.slow
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    """experiments/bench.py with ``args``, in the quick-compile environment."""
+    cmd = [sys.executable, str(ROOT / "experiments" / "bench.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=quick_compile_env())
+
+
 def test_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
     vs_peft = bool(importlib.util.find_spec("peft") and importlib.util.find_spec("torch"))
@@ -104,6 +110,14 @@ def test_bench_smoke(tmp_path):
         assert data["trainable_params"]["peft_lora_r8"] == data["trainable_params"]["lora_r8"]
     assert all(v == 1 for v in data["train_step_compiles"].values())
     assert "| floor |" in (tmp_path / "bench.md").read_text()
+    # the native encoder runs; HF's Flax class beside it where transformers 4.x has it
+    assert data["impl"] == "native"
+    import transformers
+
+    if hasattr(transformers, "FlaxRobertaForSequenceClassification"):
+        assert {"hf_flax_floor_s", "hf_flax_aroma_r1_s"} <= set(data)
+        assert set(data["native_vs_hf_flax"]) == {"floor", "aroma_r1"}
+        assert "native / HF Flax step time" in (tmp_path / "bench.md").read_text()
 
 
 @pytest.mark.slow
@@ -125,6 +139,18 @@ def test_bench_smoke_llama_shape(tmp_path):
         # The torch floor: one zero bias per target output feature, as ours: per layer
         # q 64 + k 32 + v 32 (2 of 4 heads) + up 128 + down 64, two layers.
         assert n["torch_floor"] == 2 * (64 + 32 + 32 + 128 + 64)
+
+
+def test_bench_input_wait_smoke(tmp_path):
+    """--input-wait: both pipeline modes run through BatchStream and report a wait share."""
+    out = tmp_path / "wait.json"
+    res = run_bench("--input-wait", "--smoke", "--json", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert set(data["input_wait"]) == {"no_prefetch", "prefetch"}
+    for v in data["input_wait"].values():
+        assert 0 < v["input_wait_share"] < 1 and v["step_s"] > 0
+    assert "share of step time waiting for input" in res.stdout
 
 
 @pytest.mark.slow

@@ -126,3 +126,127 @@ backend_config={"known_trip_count":{"n":"32"}}
     assert got["every_step"]["all-gather"] == {"count": 32, "bytes": 32 * 64 * 16 * 2}
     with pytest.raises(SystemExit):
         sim.parse_args(["--devices", "4"])  # no mesh for 4 devices
+
+
+def test_hlo_trip_counts_from_the_loop_condition():
+    """XLA's TPU pipeline leaves ``known_trip_count`` off its loops: the count then comes from
+    the condition's compare of the induction variable with a constant; nested loops multiply,
+    a loop inside a controller branch stays conditional, an async collective counts once (at its
+    done), and a collective in a computation the body calls runs as often as the body."""
+    sim = load()
+    hlo = """HloModule m
+%gather_w (p: bf16[8,16]) -> bf16[64,16] {
+  %ag = bf16[64,16]{1,0} all-gather(bf16[8,16]{1,0} %p), dimensions={0}
+}
+
+%inner_body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %ar = f32[1024]{0} all-reduce(f32[1024]{0} %x), replica_groups={}, to_apply=%add
+}
+
+%inner_cond (p: (s32[], f32[4])) -> pred[] {
+  %i = s32[] get-tuple-element((s32[], f32[4]) %p), index=0
+  %three = s32[] constant(3)
+  ROOT %lt = pred[] compare(s32[] %three, s32[] %i), direction=GT
+}
+
+%layer (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %ags = (bf16[8,16]{1,0}, bf16[64,16]{1,0}) all-gather-start(bf16[8,16]{1,0} %x), dimensions={0}
+  %agd = bf16[64,16]{1,0} all-gather-done((bf16[8,16]{1,0}, bf16[64,16]{1,0}) %ags)
+  %c = bf16[64,16]{1,0} call(bf16[8,16]{1,0} %x), to_apply=%gather_w
+  %w = (s32[], f32[4]) while((s32[], f32[4]) %t), condition=%inner_cond, body=%inner_body
+}
+
+%layer_cond (p: (s32[], f32[4])) -> pred[] {
+  %i = s32[] get-tuple-element((s32[], f32[4]) %p), index=0
+  %n = s32[]{:T(128)} constant(32)
+  ROOT %lt = pred[]{:T(512)} compare(%i, %n), direction=LT, metadata={op_name="while/cond/lt"}
+}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  ROOT %s = f32[] add(f32[] %a, f32[] %b)
+}
+
+%branch (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %w = (s32[], f32[4]) while((s32[], f32[4]) %t), condition=%layer_cond, body=%inner_body
+}
+
+%skip (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %t = (s32[], f32[4]) tuple(s32[] %i, f32[4] %x)
+}
+
+ENTRY %main (x: f32[4]) -> f32[4] {
+  %s = (s32[], f32[4]) while((s32[], f32[4]) %t), condition=%layer_cond, body=%layer
+  %c = (s32[], f32[4]) conditional(pred[] %q, %t, %t), branch_computations={%skip, %branch}
+}
+"""
+    runs = sim.run_counts(hlo)
+    assert runs["layer"] == (32, 0) and runs["inner_body"] == (32 * 3, 32)
+    got = sim.collectives(hlo, detail=True)
+    ag = 64 * 16 * 2
+    # per layer: the async gather once (not its start's tuple too) and the called one
+    assert got["every_step"]["all-gather"] == {"count": 64, "bytes": 64 * ag}
+    assert got["every_step"]["all-reduce"] == {"count": 96, "bytes": 96 * 4096}
+    assert got["conditional"] == {"all-reduce": {"count": 32, "bytes": 32 * 4096}}
+    assert got["ops"][0] == {
+        "op": "ar",
+        "kind": "all-reduce",
+        "computation": "inner_body",
+        "where": "every_step",
+        "shape": "f32[1024]{0}",
+        "runs": 96,
+        "bytes": 96 * 4096,
+    }
+    # a loop whose bound is not a constant counts once, rather than being guessed
+    unknown = hlo.replace("%n = s32[]{:T(128)} constant(32)", "%n = s32[] parameter(1)")
+    assert sim.run_counts(unknown)["layer"] == (1, 0)
+
+
+def test_traffic_groups_collectives_by_the_tensor_they_move():
+    sim = load()
+    ops = [
+        # an activation partial sum: the global batch of 32 next to the sequence of 256
+        {
+            "kind": "all-reduce",
+            "where": "every_step",
+            "shape": "bf16[32,256,4096]{2,1,0}",
+            "runs": 64,
+            "bytes": 64 * 32 * 256 * 4096 * 2,
+        },
+        # a per-device batch (32 / 8) is an activation too, whatever the dtype
+        {
+            "kind": "all-gather",
+            "where": "every_step",
+            "shape": "(f32[4,256]{1,0}, f32[4,256])",
+            "runs": 1,
+            "bytes": 8192,
+        },
+        {
+            "kind": "all-gather",
+            "where": "every_step",
+            "shape": "bf16[1,4096,14336]{2,1,0}",
+            "runs": 64,
+            "bytes": 64 * 4096 * 14336 * 2,
+        },
+        {
+            "kind": "all-gather",
+            "where": "every_step",
+            "shape": "f32[32,14336,1]{1,2,0}",
+            "runs": 1,
+            "bytes": 32 * 14336 * 4,
+        },
+        {
+            "kind": "all-gather",
+            "where": "conditional",
+            "shape": "bf16[32,256]",
+            "runs": 1,
+            "bytes": 1,
+        },
+    ]
+    got = sim.traffic(ops, batch=32, seq=256, n_devices=8)
+    assert got == {
+        "all-gather: weights": {"count": 64, "bytes": 64 * 4096 * 14336 * 2},
+        "all-reduce: activations": {"count": 64, "bytes": 64 * 32 * 256 * 4096 * 2},
+        "all-gather: adapter/optimizer state": {"count": 1, "bytes": 32 * 14336 * 4},
+        "all-gather: activations": {"count": 1, "bytes": 8192},
+    }
+    assert list(got)[0] == "all-gather: weights"  # largest first

@@ -188,3 +188,30 @@ def test_long_grid_sweeps_lr_on_validation_then_runs_seeds_and_resumes(
     text = doc.read_text()
     assert text.startswith("# Study\n\nkept text\n") and text.count(study.BEGIN) == 1
     assert text.count("### Learning-rate sweep") == 1
+
+
+@pytest.mark.slow
+def test_tiny_long_grid_end_to_end(study, fake_assets, tmp_path):
+    """The long-budget phases on real tiny runs: the report's rank map, effective-rank ratio and
+    score-against-steps sections read the finished run directories."""
+    grid = write_grid(tmp_path)
+    text = grid.read_text().split("methods:")[0]  # base, seeds [0, 1], tasks
+    grid.write_text(
+        text + "methods: {aroma: []}\nlr_sweep: {seed: 0, values: [1.0e-3, 3.0e-3, 1.0e-2]}\n"
+    )
+    base = tmp_path / "base.yaml"  # validation every 4 of the 8 steps: a score-vs-steps curve
+    base.write_text(base.read_text().replace("eval_every: 100", "eval_every: 4"))
+    out = tmp_path / "long"
+    assert study.main([str(grid), "--out", str(out)]) == 0
+    choice = json.loads((out / "lr_choice.json").read_text())[0]
+    assert choice["complete"] and choice["chosen"] in (1e-3, 3e-3, 1e-2)
+    lr = f"lr{choice['chosen']:g}"
+    for seed in (0, 1):
+        s = json.loads(
+            (out / "rotten_tomatoes" / "aroma" / lr / f"seed{seed}" / "summary.json").read_text()
+        )
+        assert s["status"] == "finished" and "eq6_stopped" in s
+    report = (out / "report.md").read_text()
+    assert "Rank map, rotten_tomatoes / aroma" in report
+    assert "| aroma | 0." in report  # the effective-rank ratio row
+    assert "**rotten_tomatoes** (accuracy)" in report and "| aroma | " in report

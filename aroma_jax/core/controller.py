@@ -246,8 +246,8 @@ def outer_step(
         active = ~was_done
         rho, stop, local = eq6(pair_norm, fz, m, kernel, base_sq, cfg, folds, local)
         stop = active & stop
-        # Never merge an exactly zero pair (ReLoRA, or AROMA with outer_tol <= 0): it would
-        # count a rank with no update. It keeps training (and AROMA's eq. 6 stops it).
+        # Never merge an exactly zero pair: it would count a rank with no update. AROMA's eq. 6
+        # (ratio 0) has stopped it already unless outer_tol <= 0; ReLoRA's keeps training.
         nonzero = pair_norm > 0
         merge = active & ~stop & nonzero & (m < growth_slots)
         full = active & ~stop & nonzero & (m >= growth_slots)

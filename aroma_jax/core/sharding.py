@@ -210,36 +210,166 @@ def shard_trainer(
 ) -> TrainState:
     """Places ``state`` on ``mesh`` and recompiles ``trainer``'s step for those shardings."""
     shardings = state_shardings(trainer, state, mesh, rules)
-    state = jax.device_put(state, shardings)
+    state = put_global(state, shardings)
     trainer.set_shardings(shardings, batch_sharding(mesh))
     return state
 
 
+DISTRIBUTED_ENV = (
+    "AROMA_COORDINATOR",
+    "AROMA_NUM_PROCESSES",
+    "AROMA_PROCESS_ID",
+    "AROMA_DISTRIBUTED",
+    "AROMA_HEARTBEAT_TIMEOUT",
+)
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    if not value.strip().isdigit():
+        raise ValueError(f"{name}={value!r} is not a whole number: accepted e.g. {name}=2")
+    return int(value)
+
+
+def put_global(tree: Any, shardings: Any) -> Any:
+    """`jax.device_put` that also places onto devices of other processes.
+
+    With several processes, every process holds the same full value (same seed, same
+    checkpoint) and contributes the shards of its own devices; `jax.device_put` refuses
+    shardings that span other processes' devices.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(x: Any, where: NamedSharding) -> Any:
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = np.asarray(jax.random.key_data(x))
+            where = NamedSharding(where.mesh, P(*where.spec, *[None] * (data.ndim - x.ndim)))
+            placed = jax.make_array_from_callback(data.shape, where, lambda i: data[i])
+            return jax.random.wrap_key_data(placed, impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, where, lambda i: host[i])
+
+    return jax.tree.map(one, tree, shardings)
+
+
 def initialize_distributed(
-    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    heartbeat_timeout_s: int | None = None,
 ) -> bool:
-    """Starts multi-host JAX from arguments or ``AROMA_COORDINATOR`` / ``AROMA_NUM_PROCESSES``
+    """Starts multi-process JAX from arguments or ``AROMA_COORDINATOR`` / ``AROMA_NUM_PROCESSES``
     / ``AROMA_PROCESS_ID``; on TPU pods and SLURM, JAX discovers these itself when
-    ``AROMA_DISTRIBUTED=1``. Returns whether it initialised (False: single process)."""
-    coordinator = coordinator or os.environ.get("AROMA_COORDINATOR")
-    if num_processes is None and "AROMA_NUM_PROCESSES" in os.environ:
-        num_processes = int(os.environ["AROMA_NUM_PROCESSES"])
-    if process_id is None and "AROMA_PROCESS_ID" in os.environ:
-        process_id = int(os.environ["AROMA_PROCESS_ID"])
-    if coordinator or num_processes:
-        jax.distributed.initialize(
-            coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+    ``AROMA_DISTRIBUTED=1``. Returns whether this is a distributed run (False: single process).
+
+    Must run before anything touches devices (`jax.devices()`, any array); a second call is a
+    no-op. A process that stops sending heartbeats for ``heartbeat_timeout_s`` (argument,
+    ``AROMA_HEARTBEAT_TIMEOUT``, default 60 s) makes every other process abort with JAX's
+    "another task died" message instead of waiting forever in a collective. On CPU the
+    cross-process collectives use gloo.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    coordinator = coordinator or os.environ.get("AROMA_COORDINATOR") or None
+    num_processes = num_processes if num_processes is not None else _env_int("AROMA_NUM_PROCESSES")
+    process_id = process_id if process_id is not None else _env_int("AROMA_PROCESS_ID")
+    heartbeat = heartbeat_timeout_s or _env_int("AROMA_HEARTBEAT_TIMEOUT") or 60
+    auto = os.environ.get("AROMA_DISTRIBUTED") == "1"
+    if not (coordinator or num_processes or auto):
+        return False
+    if not auto and not (coordinator and num_processes and process_id is not None):
+        raise ValueError(
+            "a multi-process run needs all of the coordinator address, the number of processes "
+            f"and this process's id (got coordinator={coordinator!r}, num_processes="
+            f"{num_processes}, process_id={process_id}): accepted AROMA_COORDINATOR=host:port "
+            "AROMA_NUM_PROCESSES=N AROMA_PROCESS_ID=i (or --coordinator/--num-processes/"
+            "--process-id), or AROMA_DISTRIBUTED=1 where JAX detects them (TPU pods, SLURM)"
         )
-        return True
-    if os.environ.get("AROMA_DISTRIBUTED") == "1":
-        jax.distributed.initialize()  # auto-detected on TPU pods / SLURM
-        return True
-    return False
+    if process_id is not None and num_processes and not 0 <= process_id < num_processes:
+        raise ValueError(
+            f"process id {process_id} is out of range for {num_processes} processes: "
+            f"accepted 0..{num_processes - 1}"
+        )
+    # Without it XLA:CPU has no cross-process collectives; GPU and TPU clients ignore it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator,
+        num_processes=num_processes,
+        process_id=process_id,
+        heartbeat_timeout_seconds=heartbeat,
+    )
+    return True
 
 
-def make_global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:
-    """Each host passes its own slice of the batch; returns global sharded arrays."""
+def is_writer() -> bool:
+    """Whether this process writes the run's files (metrics, TensorBoard, plots, summary,
+    exports, the run-directory lock): process 0 only. Checkpoints are written by every process
+    together (orbax), not by the writer alone."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str, timeout_s: int = 600) -> None:
+    """Waits until every process reaches ``name``; raises a clear error after ``timeout_s``
+    (a process stuck or dead) instead of hanging. A no-op for one process."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the client has the only barrier with a timeout
+
+    try:
+        distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+    except Exception as err:  # the client raises XlaRuntimeError (DEADLINE_EXCEEDED and others)
+        raise RuntimeError(
+            f"process {jax.process_index()} of {jax.process_count()} waited {timeout_s} s at "
+            f"{name!r} for the other processes: one of them died or is stuck ({err})"
+        ) from err
+
+
+def process_rows(sharding: NamedSharding, global_rows: int) -> slice:
+    """The contiguous rows of a global batch whose shards live on this process's devices.
+
+    Every process feeds exactly these rows (`make_global_batch`), so no process loads the
+    whole batch.
+    """
+    index = sharding.addressable_devices_indices_map((global_rows,))
+    spans = sorted({s[0].indices(global_rows)[:2] for s in index.values()})
+    if any(a[1] != b[0] for a, b in zip(spans, spans[1:], strict=False)):
+        raise MeshError(
+            f"this process's batch rows {spans} are not contiguous: lay the mesh out so that "
+            "each process's devices are adjacent along the batch axes (jax.devices() order)"
+        )
+    return slice(spans[0][0], spans[-1][1])
+
+
+def make_global_batch(
+    local_batch: Mapping[str, np.ndarray], sharding: NamedSharding, global_rows: int
+) -> dict:
+    """This process's rows (``process_rows``) of each field -> global sharded arrays."""
     return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+        k: jax.make_array_from_process_local_data(
+            sharding, np.asarray(v), (global_rows, *np.shape(v)[1:])
+        )
         for k, v in local_batch.items()
     }
+
+
+def to_host(tree: Any) -> Any:
+    """``tree`` with every array as a full numpy array on every process.
+
+    Arrays sharded across processes are gathered (a collective: every process must call this
+    with the same tree); replicated and single-process arrays are read locally.
+    """
+    from jax.experimental import multihost_utils
+
+    def one(x: Any) -> Any:
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return jax.device_get(x)
+        if x.is_fully_replicated:  # typed PRNG keys stay keys (on a local device)
+            local = x.addressable_data(0)
+            is_key = jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+            return local if is_key else np.asarray(local)
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(one, tree)

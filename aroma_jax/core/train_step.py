@@ -399,6 +399,11 @@ class AromaTrainer:
     def step(self, state: TrainState, batch: Any) -> tuple[TrainState, StepInfo]:
         return self._step(state, batch)
 
+    def compile_step(self, state: TrainState, batch: Any) -> None:
+        """Compiles the step for these shapes without running it (`step` reuses the program):
+        processes that must start their first step together compile before they meet."""
+        self._step.lower(state, batch).compile()
+
     def _step_impl(self, state: TrainState, batch: Any) -> tuple[TrainState, StepInfo]:
         self._traces += 1
         cfg, n, method = self.cfg, len(self.paths), self.method
@@ -423,6 +428,8 @@ class AromaTrainer:
         # A pair merges at every outer step until its module is done or full (capacity), and a
         # full module never merges again: so merges < outer_count marks a pair that was not
         # reset (capacity-full), without a flag in the state (checkpoints keep their layout).
+        # The one exception: a pair left exactly zero through an outer step (not merged, see
+        # `controller.outer_step`) is not re-warmed after a later merge.
         rewarm = {
             "pairs": {
                 p: jax.tree.map(

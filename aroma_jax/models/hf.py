@@ -38,9 +38,9 @@ PRESETS["roberta"] = PRESETS["bert"]
 LLAMA_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # model_types the native models (`aroma_jax.models.native`) implement; ``model.impl: auto`` runs
 # them natively (arch "llama": same presets and pipeline), everything else through HF Flax.
-LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 ENCODER_FAMILY = ("bert", "roberta")  # `aroma_jax.models.native.encoder_model`
-NATIVE_TYPES = LLAMA_FAMILY + ENCODER_FAMILY
+NATIVE_TYPES = (*LLAMA_FAMILY, *ENCODER_FAMILY, "bart")  # bart: `native.seq2seq_model`
 IMPLS = ("auto", "native", "hf")
 
 
@@ -351,6 +351,8 @@ def load_for_task(
         if choose_impl(impl, arch if arch in NATIVE_TYPES else None, name) == "native":
             if arch in ENCODER_FAMILY:
                 loaded = build_tiny_encoder(arch, task, num_labels, dtype, seed, **native_only)
+            elif arch == "bart":
+                loaded = build_tiny_bart(task, dtype, seed, **native_only)
             else:
                 loaded = build_tiny_native(arch, task, dtype, seed, **native_only)
         else:
@@ -362,13 +364,14 @@ def load_for_task(
             require_on_hub(name)
         with _loading(name, path, "config"):
             model_type = model_type_of(path)
-        if impl == "auto" and model_type in ENCODER_FAMILY and _flax_weights_only(path):
-            impl = "hf"  # the native encoders read safetensors; a Flax-only checkpoint stays on HF
         if choose_impl(impl, model_type, name) == "native":
             with _loading(name, path):
                 if model_type in ENCODER_FAMILY:
-                    model = load_native_encoder(path, task, num_labels, dtype, param_dtype, seed,
-                                                **native_only)
+                    model = load_native_encoder(
+                        path, task, num_labels, dtype, param_dtype, seed, **native_only
+                    )
+                elif model_type == "bart":
+                    model = load_native_bart(path, dtype, param_dtype, **native_only)
                 else:
                     model = load_native_model(path, dtype, param_dtype, **native_only)
             with _loading(name, path, "tokenizer"):
@@ -382,12 +385,6 @@ def load_for_task(
 
 
 # ---------------------------------------------------------------------------- native models
-def _flax_weights_only(path: str) -> bool:
-    """A local directory with HF Flax weights (``flax_model.msgpack``) and no safetensors."""
-    d = Path(path)
-    return (d / "flax_model.msgpack").exists() and not any(d.glob("*.safetensors*"))
-
-
 def model_type_of(path: str) -> str | None:
     """``model_type`` from a local directory's or a hub repo's ``config.json`` (None: unknown)."""
     import json
@@ -451,8 +448,11 @@ def stacked_of(model) -> dict:
     that scans its layers, else ``{}``."""
     if not getattr(model, "scan_layers", False):
         return {}
+    c = model.config
+    if c.model_type == "bart":  # two stacks
+        return {"model/encoder/layers": c.encoder_layers, "model/decoder/layers": c.decoder_layers}
     at = getattr(model, "layers_at", ("model", "layers"))
-    return {"/".join(at): model.config.num_hidden_layers}
+    return {"/".join(at): c.num_hidden_layers}
 
 
 def native_loaded(model) -> Loaded:
@@ -461,7 +461,7 @@ def native_loaded(model) -> Loaded:
 
     tok = load_tokenizer(model.source)
     arch = getattr(model.config, "model_type", "llama")
-    arch = arch if arch in ENCODER_FAMILY else "llama"
+    arch = arch if arch in (*ENCODER_FAMILY, "bart") else "llama"
     return Loaded(arch, model, tok, model.params, stacked_of(model))
 
 
@@ -482,6 +482,44 @@ def load_native_encoder(
         scan_layers=scan_layers,
         remat=remat,
     )
+
+
+def load_native_bart(path: str, dtype, param_dtype, scan_layers=False, remat="none"):
+    """A BART checkpoint on the native encoder-decoder."""
+    from aroma_jax.models.native.seq2seq_model import NativeSeq2SeqLM
+
+    return NativeSeq2SeqLM.from_pretrained(
+        path, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat=remat
+    )
+
+
+def build_tiny_bart(task, dtype, seed: int, scan_layers=False, remat="none") -> Loaded:
+    """``tiny-bart`` on the native model (the shapes of `build_tiny`)."""
+    from aroma_jax.models.native.bart import BartConfig
+    from aroma_jax.models.native.seq2seq_model import NativeSeq2SeqLM
+
+    tok = simple_tokenizer(_task_texts(task))
+    cfg = BartConfig.from_dict(
+        dict(
+            model_type="bart",
+            vocab_size=len(tok),
+            d_model=64,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=128,
+            decoder_ffn_dim=128,
+            max_position_embeddings=256,
+            decoder_start_token_id=2,
+            forced_eos_token_id=2,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    )
+    model = NativeSeq2SeqLM(cfg, dtype=dtype, seed=seed, scan_layers=scan_layers, remat=remat)
+    return Loaded("bart", model, tok, model.params, stacked_of(model))
 
 
 def build_tiny_encoder(

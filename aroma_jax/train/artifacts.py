@@ -240,23 +240,28 @@ def rebuild_state(trainer: AromaTrainer, params: Any, directory: str | Path) -> 
         done[p] = jnp.ones((), bool)
         module, layer = trainer.entry_origin[p]
         if module in trainer.folded and k:
-            spec = trainer.entry_specs[p]
-            node = base
-            for key in module.split("/"):
-                node = node[key]
-            kernel = node["kernel"]
-            w = np.asarray(kernel if layer is None else kernel[layer], np.float32)
-            w = w.reshape(spec.fan_in, spec.fan_out)
-            w = w + trainer.cfg.scale * (a.astype(np.float32) @ b.astype(np.float32))
-            w = jnp.asarray(w.reshape(spec.kernel_shape), kernel.dtype)
-            if layer is not None:
-                w = jnp.asarray(kernel).at[layer].set(w)
-            base = _set_kernel(base, module, w)
+            delta = trainer.cfg.scale * (a.astype(np.float32) @ b.astype(np.float32))
+            base = fold_into_kernel(base, module, layer, trainer.entry_specs[p], delta)
     extra = extra_params(tensors)
     if not extra:
         extra = state.extra
     adapters = trainer.restacked(AdapterState(pairs, frozen, merges, done))
     return state._replace(base=base, extra=extra, adapters=adapters, ctrl=ctrl)
+
+
+def fold_into_kernel(base: dict, module: str, layer: int | None, spec, delta: np.ndarray) -> dict:
+    """``base`` with ``delta (in, out)`` added in fp32 to ``module``'s kernel (layer ``layer``
+    of a stacked one): what a folded kernel holds after its merges."""
+    node = base
+    for key in module.split("/"):
+        node = node[key]
+    kernel = node["kernel"]
+    w = np.asarray(kernel if layer is None else kernel[layer], np.float32)
+    w = w.reshape(spec.fan_in, spec.fan_out) + delta
+    w = jnp.asarray(w.reshape(spec.kernel_shape), kernel.dtype)
+    if layer is not None:
+        w = jnp.asarray(kernel).at[layer].set(w)
+    return _set_kernel(base, module, w)
 
 
 def _set_kernel(tree: dict, path: str, value) -> dict:
@@ -270,6 +275,7 @@ __all__ = [
     "FinalError",
     "extra_params",
     "factors",
+    "fold_into_kernel",
     "load_final",
     "rebuild_state",
     "save_final",

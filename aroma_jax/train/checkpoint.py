@@ -126,7 +126,9 @@ _fingerprints_jit = jax.jit(lambda leaves: [_fingerprint_leaf(x) for x in leaves
 def fingerprints(state: Any) -> list[list[int]]:
     """Per leaf of ``state`` (keys by their data), its 2x32-bit fingerprint (one device pass)."""
     leaves = [_plain(x) for x in jax.tree.leaves(state)]
-    return [[int(v) for v in np.asarray(f)] for f in jax.device_get(_fingerprints_jit(leaves))]
+    from aroma_jax.core.sharding import to_host  # fingerprints of arrays spread over processes
+
+    return [[int(v) for v in np.asarray(f)] for f in to_host(_fingerprints_jit(leaves))]
 
 
 # ------------------------------------------------------------------------------ atomic files

@@ -130,12 +130,27 @@ def check_target(out: str | Path, overwrite: bool = False) -> None:
         )
 
 
-def with_labels(config: Any, names: list[str] | None) -> Any:
-    """An HF config with ``id2label``/``label2id`` set from the run's class names (if any)."""
+def with_labels(config: dict, names: list[str] | None) -> dict:
+    """An HF ``config.json`` dict with ``id2label``/``label2id`` from the run's class names."""
     if names:
-        config.id2label = {i: str(n) for i, n in enumerate(names)}
-        config.label2id = {str(n): i for i, n in enumerate(names)}
+        config = dict(config)
+        config["id2label"] = {str(i): str(n) for i, n in enumerate(names)}
+        config["label2id"] = {str(n): i for i, n in enumerate(names)}
     return config
+
+
+def _config_dict(config: Any) -> dict | None:
+    """The ``config.json`` dict of an HF config or of a native model's config (None: neither)."""
+    if hasattr(config, "to_dict"):  # transformers' PretrainedConfig
+        return config.to_dict()
+    hf = getattr(config, "hf_dict", None)  # native encoders and BART keep their source's dict
+    return dict(hf) if hf else None
+
+
+def _label_config_file(path: Path, names: list[str] | None) -> None:
+    """Adds the class names to a written ``config.json`` (HF and native models alike)."""
+    if names and path.exists():
+        path.write_text(json.dumps(with_labels(json.loads(path.read_text()), names), indent=2))
 
 
 def export_merged(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
@@ -143,11 +158,11 @@ def export_merged(run_dir: str | Path, out: str | Path, overwrite: bool = False)
     run_dir, out = Path(run_dir), Path(out)
     check_target(out, overwrite)
     _, pipe, tensors, meta = _load(run_dir)
-    with_labels(pipe.model.config, meta.get("label_names"))
     params = merged_params(pipe.params, tensors, meta)
     with staged_export(out, "config.json") as stage:  # a failed write leaves no half model
         save_pytorch_weights(pipe.model, params, stage)
         pipe.model.save_pretrained(str(stage), params=params)
+        _label_config_file(stage / "config.json", meta.get("label_names"))
         if pipe.tokenizer is not None:
             pipe.tokenizer.save_pretrained(str(stage))
     return out
@@ -241,6 +256,8 @@ def export_peft(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
     with staged_export(out, "adapter_config.json") as stage:
         save_file(state, str(stage / "adapter_model.safetensors"), metadata={"format": "pt"})
         (stage / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        if meta.get("label_names"):
-            with_labels(pipe.model.config, meta["label_names"]).save_pretrained(str(stage))
+        base_config = _config_dict(pipe.model.config)
+        if meta.get("label_names") and base_config is not None:
+            labelled = with_labels(base_config, meta["label_names"])
+            (stage / "config.json").write_text(json.dumps(labelled, indent=2))
     return out

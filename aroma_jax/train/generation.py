@@ -21,11 +21,16 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-from transformers.generation.flax_logits_process import (
-    FlaxLogitsProcessor,
-    FlaxLogitsProcessorList,
-)
+
+from aroma_jax.models.native.seq2seq_search import ban_repeated_ngrams
+
+try:  # transformers 4.x: HF Flax's generate takes a list of these
+    from transformers.generation.flax_logits_process import (
+        FlaxLogitsProcessor,
+        FlaxLogitsProcessorList,
+    )
+except ImportError:  # transformers 5.x: no Flax generation (native models take the size)
+    FlaxLogitsProcessor, FlaxLogitsProcessorList = object, list
 
 
 class NoRepeatNGram(FlaxLogitsProcessor):
@@ -37,26 +42,16 @@ class NoRepeatNGram(FlaxLogitsProcessor):
         self.n = ngram_size
 
     def __call__(self, input_ids: jax.Array, scores: jax.Array, cur_len: Any) -> jax.Array:
-        n = self.n
-        rows, length = input_ids.shape
-        pos = jnp.arange(length)
-        # an n-gram starting at i is complete (all n tokens generated) when i + n - 1 < cur_len
-        match = jnp.broadcast_to(pos + n - 1 < cur_len, (rows, length))
-        start = cur_len - (n - 1)  # first of the last n - 1 tokens
-        for k in range(n - 1):
-            earlier = jnp.take(input_ids, jnp.clip(pos + k, 0, length - 1), axis=1)
-            latest = jnp.take(input_ids, jnp.clip(start + k, 0, length - 1), axis=1)
-            match = match & (earlier == latest[:, None])
-        match = match & (start >= 0)
-        banned_tok = jnp.take(input_ids, jnp.clip(pos + n - 1, 0, length - 1), axis=1)
-        banned = jnp.zeros(scores.shape, bool).at[jnp.arange(rows)[:, None], banned_tok].max(match)
-        return jnp.where(banned, -jnp.inf, scores)
+        return ban_repeated_ngrams(input_ids, scores, cur_len, self.n)
 
 
-def search_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
+def search_kwargs(cfg: Mapping[str, Any], native: bool = False) -> dict[str, Any]:
     """``generate`` keyword arguments from ``train``: length cap, beams, length penalty, minimum
     length and a `NoRepeatNGram` rule when ``no_repeat_ngram_size > 0``. Every one is explicit,
-    so the model's own generation defaults (bart-large ships 4 beams) never apply silently."""
+    so the model's own generation defaults (bart-large ships 4 beams) never apply silently.
+    ``native``: for `aroma_jax.models.native.seq2seq_model.NativeSeq2SeqLM`, which applies
+    ``no_repeat_ngram_size`` itself (and has no forced BOS/EOS unless the checkpoint sets
+    them, as on HF Flax)."""
     t = cfg["train"]
     out = {
         "max_length": t["generate_max_len"],
@@ -66,7 +61,9 @@ def search_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "no_repeat_ngram_size": 0,  # ours below, not HF's sparse one
         "early_stopping": True,
     }
-    if t["no_repeat_ngram_size"]:
+    if native:
+        out["no_repeat_ngram_size"] = t["no_repeat_ngram_size"] or 0
+    elif t["no_repeat_ngram_size"]:
         out["logits_processor"] = FlaxLogitsProcessorList(
             [NoRepeatNGram(t["no_repeat_ngram_size"])]
         )

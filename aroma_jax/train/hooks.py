@@ -51,12 +51,21 @@ class TrainLoop:
       batch_at: the batch of a step (a pure function of it, so a resumed run sees the same data).
       start: steps already taken.
       total: the step to stop at.
+      step_fn: ``(state, batch) -> (state, info)`` instead of ``trainer.step`` (the runner's
+        adds the profiler window and, on multi-process CPU runs, a barrier before each step).
     """
 
     def __init__(
-        self, trainer: Any, state: Any, batch_at: Callable[[int], Any], start: int, total: int
+        self,
+        trainer: Any,
+        state: Any,
+        batch_at: Callable[[int], Any],
+        start: int,
+        total: int,
+        step_fn: Callable[[Any, Any], tuple[Any, Any]] | None = None,
     ):
         self.trainer, self.state, self.batch_at = trainer, state, batch_at
+        self.step_fn = trainer.step if step_fn is None else step_fn
         self.step, self.total = start, total
         self.info: Any = None
         self.stopped: str | None = None
@@ -98,7 +107,7 @@ class TrainLoop:
     def run(self) -> str | None:
         """Steps until ``total`` or a hook stops the loop; returns the reason (``None``: total)."""
         while self.step < self.total and self.stopped is None:
-            self.state, self.info = self.trainer.step(self.state, self.batch_at(self.step))
+            self.state, self.info = self.step_fn(self.state, self.batch_at(self.step))
             self.step += 1
             for hook in self.hooks:
                 if self.due(hook):

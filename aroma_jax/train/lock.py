@@ -78,6 +78,8 @@ def _alive(pid: int) -> bool:
 
 
 def _describe(holder: dict[str, Any]) -> str:
+    if not holder:  # locked a moment ago, its record not yet written
+        return "another process that is just starting"
     host = holder.get("host", "?")
     where = "this host" if host == _host() else f"host {host!r}"
     return (

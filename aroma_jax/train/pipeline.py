@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aroma_jax.core import sharding
 from aroma_jax.core.config import AromaConfig
 from aroma_jax.data import objectives
 from aroma_jax.data import scores as metrics_lib
@@ -226,7 +227,9 @@ def _batched(fn: Callable, arrays: Mapping[str, np.ndarray], batch_size: int) ->
     outs = []
     for start in range(0, n, batch_size):
         idx = np.arange(start, start + batch_size) % n  # pad by wrapping: shapes stay fixed
-        out = jax.device_get(fn({k: v[idx] for k, v in arrays.items()}))
+        # to_host: outputs sharded over several processes are gathered, so every process
+        # scores the whole split exactly as one process would.
+        out = sharding.to_host(fn({k: v[idx] for k, v in arrays.items()}))
         outs.append(np.asarray(out)[: min(batch_size, n - start)])
     return np.concatenate(outs) if outs else np.zeros((0,))
 
@@ -242,7 +245,7 @@ def _seq2seq_pipeline(cfg, task, loaded, aroma) -> Pipeline:
         )
         for s in task.splits
     }
-    search = generation.search_kwargs(cfg)
+    search = generation.search_kwargs(cfg, native=hasattr(loaded.model, "search_settings"))
 
     def gen_fn(params, batch):
         return loaded.model.generate(

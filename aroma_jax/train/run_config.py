@@ -46,6 +46,8 @@ SECTIONS: dict[str, dict[str, Any]] = {
         "scan_layers": "auto",
         # native models: recompute activations in the backward pass (none | full | dots)
         "remat": "none",
+        # a PEFT LoRA adapter directory to start from (frozen factors; LoRA: the pair)
+        "init_adapter": None,
     },
     "task": {
         "name": "rotten_tomatoes",
@@ -88,6 +90,7 @@ SECTIONS: dict[str, dict[str, Any]] = {
         "no_repeat_ngram_size": 0,
         "eval_at_start": True,  # held-out metrics before training (the "before" of the run)
         "progress": True,
+        "prefetch": 2,  # batches placed on their devices ahead of the step (0: none)
     },
     "aroma": {},  # AromaConfig fields, validated by AromaConfig
     "mesh": None,
@@ -189,6 +192,9 @@ def resolve(raw: Mapping[str, Any] | None, overrides: Iterable[str] = ()) -> dic
         value = cfg["train"][name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"invalid train.{name}={value!r}: accepted an integer >= 1")
+    value = cfg["train"]["prefetch"]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"invalid train.prefetch={value!r}: accepted an integer >= 0")
     if cfg["train"]["head"] not in HEAD_MODES:
         raise ConfigError(
             f"invalid train.head={cfg['train']['head']!r}: accepted one of {HEAD_MODES}"

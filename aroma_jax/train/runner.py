@@ -12,6 +12,11 @@ A run directory holds everything a user needs afterwards::
 
 The data order is a pure function of (seed, step), so a resumed run sees exactly the batches the
 uninterrupted run would have seen.
+
+Multi-process runs (TPU pod slices, several GPU nodes; see docs/SHARDING.md): `train` starts JAX's
+distributed runtime from the environment first, each process feeds only its rows of every global
+batch, evaluation runs on all processes alike, process 0 alone writes the run directory's files
+(`sharding.is_writer`) and every process takes part in each orbax checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import collections
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -31,12 +37,14 @@ import jax
 import numpy as np
 import yaml
 
+from aroma_jax.core import sharding
 from aroma_jax.core.adapters import adapter_param_count
 from aroma_jax.core.config import AromaConfig
 from aroma_jax.core.history import History
 from aroma_jax.core.train_step import AromaTrainer, StepInfo, TrainState
-from aroma_jax.train import lock, memory, plots, run_config
+from aroma_jax.train import lock, memory, plots, run_config, throughput
 from aroma_jax.train.hooks import Hook, OuterHook, TrainLoop
+from aroma_jax.train.input import BatchStream, batch_at  # noqa: F401  (batch_at: re-exported)
 from aroma_jax.train.pipeline import Pipeline, build_pipeline, class_names, with_label_names
 
 
@@ -55,7 +63,7 @@ def prepare_run_dir(output: str | Path, resume: bool) -> Path:
     out = Path(output)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test-{os.getpid()}"  # processes of one run share ``out``
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
@@ -70,22 +78,6 @@ def prepare_run_dir(output: str | Path, resume: bool) -> Path:
             "or choose a new --output directory"
         )
     return out
-
-
-def batch_at(arrays: Mapping[str, np.ndarray], batch_size: int, seed: int, step: int) -> dict:
-    """The ``step``-th training batch: epochs are seeded permutations, the last partial batch of
-    each epoch is dropped (static shapes, one compile)."""
-    n = len(next(iter(arrays.values())))
-    per_epoch = n // batch_size
-    if per_epoch == 0:
-        raise TrainingError(
-            f"the training split has {n} examples, fewer than one batch "
-            f"(train.batch_size={batch_size}): accepted train.batch_size <= {n}"
-        )
-    epoch, index = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    idx = order[index * batch_size : (index + 1) * batch_size]
-    return {k: v[idx] for k, v in arrays.items()}
 
 
 class _Interrupt:
@@ -113,11 +105,15 @@ class _Interrupt:
 
 
 class MetricsLog:
-    """metrics.jsonl plus TensorBoard scalars."""
+    """metrics.jsonl plus TensorBoard scalars; ``enabled=False`` (processes other than 0 of a
+    multi-process run) writes nothing."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, enabled: bool = True):
         self.path = out / "metrics.jsonl"
+        self.enabled = enabled
         self._tb = None
+        if not enabled:
+            return
         try:
             from tensorboardX import SummaryWriter
 
@@ -126,6 +122,8 @@ class MetricsLog:
             self._tb = None
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb is not None:
@@ -145,7 +143,7 @@ def _pair_size(pair) -> int:
 
 
 def _trainable_now(trainer: AromaTrainer, state: TrainState, head: int) -> int:
-    done = jax.device_get(state.adapters.done)
+    done = sharding.to_host(state.adapters.done)
     # A stacked module's pair spans its layers: each layer not done trains its share.
     return head + sum(
         _pair_size(p) * int((~np.asarray(done[k])).sum()) // max(np.asarray(done[k]).size, 1)
@@ -186,7 +184,7 @@ class _RunHooks:
         """
         if not self.pending:
             return False
-        infos = jax.device_get(self.pending)
+        infos = sharding.to_host(self.pending)
         self.history.extend(infos)
         outer_now = any(bool(i.outer) for i in infos)
         last = infos[-1]
@@ -271,7 +269,7 @@ class _RunHooks:
     def finish(self, loop: TrainLoop) -> None:
         """Stop once the logged window says the run finished (every module done, or max)."""
         if self.finished:
-            done = jax.device_get(loop.state.adapters.done)
+            done = sharding.to_host(loop.state.adapters.done)
             all_done = all(bool(np.all(d)) for d in done.values())
             all_done = all_done and loop.trainer.cfg.plugin.trains_adapters
             loop.stop("all_modules_done" if all_done else "max_steps")
@@ -283,6 +281,7 @@ def train(
     resume: bool = False,
     interrupt_at: int | None = None,
     break_lock: bool = False,
+    profile: str | tuple[int, int] | None = None,
     hooks: Sequence[Hook] = (),
     outer_hooks: Sequence[OuterHook] = (),
 ) -> dict:
@@ -292,16 +291,22 @@ def train(
     multi-process run holds it): a second writer is refused, ``break_lock`` takes over a lock
     left by another host. ``resume`` with no checkpoint in ``output`` says so on stderr and
     starts a new run. ``interrupt_at`` behaves as if Ctrl-C arrived right after that step (for
-    tests and drills). ``hooks`` run after the built-in metrics, checkpoint and eval hooks of a
-    step, before the interrupt and finish checks; ``outer_hooks`` get each synced window with an
-    outer step (`aroma_jax.train.hooks`).
+    tests and drills). ``profile``: ``"START:STOP"`` writes a JAX profiler trace of steps
+    START+1..STOP into ``DIR/profile`` (`throughput.Profiler`). ``hooks`` run after the built-in
+    metrics, checkpoint and eval hooks of a step, before the interrupt and finish checks;
+    ``outer_hooks`` get each synced window with an outer step (`aroma_jax.train.hooks`).
     """
+    sharding.initialize_distributed()  # before anything touches devices (the lock asks for
+    # the process index); once per process
     out = prepare_run_dir(output, resume=True)  # created and writable; its checks come locked
     with lock.hold(out, "train --resume" if resume else "train", break_lock):
         if resume and not has_checkpoint(out):
-            say(f"--resume: nothing to resume in {str(out)!r} (no checkpoint); starting a new run")
+            say(
+                f"aroma-jax train: --resume: nothing to resume in {str(out)!r} (no checkpoint); "
+                "starting a new run"
+            )
             resume = False
-        return _train(cfg, out, resume, interrupt_at, hooks, outer_hooks)
+        return _train(cfg, out, resume, interrupt_at, profile, hooks, outer_hooks)
 
 
 def has_checkpoint(out: Path) -> bool:
@@ -317,16 +322,19 @@ def say(line: str) -> None:
 
 def _train(
     cfg: Mapping[str, Any],
-    output: Path,
+    out: Path,
     resume: bool,
     interrupt_at: int | None,
+    profile: str | tuple[int, int] | None,
     hooks: Sequence[Hook],
     outer_hooks: Sequence[OuterHook],
 ) -> dict:
     from aroma_jax.train.checkpoint import CheckpointManager
 
     t0 = time.perf_counter()
-    out = prepare_run_dir(output, resume)
+    writer = sharding.is_writer()
+    window = profile if isinstance(profile, tuple) else throughput.parse_window(profile)
+    prepare_run_dir(out, resume)  # refuses a fresh run over another run's checkpoints
     if resume and (out / "config.yaml").is_file():
         cfg = run_config.adopt_legacy(cfg, yaml.safe_load((out / "config.yaml").read_text()) or {})
     pipe: Pipeline = build_pipeline(cfg)
@@ -336,21 +344,35 @@ def _train(
     resolved = run_config.to_plain(cfg, aroma)
     if resume:
         check_resume_config(out / "config.yaml", resolved)
-    write_atomic(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    sharding.barrier("aroma-config-read")  # all have read the run's config before it is rewritten
+    if writer:
+        write_atomic(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     tcfg = cfg["train"]
 
     trainer = AromaTrainer(pipe.loss_fn, pipe.params, aroma, stacked=pipe.stacked)
     head_params = sum(int(x.size) for x in jax.tree.leaves(trainer_extra(pipe, trainer)))
-    say(f"config: {out / 'config.yaml'}")
-    say(head_line(cfg, pipe, head_params))
     memory.check_run(cfg, pipe, trainer)  # refuse now rather than be killed mid-run
+    if writer:
+        say(f"config: {out / 'config.yaml'}")
+        say(head_line(cfg, pipe, head_params))
     state = trainer.init(pipe.params)
-    pipe.params = None  # the state owns the buffers now (the step donates them)
-    if cfg.get("mesh"):
-        from aroma_jax.core import sharding
+    if cfg["model"].get("init_adapter"):  # a resumed checkpoint overwrites it below
+        from aroma_jax.train import peft_import
 
+        state = peft_import.load_for_run(trainer, state, pipe.arch, cfg["model"]["init_adapter"])
+    pipe.params = None  # the state owns the buffers now (the step donates them)
+    mesh = None
+    if cfg.get("mesh"):
         mesh = sharding.parse_mesh(cfg["mesh"])
         state = sharding.shard_trainer(trainer, state, mesh, sharding.rules_for(pipe.arch))
+    elif jax.process_count() > 1:
+        raise TrainingError(
+            f"a run of {jax.process_count()} processes needs a mesh over all "
+            f"{jax.device_count()} devices: accepted --mesh (or mesh: in the config), e.g. "
+            f"--mesh data={jax.process_count()},fsdp={jax.local_device_count()}"
+        )
+    # XLA:CPU's gloo collectives deadlock when several steps are in flight across processes.
+    block_each_step = jax.process_count() > 1 and jax.default_backend() == "cpu"
     history = History(trainer.paths)
     ckpt = CheckpointManager(
         out / "checkpoints", keep=tcfg["keep_checkpoints"], save_every=tcfg["save_every"]
@@ -362,25 +384,55 @@ def _train(
         start = int(meta["data"]["step"])
         _restore_history(history, meta.get("history", {}))
         unlogged = [float(x) for x in meta.get("unlogged_losses", [])]
-        drop_records_after(out / "metrics.jsonl", start)
-    if start == 0:  # records of an earlier attempt that left no checkpoint: not this run's
+        if writer:
+            drop_records_after(out / "metrics.jsonl", start)
+    if start == 0 and writer:  # records of an earlier attempt that left no checkpoint
         drop_records_after(out / "metrics.jsonl", -1)
-    log = MetricsLog(out)
+    log = MetricsLog(out, enabled=writer)
     entry_pairs = trainer.unstacked(state.adapters).pairs
     pair_sizes = {p: _pair_size(entry_pairs[p]) for p in trainer.paths}
     initial_metrics: dict = {}
     if tcfg["eval_at_start"] and start == 0:
         initial_metrics = _evaluate(pipe, trainer, state, "validation", cfg)
         log.write({"step": 0, "split": "validation", **initial_metrics})
-    loop = TrainLoop(
-        trainer,
-        state,
-        lambda s: batch_at(pipe.train_arrays, tcfg["batch_size"], tcfg["seed"], s),
+    if bool(sharding.to_host(state.ctrl.finished)):
+        start = max(start, int(sharding.to_host(state.ctrl.step)))
+        already_done = True
+    else:
+        already_done = False
+    profiler = throughput.Profiler(window, out / "profile", enabled=writer)
+    batches = BatchStream(
+        pipe.train_arrays,
+        tcfg["batch_size"],
+        tcfg["seed"],
+        mesh,
         start,
         aroma.max_steps,
+        prefetch=tcfg["prefetch"],
     )
+
+    def next_batch(step_now: int) -> Any:
+        fed, batch = next(batches)
+        assert fed == step_now, (fed, step_now)  # the stream follows the loop's step
+        return batch
+
+    def run_step(state_now: TrainState, batch: Any) -> tuple[TrainState, StepInfo]:
+        profiler.before(loop.step)
+        if block_each_step:
+            # gloo gives a peer 30 s to join a collective's first run: compile first (jit
+            # reuses it), then start every step together.
+            if loop.step == start:
+                trainer.compile_step(state_now, batch)
+            sharding.barrier(f"aroma-step-{loop.step}")
+        state_now, info = trainer.step(state_now, batch)
+        if block_each_step:
+            jax.block_until_ready(info)
+        profiler.after(loop.step + 1, info)
+        return state_now, info
+
+    loop = TrainLoop(trainer, state, next_batch, start, aroma.max_steps, step_fn=run_step)
     run = _RunHooks(loop, pipe, cfg, history, ckpt, log, unlogged, head_params, out, interrupt_at)
-    run.bar = _progress(tcfg["progress"], aroma.max_steps, start)
+    run.bar = _progress(tcfg["progress"] and writer, aroma.max_steps, start)
     loop.add_hook(run.collect, name="progress")
     loop.add_hook(run.log_window, tcfg["log_every"], at_last_step=True, name="metrics")
     loop.add_hook(run.start_clock, name="clock")
@@ -393,10 +445,9 @@ def _train(
     loop.add_outer_hook(run.checkpoint_outer_step)  # never lose an outer step's work
     for fn in outer_hooks:
         loop.add_outer_hook(fn)
-    if bool(jax.device_get(state.ctrl.finished)):
+    if already_done:
         loop.stopped = "all_modules_done"
-        loop.step = max(loop.step, int(jax.device_get(state.ctrl.step)))
-    with _Interrupt() as run.signal:
+    with _Interrupt() as run.signal, profiler.guard():
         stopped = loop.run() or "max_steps"
         run.sync()
     state, step, last_eval, clock, bar = loop.state, loop.step, run.last_eval, run.clock, run.bar
@@ -410,7 +461,8 @@ def _train(
             "step": step,
             "resume": f"aroma-jax train --config {out / 'config.yaml'} --output {out} --resume",
         }
-        write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+        if writer:
+            write_atomic(out / "summary.json", json.dumps(summary, indent=2))
         return summary
     ckpt.save(step, state, run.meta(step), force=True)
     last_pairs = trainer.final_pairs(state) if aroma.grows else {}
@@ -418,17 +470,24 @@ def _train(
     metrics = _evaluate(pipe, trainer, final, "test", cfg)
     log.write({"step": step, "split": "test", **metrics})
     log.close()
-    ranks = trainer.ranks(final)
-    write_atomic(out / "history.json", json.dumps(_history_dict(history)))
-    plots_dir = out / "plots"
-    plots.plot_rank_growth(
-        history,
-        pair_sizes,
-        plots_dir / "rank_growth.png",
-        head_params,
-        title=f"{aroma.method}: rank and trainable parameters",
+    # The adapters, head and controller on every host (a collective), for the files below.
+    final = final._replace(
+        adapters=sharding.to_host(final.adapters),
+        extra=sharding.to_host(final.extra),
+        ctrl=sharding.to_host(final.ctrl),
     )
-    plots.plot_rank_map(ranks, plots_dir / "rank_map.png")
+    ranks = trainer.ranks(final)
+    plots_dir = out / "plots"
+    if writer:
+        write_atomic(out / "history.json", json.dumps(_history_dict(history)))
+        plots.plot_rank_growth(
+            history,
+            pair_sizes,
+            plots_dir / "rank_growth.png",
+            head_params,
+            title=f"{aroma.method}: rank and trainable parameters",
+        )
+        plots.plot_rank_map(ranks, plots_dir / "rank_map.png")
     summary = {
         "status": "finished",
         "stopped": stopped,
@@ -456,12 +515,25 @@ def _train(
         "capacity_full": history.full_modules(),
         "steps": step,
         "step_ms": step_ms,
+        "throughput": throughput.report(
+            step_ms,
+            tcfg["batch_size"],
+            cfg["task"]["max_len"],
+            throughput.model_flops(
+                pipe.arch, pipe.model.config, tcfg["batch_size"], cfg["task"]["max_len"]
+            ),
+            cfg["model"]["dtype"],
+        ),
+        "profile": str(out / "profile") if window else None,
         "wall_s": round(time.perf_counter() - t0, 2),
         "compiles": trainer.compiles,
+        "processes": jax.process_count(),
         "plots": [str(plots_dir / "rank_growth.png"), str(plots_dir / "rank_map.png")],
     }
-    _save_adapters(out, trainer, final, class_names(pipe), step)  # before "finished" is said
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    if writer:
+        _save_adapters(out, trainer, final, class_names(pipe), step)  # before "finished" is said
+        write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    sharding.barrier("aroma-run-written")  # no process reports success before the files exist
     return summary
 
 
@@ -486,7 +558,12 @@ def rank_report(ranks: Mapping[str, int], history: History, last_pairs: Mapping)
     }
 
 
-RESUME_MAY_CHANGE = ("train.progress", "train.eval_batch_size", "mesh")  # no effect on the state
+RESUME_MAY_CHANGE = (
+    "train.progress",
+    "train.eval_batch_size",
+    "train.prefetch",
+    "mesh",
+)  # no effect on the state
 
 
 def check_resume_config(path: Path, resolved: Mapping[str, Any]) -> None:
@@ -627,13 +704,21 @@ def _evaluate(
     return pipe.evaluate(trainer, state, split, cfg["train"]["eval_batch_size"])
 
 
-def evaluate_only(cfg: Mapping[str, Any], run_dir: str | Path, split: str = "test") -> dict:
-    """``aroma-jax eval``: metrics of a finished run's final adapters on a split."""
+def evaluate_only(
+    cfg: Mapping[str, Any], run_dir: str | Path, split: str = "test", adapter: Path | None = None
+) -> dict:
+    """``aroma-jax eval``: metrics of a finished run's final adapters on a split, or of a PEFT
+    ``adapter`` directory on the run's model and task instead."""
     from aroma_jax.train.artifacts import rebuild_state
 
     pipe = build_pipeline(cfg)
     trainer = AromaTrainer(
         pipe.loss_fn, pipe.params, pipe.aroma, donate=False, stacked=pipe.stacked
     )
-    state = rebuild_state(trainer, pipe.params, Path(run_dir) / "final")
+    if adapter is not None:
+        from aroma_jax.train import peft_import
+
+        state = peft_import.load_for_run(trainer, trainer.init(pipe.params), pipe.arch, adapter)
+    else:
+        state = rebuild_state(trainer, pipe.params, Path(run_dir) / "final")
     return pipe.evaluate(trainer, state, split, cfg["train"]["eval_batch_size"])

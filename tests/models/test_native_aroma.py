@@ -134,7 +134,7 @@ def test_remat_keeps_adapter_gradients():
             np.testing.assert_allclose(g1, g2, atol=1e-6)
 
 
-def test_impl_selection(fake_assets):
+def test_impl_selection(fake_assets, tmp_path):
     from aroma_jax.data import tasks
 
     task = tasks.limit(tasks.get_task("rotten_tomatoes", seed=0), 32, 8)
@@ -144,7 +144,8 @@ def test_impl_selection(fake_assets):
     qwen = hf.load_for_task("tiny-qwen2", task)
     assert qwen.arch == "llama" and qwen.model.config.qkv_bias
     with pytest.raises(ValueError, match="model.impl=native runs"):
-        hf.load_for_task("tiny-bart", task, impl="native")
+        (tmp_path / "config.json").write_text('{"model_type": "t5"}')
+        hf.load_for_task(str(tmp_path), task, impl="native")
     with pytest.raises(ValueError, match="accepted"):
         hf.load_for_task("tiny-llama", task, impl="jax")
     # model.scan_layers (auto: scanned) and model.remat reach the native model
@@ -154,7 +155,7 @@ def test_impl_selection(fake_assets):
     unrolled = hf.load_for_task("tiny-llama", task, scan_layers=False)
     assert not unrolled.model.scan_layers and unrolled.stacked == {}
     with pytest.raises(ValueError, match="model.remat='full' needs a native model"):
-        hf.load_for_task("tiny-bart", task, remat="full")
+        hf.load_for_task("tiny-llama", task, impl="hf", remat="full")
 
 
 def test_native_loads_hf_flax_msgpack_like_the_smollm2_asset(tmp_path):

@@ -1,5 +1,7 @@
 """Logical-axis sharding of the native model on a simulated fsdp x tensor mesh."""
 
+import contextlib
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -113,3 +115,64 @@ def test_scanned_leaves_replicate_the_layer_axis_and_shard_the_rest_as_unrolled(
     with jax.set_mesh(mesh), nn.logical_axis_rules(activation_rules(mesh)):
         got = np.asarray(jax.jit(fwd)(placed, ids))
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.slow  # three runs and compiles of the AROMA step: ~1 CPU-minute
+def test_train_step_under_activation_context_matches_one_device():
+    """The AROMA step of the scanned native model on fsdp=8, traced under `activation_context`
+    (activations pinned batch-sharded) and without it, gives one device's losses, and the
+    pinned program all-reduces less: its contractions over the fsdp-sharded width become weight
+    gathers instead of activation-sized partial sums."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (simulated) devices")
+    import jax.numpy as jnp
+
+    from aroma_jax import AromaConfig, AromaTrainer
+    from aroma_jax.data import objectives
+    from aroma_jax.models.hf import PRESETS
+    from aroma_jax.models.native.partitioning import activation_context
+    from experiments.scale_sim import collectives
+
+    L = CFG.num_hidden_layers
+    model = NativeCausalLM(CFG, remat="full", scan_layers=True)
+    model.params = stack_layers(NativeCausalLM(CFG).params, L)
+    loss_fn, _ = objectives.causal_lm(model)
+    cfg = AromaConfig(
+        target_modules=PRESETS["llama"],
+        r=1,
+        alpha=4.0,
+        learning_rate=5e-3,
+        max_steps=4,
+        inner_check_every=2,
+        inner_max_steps=3,
+        warmup_steps=1,
+        rewarmup_steps=1,
+    )
+    rng = np.random.default_rng(0)
+    batches = []
+    for _ in range(4):
+        ids = rng.integers(0, 64, (8, 12)).astype(np.int32)
+        batches.append({"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": ids})
+    fsdp = sharding.parse_mesh("fsdp=8", jax.devices()[:8])
+
+    def run(mesh, pinned):
+        params = jax.tree.map(jnp.array, model.params)
+        trainer = AromaTrainer(loss_fn, params, cfg, stacked={"model/layers": L})
+        state = trainer.init(params)
+        if mesh is not None:
+            state = sharding.shard_trainer(trainer, state, mesh, sharding_rules())
+        with activation_context(mesh) if pinned else contextlib.nullcontext():
+            hlo = trainer._step.lower(state, batches[0]).compile().as_text()
+            losses = []
+            for b in batches:
+                state, info = trainer.step(state, b)
+                losses.append(float(info.loss))
+        reduced = collectives(hlo)["every_step"].get("all-reduce", {}).get("bytes", 0)
+        return np.array(losses), reduced
+
+    want, _ = run(None, False)
+    free, free_reduced = run(fsdp, False)
+    pinned, pinned_reduced = run(fsdp, True)
+    np.testing.assert_allclose(free, want, rtol=1e-5)
+    np.testing.assert_allclose(pinned, want, rtol=1e-5)
+    assert pinned_reduced < free_reduced / 2, (pinned_reduced, free_reduced)

@@ -98,7 +98,8 @@ def test_tiny_roberta_run_directory(roberta_run, tmp_path):
     assert stopped["modules"] == stopped["during_training"] + last["dropped"]
     assert sum(stopped["at_rank"].values()) == stopped["modules"]
     merged = export.export_merged(run, tmp_path / "merged")
-    assert (merged / "flax_model.msgpack").exists() and (merged / "config.json").exists()
+    # tiny-roberta runs natively: PyTorch-layout safetensors
+    assert (merged / "model.safetensors").exists() and (merged / "config.json").exists()
 
 
 # right after an outer step (the slow tier: a longer run; tests/train/test_checkpoint.py resumes

@@ -184,7 +184,7 @@ def test_failed_peft_export_leaves_nothing_peft_would_load(reference, tmp_path, 
 
     monkeypatch.setattr(export, "save_file", full)
     with pytest.raises(OSError, match="No space left"):
-        export.export_peft(reference, out)
+        export.export_peft(reference, out, overwrite=True)  # replacing the old export
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old export, whole
     with pytest.raises(OSError):
         export.export_peft(reference, tmp_path / "fresh")

@@ -20,7 +20,9 @@ CAP = 50  # the toy's inner step cap here: at inner_t == CAP the outer step is d
 
 
 def capped_config(**overrides):
-    """The toy's settings with the inner loop capped at ``CAP`` and eq. 5 and 6 never firing."""
+    """The toy's settings with the inner loop capped at ``CAP`` and eq. 5 and 6 never firing,
+    on m1 and m3 (m0's planted rank is 0: its pair never moves, and a zero pair never merges)."""
+    overrides.setdefault("target_modules", ("m1", "m3"))
     return toy_config(
         inner_max_steps=CAP,
         inner_check_every=10,
@@ -98,7 +100,8 @@ NEW_STATE = ("rbg-keys",)
 def test_every_ablation_compiles_another_program(monkeypatch):
     # fold="never": eq. 6 reads the factors (with folded kernels it reads the kernel's norm).
     trainer, state, _, batch = trained_toy(steps=2, fold="never")
-    monkeypatch.setattr(ABLATION, "FRESH_CHUNK", 32)  # the toy draws 96 entries: 3 chunks
+    # each module's a draws 32 entries (one vmapped draw): 2 chunks of 16
+    monkeypatch.setattr(ABLATION, "FRESH_CHUNK", 16)
     full = program(trainer, state, batch)
     seen = {full}
     for name, ablate in ABLATION.ABLATIONS.items():
@@ -237,11 +240,11 @@ def test_eq6_contraction_orders_give_the_same_ratios(monkeypatch):
 
 
 def test_fresh_draw_in_chunks_draws_kaiming_uniform_pairs(monkeypatch):
-    # Three chunks of 32 for the toy's three 32 x 1 pairs: each module gets its own draws,
-    # inside the Kaiming bound, and not the library's (another stream).
+    # Two chunks of 16 for each of the toy's 32 x 1 pairs (each drawn from its module's own
+    # key): each module gets its own draws, inside the Kaiming bound, not the library's.
     trainer, state, _, batch = trained_toy(steps=2)
     want, _ = trainer.step(due(state), batch)
-    monkeypatch.setattr(ABLATION, "FRESH_CHUNK", 32)
+    monkeypatch.setattr(ABLATION, "FRESH_CHUNK", 16)
     with monkeypatch.context() as m:
         ABLATION.ABLATIONS["fresh-draw-in-chunks"](m.setattr)
         got, info = rebuilt(trainer, state).step(due(state), batch)
@@ -251,4 +254,4 @@ def test_fresh_draw_in_chunks_draws_kaiming_uniform_pairs(monkeypatch):
     for p, a in zip(trainer.paths, fresh, strict=True):
         assert a.shape == (D_IN, 1) and np.all(np.abs(a) <= bound) and a.std() > bound / 4
         assert not np.array_equal(a, np.asarray(want.adapters.pairs[p].a))
-    assert not np.array_equal(fresh[0], fresh[1]) and not np.array_equal(fresh[1], fresh[2])
+    assert not np.array_equal(fresh[0], fresh[1])

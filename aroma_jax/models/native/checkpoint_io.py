@@ -66,6 +66,13 @@ class SafetensorsFile:
         header.pop("__metadata__", None)
         self.header: dict[str, dict] = header
         self.offset = 8 + n
+        need = self.offset + max((t["data_offsets"][1] for t in header.values()), default=0)
+        have = self.path.stat().st_size
+        if have < need:
+            raise CheckpointError(
+                f"{self.path.name} is truncated: its header promises {need} bytes, the file "
+                f"holds {have} (re-copy or re-fetch it)"
+            )
 
     def keys(self) -> list[str]:
         return list(self.header)

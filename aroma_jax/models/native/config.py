@@ -1,9 +1,12 @@
 """`NativeConfig`: the LLaMA-family hyper-parameters, read from an HF ``config.json`` dict.
 
-One dataclass covers LLaMA 2/3/3.1/3.2, Mistral and Qwen2/2.5; they differ only in a few switches
-(projection biases, rotary scaling, sliding window, tied head). Both the transformers 4.x keys
-(``rope_theta``, ``rope_scaling``, ``torch_dtype``) and the 5.x keys (``rope_parameters``,
-``dtype``) are understood, so a checkpoint saved by either version loads.
+One dataclass covers LLaMA 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3 and Gemma 3 (text); they differ
+only in switches: projection biases, rotary scaling, sliding window, tied head, and for Qwen3 /
+Gemma 3 the q/k norms, Gemma's ``(1 + w)`` norms around both sublayers, GeGLU, embedding scale,
+query scale, per-layer sliding/global attention with its own rotary base, and final-logit
+soft-capping. Both the transformers 4.x keys (``rope_theta``, ``rope_scaling``, ``torch_dtype``)
+and the 5.x keys (``rope_parameters``, ``dtype``) are understood, so a checkpoint saved by either
+version loads.
 
 Example:
     >>> cfg = NativeConfig.from_dict({"model_type": "llama", "vocab_size": 32, "hidden_size": 16,
@@ -20,7 +23,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+# transformers' class defaults for keys a config.json may leave out (per model_type)
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen3": {"head_dim": 128},
+    "gemma3_text": {
+        "head_dim": 256,
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 4096,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "tie_word_embeddings": True,
+        "rope_theta": 1_000_000.0,
+        "rope_local_base_freq": 10_000.0,
+    },
+}
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -53,11 +70,41 @@ class NativeConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     initializer_range: float = 0.02
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over head_dim on queries and keys
+    norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + w), w initialised at 0
+    sandwich_norm: bool = False  # Gemma: norms after attention/MLP too, pre-MLP norm renamed
+    activation: str = "silu"  # or gelu_pytorch_tanh (Gemma's GeGLU)
+    embed_scale: bool = False  # Gemma: embeddings times sqrt(hidden_size)
+    query_scale: float | None = None  # attention score scale; None: head_dim ** -0.5
+    final_softcap: float | None = None  # cap * tanh(logits / cap)
+    # per layer, True where it attends within `sliding_window` (Gemma's layer_types);
+    # () means every layer does when `sliding_window` is set (Mistral)
+    sliding_layers: tuple[bool, ...] = ()
+    local_rope_theta: float | None = None  # the sliding layers' rotary base (Gemma 3)
     raw: tuple[tuple[str, Any], ...] = dataclasses.field(default=(), compare=False, repr=False)
 
     @property
     def rope(self) -> dict[str, Any]:
         return dict(self.rope_scaling)
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` attends within `sliding_window` only."""
+        if not self.sliding_window:
+            return False
+        return self.sliding_layers[layer] if self.sliding_layers else True
+
+    @property
+    def mixed_layers(self) -> bool:
+        """Some layers slide and some attend globally (a scanned stack then decides per layer
+        at run time)."""
+        return len({self.is_sliding(i) for i in range(self.num_hidden_layers)}) > 1
+
+    def rotary(self, sliding: bool) -> tuple[float, dict[str, Any]]:
+        """(theta, scaling) of a sliding or a global layer: Gemma 3's local layers use their
+        own base and no scaling."""
+        if sliding and self.local_rope_theta is not None:
+            return self.local_rope_theta, {}
+        return self.rope_theta, self.rope
 
     @property
     def hf_dict(self) -> dict[str, Any]:
@@ -68,6 +115,11 @@ class NativeConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> NativeConfig:
         """Reads an HF ``config.json`` dict; rejects settings the native model does not run."""
         mt = d.get("model_type")
+        if mt == "gemma3" and isinstance(d.get("text_config"), Mapping):
+            raise NativeConfigError(
+                "model_type 'gemma3' is the multimodal Gemma 3: accepted its text config "
+                "(model_type 'gemma3_text', Gemma3ForCausalLM checkpoints such as gemma-3-1b)"
+            )
         if mt not in MODEL_TYPES:
             raise NativeConfigError(
                 f"model_type {mt!r} has no native implementation: accepted {MODEL_TYPES} "
@@ -86,6 +138,8 @@ class NativeConfig:
         ]
         if missing:
             raise NativeConfigError(f"config.json lacks {missing} (model_type {mt!r})")
+        original = dict(d)
+        d = {**DEFAULTS.get(mt, {}), **{k: v for k, v in d.items() if v is not None}}
         heads = int(d["num_attention_heads"])
         kv = int(d.get("num_key_value_heads") or heads)
         if heads % kv:
@@ -97,15 +151,48 @@ class NativeConfig:
             raise NativeConfigError(
                 f"attention_dropout={d['attention_dropout']} is not supported: accepted 0.0"
             )
-        theta, scaling = _rope(d)
+        gemma = mt == "gemma3_text"
+        theta, scaling = _rope(_gemma_rope(d, "full_attention") if gemma else d)
         window = d.get("sliding_window")
-        if mt == "qwen2":
+        if mt in ("qwen2", "qwen3"):
             if d.get("use_sliding_window"):
                 raise NativeConfigError(
-                    "qwen2 with use_sliding_window=true is not supported: accepted false "
-                    "(every released Qwen2/2.5 config)"
+                    f"{mt} with use_sliding_window=true is not supported: accepted false "
+                    "(every released Qwen2/2.5/3 config)"
                 )
             window = None
+        act = d.get("hidden_activation" if gemma else "hidden_act") or "silu"
+        if act not in ACTIVATIONS:
+            raise NativeConfigError(f"activation {act!r} is not supported: accepted {ACTIVATIONS}")
+        if d.get("use_bidirectional_attention"):
+            raise NativeConfigError(
+                "use_bidirectional_attention=true is not supported: accepted false (causal LM)"
+            )
+        gemma_kw: dict[str, Any] = {}
+        if gemma and d.get("attn_logit_softcapping") is not None:
+            # transformers' Gemma 3 stores it but never applies it (only Gemma 2 does): a
+            # model that capped here would disagree with the checkpoint's reference.
+            raise NativeConfigError(
+                f"attn_logit_softcapping={d['attn_logit_softcapping']} is not supported for "
+                "gemma3_text: accepted null (every released Gemma 3; transformers' Gemma 3 "
+                "ignores the setting)"
+            )
+        if gemma:
+            local_theta, local_scaling = _rope(_gemma_rope(d, "sliding_attention"))
+            if local_scaling:
+                raise NativeConfigError(
+                    f"rope scaling {local_scaling} on sliding layers is not supported: "
+                    "accepted the default rope there (every released Gemma 3)"
+                )
+            gemma_kw = dict(
+                norm_plus_one=True,
+                sandwich_norm=True,
+                embed_scale=True,
+                query_scale=float(d["query_pre_attn_scalar"]) ** -0.5,
+                final_softcap=_float_or_none(d.get("final_logit_softcapping")),
+                sliding_layers=_gemma_layer_types(d),
+                local_rope_theta=local_theta,
+            )
         if mt == "llama":
             window = None
         eos = d.get("eos_token_id")
@@ -123,15 +210,18 @@ class NativeConfig:
             rope_theta=theta,
             rope_scaling=tuple(sorted(scaling.items())),
             qkv_bias=mt == "qwen2" or bool(d.get("attention_bias", False)),
-            o_bias=mt == "llama" and bool(d.get("attention_bias", False)),
+            o_bias=mt in ("llama", "qwen3", "gemma3_text") and bool(d.get("attention_bias", False)),
             mlp_bias=mt == "llama" and bool(d.get("mlp_bias", False)),
             sliding_window=int(window) if window else None,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),  # all 3 classes' default
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),  # DEFAULTS: Gemma's
             pad_token_id=d.get("pad_token_id"),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
             initializer_range=float(d.get("initializer_range") or 0.02),
-            raw=(("json", json.dumps(dict(d), sort_keys=True, default=str)),),
+            qk_norm=mt in ("qwen3", "gemma3_text"),
+            activation=act,
+            **gemma_kw,
+            raw=(("json", json.dumps(original, sort_keys=True, default=str)),),
         )
 
     @classmethod
@@ -175,3 +265,33 @@ def read_config_json(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"no config.json at {str(path)!r}")
     return json.loads(path.read_text())
+
+
+def _float_or_none(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+def _gemma_rope(d: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """A LLaMA-style rope dict for Gemma 3's ``full_attention`` or ``sliding_attention``
+    layers: transformers 5.x nests ``rope_parameters`` per layer type; 4.x has ``rope_theta``
+    and ``rope_scaling`` (global) and ``rope_local_base_freq`` (sliding)."""
+    params = d.get("rope_parameters")
+    if isinstance(params, Mapping) and kind in params:
+        return {"rope_parameters": dict(params[kind] or {})}
+    if kind == "sliding_attention":
+        return {"rope_theta": d["rope_local_base_freq"]}
+    return {"rope_theta": d["rope_theta"], "rope_scaling": d.get("rope_scaling")}
+
+
+def _gemma_layer_types(d: Mapping[str, Any]) -> tuple[bool, ...]:
+    """Per layer, whether it slides: ``layer_types`` or, without it, every
+    ``sliding_window_pattern``-th layer global (transformers' rule)."""
+    n = int(d["num_hidden_layers"])
+    types = d.get("layer_types")
+    if types is None:
+        pattern = int(d.get("sliding_window_pattern") or d.get("_sliding_window_pattern") or 6)
+        return tuple(bool((i + 1) % pattern) for i in range(n))
+    accepted = ("sliding_attention", "full_attention")
+    if len(types) != n or any(t not in accepted for t in types):
+        raise NativeConfigError(f"layer_types {types}: accepted {n} entries of {accepted}")
+    return tuple(t == "sliding_attention" for t in types)

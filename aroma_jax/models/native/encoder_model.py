@@ -4,7 +4,8 @@
 dropout_rng=...).logits``, ``model.config``, ``model.params``, ``model.save_pretrained(dir,
 params=...)``, as `aroma_jax.data.objectives.classification` and export expect.
 
-* `from_pretrained` reads ``config.json`` and safetensors: a ``*ForSequenceClassification``
+* `from_pretrained` reads ``config.json`` and safetensors (or an HF Flax ``flax_model.msgpack``,
+  whose tree is the same): a ``*ForSequenceClassification``
   checkpoint, or a bare ``BertModel`` / ``RobertaModel`` saved without the ``bert.`` prefix
   (the MiniLM asset as shipped). Weights a classifier does not use (``cls.*``, ``lm_head.*``,
   RoBERTa's pooler, buffers) are skipped; a head absent from the checkpoint, or of another
@@ -33,6 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -152,7 +154,14 @@ class NativeEncoder:
         if num_labels is not None:
             config = config.replace(num_labels=int(num_labels))
         model = cls(config, {}, dtype, param_dtype, remat, attention_impl, seed, False)
-        loaded = pt_layout.read_checkpoint(path, _renamer(config))
+        msgpack = path / "flax_model.msgpack"
+        if msgpack.exists() and not _has_safetensors(path):  # an HF Flax checkpoint
+            tree = flax.serialization.msgpack_restore(msgpack.read_bytes())
+            if config.prefix not in tree:  # a base model's file (FlaxBertModel): no prefix
+                tree = {config.prefix: tree}
+            loaded = traverse_util.flatten_dict(tree)
+        else:
+            loaded = pt_layout.read_checkpoint(path, _renamer(config))
         model.params = _complete(model, loaded, seed, np.dtype(param_dtype))
         if scan_layers:
             model = cls(config, model.params, dtype, param_dtype, remat, attention_impl, seed, True)
@@ -202,6 +211,10 @@ def hf_config(c: EncoderConfig) -> dict:
     if c.problem_type:
         d["problem_type"] = c.problem_type
     return d
+
+
+def _has_safetensors(path: Path) -> bool:
+    return any((path / f).exists() for f in ("model.safetensors", "model.safetensors.index.json"))
 
 
 def _renamer(config: EncoderConfig):

@@ -1,4 +1,4 @@
-"""Linen modules of the LLaMA family (LLaMA 2/3/3.1/3.2, Mistral, Qwen2/2.5).
+"""Linen modules of the LLaMA family (LLaMA 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Gemma 3 text).
 
 Param paths mirror HF's Flax LLaMA (``model/embed_tokens/embedding``,
 ``model/layers/<i>/self_attn/q_proj/kernel``, ``model/layers/<i>/mlp/down_proj/kernel``,
@@ -9,7 +9,14 @@ and the sharding rules apply unchanged.
 * Attention is ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPUs where available,
   XLA elsewhere) with ``is_causal`` and a ``(batch, 1, 1, keys)`` padding mask: no
   ``(max_pos, max_pos)`` buffer, and grouped-query attention without repeating k/v heads.
-  Mistral's sliding window is the kernel's ``local_window_size``.
+  Mistral's sliding window is the kernel's ``local_window_size``. Gemma 3 mixes sliding and
+  global layers (`NativeConfig.sliding_layers`), each kind with its own rotary base; a scanned
+  stack of mixed layers reads the kind per layer as a scanned input and builds the mask from
+  it.
+* Qwen3 and Gemma 3 normalise queries and keys per head (``self_attn/q_norm``, ``k_norm``);
+  Gemma's norms scale by ``1 + w``, sit around both sublayers (``pre_feedforward_layernorm``,
+  ``post_feedforward_layernorm``), its MLP is GeGLU, its embeddings are scaled by
+  ``sqrt(hidden_size)`` and its logits soft-capped where ``final_logit_softcapping`` is set.
 * ``remat``: ``none`` | ``full`` (recompute each layer in the backward pass) | ``dots`` (save
   matmul outputs without batch dims: jax's ``dots_with_no_batch_dims_saveable``).
 * ``scan_layers``: run the decoder layers under ``flax.linen.scan`` (one layer traced once).
@@ -76,18 +83,27 @@ def _constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
 
 
 class RMSNorm(nn.Module):
-    """``w * x / rms(x)`` with the statistics in fp32 (as HF's LLaMA), param ``weight``."""
+    """``w * x / rms(x)`` with the statistics in fp32 (as HF's LLaMA), param ``weight``;
+    ``plus_one``: Gemma's ``(1 + w) * x / rms(x)``, all in fp32, with ``w`` initialised at 0."""
 
     eps: float
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    plus_one: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        w = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+        w = self.param("weight", init, (x.shape[-1],), self.param_dtype)
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.plus_one:
+            return ((1.0 + w.astype(jnp.float32)) * y).astype(self.dtype)
         return w.astype(self.dtype) * y.astype(self.dtype)
+
+
+def _norm(cfg: NativeConfig, name: str, dtype, param_dtype) -> RMSNorm:
+    return RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, cfg.norm_plus_one, name=name)
 
 
 def _dense(cfg: NativeConfig, features: int, bias: bool, name: str | None, dtype, param_dtype):
@@ -115,23 +131,33 @@ class Attention(nn.Module):
         mask: jax.Array | None,
         cache: KVCache | None = None,
         index: jax.Array | None = None,
+        sliding: bool | jax.Array = False,
     ) -> tuple[jax.Array, KVCache | None]:
         """``(out, cache)``. Without ``cache``: causal self-attention over ``x``, ``mask (batch,
         t)`` marking real tokens, and ``None`` back. With one layer's `KVCache` (keys and values
         ``(batch, S, kv_heads, head_dim)``): ``x`` holds the tokens at buffer slots ``index ..
         index + t - 1``; their keys and values are written there and the queries attend to
-        every slot up to their own that ``mask (batch, S)`` marks."""
+        every slot up to their own that ``mask (batch, S)`` marks. ``sliding``: this layer
+        attends within ``sliding_window`` (a Python bool, or a traced one in a scanned stack of
+        mixed layers)."""
         c, dt, pdt = self.config, self.dtype, self.param_dtype
         b, t, _ = x.shape
         n, k, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         q = _dense(c, n * h, c.qkv_bias, "q_proj", dt, pdt)(x).reshape(b, t, n, h)
         kk = _dense(c, k * h, c.qkv_bias, "k_proj", dt, pdt)(x).reshape(b, t, k, h)
         v = _dense(c, k * h, c.qkv_bias, "v_proj", dt, pdt)(x).reshape(b, t, k, h)
-        inv = inv_frequencies(h, c.rope_theta, c.rope)
+        if c.qk_norm:
+            q, kk = _norm(c, "q_norm", dt, pdt)(q), _norm(c, "k_norm", dt, pdt)(kk)
+        static = isinstance(sliding, bool)
+        if static:
+            inv = inv_frequencies(h, *c.rotary(sliding))
+        else:
+            local, full = (inv_frequencies(h, *c.rotary(s)) for s in (True, False))
+            inv = jnp.where(sliding, local, full)
         q, kk = apply_rotary(q, positions, inv), apply_rotary(kk, positions, inv)
         o_proj = _dense(c, c.hidden_size, c.o_bias, "o_proj", dt, pdt)
-        if cache is None:
-            window = (c.sliding_window - 1, 0) if c.sliding_window else None
+        if cache is None and static:
+            window = (c.sliding_window - 1, 0) if sliding else None
             out = jax.nn.dot_product_attention(
                 q,
                 kk,
@@ -139,8 +165,16 @@ class Attention(nn.Module):
                 mask=None if mask is None else mask[:, None, None, :],
                 is_causal=True,
                 local_window_size=window,
+                scale=c.query_scale,
                 implementation=self.attention_impl,
             )
+            return o_proj(out.reshape(b, t, n * h)), None
+        if cache is None:  # a traced layer kind: the window mask written out
+            q_at, k_at = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+            allowed = self._allowed(q_at, k_at, sliding)
+            if mask is not None:
+                allowed = allowed & mask[:, None, None, :]
+            out = self._attend(q, kk, v, allowed)
             return o_proj(out.reshape(b, t, n * h)), None
         keys, values = cache
         start = (0, index, 0, 0)
@@ -149,20 +183,24 @@ class Attention(nn.Module):
         slots = keys.shape[1]
         q_at = index + jnp.arange(t)[:, None]  # (t, 1) buffer slots of the queries
         k_at = jnp.arange(slots)[None, :]  # (1, S)
-        allowed = k_at <= q_at  # causal over buffer slots, as `is_causal` above
-        if c.sliding_window:
-            allowed = allowed & (q_at - k_at < c.sliding_window)
-        allowed = allowed[None, None]  # (1, 1, t, S)
+        allowed = self._allowed(q_at, k_at, sliding)
         if mask is not None:
             allowed = allowed & mask[:, None, None, :]
-        out = jax.nn.dot_product_attention(
-            q,
-            keys.astype(q.dtype),
-            values.astype(q.dtype),
-            mask=allowed,
-            implementation=self.attention_impl,
-        )
+        out = self._attend(q, keys.astype(q.dtype), values.astype(q.dtype), allowed)
         return o_proj(out.reshape(b, t, n * h)), KVCache(keys, values)
+
+    def _allowed(self, q_at: jax.Array, k_at: jax.Array, sliding) -> jax.Array:
+        """``(1, 1, t, S)``: causal over positions, and within the window on a sliding layer."""
+        allowed = k_at <= q_at  # causal, as `is_causal`
+        if self.config.sliding_window:
+            allowed = allowed & ~(sliding & (q_at - k_at >= self.config.sliding_window))
+        return allowed[None, None]
+
+    def _attend(self, q, k, v, allowed):
+        c = self.config
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=allowed, scale=c.query_scale, implementation=self.attention_impl
+        )
 
 
 class MLP(nn.Module):
@@ -175,7 +213,8 @@ class MLP(nn.Module):
         c, dt, pdt = self.config, self.dtype, self.param_dtype
         gate = _dense(c, c.intermediate_size, c.mlp_bias, "gate_proj", dt, pdt)(x)
         up = _dense(c, c.intermediate_size, c.mlp_bias, "up_proj", dt, pdt)(x)
-        h = _constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        act = nn.silu(gate) if c.activation == "silu" else nn.gelu(gate, approximate=True)
+        h = _constrain(act * up, ("batch", "length", "mlp"))
         return _dense(c, c.hidden_size, c.mlp_bias, "down_proj", dt, pdt)(h)
 
 
@@ -184,19 +223,28 @@ class DecoderLayer(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_impl: str | None = None
+    sliding: bool | None = None  # static layer kind (unrolled stacks; not traced under remat)
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache=None, index=None):
+    def __call__(self, x, positions, mask, cache=None, index=None, sliding=None):
         """``(x, cache)`` with this layer's `KVCache` or ``None`` (see `Attention`). The
-        signature is also ``nn.scan``'s body: ``(carry, *inputs) -> (carry, output)``."""
-        c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
-        attn = Attention(c, attention_impl=self.attention_impl, name="self_attn", **kw)
-        a, cache = attn(h, positions, mask, cache, index)
+        signature is also ``nn.scan``'s body: ``(carry, *inputs) -> (carry, output)``.
+        ``sliding``: the layer kind, traced (see `Attention`); ``None``: the module's static
+        ``sliding`` (an unrolled layer), else the config's only kind."""
+        c, dt, pdt = self.config, self.dtype, self.param_dtype
+        if sliding is None:
+            sliding = c.is_sliding(0) if self.sliding is None else self.sliding
+        h = _norm(c, "input_layernorm", dt, pdt)(x)
+        attn = Attention(c, dt, pdt, attention_impl=self.attention_impl, name="self_attn")
+        a, cache = attn(h, positions, mask, cache, index, sliding)
+        if c.sandwich_norm:  # Gemma: the attention output is normalised before the residual
+            a = _norm(c, "post_attention_layernorm", dt, pdt)(a)
         x = x + a
-        h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
-        x = x + MLP(c, name="mlp", **kw)(h)
-        return _constrain(x, ("batch", "length", "embed")), cache
+        pre = "pre_feedforward_layernorm" if c.sandwich_norm else "post_attention_layernorm"
+        m = MLP(c, dt, pdt, name="mlp")(_norm(c, pre, dt, pdt)(x))
+        if c.sandwich_norm:
+            m = _norm(c, "post_feedforward_layernorm", dt, pdt)(m)
+        return _constrain(x + m, ("batch", "length", "embed")), cache
 
 
 class Layers(nn.Module):
@@ -209,8 +257,9 @@ class Layers(nn.Module):
     attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache=None, index=None):
-        """``(x, cache)``: the `KVCache` of all layers updated, or ``None`` without one."""
+    def __call__(self, x, positions, mask, cache=None, index=None, sliding=None):
+        """``(x, cache)``: the `KVCache` of all layers updated, or ``None`` without one.
+        ``sliding`` is ignored: each unrolled layer knows its kind statically."""
         cls = DecoderLayer
         if self.remat != "none":
             cls = nn.remat(DecoderLayer, policy=remat_policy(self.remat), prevent_cse=True)
@@ -221,6 +270,7 @@ class Layers(nn.Module):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 attention_impl=self.attention_impl,
+                sliding=self.config.is_sliding(i),
                 name=str(i),
             )
             layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
@@ -229,6 +279,14 @@ class Layers(nn.Module):
         if cache is None:
             return x, None
         return x, jax.tree.map(lambda *cs: jnp.stack(cs), *new)
+
+
+def layer_kinds(config: NativeConfig) -> jax.Array | None:
+    """``(L,)`` bools, True on sliding layers, for a scanned stack of mixed layers; ``None``
+    when every layer is of one kind (the layer then reads it from the config, statically)."""
+    if not config.mixed_layers:
+        return None
+    return jnp.asarray([config.is_sliding(i) for i in range(config.num_hidden_layers)])
 
 
 def scanned_layers(
@@ -242,8 +300,9 @@ def scanned_layers(
     """The ``L`` decoder layers as one ``nn.scan`` module: params stacked on axis 0, one RNG
     split per layer, positions and mask broadcast, the hidden state the carry.
 
-    Called as ``(x, positions, mask, cache, index) -> (x, new cache)`` (``cache`` a `KVCache`
-    of all layers or ``None``, then ``None`` back). Assign it to ``self.layers`` (or pass
+    Called as ``(x, positions, mask, cache, index, sliding) -> (x, new cache)`` (``cache`` a
+    `KVCache` of all layers or ``None``, then ``None`` back; ``sliding`` the ``(L,)`` layer
+    kinds of a mixed stack, else ``None``: `layer_kinds`). Assign it to ``self.layers`` (or pass
     ``name="layers"``) so its Dense modules sit at ``.../layers/self_attn/q_proj``.
     """
     cls = DecoderLayer
@@ -253,7 +312,7 @@ def scanned_layers(
         cls,
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
         length=config.num_hidden_layers,
     )
     return scan(
@@ -290,14 +349,19 @@ class Model(nn.Module):
                 remat=self.remat,
                 attention_impl=self.attention_impl,
             )
-        self.norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, c.norm_plus_one)
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, index=None):
+        c = self.config
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         mask = None if attention_mask is None else attention_mask.astype(bool)
-        x = _constrain(self.embed_tokens(input_ids), ("batch", "length", "embed"))
-        x, cache = self.layers(x, position_ids, mask, cache, index)
+        x = self.embed_tokens(input_ids)
+        if c.embed_scale:  # the scale rounded to the weights' dtype first, as transformers
+            x = x * jnp.asarray(jnp.asarray(c.hidden_size**0.5, self.param_dtype), x.dtype)
+        x = _constrain(x, ("batch", "length", "embed"))
+        kinds = layer_kinds(c) if self.scan_layers else None
+        x, cache = self.layers(x, position_ids, mask, cache, index, kinds)
         return self.norm(x), cache
 
 
@@ -333,6 +397,9 @@ class CausalLM(nn.Module):
             logits = self.model.embed_tokens.attend(hidden)
         else:
             logits = self.lm_head(hidden)
+        cap = self.config.final_softcap
+        if cap is not None:
+            logits = cap * jnp.tanh(logits / cap)
         return logits if cache is None else (logits, new_cache)
 
 

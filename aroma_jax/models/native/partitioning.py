@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 from aroma_jax.core.sharding import Rule
@@ -81,7 +82,7 @@ ENCODER_SCANNED_PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = tuple(
 LAYER_AXIS = "layers"
 # scanned layer leaves: ``layers/`` directly followed by a module name (not a layer index)
 SCANNED_PREFIX = r"(^|/)layers/"
-_LAYER_NORMS = r"(input_layernorm|post_attention_layernorm)/weight$"
+_LAYER_NORMS = r"(\w+_layernorm|self_attn/[qk]_norm)/weight$"
 SCANNED_PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = tuple(
     (SCANNED_PREFIX + pattern, (LAYER_AXIS, *names))
     for pattern, names in PARAM_AXES
@@ -89,10 +90,33 @@ SCANNED_PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = tuple(
 ) + ((SCANNED_PREFIX + _LAYER_NORMS, (LAYER_AXIS, "norm")),)
 
 
+# BART (`aroma_jax.models.native.bart`): q/k/v of self_attn follow the LLaMA rules above
+_BART_LAYER = (
+    (r"encoder_attn/(q_proj|k_proj|v_proj)/kernel$", ("embed", "heads")),
+    (r"encoder_attn/(q_proj|k_proj|v_proj)/bias$", ("heads",)),
+    (r"(self_attn|encoder_attn)/out_proj/kernel$", ("heads", "embed")),
+    (r"fc1/kernel$", ("embed", "mlp")),
+    (r"fc1/bias$", ("mlp",)),
+    (r"fc2/kernel$", ("mlp", "embed")),
+)
+BART_PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    *((r"layers/\d+/" + p, names) for p, names in _BART_LAYER),
+    *((SCANNED_PREFIX + p, (LAYER_AXIS, *names)) for p, names in _BART_LAYER),
+    (r"shared/embedding$", ("vocab", "embed")),
+    (r"embed_positions/embedding$", (None, "embed")),
+)
+
+
 def all_param_axes() -> tuple[tuple[str, tuple[str, ...]], ...]:
     """The scanned table, then the unrolled one (first match wins; they never overlap on a
     leaf, since unrolled layer leaves have a layer index after ``layers/``)."""
-    return SCANNED_PARAM_AXES + ENCODER_PARAM_AXES + ENCODER_SCANNED_PARAM_AXES + PARAM_AXES
+    return (
+        SCANNED_PARAM_AXES
+        + ENCODER_PARAM_AXES
+        + ENCODER_SCANNED_PARAM_AXES
+        + BART_PARAM_AXES
+        + PARAM_AXES
+    )
 
 
 def param_logical_axes(path: str) -> tuple[str, ...] | None:
@@ -139,3 +163,19 @@ def activation_rules(mesh=None) -> tuple[tuple[str, str | tuple[str, ...] | None
         return kept or None
 
     return tuple((name, keep(ax)) for name, ax in LOGICAL_RULES)
+
+
+def activation_context(mesh) -> contextlib.ExitStack:
+    """``mesh`` as the ambient mesh and `activation_rules` as flax's logical-axis rules: a
+    step traced inside it (``jit(...).lower`` or its first call) pins the native model's
+    activations, batch over ``data``/``fsdp`` and width replicated over ``fsdp``. Without it the
+    model's ``with_logical_constraint`` calls are no-ops, and XLA's partitioner carries the
+    weights' ``fsdp``-sharded width into the activations: on LLaMA-3-8B under fsdp=8 that
+    replicates the batch and all-reduces activation-sized partial sums (docs/SCALE.md)."""
+    import flax.linen as nn
+    import jax
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(nn.logical_axis_rules(activation_rules(mesh)))
+    return stack
