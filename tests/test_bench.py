@@ -47,8 +47,8 @@ def load_experiment(name: str):
 
 @pytest.mark.slow
 def run_bench(*args: str) -> subprocess.CompletedProcess:
-    """experiments/bench.py with ``args``, in the quick-compile environment."""
-    cmd = [sys.executable, str(ROOT / "experiments" / "bench.py"), *args]
+    """``python -m experiments.bench`` with ``args``, in the quick-compile environment."""
+    cmd = [sys.executable, "-m", "experiments.bench", *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=quick_compile_env())
 
 

@@ -1,7 +1,7 @@
 """Toy recovery: AROMA finds planted ranks 0, 1 and 3 by itself, at the very outer steps an
 independent reference of the controller takes.
 
-The reference below is written from the algorithm (DESIGN-NOTES section 1), not from the code
+The reference below is written from the algorithm (docs/DESIGN.md section 1), not from the code
 under test: plain JAX gradients, Adam written out, eq. 5, the global trigger, eq. 6, merge,
 re-init, prune reset, re-warmup and the final check at ``max_steps`` as a Python loop over
 numbers. It borrows only the random numbers (`adapters.fresh_pairs`, `adapters.prune_keep`,

@@ -1,8 +1,8 @@
 """AROMA hyperparameters as one frozen, validated dataclass.
 
 Every knob of the paper (section 3, algorithm 1, appendix H) lives here, plus the few choices the
-paper leaves open (DESIGN-NOTES section 1). `AromaConfig` is hashable and static, so a jitted train
-step can close over it without retracing.
+paper leaves open (docs/DESIGN.md section 1). `AromaConfig` is hashable and static, so a jitted
+train step can close over it without retracing.
 
 Example:
     >>> from aroma_jax.core.config import AromaConfig

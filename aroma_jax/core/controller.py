@@ -4,7 +4,7 @@ Pure functions on small pytrees, meant to run inside the jitted train step (unde
 for the rare outer step), so a run never leaves the device to decide anything and never
 recompiles as ranks grow: merges write into preallocated slots with dynamic indices.
 
-Per module (DESIGN-NOTES section 1):
+Per module (docs/DESIGN.md section 1):
 
 * inner check, every ``inner_check_every`` steps: ``rho_in = (|ab|_t - |ab|_{t-dT}) / |ab|_{t-dT}``
   (eq. 5, signed); ``rho_in < inner_tol`` sets a sticky inner-converged label. The first check
