@@ -15,7 +15,7 @@ sharding.initialize_distributed()  # before the imports below touch any device
 
 from aroma_jax.train import run_config, runner  # noqa: E402
 
-CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "aroma_jax" / "configs"
 
 if __name__ == "__main__":
     out, spec = sys.argv[1], json.loads(sys.argv[2])

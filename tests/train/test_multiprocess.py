@@ -22,7 +22,7 @@ from aroma_jax.train import run_config, runner
 
 pytestmark = pytest.mark.slow  # four 2-process runs: minutes on two cores
 
-CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "aroma_jax" / "configs"
 WORKER = Path(__file__).resolve().parent / "mp_worker.py"
 MESH = "data=2,fsdp=4"
 OVERRIDES = [

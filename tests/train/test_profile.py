@@ -10,7 +10,7 @@ import pytest
 from aroma_jax import cli
 from aroma_jax.train import run_config, runner, throughput
 
-CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "aroma_jax" / "configs"
 SHORT = [
     "train.progress=false",
     "task.max_train_examples=64",
