@@ -37,6 +37,8 @@ PEAK_TFLOPS = {
 def model_flops(arch: str, cfg: Any, batch: int, seq: int) -> float | None:
     """Model FLOPs of one frozen-weight training step of ``batch`` sequences of ``seq`` tokens
     (see the module docstring); None for an architecture without a count (BART)."""
+    if arch not in ("roberta", "bert", "llama"):
+        return None  # BART's config has no hidden_size; an encoder-decoder count is not written
     h, layers = cfg.hidden_size, cfg.num_hidden_layers
     inter = cfg.intermediate_size
     tokens = batch * seq

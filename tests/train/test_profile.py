@@ -69,6 +69,15 @@ def test_model_flops_counts_every_matmul():
     assert throughput.model_flops("bart", Cfg, batch=1, seq=1) is None
 
 
+def test_model_flops_of_bart_is_none_for_its_own_config():
+    """BART's config names its width d_model (no hidden_size): the count says None, not a crash."""
+    from aroma_jax.models.native.bart import BartConfig
+
+    cfg = BartConfig(53, 16, 1, 1, 2, 2, 32, 32)
+    assert not hasattr(cfg, "hidden_size")
+    assert throughput.model_flops("bart", cfg, batch=2, seq=8) is None
+
+
 @pytest.mark.parametrize("spec", ["5", "5:5", "7:3", "a:b", "1:x"])
 def test_bad_profile_window_is_refused(spec, tmp_path, capsys):
     args = ["train", "--output", str(tmp_path / "x"), "--profile", spec]
