@@ -25,15 +25,10 @@ from aroma_jax import AromaConfig, AromaTrainer, NnxTrainer
 from aroma_jax.data import objectives
 from aroma_jax.models.native import NativeCausalLM, NativeConfig
 from aroma_jax.train import artifacts, export
+from tests.models.native_tiny import tiny_config
 
-TINY = dict(
+TINY = tiny_config(
     model_type="llama",
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
     tie_word_embeddings=False,
     rms_norm_eps=1e-6,
     rope_theta=1e6,  # tunix's LLaMA 3 applies RoPE with its default theta, 1e6
