@@ -8,8 +8,9 @@ import pytest
 from flax import nnx
 
 from aroma_jax import AromaTrainer, ConfigError, NnxTrainer
-from aroma_jax.core import sharding
-from aroma_jax.core.nnx_adapt import einsum_in_ndim
+from aroma_jax.core import inject, sharding
+from aroma_jax.core.adapters import Pair
+from aroma_jax.core.nnx_adapt import NnxModel, einsum_in_ndim
 from aroma_jax.examples.toy import D_IN, D_OUT, TRUE_RANKS, batches, make_problem, toy_config
 from tests.core.test_train_step import dense_outputs, loss_for
 
@@ -166,3 +167,35 @@ def test_bad_input_one_line_errors():
         NnxTrainer(Kv(), mse, toy_config(target_modules=("kv",)))
     with pytest.raises(TypeError, match="takes a flax.nnx.Module, got dict"):
         NnxTrainer({"kernel": jnp.ones((2, 2))}, mse, toy_config())
+
+
+def test_linear_general_and_remat_get_the_adapter_of_their_flat_kernel():
+    class Net(nnx.Module):
+        def __init__(self):
+            rngs = nnx.Rngs(0)
+            self.gen = nnx.LinearGeneral((4, 2), 3, axis=(-2, -1), rngs=rngs)
+            self.lin = nnx.Linear(3, 5, rngs=rngs)
+
+        def block(self, x):
+            return self.lin(self.gen(x))
+
+        def __call__(self, x):  # as tunix's RematConfig.BLOCK: nnx.remat splits and merges
+            return nnx.remat(Net.block)(self, x)
+
+    net = Net()
+    view = NnxModel(net)
+    assert view.in_ndim == {"gen": 2, "lin": 1} and view.params["gen"]["kernel"].shape == (4, 2, 3)
+    x = jax.random.normal(jax.random.key(1), (2, 4, 2))
+    pa = Pair(
+        jax.random.normal(jax.random.key(2), (8, 2)), jax.random.normal(jax.random.key(3), (2, 3))
+    )
+    pl = Pair(
+        jax.random.normal(jax.random.key(4), (3, 1)), jax.random.normal(jax.random.key(5), (1, 5))
+    )
+    with inject.adapters_applied({"gen": (pa, None), "lin": (pl, None)}, scale=0.5) as hits:
+        got = view.module(view.params)(x)
+    assert hits == {"gen", "lin"}
+    p = jax.tree.map(np.asarray, view.params)
+    h = x.reshape(2, 8) @ (p["gen"]["kernel"].reshape(8, 3) + 0.5 * pa.a @ pa.b) + p["gen"]["bias"]
+    want = h @ (p["lin"]["kernel"] + 0.5 * pl.a @ pl.b) + p["lin"]["bias"]
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
