@@ -142,12 +142,13 @@ def _adapted_class(cls: type) -> type:
     """``cls`` with a ``__call__`` that adds the running block's adapter output (made once)."""
     if cls not in _ADAPTED:
 
-        def __call__(self, x, *args, **kwargs):
-            y = cls.__call__(self, x, *args, **kwargs)
+        def __call__(self, *args, **kwargs):
+            y = cls.__call__(self, *args, **kwargs)
             hook = inject.active_hook()
             path = getattr(self, PATH_ATTR, None)
             if hook is None or path is None:
                 return y
+            x = args[0] if args else next(iter(kwargs.values()))  # the layer's input
             weight, in_ndim = _layout(self)
             bias = getattr(self, "bias", None)
             bias = bias[...] if isinstance(bias, nnx.Variable) else None

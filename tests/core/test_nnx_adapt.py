@@ -177,7 +177,7 @@ def test_linear_general_and_remat_get_the_adapter_of_their_flat_kernel():
             self.lin = nnx.Linear(3, 5, rngs=rngs)
 
         def block(self, x):
-            return self.lin(self.gen(x))
+            return self.lin(inputs=self.gen(x))  # a keyword input too
 
         def __call__(self, x):  # as tunix's RematConfig.BLOCK: nnx.remat splits and merges
             return nnx.remat(Net.block)(self, x)
