@@ -226,7 +226,7 @@ def test_cli_init_adapter_and_eval_adapter(fake_assets, tmp_path, capsys):
         "aroma.inner_max_steps=4",
         "aroma.inner_check_every=2",
         "aroma.outer_tol=1e-4",
-        "aroma.warmup_steps=1",
+        "optimizer.warmup_steps=1",
         "aroma.rewarmup_steps=1",
     ]
     lora = run_config.load(
