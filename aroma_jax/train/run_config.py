@@ -478,7 +478,8 @@ def _check_task(task: TaskConfig) -> None:
         or len({str(n) for n in names}) != len(names)
     ):
         raise ConfigError(
-            f"invalid task.label_names={names!r}: accepted a list of 2 or more distinct class "
+            f"invalid task.label_names={_plain_value(names)!r}: accepted a list of 2 or more "
+            "distinct class "
             "names, in id order, or null"
         )
     if names is not None:
