@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
         "train",
         help="train a model with AROMA, LoRA or ReLoRA",
         description="Train from a YAML run config (sections model, task, train, "
-        "aroma, mesh; see aroma_jax/train/run_config.py for every key and default).",
+        "aroma (the method's), optimizer, mesh; see aroma_jax/train/run_config.py for every "
+        "key and default).",
     )
     t.add_argument(
         "--config",

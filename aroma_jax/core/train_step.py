@@ -199,13 +199,13 @@ class AromaTrainer:
         unfolded = [
             e for p in self.module_paths if p not in self.folded for e in self.specs[p].entries
         ]
-        columns = adapters_lib.capacity(self.cfg) * self.cfg.r
+        columns = self.cfg.rank_capacity_derived * self.cfg.r
         if unfolded and self.method.grows and columns > SLOT_COST_COLUMNS:
             warnings.warn(
                 f"{len(unfolded)} adapted kernels are not fp32, so their frozen factors are "
                 f"applied every step with {columns} columns (rank_capacity "
                 f"{self.cfg.rank_capacity or 'derived from max_steps'}: "
-                f"{adapters_lib.capacity(self.cfg)} slots of r={self.cfg.r}); set "
+                f"{self.cfg.rank_capacity_derived} slots of r={self.cfg.r}); set "
                 "aroma.rank_capacity to the rank you expect, e.g. 32 (a binding capacity stops "
                 "growth, never training)",
                 SlotCostWarning,
@@ -649,7 +649,7 @@ class AromaTrainer:
             pair_norm = norms.product_norm(final.a, final.b)
             nonzero = method.final_nonzero(final, pair_norm)
             rho, stop, _ = controller.eq6(pair_norm, fz, m, kernel, base_sq, cfg, folds, stop_local)
-            write = ~d & nonzero & ~stop & (m < adapters_lib.capacity(cfg))
+            write = ~d & nonzero & ~stop & (m < cfg.rank_capacity_derived)
             new_fz = controller.write_slot(fz, final, m, cfg.pair_rank, write)
             if folds:
                 delta = (cfg.scale * pair.a) @ pair.b

@@ -53,7 +53,7 @@ def finalize_run(run_dir: str | Path, break_lock: bool = False) -> Path:
                 f"run {str(run_dir)!r} has no checkpoints/ left to rebuild final/ from: "
                 f"train it again ({resume} without --resume, into a new --output)"
             )
-        mgr = CheckpointManager(ckpts, keep=cfg["train"]["keep_checkpoints"])
+        mgr = CheckpointManager(ckpts, keep=cfg.train.keep_checkpoints)
         try:
             state, meta = mgr.restore(trainer.init(pipe.params))
         finally:
