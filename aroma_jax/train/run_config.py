@@ -91,6 +91,9 @@ SECTIONS: dict[str, dict[str, Any]] = {
         "eval_at_start": True,  # held-out metrics before training (the "before" of the run)
         "progress": True,
         "prefetch": 2,  # batches placed on their devices ahead of the step (0: none)
+        # micro-batches per optimizer step, summed inside the one compiled step (dividing
+        # batch_size): the same run as one batch of batch_size, with activations of one micro-batch
+        "grad_accum": 1,
     },
     "aroma": {},  # AromaConfig fields, validated by AromaConfig
     "mesh": None,
@@ -195,6 +198,7 @@ def resolve(raw: Mapping[str, Any] | None, overrides: Iterable[str] = ()) -> dic
     value = cfg["train"]["prefetch"]
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"invalid train.prefetch={value!r}: accepted an integer >= 0")
+    _check_grad_accum(cfg["train"])
     if cfg["train"]["head"] not in HEAD_MODES:
         raise ConfigError(
             f"invalid train.head={cfg['train']['head']!r}: accepted one of {HEAD_MODES}"
@@ -232,6 +236,15 @@ def resolve(raw: Mapping[str, Any] | None, overrides: Iterable[str] = ()) -> dic
             f"invalid model.param_dtype={cfg['model']['param_dtype']!r}: accepted float32, bfloat16"
         )
     return cfg
+
+
+def _check_grad_accum(train: Mapping[str, Any]) -> None:
+    k, batch = train["grad_accum"], train["batch_size"]
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or batch % k:
+        raise ConfigError(
+            f"invalid train.grad_accum={k!r}: accepted a positive integer dividing "
+            f"train.batch_size={batch} (micro-batches of batch_size / grad_accum rows; 1 = none)"
+        )
 
 
 def _check_task(task: Mapping[str, Any]) -> None:
