@@ -1,13 +1,11 @@
 """``train.grad_accum`` from the run config and the command line to the train step."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from aroma_jax import configs
+from aroma_jax import cli, configs
 from aroma_jax.core.config import ConfigError
 from aroma_jax.train import run_config, runner
 
@@ -38,11 +36,11 @@ def test_set_grad_accum_and_what_is_accepted():
             run_config.resolve({}, ["train.batch_size=16", f"train.grad_accum={bad}"])
 
 
-def test_cli_help_names_grad_accum():
-    out = subprocess.run(
-        [sys.executable, "-m", "aroma_jax.cli", "train", "--help"], capture_output=True, text=True
-    )
-    assert out.returncode == 0 and "train.grad_accum=4" in " ".join(out.stdout.split())
+def test_cli_help_names_grad_accum(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["train", "--help"])
+    assert done.value.code == 0
+    assert "train.grad_accum=4" in " ".join(capsys.readouterr().out.split())
 
 
 def train_losses(run):
