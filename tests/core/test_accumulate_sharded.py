@@ -123,6 +123,7 @@ def without_accumulation():
     return collectives(*mesh_trainer(1))
 
 
+@pytest.mark.slow  # two 8-device compiles (make test is over its time budget)
 def test_micro_batches_stay_on_every_data_shard(without_accumulation):
     """The k = 4 step moves data between devices as the k = 1 step does (the model's own
     collectives, on micro-batch-sized arrays), plus one all-reduce (the batch's token count):
