@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="override one config value, e.g. aroma.r=8, train.batch_size=16, "
-        "aroma.method=lora, task.max_len=48; repeatable",
+        "aroma.method=lora, task.max_len=48, train.grad_accum=4 (micro-batches per optimizer "
+        "step, dividing batch_size: same run, less activation memory); repeatable",
     )
     t.add_argument(
         "--output",

@@ -160,11 +160,12 @@ def check(est: Estimate, batch: int, length: int, free: Mapping[str, int | None]
     raise InsufficientMemoryError(
         f"this run needs about {size(est.device)} of {where} memory (state {size(est.state)} "
         f"incl. params and optimizer, gradients {size(2 * est.trained)}, activations "
-        f"{size(est.activations)} for batch {batch} x length {length}); "
+        f"{size(est.activations)} for (micro-)batch {batch} x length {length}); "
         f"{size(est.needed_now)} more than is loaded already, but only {size(limit)} is free. "
         "Lower train.batch_size or task.max_len (activations grow with both, attention with "
-        "length squared), use model.dtype=bfloat16, or spread the run over more devices "
-        "(--mesh); AROMA_MEMORY_CHECK=0 skips this check"
+        "length squared), raise train.grad_accum (micro-batches: the same run), use "
+        "model.dtype=bfloat16, or spread the run over more devices (--mesh); "
+        "AROMA_MEMORY_CHECK=0 skips this check"
     )
 
 
@@ -186,7 +187,8 @@ def check_run(cfg: RunConfig, pipe: Any, trainer: Any) -> Estimate | None:
     if not enabled():
         return None
     arrays = pipe.train_arrays
-    batch = int(cfg.train.batch_size)
+    # activations live for one micro-batch at a time (`aroma_jax.core.accumulate`)
+    batch = int(cfg.train.batch_size) // int(cfg.train.grad_accum)
     length = max(int(v.shape[1]) for v in arrays.values() if getattr(v, "ndim", 0) == 2)
     itemsize = 2 if cfg.model.dtype == "bfloat16" else 4
     config = getattr(pipe.model, "config", None)

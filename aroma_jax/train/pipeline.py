@@ -48,6 +48,9 @@ class Pipeline:
     evaluator: Callable  # (pipeline, trainer, state, split, batch_size) -> metrics dict
     stacked: dict = dataclasses.field(default_factory=dict)  # scanned layer stacks: path -> L
     task: Any = None  # the `data.Task` (its kind, class names)
+    # what loss_fn averages over (target tokens), so accumulated micro-batches weigh by it;
+    # None: an example mean
+    loss_weight: Callable | None = None
 
     def evaluate(self, trainer, state, split: str, batch_size: int) -> dict:
         return self.evaluator(self, trainer, state, split, batch_size)
@@ -158,7 +161,7 @@ def aroma_for(cfg: RunConfig, arch: str, kind: str) -> AromaConfig:
     )
 
 
-def _make(loaded, task, aroma, loss_fn, train, evals, evaluator) -> Pipeline:
+def _make(loaded, task, aroma, loss_fn, train, evals, evaluator, loss_weight=None) -> Pipeline:
     return Pipeline(
         loaded.arch,
         task.kind,
@@ -172,6 +175,7 @@ def _make(loaded, task, aroma, loss_fn, train, evals, evaluator) -> Pipeline:
         evaluator,
         stacked=dict(loaded.stacked),
         task=task,
+        loss_weight=loss_weight,
     )
 
 
@@ -266,7 +270,9 @@ def _seq2seq_pipeline(cfg, task, loaded, aroma) -> Pipeline:
         refs = list(task.splits[split][task.target_field])
         return metrics_lib.compute(task.metrics, preds, refs)
 
-    return _make(loaded, task, aroma, loss_fn, enc["train"], enc, evaluator)
+    return _make(
+        loaded, task, aroma, loss_fn, enc["train"], enc, evaluator, objectives.seq2seq_tokens
+    )
 
 
 # ---------------------------------------------------------------------------- causal LM
@@ -303,7 +309,9 @@ def _causal_lm_pipeline(cfg, task, loaded, aroma) -> Pipeline:
             refs = list(task.splits[split][task.target_field])
             return metrics_lib.compute(task.metrics, preds, refs)
 
-        return _make(loaded, task, aroma, loss_fn, train, prompts, evaluator)
+        return _make(
+            loaded, task, aroma, loss_fn, train, prompts, evaluator, objectives.causal_lm_tokens
+        )
 
     # Classification as text: score every label's continuation, predict the best.
     choices = {s: data.encode_choices(task, tok, s, max_len) for s in task.splits}
@@ -314,7 +322,9 @@ def _causal_lm_pipeline(cfg, task, loaded, aroma) -> Pipeline:
         preds = np.argmax(scores.reshape(-1, n_choices), axis=-1)
         return metrics_lib.compute(["mc_accuracy"], preds, labels)
 
-    return _make(loaded, task, aroma, loss_fn, train, choices, evaluator)
+    return _make(
+        loaded, task, aroma, loss_fn, train, choices, evaluator, objectives.causal_lm_tokens
+    )
 
 
 # -------------------------------------------------------- instructions (commonsense170k)
@@ -353,4 +363,6 @@ def _instruction_pipeline(cfg, task, loaded, aroma) -> Pipeline:
         )
         return commonsense.score(task.splits[split], responses)
 
-    return _make(loaded, task, aroma, loss_fn, train, prompts, evaluator)
+    return _make(
+        loaded, task, aroma, loss_fn, train, prompts, evaluator, objectives.causal_lm_tokens
+    )

@@ -150,7 +150,9 @@ class TrainConfig:
     eval_at_start: bool = True  # held-out metrics before training (the "before" of the run)
     progress: bool = True
     prefetch: int = 2  # batches placed on their devices ahead of the step (0: none)
-    grad_accum: int = 1  # micro-batches summed into one update
+    # micro-batches per optimizer step, summed inside the one compiled step (dividing
+    # batch_size): the same run as one batch of batch_size, with activations of one micro-batch
+    grad_accum: int = 1
     keep_best: str | None = None  # a metric name: keep the checkpoint best at it (null: off)
     trackers: tuple[str, ...] = ()  # experiment trackers the metrics also go to
 
@@ -158,7 +160,13 @@ class TrainConfig:
         for name in ("batch_size", "eval_batch_size", "eval_every", "log_every", "save_every"):
             _int("train", name, getattr(self, name), 1)
         _int("train", "keep_checkpoints", self.keep_checkpoints, 1)
-        _int("train", "grad_accum", self.grad_accum, 1)
+        k = self.grad_accum
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or self.batch_size % k:
+            raise ConfigError(
+                f"invalid train.grad_accum={k!r}: accepted a positive integer dividing "
+                f"train.batch_size={self.batch_size} (micro-batches of batch_size / grad_accum "
+                "rows; 1 = none)"
+            )
         _int("train", "prefetch", self.prefetch, 0)
         _int("train", "seed", self.seed, 0)
         if self.head not in HEAD_MODES:

@@ -349,7 +349,14 @@ def _train(
         write_atomic(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     tcfg = cfg.train
 
-    trainer = AromaTrainer(pipe.loss_fn, pipe.params, aroma, stacked=pipe.stacked)
+    trainer = AromaTrainer(
+        pipe.loss_fn,
+        pipe.params,
+        aroma,
+        stacked=pipe.stacked,
+        grad_accum=tcfg.grad_accum,
+        loss_weight=pipe.loss_weight,
+    )
     head_params = sum(int(x.size) for x in jax.tree.leaves(trainer_extra(pipe, trainer)))
     memory.check_run(cfg, pipe, trainer)  # refuse now rather than be killed mid-run
     if writer:
@@ -561,6 +568,7 @@ RESUME_MAY_CHANGE = (
     "train.eval_batch_size",
     "train.prefetch",
     "mesh",
+    "train.grad_accum",  # the same gradient, summed in micro-batches (a smaller device)
 )  # no effect on the state
 
 
