@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from typing import Any
 
 from aroma_jax.core.sharding import Rule
 
@@ -179,3 +180,21 @@ def activation_context(mesh) -> contextlib.ExitStack:
     stack.enter_context(jax.set_mesh(mesh))
     stack.enter_context(nn.logical_axis_rules(activation_rules(mesh)))
     return stack
+
+
+def is_native(model: Any) -> bool:
+    """Whether ``model`` is one of `aroma_jax.models.native`'s (whose activations carry logical
+    constraints), rather than an HF Flax model."""
+    return type(model).__module__.startswith("aroma_jax.models.native.")
+
+
+def step_context(model: Any, mesh: Any) -> contextlib.AbstractContextManager:
+    """The context a train step of ``model`` on ``mesh`` is traced and run in: `activation_context`
+    for a native model on a mesh, else nothing. A fresh one per use (an entered
+    `activation_context` cannot be re-entered).
+
+    Run every call of the step inside it, not only the first: the ambient mesh is part of jit's
+    cache key, so a call outside it would trace the step again, unpinned."""
+    if mesh is None or not is_native(model):
+        return contextlib.nullcontext()
+    return activation_context(mesh)
