@@ -34,7 +34,9 @@ def test_two_processes_each_read_only_their_shards(tmp_path):
 
     if jax.device_count() < 8:
         pytest.skip("needs 8 (simulated) devices")
-    model = NativeCausalLM(NativeConfig.from_dict(tiny_config(model_type="llama", tie_word_embeddings=False)))
+    model = NativeCausalLM(
+        NativeConfig.from_dict(tiny_config(model_type="llama", tie_word_embeddings=False))
+    )
     model_dir = model.save_pretrained(tmp_path / "model")
     whole = NativeCausalLM.from_pretrained(model_dir)
     ids = np.arange(2 * 6, dtype=np.int32).reshape(2, 6) % 64

@@ -86,23 +86,3 @@ def test_native_step_on_a_mesh_is_traced_under_the_activation_rules(
         _train_losses(tmp_path / "mesh"), _train_losses(tmp_path / "one"), rtol=1e-5
     )
 
-
-@pytest.mark.parametrize("name", ["tiny-roberta", "tiny-bart"])
-def test_native_encoder_and_seq2seq_steps_under_the_rules_match_one_device(
-    fake_assets, tmp_path, name
-):
-    """The other native families run under the same rules on a 3-axis mesh, with one device's
-    losses (their constraints name ``heads`` and ``mlp`` too)."""
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 (simulated) devices")
-    short = ["aroma.max_steps=4", "train.log_every=1"]
-    load = lambda *extra: run_config.load(  # noqa: E731
-        configs.root() / f"{name}.yaml", OVERRIDES + short + list(extra)
-    )
-    meshed = runner.train(load("mesh=data=2,fsdp=2,tensor=2"), tmp_path / "mesh")
-    single = runner.train(load(), tmp_path / "one")
-    assert meshed["compiles"] == 1
-    np.testing.assert_allclose(
-        _train_losses(tmp_path / "mesh"), _train_losses(tmp_path / "one"), rtol=1e-5
-    )
-    assert meshed["ranks"] == single["ranks"]
