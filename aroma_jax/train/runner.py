@@ -41,6 +41,7 @@ from aroma_jax.core import sharding
 from aroma_jax.core.adapters import adapter_param_count
 from aroma_jax.core.history import History
 from aroma_jax.core.train_step import AromaTrainer, StepInfo, TrainState
+from aroma_jax.models.native.partitioning import step_context
 from aroma_jax.train import lock, memory, plots, run_config, throughput
 from aroma_jax.train.hooks import Hook, OuterHook, TrainLoop
 from aroma_jax.train.input import BatchStream, batch_at  # noqa: F401  (batch_at: re-exported)
@@ -425,13 +426,14 @@ def _train(
 
     def run_step(state_now: TrainState, batch: Any) -> tuple[TrainState, StepInfo]:
         profiler.before(loop.step)
-        if block_each_step:
-            # gloo gives a peer 30 s to join a collective's first run: compile first (jit
-            # reuses it), then start every step together.
-            if loop.step == start:
-                trainer.compile_step(state_now, batch)
-            sharding.barrier(f"aroma-step-{loop.step}")
-        state_now, info = trainer.step(state_now, batch)
+        with step_context(pipe.model, mesh):  # a native model's activation sharding rules
+            if block_each_step:
+                # gloo gives a peer 30 s to join a collective's first run: compile first (jit
+                # reuses it), then start every step together.
+                if loop.step == start:
+                    trainer.compile_step(state_now, batch)
+                sharding.barrier(f"aroma-step-{loop.step}")
+            state_now, info = trainer.step(state_now, batch)
         if block_each_step:
             jax.block_until_ready(info)
         profiler.after(loop.step + 1, info)
