@@ -29,8 +29,8 @@ FAST = [
 
 def test_set_grad_accum_and_what_is_accepted():
     cfg = run_config.resolve({}, ["train.batch_size=16", "train.grad_accum=4"])
-    assert cfg["train"]["grad_accum"] == 4
-    assert run_config.resolve({}, [])["train"]["grad_accum"] == 1
+    assert cfg.train.grad_accum == 4
+    assert run_config.resolve({}, []).train.grad_accum == 1
     for bad in ("0", "-1", "3", "2.0", "true", "four"):
         with pytest.raises(ConfigError, match=r"train\.grad_accum=.*positive integer dividing"):
             run_config.resolve({}, ["train.batch_size=16", f"train.grad_accum={bad}"])
