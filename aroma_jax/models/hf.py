@@ -131,8 +131,35 @@ def _task_texts(task) -> list[str]:
     return texts
 
 
-def build_tiny(arch: str, task, num_labels: int | None, dtype, seed: int) -> Loaded:
+def hf_flax_available() -> bool:
+    """Whether the installed transformers has its Flax model classes (4.x; 5.x removed them)."""
+    try:
+        import transformers as tf
+    except ImportError:
+        return False
+    return hasattr(tf, "FlaxRobertaForSequenceClassification")
+
+
+def require_hf_flax(name: str) -> None:
+    """``model.impl: hf`` (and model types without a native implementation) need transformers
+    4.x; on 5.x a one-line error says so instead of an AttributeError deep in transformers."""
+    if hf_flax_available():
+        return
     import transformers as tf
+
+    raise ModelLoadError(
+        f"{name!r} needs transformers' Flax classes (model.impl=hf), which transformers "
+        f"{tf.__version__} does not have (5.x removed them): use model.impl=auto or native for "
+        f"model types {', '.join(NATIVE_TYPES)}, or install transformers 4.x "
+        "(pip install 'aroma-jax[hf4]')"
+    )
+
+
+def build_tiny(arch: str, task, num_labels: int | None, dtype, seed: int) -> Loaded:
+    """``tiny-<arch>`` on transformers' Flax classes (``model.impl=hf``, transformers 4.x)."""
+    import transformers as tf
+
+    require_hf_flax(f"tiny-{arch}")
 
     tok = simple_tokenizer(_task_texts(task))
     common = dict(vocab_size=len(tok), pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -317,13 +344,16 @@ def resolve_path(name: str) -> str:
     if name == "minilm":
         return str(offline.asset_path("minilm"))
     if name == "smollm2":
-        path = offline.asset_path("smollm2") / "flax"
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(
-                f"SmolLM2 has not been converted to a Flax checkpoint in {str(path)!r}: run "
-                "`aroma-jax assets fetch smollm2` (it converts the GGUF file)"
-            )
-        return str(path)
+        from aroma_jax.models.gguf_convert import CONVERTED, LEGACY_CONVERTED
+
+        root = offline.asset_path("smollm2")
+        for sub in (CONVERTED, LEGACY_CONVERTED):
+            if (root / sub / "config.json").exists():
+                return str(root / sub)
+        raise FileNotFoundError(
+            f"SmolLM2 has not been converted to an HF checkpoint in {str(root / CONVERTED)!r}: "
+            "run `aroma-jax assets fetch smollm2` (it converts the GGUF file)"
+        )
     return name
 
 
@@ -581,6 +611,7 @@ def _load_pretrained(path: str, task, num_labels, dtype, seed, name: str = "") -
     import transformers as tf
 
     name = name or path
+    require_hf_flax(name)
     with _loading(name, path, "config"):
         config = tf.AutoConfig.from_pretrained(path)
     arch = config.model_type
