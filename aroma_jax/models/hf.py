@@ -1,10 +1,11 @@
-"""Loading HF Flax models (BERT/RoBERTa, BART, LLaMA) for a task, and their target presets.
+"""Loading models for a task (native BERT/RoBERTa, BART, LLaMA family; with ``model.impl: hf``
+transformers 4.x's Flax classes), and their target presets.
 
 ``name`` may be an offline asset (``minilm``, ``smollm2``), a tiny random model built on the fly
 (``tiny-bert``, ``tiny-roberta``, ``tiny-bart``, ``tiny-llama``: a word-level tokenizer trained
 on the task's training text, seeded weights), a local directory or a hub name (for users who can
-reach the hub). Flax weights are used when present, else PyTorch/safetensors weights through
-``from_pt=True`` (safetensors need no torch).
+reach the hub). Native models read safetensors (or an HF Flax msgpack); the HF Flax classes use
+Flax weights when present, else PyTorch/safetensors weights through ``from_pt=True``.
 
 Presets follow the paper: RoBERTa/BERT adapt query, key, value, attention output, intermediate
 and output (6 per layer); LLaMA q, k, v, up, down (o and gate available); BART q, k, v, out,
@@ -368,7 +369,8 @@ def load_for_task(
     scan_layers: bool | str = "auto",
     remat: str = "none",
 ) -> Loaded:
-    """``impl``: ``auto`` (native for the LLaMA family, HF Flax otherwise), ``native`` or ``hf``.
+    """``impl``: ``auto`` (native for every model type in `NATIVE_TYPES`, HF Flax otherwise),
+    ``native`` or ``hf`` (HF Flax: transformers 4.x; `require_hf_flax` explains on 5.x).
 
     ``scan_layers``: run a native model's layers under ``nn.scan`` (``auto``: yes; HF Flax
     models always unroll them). ``remat``: a native model's rematerialisation policy
