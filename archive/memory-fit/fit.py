@@ -1,8 +1,8 @@
-"""Refit of `aroma_jax.train.memory`'s activation coefficients to XLA's accounting of the
-compiled train step (arguments + temporaries + outputs - aliases, CPU backend) on the native
-models that `model.impl: auto` now picks (scanned layers), on the shapes the constants were
-first fitted on. C_FFN stays fixed (the tiny models have F = 2H); C_HIDDEN and C_SCORES are
-fitted by least squares on the relative error.
+"""Refit of `aroma_jax.train.memory` to XLA's accounting of the compiled train step (arguments +
+temporaries + outputs - aliases, CPU backend) on the native models that `model.impl: auto` now
+picks (scanned layers), on the shapes the constants were first fitted on: prints estimate / XLA
+with the current constants, and the least-squares C_SCORES_DROPOUT (relative error) over the
+shapes whose model takes the native encoder's attention-dropout path.
 
     cd <checkout> && PYTHONPATH=.:tests python archive/memory-fit/fit.py
 """
@@ -50,11 +50,16 @@ def measure(name, batch, length, extra):
     est = memory.estimate(trainer, pipe.params, pipe.model.config, batch, length, 4, lm)
     dims = memory.model_dims(pipe.model.config)
     b, n, layers = batch, length, dims["layers"]
-    # bytes per unit of C_HIDDEN and of C_SCORES, and the rest of the estimate
-    per_hidden = 4 * layers * b * n * dims["hidden"]
-    per_scores = 4 * layers * b * dims["heads"] * n * n
-    rest = est.device - memory.C_HIDDEN * per_hidden - memory.C_SCORES * per_scores
-    return xla, est.device, per_hidden, per_scores, rest
+    # bytes per unit of C_SCORES_DROPOUT, and the rest of the estimate
+    per_drop = 4 * layers * b * dims["heads"] * n * n * dims["attention_dropout_path"]
+    rest = est.device - memory.C_SCORES_DROPOUT * per_drop
+    return xla, est.device, per_drop, rest
+
+
+def memory_constant():
+    from aroma_jax.train import memory
+
+    return memory.C_SCORES_DROPOUT
 
 
 def main():
@@ -65,19 +70,16 @@ def main():
     os.environ["AROMA_DATA"] = str(fake_assets.make(__import__("pathlib").Path(tempfile.mkdtemp())))
     rows = []
     for name, batch, length, extra in SHAPES:
-        xla, est, ph, ps, rest = measure(name, batch, length, extra)
-        rows.append((xla, ph, ps, rest))
+        xla, est, per_drop, rest = measure(name, batch, length, extra)
+        rows.append((xla, per_drop, rest))
         print(f"{name} {batch}x{length} {extra}: XLA {xla / 2**20:.1f} MiB, estimate "
               f"{est / 2**20:.1f} MiB, ratio {est / xla:.3f}", flush=True)
-    xla, ph, ps, rest = (np.array(c, float) for c in zip(*rows, strict=True))
-    # minimise sum((rest + ch*ph + cs*ps) / xla - 1)^2
-    a = np.stack([ph / xla, ps / xla], 1)
-    (ch, cs), *_ = np.linalg.lstsq(a, 1 - rest / xla, rcond=None)
-    print(f"fitted C_HIDDEN {ch:.2f}, C_SCORES {cs:.2f}")
-    for r in (round(ch), round(cs)), (ch, cs):
-        ratios = (rest + r[0] * ph + r[1] * ps) / xla
-        print(f"  with C_HIDDEN={r[0]:.2f}, C_SCORES={r[1]:.2f}: ratios "
-              + ", ".join(f"{x:.3f}" for x in ratios))
+    xla, per_drop, rest = (np.array(c, float) for c in zip(*rows, strict=True))
+    on = per_drop > 0
+    # minimise sum over the dropout-path shapes of ((rest + c * per_drop) / xla - 1)^2
+    a = (per_drop / xla)[on]
+    c = float(a @ (1 - rest / xla)[on] / (a @ a))
+    print(f"least-squares C_SCORES_DROPOUT {c:.2f} (in use: {memory_constant()})")
     return 0
 
 
