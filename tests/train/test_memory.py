@@ -27,7 +27,7 @@ def _pipeline(name, batch, length, *extra):
 )
 def test_estimate_tracks_xla_memory_analysis(fake_assets, name, batch, length):
     """Estimate / XLA (arguments + temporaries + outputs - aliases of the compiled step) within
-    [0.8, 1.25]; measured 0.989 (native RoBERTa) and 1.025 (native LLaMA) on CPU when
+    [0.8, 1.25]; measured 0.988 (native RoBERTa) and 1.025 (native LLaMA) on CPU when
     C_SCORES_DROPOUT was fit (archive/memory-fit/fit.py)."""
     cfg, pipe = _pipeline(name, batch, length)
     trainer = AromaTrainer(pipe.loss_fn, pipe.params, pipe.aroma, stacked=pipe.stacked)
