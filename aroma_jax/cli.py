@@ -243,7 +243,7 @@ def _writer_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--verbose",
         action="store_true",
-        help="show third-party notes (transformers' Flax deprecation banner, weight-loading "
+        help="show third-party notes (transformers' import advice and Flax banner, weight-loading "
         "notes) that are silenced by default",
     )
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -79,10 +80,12 @@ def table(summaries: dict[str, dict]) -> str:
 
 
 def quiet_transformers() -> None:
-    """Silence what the main job's user need not read: transformers' Flax deprecation banner
-    and its expected weight-loading notes (MiniLM has no classifier, which the run trains from a
-    fresh init, and an unused ``position_ids`` buffer). Warnings from our code, JAX and Python's
-    ``warnings`` are untouched, and the run prints its own account of the head."""
+    """Silence what the main job's user need not read: transformers 5's "PyTorch was not found"
+    advice at import (our models need no torch), 4.x's Flax deprecation banner and its expected
+    weight-loading notes (MiniLM has no classifier, which the run trains from a fresh init, and
+    an unused ``position_ids`` buffer). Warnings from our code, JAX and Python's ``warnings``
+    are untouched, and the run prints its own account of the head."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # read at its import
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

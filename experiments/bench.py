@@ -53,8 +53,7 @@ import tqdm
 
 from aroma_jax import AromaConfig, AromaTrainer
 from aroma_jax.core import controller, optim
-from aroma_jax.models.hf import PRESETS
-from aroma_jax.models.llama import FixedFlaxLlamaForCausalLM
+from aroma_jax.models.hf import PRESETS, hf_flax_available
 from aroma_jax.train import throughput
 from experiments.shapes import SHAPES, of_arch
 
@@ -73,19 +72,10 @@ def roberta_config(kw: dict, seq: int) -> dict:
     )
 
 
-def hf_flax_available() -> bool:
-    """transformers 4.x (its Flax classes), for the HF Flax side-by-side rows."""
-    try:
-        import transformers as tf
-
-        return hasattr(tf, "FlaxRobertaForSequenceClassification")
-    except ImportError:
-        return False
-
-
 def build(name: str, seq: int, dtype: str = "float32", impl: str = "native"):
     """The named shape, random weights; ``dtype``: the computation dtype (params stay fp32).
-    ``impl``: RoBERTa on the native encoder (`aroma_jax.models.native`) or HF's Flax class."""
+    ``impl``: the native model (`aroma_jax.models.native`: encoder or causal LM, unrolled) or
+    HF's Flax class (transformers 4.x; for LLaMA, `FixedFlaxLlamaForCausalLM`)."""
     arch, kw = SHAPES[name]
     dt = jnp.dtype(dtype)
     if arch == "roberta":
@@ -108,10 +98,19 @@ def build(name: str, seq: int, dtype: str = "float32", impl: str = "native"):
                 optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
             )
     else:
-        import transformers as tf
+        cfg_dict = {**kw, "model_type": "llama", "max_position_embeddings": seq + 4}
+        if impl == "native":
+            from aroma_jax.models.native import NativeCausalLM, NativeConfig
 
-        cfg = tf.LlamaConfig(**{**kw, "max_position_embeddings": seq + 4})
-        model = FixedFlaxLlamaForCausalLM(cfg, seed=0, dtype=dt)  # HF's, defects fixed
+            cfg = NativeConfig.from_dict(cfg_dict)
+            model = NativeCausalLM(cfg, seed=0, dtype=dt)
+        else:
+            import transformers as tf
+
+            from aroma_jax.models.llama import FixedFlaxLlamaForCausalLM
+
+            cfg = tf.LlamaConfig(**{k: v for k, v in cfg_dict.items() if k != "model_type"})
+            model = FixedFlaxLlamaForCausalLM(cfg, seed=0, dtype=dt)  # HF's, defects fixed
 
         def loss_fn(params, batch, rng):
             logits = model(batch["input_ids"], batch["attention_mask"], params=params).logits
@@ -286,7 +285,8 @@ class TorchVariant:
             model = tf.RobertaForSequenceClassification(tf.RobertaConfig(**hf_cfg))
             labels = batch["labels"]
         else:
-            model = tf.LlamaForCausalLM(tf.LlamaConfig(**flax_cfg.to_dict()))
+            hf_cfg = flax_cfg.to_dict() if hasattr(flax_cfg, "to_dict") else flax_cfg.hf_dict
+            model = tf.LlamaForCausalLM(tf.LlamaConfig(**hf_cfg))
             labels = batch["input_ids"]  # the model shifts them, as our causal-LM loss does
         model = model.to(self.device).train()
         # HF's Flax and torch models share module paths (roberta.encoder.layer.0...).
@@ -682,8 +682,9 @@ def main(argv=None) -> dict:
         "--impl",
         choices=["native", "hf"],
         default="native",
-        help="RoBERTa shapes: our native encoder (default; with transformers 4.x installed, HF's "
-        "Flax class runs beside it as hf_flax_floor / hf_flax_aroma_r1) or HF's Flax class",
+        help="our native model (default; for RoBERTa shapes with transformers 4.x installed, "
+        "HF's Flax class runs beside it as hf_flax_floor / hf_flax_aroma_r1) or HF's Flax "
+        "class (transformers 4.x)",
     )
     p.add_argument(
         "--no-hf", action="store_true", help="skip the HF Flax rows beside the native model"

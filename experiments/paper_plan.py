@@ -1,6 +1,6 @@
 """What a paper preset will do, without weights: steps, adapted modules, trainable parameters, rank.
 
-`plan` builds the model's parameter *shapes* with ``jax.eval_shape`` of the HF Flax model's init
+`plan` builds the model's parameter *shapes* with ``jax.eval_shape`` of the native model's init
 from a config (no weights are allocated or downloaded), matches the run's target patterns
 against them exactly as training does (`aroma_jax.core.adapters.find_targets`), and counts.
 
@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from experiments.shapes import HUB_NAMES, SHAPES, TINY
 
@@ -63,10 +64,8 @@ def task_kind(name: str) -> tuple[str, int]:
     raise PlanError(f"cannot plan task {name!r}: accepted glue/<task>, commonsense170k, xsum")
 
 
-def model_config(name: str, tiny: bool, num_labels: int):
-    """(arch, HF config) for a published model name or ``tiny-<arch>``."""
-    import transformers as tf
-
+def model_config(name: str, tiny: bool, num_labels: int) -> tuple[str, dict[str, Any]]:
+    """(arch, HF ``config.json`` dict) for a published model name or ``tiny-<arch>``."""
     if name.startswith("tiny-"):
         arch = name[5:]
         tiny = True
@@ -80,23 +79,30 @@ def model_config(name: str, tiny: bool, num_labels: int):
     if arch not in TINY:
         raise PlanError(f"unknown architecture {arch!r}: accepted {', '.join(TINY)}")
     values = dict(SHAPES[TINY[arch] if tiny else HUB_NAMES[name]][1])
-    cls = {"roberta": tf.RobertaConfig, "bart": tf.BartConfig, "llama": tf.LlamaConfig}[arch]
-    return arch, cls(**values, num_labels=max(num_labels, 1))
+    return arch, {**values, "model_type": arch, "num_labels": max(num_labels, 1)}
 
 
-def param_shapes(arch: str, config) -> Mapping[str, Any]:
-    """The model's params as ``jax.ShapeDtypeStruct`` leaves (``eval_shape`` of its init)."""
-    import transformers as tf
+def param_shapes(arch: str, config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The native model's params (the runs' model: `model.impl: auto`) as
+    ``jax.ShapeDtypeStruct`` leaves, unrolled (one entry per layer, as the runs name them):
+    ``eval_shape`` of its init, so nothing is allocated."""
+    from aroma_jax.models.native import NativeCausalLM, NativeConfig
+    from aroma_jax.models.native.bart import BartConfig
+    from aroma_jax.models.native.bert import EncoderConfig
+    from aroma_jax.models.native.encoder_model import NativeEncoder
+    from aroma_jax.models.native.seq2seq_model import NativeSeq2SeqLM
 
-    from aroma_jax.models.hf import llama_class
-
-    cls = {
-        "roberta": tf.FlaxRobertaForSequenceClassification,
-        "bart": tf.FlaxBartForConditionalGeneration,
-        "llama": llama_class(),
-    }[arch]
-    model = cls(config, _do_init=False)
-    return jax.eval_shape(lambda key: model.init_weights(key, (1, 8)), jax.random.key(0))
+    ids = jnp.ones((1, 8), jnp.int32)
+    if arch == "roberta":
+        module = NativeEncoder(EncoderConfig.from_dict(config), params={}).module
+        args = (ids,)
+    elif arch == "bart":
+        module = NativeSeq2SeqLM(BartConfig.from_dict(config), params={}).module
+        args = (ids, None, ids)
+    else:
+        module = NativeCausalLM(NativeConfig.from_dict(config), params={}).module
+        args = (ids,)
+    return jax.eval_shape(lambda key: module.init(key, *args)["params"], jax.random.key(0))
 
 
 def _size(leaf) -> int:

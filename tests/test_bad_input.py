@@ -376,10 +376,16 @@ def _tiny_bert(path: Path, weights: str) -> None:
         max_position_embeddings=64,
     )
     path.mkdir(parents=True)
-    if weights == "msgpack":
-        transformers.FlaxBertForSequenceClassification(cfg, seed=0).save_pretrained(path)
-        return
     cfg.save_pretrained(path)
+    if weights == "msgpack":  # an HF Flax checkpoint's tree, which the native encoder shares
+        import flax
+
+        from aroma_jax.models.native.bert import EncoderConfig
+        from aroma_jax.models.native.encoder_model import NativeEncoder
+
+        params = NativeEncoder(EncoderConfig.from_dict(cfg.to_dict()), seed=0).params
+        (path / "flax_model.msgpack").write_bytes(flax.serialization.msgpack_serialize(params))
+        return
     from safetensors.numpy import save_file
 
     save_file(

@@ -45,7 +45,6 @@ def load_experiment(name: str):
     return importlib.import_module(f"experiments.{name}")
 
 
-@pytest.mark.slow
 def run_bench(*args: str) -> subprocess.CompletedProcess:
     """``python -m experiments.bench`` with ``args``, in the quick-compile environment."""
     cmd = [sys.executable, "-m", "experiments.bench", *args]
@@ -110,19 +109,30 @@ def test_bench_smoke(tmp_path):
         assert data["trainable_params"]["peft_lora_r8"] == data["trainable_params"]["lora_r8"]
     assert all(v == 1 for v in data["train_step_compiles"].values())
     assert "| floor |" in (tmp_path / "bench.md").read_text()
-    # the native encoder runs; HF's Flax class beside it where transformers 4.x has it
+    # the native encoder runs; HF's Flax rows beside it only where transformers 4.x has the
+    # class (`test_bench_smoke_native_beside_hf_flax`, make test-hf4)
     assert data["impl"] == "native"
-    import transformers
+    from aroma_jax.models.hf import hf_flax_available
 
-    if hasattr(transformers, "FlaxRobertaForSequenceClassification"):
-        assert {"hf_flax_floor_s", "hf_flax_aroma_r1_s"} <= set(data)
-        assert set(data["native_vs_hf_flax"]) == {"floor", "aroma_r1"}
-        assert "native / HF Flax step time" in (tmp_path / "bench.md").read_text()
+    assert ("hf_flax_floor_s" in data) == hf_flax_available()
+
+
+@pytest.mark.hf4
+def test_bench_smoke_native_beside_hf_flax(tmp_path):
+    """With transformers 4.x, HF's Flax RoBERTa runs beside the native encoder in the same
+    process on the same params and batch, and the table says which step is faster."""
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    res = run_bench("--smoke", "--variants", "aroma_r1", "--json", str(out), "--md", str(md))
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert {"hf_flax_floor_s", "hf_flax_aroma_r1_s"} <= set(data)
+    assert set(data["native_vs_hf_flax"]) == {"floor", "aroma_r1"}
+    assert "native / HF Flax step time" in md.read_text()
 
 
 @pytest.mark.slow
 def test_bench_smoke_llama_shape(tmp_path):
-    """The LLaMA path (HF's Flax LLaMA with our fixes; PyTorch LlamaForCausalLM with --vs-peft)."""
+    """The LLaMA path (the native model; PyTorch LlamaForCausalLM with --vs-peft)."""
     out = tmp_path / "bench.json"
     vs_peft = bool(importlib.util.find_spec("peft") and importlib.util.find_spec("torch"))
     cmd = [sys.executable, "-m", "experiments.bench", "--smoke", "--json", str(out)]

@@ -1,10 +1,11 @@
-"""Loading HF Flax models (BERT/RoBERTa, BART, LLaMA) for a task, and their target presets.
+"""Loading models for a task (native BERT/RoBERTa, BART, LLaMA family; with ``model.impl: hf``
+transformers 4.x's Flax classes), and their target presets.
 
 ``name`` may be an offline asset (``minilm``, ``smollm2``), a tiny random model built on the fly
 (``tiny-bert``, ``tiny-roberta``, ``tiny-bart``, ``tiny-llama``: a word-level tokenizer trained
 on the task's training text, seeded weights), a local directory or a hub name (for users who can
-reach the hub). Flax weights are used when present, else PyTorch/safetensors weights through
-``from_pt=True`` (safetensors need no torch).
+reach the hub). Native models read safetensors (or an HF Flax msgpack); the HF Flax classes use
+Flax weights when present, else PyTorch/safetensors weights through ``from_pt=True``.
 
 Presets follow the paper: RoBERTa/BERT adapt query, key, value, attention output, intermediate
 and output (6 per layer); LLaMA q, k, v, up, down (o and gate available); BART q, k, v, out,
@@ -131,8 +132,35 @@ def _task_texts(task) -> list[str]:
     return texts
 
 
-def build_tiny(arch: str, task, num_labels: int | None, dtype, seed: int) -> Loaded:
+def hf_flax_available() -> bool:
+    """Whether the installed transformers has its Flax model classes (4.x; 5.x removed them)."""
+    try:
+        import transformers as tf
+    except ImportError:
+        return False
+    return hasattr(tf, "FlaxRobertaForSequenceClassification")
+
+
+def require_hf_flax(name: str) -> None:
+    """``model.impl: hf`` (and model types without a native implementation) need transformers
+    4.x; on 5.x a one-line error says so instead of an AttributeError deep in transformers."""
+    if hf_flax_available():
+        return
     import transformers as tf
+
+    raise ModelLoadError(
+        f"{name!r} needs transformers' Flax classes (model.impl=hf), which transformers "
+        f"{tf.__version__} does not have (5.x removed them): use model.impl=auto or native for "
+        f"model types {', '.join(NATIVE_TYPES)}, or install transformers 4.x "
+        "(pip install 'aroma-jax[hf4]')"
+    )
+
+
+def build_tiny(arch: str, task, num_labels: int | None, dtype, seed: int) -> Loaded:
+    """``tiny-<arch>`` on transformers' Flax classes (``model.impl=hf``, transformers 4.x)."""
+    import transformers as tf
+
+    require_hf_flax(f"tiny-{arch}")
 
     tok = simple_tokenizer(_task_texts(task))
     common = dict(vocab_size=len(tok), pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -317,13 +345,16 @@ def resolve_path(name: str) -> str:
     if name == "minilm":
         return str(offline.asset_path("minilm"))
     if name == "smollm2":
-        path = offline.asset_path("smollm2") / "flax"
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(
-                f"SmolLM2 has not been converted to a Flax checkpoint in {str(path)!r}: run "
-                "`aroma-jax assets fetch smollm2` (it converts the GGUF file)"
-            )
-        return str(path)
+        from aroma_jax.models.gguf_convert import CONVERTED, LEGACY_CONVERTED
+
+        root = offline.asset_path("smollm2")
+        for sub in (CONVERTED, LEGACY_CONVERTED):
+            if (root / sub / "config.json").exists():
+                return str(root / sub)
+        raise FileNotFoundError(
+            f"SmolLM2 has not been converted to an HF checkpoint in {str(root / CONVERTED)!r}: "
+            "run `aroma-jax assets fetch smollm2` (it converts the GGUF file)"
+        )
     return name
 
 
@@ -338,7 +369,8 @@ def load_for_task(
     scan_layers: bool | str = "auto",
     remat: str = "none",
 ) -> Loaded:
-    """``impl``: ``auto`` (native for the LLaMA family, HF Flax otherwise), ``native`` or ``hf``.
+    """``impl``: ``auto`` (native for every model type in `NATIVE_TYPES`, HF Flax otherwise),
+    ``native`` or ``hf`` (HF Flax: transformers 4.x; `require_hf_flax` explains on 5.x).
 
     ``scan_layers``: run a native model's layers under ``nn.scan`` (``auto``: yes; HF Flax
     models always unroll them). ``remat``: a native model's rematerialisation policy
@@ -581,6 +613,7 @@ def _load_pretrained(path: str, task, num_labels, dtype, seed, name: str = "") -
     import transformers as tf
 
     name = name or path
+    require_hf_flax(name)
     with _loading(name, path, "config"):
         config = tf.AutoConfig.from_pretrained(path)
     arch = config.model_type

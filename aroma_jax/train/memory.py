@@ -44,6 +44,15 @@ if TYPE_CHECKING:
 C_HIDDEN = 28
 C_FFN = 3
 C_SCORES = 2
+# The native encoders (`aroma_jax.models.native`, `model.impl: auto` since issue 33) train with
+# attention-probability dropout through an einsum path that keeps, per head and score, the fp32
+# scores, the probabilities and the dropout mask on top of what C_SCORES counts. Refit on them
+# (archive/memory-fit/fit.py, native models, CPU, jax 0.10.2): without this term estimate / XLA
+# was 0.688 (RoBERTa 16x128) and 0.556 (4x255); with 3 fp32 values it measured 0.988 and 0.911,
+# and 1.169 for 64x32 (LoRA r=8) (least squares over the three: 3.11); LLaMA 8x128 (no attention
+# dropout) 1.025, unchanged. Native BART 8x96 measured 1.310 (over, the safe side; 0.912 on HF
+# Flax BART when the constants were fit): not refit, no test holds it.
+C_SCORES_DROPOUT = 3
 GIB = 1 << 30
 
 
@@ -87,12 +96,16 @@ def model_dims(config: Any) -> dict[str, int]:
         (int(getattr(config, n)) for n in names if getattr(config, n, None)), 0
     )
     layers = get("num_hidden_layers") or get("encoder_layers") + get("decoder_layers")
+    native = type(config).__module__.startswith("aroma_jax.")
+    dropout = getattr(config, "attention_probs_dropout_prob", 0) or 0
     return {
         "hidden": get("hidden_size", "d_model"),
         "ffn": get("intermediate_size", "encoder_ffn_dim"),
         "heads": get("num_attention_heads", "encoder_attention_heads"),
         "layers": layers,
         "vocab": get("vocab_size"),
+        # the native encoder's einsum attention path (see C_SCORES_DROPOUT)
+        "attention_dropout_path": int(native and dropout > 0),
     }
 
 
@@ -104,7 +117,11 @@ def activation_bytes(
     per_layer = b * n * (C_HIDDEN * dims["hidden"] + C_FFN * dims["ffn"])
     per_layer += C_SCORES * b * dims["heads"] * n * n
     ends = b * n * (2 * dims["hidden"] + (2 * dims["vocab"] if lm_head else 0))
-    return itemsize * (dims["layers"] * per_layer + ends)
+    # fp32 whatever the compute dtype: the einsum path computes its scores in fp32
+    dropped = 4 * C_SCORES_DROPOUT * b * dims["heads"] * n * n * dims["layers"]
+    return itemsize * (dims["layers"] * per_layer + ends) + dropped * dims.get(
+        "attention_dropout_path", 0
+    )
 
 
 def estimate(

@@ -5,44 +5,41 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import transformers
 from jax.sharding import PartitionSpec as P
 
 from aroma_jax import AromaConfig, AromaTrainer
 from aroma_jax.core import sharding
 from aroma_jax.models.hf import PRESETS
+from aroma_jax.models.native import NativeCausalLM, NativeConfig
+from aroma_jax.models.native.bert import EncoderConfig
+from aroma_jax.models.native.encoder_model import NativeEncoder
 from aroma_jax.train.checkpoint import CheckpointManager, arrays_equal
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
 
 def tiny(arch, hidden=64, layers=2, vocab=128):
+    """A tiny random native model (unrolled: one module per layer) and its loss."""
+    shape = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=64,
+    )
     if arch == "roberta":
-        cfg = transformers.RobertaConfig(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            intermediate_size=2 * hidden,
-            num_labels=2,
-            max_position_embeddings=64,
+        cfg = EncoderConfig.from_dict(
+            dict(shape, model_type="roberta", num_labels=2, type_vocab_size=1, pad_token_id=1)
         )
-        model = transformers.FlaxRobertaForSequenceClassification(cfg, seed=0)
+        model = NativeEncoder(cfg, seed=0)
 
         def loss_fn(p, b, rng):
             logits = model(b["input_ids"], b["attention_mask"], params=p).logits
             return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, b["labels"]))
     else:
-        cfg = transformers.LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=2 * hidden,
-            max_position_embeddings=64,
-        )
-        model = transformers.FlaxLlamaForCausalLM(cfg, seed=0)
+        cfg = NativeConfig.from_dict(dict(shape, model_type="llama", num_key_value_heads=2))
+        model = NativeCausalLM(cfg, seed=0)
 
         def loss_fn(p, b, rng):
             logits = model(b["input_ids"], b["attention_mask"], params=p).logits

@@ -9,7 +9,6 @@ from native_tiny import tiny_config
 from aroma_jax import AromaConfig, AromaTrainer
 from aroma_jax.data import objectives
 from aroma_jax.models import hf
-from aroma_jax.models.llama import FixedFlaxLlamaForCausalLM
 from aroma_jax.models.native import NativeCausalLM, NativeConfig
 
 CFG = tiny_config(max_position_embeddings=32, rope_theta=1e5, tie_word_embeddings=False)
@@ -62,18 +61,21 @@ def run(model, params, steps=15):
 
 
 @pytest.fixture(scope="module")
-def fixed_and_native_runs():
+def native_run():
+    native = NativeCausalLM(NativeConfig.from_dict({**CFG, "model_type": "llama"}))
+    return run(native, native.params), native
+
+
+@pytest.mark.hf4
+def test_aroma_run_on_native_equals_fixed_hf_flax_llama():
+    from aroma_jax.models.llama import FixedFlaxLlamaForCausalLM
+
     fixed = FixedFlaxLlamaForCausalLM(transformers.LlamaConfig(**CFG), seed=0)
     native = NativeCausalLM(NativeConfig.from_dict({**CFG, "model_type": "llama"}))
     params = fixed.params  # one param tree serves both: the native paths mirror HF's
     native.params = params
-    return run(fixed, params), run(native, params), native
-
-
-def test_aroma_run_on_native_equals_fixed_hf_flax_llama(fixed_and_native_runs):
-    (hf_loss, hf_ranks, hf_paths, _, _), (nat_loss, nat_ranks, nat_paths, _, _), _ = (
-        fixed_and_native_runs
-    )
+    hf_loss, hf_ranks, hf_paths, _, _ = run(fixed, params)
+    nat_loss, nat_ranks, nat_paths, _, _ = run(native, params)
     print(
         f"max |loss native - loss hf| over {len(hf_loss)} steps: "
         f"{np.abs(nat_loss - hf_loss).max():.2e}; final ranks {nat_ranks[-1]}"
@@ -85,12 +87,13 @@ def test_aroma_run_on_native_equals_fixed_hf_flax_llama(fixed_and_native_runs):
     assert hf_loss[-1] < hf_loss[0]
 
 
-def test_merged_export_of_a_native_run_loads_in_pytorch(fixed_and_native_runs, tmp_path):
+def test_merged_export_of_a_native_run_loads_in_pytorch(native_run, tmp_path):
     """`aroma-jax export --merged` for native runs: merged weights, PyTorch-layout safetensors."""
     from aroma_jax.train import artifacts
     from aroma_jax.train.export import merged_params, save_pytorch_weights
 
-    _, (_, ranks, _, trainer, state), native = fixed_and_native_runs
+    (losses, ranks, _, trainer, state), native = native_run
+    assert losses[-1] < losses[0]
     final = trainer.finalize(state)
     artifacts.save_final(tmp_path / "final", trainer, final)
     tensors, meta = artifacts.load_final(tmp_path / "final")
@@ -139,8 +142,6 @@ def test_impl_selection(fake_assets, tmp_path):
 
     task = tasks.limit(tasks.get_task("rotten_tomatoes", seed=0), 32, 8)
     assert isinstance(hf.load_for_task("tiny-llama", task).model, NativeCausalLM)
-    fixed = hf.load_for_task("tiny-llama", task, impl="hf").model
-    assert isinstance(fixed, FixedFlaxLlamaForCausalLM)
     qwen = hf.load_for_task("tiny-qwen2", task)
     assert qwen.arch == "llama" and qwen.model.config.qkv_bias
     with pytest.raises(ValueError, match="model.impl=native runs"):
@@ -158,9 +159,34 @@ def test_impl_selection(fake_assets, tmp_path):
         hf.load_for_task("tiny-llama", task, impl="hf", remat="full")
 
 
+@pytest.mark.hf4
+def test_impl_hf_builds_the_fixed_flax_class(fake_assets):
+    from aroma_jax.data import tasks
+    from aroma_jax.models.llama import FixedFlaxLlamaForCausalLM
+
+    task = tasks.limit(tasks.get_task("rotten_tomatoes", seed=0), 32, 8)
+    fixed = hf.load_for_task("tiny-llama", task, impl="hf").model
+    assert isinstance(fixed, FixedFlaxLlamaForCausalLM)
+
+
+def test_impl_hf_without_flax_classes_says_what_to_do(fake_assets, monkeypatch):
+    """On transformers 5 (no Flax classes) ``model.impl=hf`` is a one-line error naming the
+    way out, not an AttributeError inside transformers."""
+    from aroma_jax.data import tasks
+
+    monkeypatch.setattr(hf, "hf_flax_available", lambda: False)
+    task = tasks.limit(tasks.get_task("rotten_tomatoes", seed=0), 32, 8)
+    with pytest.raises(hf.ModelLoadError, match=r"model.impl=auto or native.*aroma-jax\[hf4\]"):
+        hf.load_for_task("tiny-llama", task, impl="hf")
+
+
+@pytest.mark.hf4
 def test_native_loads_hf_flax_msgpack_like_the_smollm2_asset(tmp_path):
-    """The SmolLM2 asset is an HF Flax checkpoint (flax_model.msgpack, tied embeddings): the
-    native model loads it and computes the fixed HF model's logits."""
+    """SmolLM2 assets converted before the native models are HF Flax checkpoints
+    (flax_model.msgpack, tied embeddings): the native model loads them and computes the fixed
+    HF model's logits."""
+    from aroma_jax.models.llama import FixedFlaxLlamaForCausalLM
+
     cfg = transformers.LlamaConfig(**{**CFG, "tie_word_embeddings": True})
     fixed = FixedFlaxLlamaForCausalLM(cfg, seed=1)
     fixed.save_pretrained(tmp_path)

@@ -1,5 +1,5 @@
 """The native BERT / RoBERTa classifiers against PyTorch transformers (whichever version is
-installed: `make test` on 4.x, `make test-v5` on 5.x).
+installed: 5.x in `make test`).
 
 Each case saves a tiny random PyTorch ``*ForSequenceClassification`` with ``save_pretrained``,
 loads it with the native loader (no torch involved) and compares fp32 logits on a batch with

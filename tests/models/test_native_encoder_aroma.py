@@ -12,11 +12,6 @@ from aroma_jax.models import hf
 from aroma_jax.models.native.bert import EncoderConfig
 from aroma_jax.models.native.encoder_model import NativeEncoder
 
-flax_bert = pytest.mark.skipif(
-    not hasattr(transformers, "FlaxBertForSequenceClassification"),
-    reason="transformers 5 has no Flax classes (the comparison runs in the 4.x environment)",
-)
-
 # all-MiniLM-L6-v2's shape (hidden 384, 12 heads, FFN 1536, exact GELU, eps 1e-12) with two
 # layers, a small vocabulary and no dropout, so both runs see the same deterministic losses
 MINILM = dict(
@@ -75,7 +70,7 @@ def run(model, params, steps=14):
 
 
 @pytest.mark.slow
-@flax_bert
+@pytest.mark.hf4
 def test_aroma_run_on_native_minilm_shape_equals_hf_flax_bert():
     cfg = transformers.BertConfig(**MINILM)
     flax_model = transformers.FlaxBertForSequenceClassification(cfg, seed=0)
@@ -104,9 +99,15 @@ def test_impl_selection(fake_assets):
     assert loaded.model.module.remat == "full"
     unrolled = hf.load_for_task("tiny-roberta", task, scan_layers=False)
     assert unrolled.stacked == {} and "0" in unrolled.params["roberta"]["encoder"]["layer"]
-    if hasattr(transformers, "FlaxRobertaForSequenceClassification"):
-        flax_model = hf.load_for_task("tiny-roberta", task, impl="hf").model
-        assert type(flax_model).__name__ == "FlaxRobertaForSequenceClassification"
+
+
+@pytest.mark.hf4
+def test_impl_hf_builds_the_flax_class(fake_assets):
+    from aroma_jax.data import tasks
+
+    task = tasks.limit(tasks.get_task("rotten_tomatoes", seed=0), 32, 8)
+    flax_model = hf.load_for_task("tiny-roberta", task, impl="hf").model
+    assert type(flax_model).__name__ == "FlaxRobertaForSequenceClassification"
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
 """Gemma 3 (text) and Qwen3 on the native path against PyTorch transformers (whichever version
-is installed; ``make test-v5`` runs it under 5.x).
+is installed: 5.x in `make test`).
 
 Each case saves a tiny random PyTorch model (norms, q/k norms and biases randomised so that a
 mapping or ``1 + w`` mistake shows) and loads it with the native loader (no torch involved).

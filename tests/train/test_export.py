@@ -6,31 +6,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from roberta_tiny import IMPLS, save_base, tiny_roberta
 
 from aroma_jax import AromaConfig, AromaTrainer
 from aroma_jax.train import artifacts
-from aroma_jax.train.export import merged_params, peft_files, save_pytorch_weights
+from aroma_jax.train.export import merged_params, peft_files
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 TARGETS = ("query", "value", "attention/output/dense", "intermediate/dense", "output/dense")
-
-
-def tiny_roberta():
-    cfg = transformers.RobertaConfig(
-        vocab_size=120,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=64,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return cfg, transformers.FlaxRobertaForSequenceClassification(cfg, seed=0)
 
 
 def batch(seed, n=8, length=12):
@@ -44,9 +30,9 @@ def batch(seed, n=8, length=12):
     }
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    cfg, model = tiny_roberta()
+@pytest.fixture(scope="module", params=IMPLS)
+def trained(request, tmp_path_factory):
+    cfg, model = tiny_roberta(request.param)
     params = jax.tree.map(jnp.array, model.params)  # the state will own (donate) a copy
 
     def loss_fn(p, b, rng):
@@ -91,16 +77,16 @@ def test_final_artifact_roundtrip(trained):
     )
 
 
-def test_merged_export_loads_in_flax_and_pytorch(trained, tmp_path):
+def test_merged_export_loads_in_ours_and_pytorch(trained, tmp_path):
     cfg, model, trainer, final, out = trained
     tensors, meta = artifacts.load_final(out / "final")
     merged = merged_params(model.params, tensors, meta)
-    assert save_pytorch_weights(model, merged, tmp_path / "merged").exists()
+    save_base(model, merged, tmp_path / "merged")
     model.save_pretrained(tmp_path / "merged", params=merged)
     b = batch(7)
     want = flax_logits(model, trainer, final, b)
-    flax2 = transformers.FlaxRobertaForSequenceClassification.from_pretrained(tmp_path / "merged")
-    got = np.asarray(flax2(b["input_ids"], b["attention_mask"]).logits)
+    again = type(model).from_pretrained(tmp_path / "merged")  # our own loader reads it back
+    got = np.asarray(again(b["input_ids"], b["attention_mask"]).logits)
     np.testing.assert_allclose(got, want, atol=1e-4)
     pt = transformers.RobertaForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
@@ -126,8 +112,8 @@ def test_peft_export_matches_flax_logits(trained, tmp_path):
         state, str(tmp_path / "peft" / "adapter_model.safetensors"), metadata={"format": "pt"}
     )
     (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config))
-    # The PyTorch base: the pretrained (unadapted) weights, converted from Flax.
-    save_pytorch_weights(model, model.params, tmp_path / "base")
+    # The PyTorch base: the pretrained (unadapted) weights.
+    save_base(model, model.params, tmp_path / "base")
     base = transformers.RobertaForSequenceClassification.from_pretrained(tmp_path / "base")
     pm = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()
     b = batch(11)

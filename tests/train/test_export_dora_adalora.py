@@ -6,11 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from roberta_tiny import IMPLS, save_base, tiny_roberta
 from safetensors.numpy import save_file
 
 from aroma_jax import AromaConfig, AromaTrainer
 from aroma_jax.train import artifacts
-from aroma_jax.train.export import base_model_id, merged_params, peft_files, save_pytorch_weights
+from aroma_jax.train.export import base_model_id, merged_params, peft_files
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -23,21 +24,6 @@ METHODS = {
 }
 
 
-def tiny_roberta():
-    cfg = transformers.RobertaConfig(
-        vocab_size=120,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=64,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return transformers.FlaxRobertaForSequenceClassification(cfg, seed=0)
-
-
 def batch(seed, n=8, length=12):
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, 120, (n, length)).astype(np.int32)
@@ -46,8 +32,13 @@ def batch(seed, n=8, length=12):
 
 
 @pytest.fixture(scope="module", params=sorted(METHODS))
-def trained(request, tmp_path_factory):
-    model = tiny_roberta()
+def method(request):
+    return request.param
+
+
+@pytest.fixture(scope="module", params=IMPLS)
+def trained(request, method, tmp_path_factory):
+    model = tiny_roberta(request.param)[1]
     params = jax.tree.map(jnp.array, model.params)
 
     def loss_fn(p, b, rng):
@@ -60,16 +51,16 @@ def trained(request, tmp_path_factory):
         learning_rate=2e-2,
         max_steps=12,
         warmup_steps=2,
-        **METHODS[request.param],
+        **METHODS[method],
     )
     trainer = AromaTrainer(loss_fn, params, acfg)
     state = trainer.init(params)
     for i in range(12):
         state, _ = trainer.step(state, batch(i))
     final = trainer.finalize(state)
-    out = tmp_path_factory.mktemp(request.param)
+    out = tmp_path_factory.mktemp(method)
     artifacts.save_final(out / "final", trainer, final)
-    return request.param, model, trainer, final, out
+    return method, model, trainer, final, out
 
 
 def flax_logits(model, trainer, state, b):
@@ -126,7 +117,7 @@ def test_base_model_id_names_a_loadable_base(tmp_path):
 def test_auto_peft_model_loads_the_export_on_a_local_base(trained, tmp_path):
     # What a PEFT user does: AutoPeftModel finds the base through base_model_name_or_path.
     method, model, trainer, final, out = trained
-    save_pytorch_weights(model, model.params, tmp_path / "base")
+    save_base(model, model.params, tmp_path / "base")
     tensors, meta = artifacts.load_final(out / "final")
     config = write_peft(tensors, meta, tmp_path / "peft", base_model_id(str(tmp_path / "base")))
     assert config["base_model_name_or_path"] == str((tmp_path / "base").resolve())

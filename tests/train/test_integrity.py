@@ -325,6 +325,7 @@ def _base_model_dir(path: Path) -> None:
     tok.save_pretrained(path)
 
 
+@pytest.mark.hf4  # transformers' notes come from its Flax loading (model.impl=hf)
 def test_train_is_quiet_by_default_and_verbose_shows_the_notes(
     fake_assets, tmp_path, capfd, caplog
 ):

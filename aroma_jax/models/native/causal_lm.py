@@ -311,10 +311,28 @@ def resolve(name_or_path: str | Path) -> Path:
     return Path(snapshot_download(str(name_or_path), allow_patterns=HUB_PATTERNS))
 
 
+# Files that hold a vocabulary. transformers 5 builds an empty tokenizer (special tokens only,
+# every word unknown) from a directory without them instead of failing, so they are required.
+VOCAB_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
 def load_tokenizer(path: str | Path):
-    """The checkpoint's tokenizer through transformers' AutoTokenizer (4.x and 5.x)."""
+    """The checkpoint's tokenizer through transformers' AutoTokenizer (4.x and 5.x); a local
+    directory without a vocabulary file (`VOCAB_FILES`) is a `FileNotFoundError`."""
     from transformers import AutoTokenizer
 
+    path = Path(path)
+    if path.is_dir() and not any((path / f).exists() for f in VOCAB_FILES):
+        raise FileNotFoundError(
+            f"no tokenizer vocabulary in {str(path)!r}: accepted one of {', '.join(VOCAB_FILES)}"
+        )
     tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
