@@ -10,12 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import transformers
 
 from aroma_jax import AromaConfig, AromaTrainer
 from aroma_jax.core import accumulate, sharding
 from aroma_jax.data import objectives
 from aroma_jax.models.hf import PRESETS
+from aroma_jax.models.native import NativeCausalLM, NativeConfig
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
@@ -24,16 +24,19 @@ ROWS, LENGTH, VOCAB, STEPS = 32, 12, 96, 12
 
 
 def tiny_llama():
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
+    cfg = NativeConfig.from_dict(
+        dict(
+            model_type="llama",
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=32,
+        )
     )
-    return transformers.FlaxLlamaForCausalLM(cfg, seed=0)
+    return NativeCausalLM(cfg, seed=0)
 
 
 def lm_batch(i):
