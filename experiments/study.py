@@ -33,9 +33,11 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as futures
 import csv
+import gzip
 import json
 import math
 import os
+import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -168,7 +170,7 @@ def collect(out: Path, todo: list[dict], tasks: Mapping[str, Any]) -> list[dict]
         if status(run) != "finished":
             continue
         s = json.loads((run / "summary.json").read_text())
-        hist = json.loads((run / "history.json").read_text())
+        hist = read_history(run)
         meta_path = run / "final" / "meta.json"
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
         metric = tasks[c["task"]]["metric"]
@@ -343,9 +345,8 @@ def plot(rows: list[dict], grid: Mapping[str, Any], out: Path, todo: list[dict])
             for c in todo:
                 if c["task"] != task or c["method"] != method:
                     continue
-                hist_path = cell_dir(Path(grid["_out"]), c) / "history.json"
-                if hist_path.exists():
-                    steps = json.loads(hist_path.read_text()).get("steps", [])
+                steps = read_history(cell_dir(Path(grid["_out"]), c)).get("steps", [])
+                if steps:
                     curves.append(([s["step"] for s in steps], [s["total_rank"] for s in steps]))
             if curves:
                 n = min(len(c[0]) for c in curves)
@@ -481,9 +482,13 @@ def choose_lrs(grid: Mapping[str, Any], out: Path, sweep: list[dict]) -> dict:
     return chosen
 
 
-def _history(run: Path) -> dict:
-    path = run / "history.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+def read_history(run: Path) -> dict:
+    """A cell's ``history.json``, or the ``history.json.gz`` that `archive` keeps ({} if none)."""
+    if (run / "history.json").exists():
+        return json.loads((run / "history.json").read_text())
+    if (run / "history.json.gz").exists():
+        return json.loads(gzip.decompress((run / "history.json.gz").read_bytes()))
+    return {}
 
 
 def _curve(run: Path, metric: str) -> dict[int, float]:
@@ -503,13 +508,49 @@ def _curve(run: Path, metric: str) -> dict[int, float]:
 
 
 def _analysis(run: Path) -> dict | None:
-    """Per-module rank, layer, matrix and effective rank of the final update (App. C)."""
+    """Per-module rank, layer, matrix and effective rank of the final update (App. C); from
+    the cell's ``analysis.json`` where `archive` left one instead of the adapters."""
     from aroma_jax.analysis import summary as analysis
     from aroma_jax.analysis.runs import open_run
 
+    if (run / "analysis.json").exists():
+        return json.loads((run / "analysis.json").read_text())
     if not (run / "final").exists():
         return None
     return analysis.analyze_run(open_run(run))
+
+
+ARCHIVED = ("summary.json", "config.yaml", "metrics.jsonl")
+
+
+def archive(out: Path, dest: Path) -> int:
+    """Copies every finished cell's record (`ARCHIVED`, its history gzipped) and its analysis
+    (``analysis.json`` without the time series, computed from ``final/`` once) from the study
+    directory ``out`` into ``dest``: about 130 kB a cell instead of the adapters, enough for
+    ``--report-only`` on ``dest`` and for skipping the cell when the grid resumes there.
+    Returns the number of cells archived."""
+    n = 0
+    for summary in sorted(out.rglob("summary.json")):
+        run = summary.parent
+        if status(run) != "finished":
+            continue
+        target = dest / run.relative_to(out)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ARCHIVED:
+            if (run / name).exists():
+                shutil.copyfile(run / name, target / name)
+        if (run / "history.json").exists():
+            history = json.loads((run / "history.json").read_text())
+            compact = json.dumps(history, separators=(",", ":")).encode()
+            (target / "history.json.gz").write_bytes(gzip.compress(compact, mtime=0))
+        if not (target / "analysis.json").exists():
+            result = _analysis(run)
+            if result is not None:
+                result.pop("timeseries", None)  # derivable from the history
+                text = json.dumps(result, separators=(",", ":"), default=float)
+                (target / "analysis.json").write_text(text)
+        n += 1
+    return n
 
 
 def verdict(comp: dict | None, claim: str) -> str:
@@ -803,6 +844,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", help="comma-separated seeds instead of the grid's")
     p.add_argument("--report-only", action="store_true", help="only (re)write the report")
     p.add_argument(
+        "--archive",
+        type=Path,
+        help="copy each finished cell's summary, config, metrics, history and analysis (no "
+        "adapters) from --out into this directory, then exit (e.g. docs/study/long)",
+    )
+    p.add_argument(
         "--doc",
         type=Path,
         help="long-budget grids: also write the report into this markdown file, between "
@@ -820,6 +867,9 @@ def main(argv: list[str] | None = None) -> int:
             f"methods {list(grid['methods'])}"
         )
     seeds = [int(s) for s in split(args.seeds)] if args.seeds else None
+    if args.archive:
+        print(f"archived {archive(args.out, args.archive)} finished cells into {args.archive}")
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     if "lr_sweep" in grid:  # the long-budget study: learning rates chosen on validation first
         return long_main(grid, args, split(args.tasks), split(args.methods), seeds)
