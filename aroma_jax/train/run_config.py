@@ -91,6 +91,14 @@ SECTIONS: dict[str, dict[str, Any]] = {
         "eval_at_start": True,  # held-out metrics before training (the "before" of the run)
         "progress": True,
         "prefetch": 2,  # batches placed on their devices ahead of the step (0: none)
+        # a validation metric (accuracy, mcc, pearson, rougeL, average, ...): keep the step
+        # where it was highest as DIR/best, beside final/ (aroma_jax/train/best.py)
+        "keep_best": None,
+        # experiment trackers, besides TensorBoard: [wandb, mlflow] (aroma_jax/train/trackers.py)
+        "trackers": [],
+        "tracker_project": None,  # W&B project / MLflow experiment (null: "aroma-jax")
+        "tracker_run_name": None,  # null: the run directory's name
+        "tracker_dir": None,  # W&B dir / MLflow tracking URI (null: the tracker's own default)
     },
     "aroma": {},  # AromaConfig fields, validated by AromaConfig
     "mesh": None,
@@ -200,6 +208,7 @@ def resolve(raw: Mapping[str, Any] | None, overrides: Iterable[str] = ()) -> dic
             f"invalid train.head={cfg['train']['head']!r}: accepted one of {HEAD_MODES}"
         )
     _check_generation_and_dev(cfg)
+    _check_best_and_trackers(cfg["train"])
     _check_task(cfg["task"])
     n_labels = cfg["model"]["num_labels"]
     if n_labels is not None and (
@@ -278,6 +287,33 @@ def _check_generation_and_dev(cfg: Mapping[str, Any]) -> None:
     lp = cfg["train"]["length_penalty"]
     if isinstance(lp, bool) or not isinstance(lp, (int, float)) or not math.isfinite(lp):
         raise ConfigError(f"invalid train.length_penalty={lp!r}: accepted a finite number")
+
+
+def _check_best_and_trackers(train: Mapping[str, Any]) -> None:
+    """``keep_best`` a metric name or null (the task's metrics are checked when it is built);
+    ``trackers`` a list of known trackers; the tracker options strings or null."""
+    from aroma_jax.train.trackers import NAMES
+
+    metric = train["keep_best"]
+    if metric is not None and (not isinstance(metric, str) or not metric):
+        raise ConfigError(
+            f"invalid train.keep_best={metric!r}: accepted a validation metric name (accuracy, "
+            "mcc, pearson, rougeL, average, ...) or null"
+        )
+    names = train["trackers"]
+    if (
+        not isinstance(names, list)
+        or any(n not in NAMES for n in names)
+        or len(set(names)) != len(names)
+    ):
+        raise ConfigError(
+            f"invalid train.trackers={names!r}: accepted a list of distinct names from {NAMES}, "
+            "e.g. [wandb, mlflow], or []"
+        )
+    for key in ("tracker_project", "tracker_run_name", "tracker_dir"):
+        value = train[key]
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigError(f"invalid train.{key}={value!r}: accepted a string or null")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
