@@ -133,3 +133,22 @@ def test_keep_best_errors(fake_assets, tmp_path):
         finalize.finalize_run(plain, which="best")
     with pytest.raises(ValueError, match="accepted final, best"):
         best.check_which(plain, "last")
+
+
+def test_glue_presets_keep_the_best_of_their_table_metric():
+    """The GLUE presets select on the metric their table reports (mcc, pearson, accuracy)."""
+    from aroma_jax.data.glue import GLUE_TASKS
+    from experiments import paper
+
+    presets = sorted((configs.root() / "paper" / "glue").glob("*.yaml"))
+    assert len(presets) == 29
+    for path in presets:
+        c = run_config.load(path)
+        task = c["task"]["name"].split("/")[1]
+        assert c["train"]["keep_best"] == GLUE_TASKS[task].metric, path.name
+    for path in (configs.root() / "paper").glob("[cx]*/*.yaml"):  # commonsense, xsum: final
+        assert run_config.load(path)["train"]["keep_best"] is None, path.name
+    # the tables read the best step's test metrics where a run kept one, else the final ones
+    summary = {"metrics": {"accuracy": 0.8}, "best": {"metrics": {"accuracy": 0.9}}}
+    assert paper.reported(summary) == {"accuracy": 0.9}
+    assert paper.reported({"metrics": {"accuracy": 0.8}, "best": None}) == {"accuracy": 0.8}
