@@ -1,10 +1,10 @@
 """The run's best checkpoint by a validation metric (``train.keep_best``), kept beside final/.
 
-At every validation evaluation of a run (step 0 with ``train.eval_at_start``, every
-``train.eval_every`` steps, the last step included when it falls on that schedule) the chosen
-metric is compared with the best so far; when it is higher (every metric the tasks report is a
-score, higher is better; a tie keeps the earlier step, a NaN never wins) that step becomes the
-run's best result:
+At every validation evaluation during training (every ``train.eval_every`` steps, the last step
+included when it falls on that schedule; step 0's, of the untrained model, is the run's
+"before" and no candidate) the chosen metric is compared with the best so far; when it is
+higher (every metric the tasks report is a score, higher is better; a tie keeps the earlier
+step, a NaN never wins) that step becomes the run's best result:
 
     DIR/best/               the adapters of that step, finalized as at the end of a run
                             (`AromaTrainer.finalize`), shaped like final/ and written the same

@@ -424,8 +424,6 @@ def _train(
     if tcfg["eval_at_start"] and start == 0:
         initial_metrics = _evaluate(pipe, trainer, state, "validation", cfg)
         log.write({"step": 0, "split": "validation", **initial_metrics})
-        if best is not None:
-            best.consider(0, state, initial_metrics)
     if bool(sharding.to_host(state.ctrl.finished)):
         start = max(start, int(sharding.to_host(state.ctrl.step)))
         already_done = True

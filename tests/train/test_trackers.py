@@ -6,15 +6,15 @@ import json
 import math
 import struct
 import sys
+from typing import NamedTuple
 
+import numpy as np
 import pytest
 
 from aroma_jax.core.config import ConfigError
 from aroma_jax.train import run_config, runner, trackers
+from aroma_jax.train.hooks import TrainLoop
 from tests.train.test_runner import cfg
-
-wandb = pytest.importorskip("wandb")  # in requirements-test.txt: skipped only outside `make test`
-mlflow = pytest.importorskip("mlflow")
 
 
 def wandb_records(path):
@@ -68,6 +68,9 @@ def expected(run):
 
 
 def test_wandb_offline_and_mlflow_file_store(fake_assets, tmp_path, monkeypatch):
+    # both in requirements-test.txt: skipped only outside `make test`'s environment
+    pytest.importorskip("wandb")
+    mlflow = pytest.importorskip("mlflow")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks before a file store
@@ -138,3 +141,44 @@ def test_missing_package_says_which_extra(monkeypatch, tmp_path):
         trackers.MlflowTracker().start({}, tmp_path, False)
     with pytest.raises(ImportError, match=r"pip install 'aroma-jax\[wandb\]'"):
         trackers.WandbTracker().start({}, tmp_path, False)
+
+
+class Info(NamedTuple):  # the StepInfo fields the trackers read
+    step: int
+    checked: bool
+    rho_in: np.ndarray
+    outer: bool
+    rho_out: np.ndarray
+
+
+def test_module_values_and_window_hook():
+    """eq. 5 only at checked steps, eq. 6 only at outer steps, per module in path order; NaN
+    (a module not checked, or done) left out; a window hook sees every synced window."""
+    nan = float("nan")
+    infos = [
+        Info(3, False, np.array([nan, nan]), False, np.array([nan, nan])),
+        Info(4, True, np.array([0.5, nan]), False, np.array([nan, nan])),
+        Info(8, True, np.array([0.25, 0.125]), True, np.array([2.0, nan])),
+    ]
+    got = trackers.module_values(["m/a", "m/b"], infos)
+    assert got == {
+        4: {"eq5/m/a": 0.5},
+        8: {"eq5/m/a": 0.25, "eq5/m/b": 0.125, "eq6/m/a": 2.0},
+    }
+    assert trackers.scalars({"step": 8, "split": "validation", "accuracy": 0.5, "f1": nan}) == {
+        "validation/accuracy": 0.5
+    }
+
+    class Paths:
+        paths = ["m/a", "m/b"]
+
+    logged = []
+
+    class Mine(trackers.Tracker):
+        def log_values(self, step, values):
+            logged.append((step, dict(values)))
+
+    loop = TrainLoop(Paths(), None, lambda s: s, 0, 1, step_fn=lambda st, b: (st, None))
+    loop.add_window_hook(Mine().window)
+    loop.window_event(infos)
+    assert logged == sorted(got.items())
