@@ -141,8 +141,9 @@ def check_which(run_dir: Path, which: str) -> Path:
     """``run_dir/final`` or ``run_dir/best``; a clear error if best/ was never kept."""
     if which not in WHICH:
         raise ValueError(f"invalid --which {which!r}: accepted {', '.join(WHICH)}")
-    path = Path(run_dir) / which
-    if which == DIR and not path.exists() and not (Path(run_dir) / CHECKPOINTS).exists():
+    path, ckpts = Path(run_dir) / which, Path(run_dir) / CHECKPOINTS
+    kept = ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
+    if which == DIR and not path.exists() and not kept:
         raise FileNotFoundError(
             f"run {str(run_dir)!r} kept no best checkpoint (train.keep_best was not set, or no "
             "validation evaluation ran): use --which final, or train with "

@@ -355,6 +355,7 @@ def _train(
     if resume and (out / "config.yaml").is_file():
         cfg = run_config.adopt_legacy(cfg, yaml.safe_load((out / "config.yaml").read_text()) or {})
     pipe: Pipeline = build_pipeline(cfg)
+    keep_best = best_lib.check_metric(cfg, pipe)  # a metric the task reports, before any write
     batch_at(pipe.train_arrays, cfg["train"]["batch_size"], 0, 0)  # fewer rows than a batch?
     cfg = with_label_names(cfg, pipe)  # the class order of text labels, kept in config.yaml
     aroma = pipe.aroma
@@ -365,7 +366,6 @@ def _train(
     if writer:
         write_atomic(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     tcfg = cfg["train"]
-    keep_best = best_lib.check_metric(cfg, pipe)
     if writer:
         sink.trackers += trackers_lib.from_config(tcfg)
         sink.start(resolved, out, resume)

@@ -122,6 +122,7 @@ def test_resume_keeps_the_best_so_far(fake_assets, scripted, tmp_path, stop):
 def test_keep_best_errors(fake_assets, tmp_path):
     with pytest.raises(ConfigError, match=r"train.keep_best='rougeL'.*reports accuracy, f1"):
         runner.train(cfg("train.keep_best=rougeL"), tmp_path / "bad")
+    assert not (tmp_path / "bad" / "config.yaml").exists()  # refused before anything is written
     with pytest.raises(ConfigError, match="keep_best"):
         cfg("train.keep_best=3")
     # a finished run trained without keep_best: --which best says so before loading anything
