@@ -502,6 +502,8 @@ def _train(
     metrics = _evaluate(pipe, trainer, final, "test", cfg)
     log.write({"step": step, "split": "test", **metrics})
     best_record = best.record() if best is not None else None
+    if best is not None and best_record is None and writer:
+        say("train.keep_best: no validation evaluation during training (or only NaN): no best/")
     if best_record is not None:  # the kept step's test score, once, after selection
         best_record["metrics"] = best.test_metrics(
             state, lambda s: _evaluate(pipe, trainer, s, "test", cfg)
