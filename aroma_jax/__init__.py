@@ -18,6 +18,7 @@ from aroma_jax.core import (
     inject,
     loop,
     methods,
+    nnx_adapt,
     norms,
     optim,
     sharding,
@@ -26,6 +27,7 @@ from aroma_jax.core import (
 from aroma_jax.core.adapters import AdapterState, Frozen, ModuleSpec, Pair
 from aroma_jax.core.config import AromaConfig, ConfigError, aroma_without_reset, lora, relora
 from aroma_jax.core.history import History
+from aroma_jax.core.nnx_adapt import NnxTrainer
 from aroma_jax.core.train_step import AromaTrainer, StepInfo, TrainState
 
 __version__ = "0.1.0"
@@ -38,6 +40,7 @@ __all__ = [
     "Frozen",
     "History",
     "ModuleSpec",
+    "NnxTrainer",
     "Pair",
     "StepInfo",
     "TrainState",
@@ -49,6 +52,7 @@ __all__ = [
     "inject",
     "loop",
     "methods",
+    "nnx_adapt",
     "norms",
     "optim",
     "sharding",

@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
         "train",
         help="train a model with AROMA, LoRA or ReLoRA",
         description="Train from a YAML run config (sections model, task, train, "
-        "aroma, mesh; see aroma_jax/train/run_config.py for every key and default).",
+        "aroma (the method's), optimizer, mesh; see aroma_jax/train/run_config.py for every "
+        "key and default).",
     )
     t.add_argument(
         "--config",
@@ -52,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="override one config value, e.g. aroma.r=8, train.batch_size=16, "
-        "aroma.method=lora, task.max_len=48; repeatable",
+        "aroma.method=lora, task.max_len=48, train.grad_accum=4 (micro-batches per optimizer "
+        "step, dividing batch_size: same run, less activation memory); repeatable",
     )
     t.add_argument(
         "--output",

@@ -239,24 +239,29 @@ def run_specs(table: Table, units, seeds, out: Path, overrides: Sequence[str]) -
     return specs
 
 
-def resolve(spec: RunSpec) -> dict[str, Any]:
+def resolve(spec: RunSpec) -> Any:
     from aroma_jax.train import run_config
 
     path = PRESETS / spec.preset
     return run_config.load(path, (f"train.seed={spec.seed}",) + spec.overrides)
 
 
-def _same_config(cfg: dict, saved: dict) -> list[str]:
-    """Keys where a saved run's config.yaml differs from ``cfg`` (aroma: the keys cfg sets)."""
+def _same_config(cfg: Any, saved: dict) -> list[str]:
+    """Keys where a saved run's config.yaml (of any layout, migrated) differs from ``cfg``
+    (aroma: the keys cfg does not leave to the model, as the saved ones are resolved)."""
+    from aroma_jax.train import run_config
+
+    plain, saved = run_config.to_plain(cfg), run_config.migrate(saved)
     diffs = []
-    for section in ("model", "task", "train"):
-        for k, v in cfg[section].items():
-            if saved.get(section, {}).get(k) != v:
-                diffs.append(f"{section}.{k}: {saved.get(section, {}).get(k)!r} != {v!r}")
-    for k, v in cfg["aroma"].items():
-        have = saved.get("aroma", {}).get(k)
-        if (list(v) if isinstance(v, tuple) else v) != have:
-            diffs.append(f"aroma.{k}: {have!r} != {v!r}")
+    for section in ("model", "task", "train", "optimizer", "aroma"):
+        for k, v in plain[section].items():
+            have = saved.get(section, {}).get(k)
+            if (section, v) == ("aroma", None) or (
+                k not in saved.get(section, {}) and section == "train"
+            ):
+                continue  # derived from the model, or a key added since the run was written
+            if have != v:
+                diffs.append(f"{section}.{k}: {have!r} != {v!r}")
     return diffs
 
 

@@ -103,15 +103,15 @@ def _size(leaf) -> int:
     return math.prod(leaf.shape)
 
 
-def plan(cfg: Mapping[str, Any], tiny: bool = False) -> Plan:
+def plan(cfg: Any, tiny: bool = False) -> Plan:
     """The plan of a resolved run config (see the module docstring)."""
-    from aroma_jax.core.adapters import capacity, find_targets
+    from aroma_jax.core.adapters import find_targets
     from aroma_jax.core.train_step import split_params
     from aroma_jax.train.pipeline import aroma_for
 
-    name, task = cfg["model"]["name"], cfg["task"]["name"]
+    name, task = cfg.model.name, cfg.task.name
     kind, num_labels = task_kind(task)
-    arch, config = model_config(name, tiny, cfg["model"]["num_labels"] or num_labels)
+    arch, config = model_config(name, tiny, cfg.model.num_labels or num_labels)
     if kind == "instruction" and arch != "llama":
         raise PlanError(f"task {task!r} needs a decoder-only LM (LLaMA), not {arch}")
     shapes = param_shapes(arch, config)
@@ -119,7 +119,7 @@ def plan(cfg: Mapping[str, Any], tiny: bool = False) -> Plan:
     specs = find_targets(shapes, aroma.target_modules)
     pairs = sum((s.fan_in + s.fan_out) * aroma.r for s in specs.values())
     head = sum(_size(x) for x in jax.tree.leaves(split_params(shapes, aroma.train_patterns)[1]))
-    max_rank = aroma.r * capacity(aroma) if aroma.grows else aroma.r
+    max_rank = aroma.r * aroma.rank_capacity_derived if aroma.grows else aroma.r
     return Plan(
         model=("tiny-" + arch) if tiny and not name.startswith("tiny-") else name,
         arch=arch,
@@ -131,7 +131,7 @@ def plan(cfg: Mapping[str, Any], tiny: bool = False) -> Plan:
         max_rank=max_rank,
         slot_bytes=4
         * aroma.r
-        * capacity(aroma)
+        * aroma.rank_capacity_derived
         * sum(s.fan_in + s.fan_out for s in specs.values()),
         base_params=sum(_size(x) for x in jax.tree.leaves(shapes)),
         head=head,

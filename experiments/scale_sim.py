@@ -4,6 +4,7 @@ devices from abstract shapes (no weights are ever created).
     python -m experiments.scale_sim --model llama3-8b --devices 1,8,64 --out scale.json
     python -m experiments.scale_sim --model llama3-70b --devices 64
     python -m experiments.scale_sim --model gemma3-4b --devices 1,8 --remat full  # or qwen3-8b
+    python -m experiments.scale_sim --devices 1 --remat full --grad-accum 4 --skip-flops
 
 For each device count the step (bf16 base weights, fp32 adapters and optimizer state, AROMA
 r=1 on the paper's LLaMA targets) is traced with `jax.ShapeDtypeStruct` inputs, sharded with the
@@ -79,6 +80,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=TABLE13["seq"], help="sequence length (Table 13)")
     p.add_argument("--layers", type=int, default=None, help="override the layer count")
     p.add_argument(
+        "--grad-accum",
+        type=int,
+        default=1,
+        metavar="K",
+        help="micro-batches per optimizer step (train.grad_accum): the global --batch is "
+        "summed in K micro-batches of batch/K under lax.scan inside the step",
+    )
+    p.add_argument(
         "--scan",
         choices=("on", "off"),
         default="on",
@@ -145,6 +154,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--devices {args.devices!r}: accepted comma-separated integers, e.g. 1,8,64")
     if not args.device_counts or min(args.device_counts) < 1:
         p.error(f"--devices {args.devices!r}: accepted positive integers")
+    if args.grad_accum < 1 or args.batch % args.grad_accum:
+        p.error(f"--grad-accum {args.grad_accum}: accepted a positive divisor of --batch")
     args.meshes = dict(DEFAULT_MESHES)
     for m in args.mesh:
         n, _, spec = m.partition("=")
@@ -452,7 +463,8 @@ def simulate(args, n_devices: int, jax) -> dict:
         "peak_bytes": peak,
         "flops_per_device": flops,
         "collectives": coll,
-        "traffic": traffic(coll["ops"], args.batch, args.seq, n_devices),
+        # the layers' collectives move one micro-batch's activations
+        "traffic": traffic(coll["ops"], args.batch // args.grad_accum, args.seq, n_devices),
         "fusions": fusions(hlo),
     }
 
@@ -496,7 +508,14 @@ def compile_step(args, n_devices: int, jax):
         method=args.method,
     )
     stacked = {"model/layers": cfg.num_hidden_layers} if scan else None
-    trainer = AromaTrainer(loss_fn, params, aroma, stacked=stacked)
+    trainer = AromaTrainer(
+        loss_fn,
+        params,
+        aroma,
+        stacked=stacked,
+        grad_accum=args.grad_accum,
+        loss_weight=objectives.causal_lm_tokens,
+    )
     state = jax.eval_shape(trainer.init, params)
     batch = {"input_ids": ids, "attention_mask": ids, "loss_mask": ids}
     mesh_spec = args.meshes.get(n_devices, "")
@@ -524,6 +543,7 @@ def compile_step(args, n_devices: int, jax):
         "mesh": mesh_spec or "single device",
         "target": f"TPU {args.topology}" if args.topology else "simulated CPU devices",
         "batch": args.batch,
+        "grad_accum": args.grad_accum,
         "seq": args.seq,
         "remat": args.remat,
         "method": args.method,
@@ -544,6 +564,7 @@ def fmt(r: dict) -> str:
     ccoll = ", ".join(f"{k} x{v['count']} {v['bytes'] / GB:.3f} GB" for k, v in cond.items())
     return (
         f"[{r['target']}] {r['model']} {r['method']} L={r['layers']} "
+        f"batch {r['batch']} in {r['grad_accum']} micro-batches "
         f"on {r['devices']} ({r['mesh']}): "
         f"args {r['argument_bytes'] / GB:.2f} GB, out {r['output_bytes'] / GB:.2f} GB, "
         f"alias {r['alias_bytes'] / GB:.2f} GB, temp {r['temp_bytes'] / GB:.2f} GB, "

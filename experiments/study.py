@@ -436,7 +436,7 @@ def long_cells(
         else:
             values = lrs or lr_values(grid, c["method"])
         for lr in values:
-            sets = [*c["sets"][:-2], f"aroma.learning_rate={lr}", *c["sets"][-2:]]
+            sets = [*c["sets"][:-2], f"optimizer.learning_rate={lr}", *c["sets"][-2:]]
             out.append({**c, "lr": float(lr), "sets": sets})
     return out
 

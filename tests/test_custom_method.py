@@ -26,7 +26,7 @@ def test_its_stop_rule_is_relative_to_the_first_pair():
             assert rec["action"] == ("done" if rho == 0 else "merged"), rec
             first[m] = rho
             continue
-        relative = rho < GrowWhileRatioHolds.fraction * first[m]
+        relative = rho < 0.5 * first[m]  # GrowWhileConfig.fraction's default
         below = relative or rho < cfg.outer_tol
         assert rec["action"] == ("done" if below else "merged"), (rec, first[m])
         stopped += relative and rho >= cfg.outer_tol  # stopped by the new rule alone
@@ -63,9 +63,9 @@ def test_trains_through_the_cli_by_dotted_path(fake_assets, tmp_path):
         "train.log_every=4",
         "train.save_every=100",
         "aroma.max_steps=24",
-        "aroma.warmup_steps=2",
+        "optimizer.warmup_steps=2",
         "aroma.inner_max_steps=6",
-        "aroma.learning_rate=0.02",
+        "optimizer.learning_rate=0.02",
     ]
     for s in sets:
         argv += ["--set", s]

@@ -49,8 +49,8 @@ def test_demo_configs_resolve_without_training():
     assert list(runs) == ["aroma", "lora-r8"]
     (path, cfg), (_, lora) = runs["aroma"], runs["lora-r8"]
     assert path == configs.root() / "demo-aroma.yaml"
-    assert cfg["train"]["batch_size"] == 4 and cfg["train"]["progress"] is False
-    assert cfg["aroma"]["method"] == "aroma" and lora["aroma"]["method"] == "lora"
+    assert cfg.train.batch_size == 4 and cfg.train.progress is False
+    assert cfg.aroma.method == "aroma" and lora.aroma.method == "lora"
 
 
 def _venv_with_wheel(tmp_path: Path) -> Path:

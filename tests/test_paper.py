@@ -21,7 +21,7 @@ FAST = [
     "aroma.max_steps=3",  # no outer step: merges are tested in core and runner
     "aroma.inner_max_steps=100",
     "aroma.inner_check_every=1",
-    "aroma.warmup_steps=1",
+    "optimizer.warmup_steps=1",
     "aroma.rewarmup_steps=1",
 ]
 
@@ -60,8 +60,8 @@ def test_every_table_row_has_a_preset_and_paper_numbers():
 def test_preset_resolves_and_builds_with_a_tiny_stand_in(path):
     cfg = run_config.load(path)
     p = paper_plan.plan(cfg, tiny=True)
-    assert p.modules > 0 and p.trainable > 0 and p.steps == cfg["aroma"]["max_steps"]
-    assert p.max_rank >= cfg["aroma"]["r"]
+    assert p.modules > 0 and p.trainable > 0 and p.steps == cfg.aroma.max_steps
+    assert p.max_rank >= cfg.aroma.r
 
 
 def test_plan_reproduces_the_papers_parameter_counts():

@@ -250,3 +250,18 @@ def test_traffic_groups_collectives_by_the_tensor_they_move():
         "all-gather: activations": {"count": 1, "bytes": 8192},
     }
     assert list(got)[0] == "all-gather: weights"  # largest first
+
+
+@pytest.mark.slow  # two compiles, about 40 CPU-seconds
+def test_grad_accum_lowers_the_simulated_peak():
+    """``--grad-accum``: the step compiled with micro-batches needs less temp memory than the
+    step over the whole batch (XLA:CPU's memory analysis; the 8B table in docs/SCALE.md)."""
+    sim = load()
+    argv = ["--model", "tiny-llama", "--devices", "1", "--batch", "16", "--seq", "64"]
+    argv += ["--remat", "full", "--skip-flops"]
+    one, four = (sim.main(argv + ["--grad-accum", k])[0] for k in ("1", "4"))
+    assert (one["grad_accum"], four["grad_accum"]) == (1, 4)
+    assert four["argument_bytes"] == one["argument_bytes"]
+    assert four["temp_bytes"] < one["temp_bytes"]
+    with pytest.raises(SystemExit):
+        sim.parse_args(argv + ["--grad-accum", "3"])

@@ -129,7 +129,7 @@ def test_long_grid_sweeps_lr_on_validation_then_runs_seeds_and_resumes(
     calls = []
 
     def fake_run(base, sets, run):
-        lr = float(next(s for s in sets if s.startswith("aroma.learning_rate=")).split("=")[1])
+        lr = float(next(s for s in sets if s.startswith("optimizer.learning_rate=")).split("=")[1])
         seed = int(next(s for s in sets if s.startswith("train.seed=")).split("=")[1])
         method = "b" if "aroma.method=lora" in sets else "a"
         calls.append((method, lr, seed))

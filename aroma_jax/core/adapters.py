@@ -264,11 +264,6 @@ def restack(state: AdapterState, specs: Mapping[str, ModuleSpec]) -> AdapterStat
     return AdapterState(*fields)
 
 
-def capacity(cfg: AromaConfig) -> int:
-    """Merge slots per module (`AromaConfig.slots`): LoRA one, the others derived or set."""
-    return cfg.slots
-
-
 def entry_id(entry: str) -> tuple[str, tuple[int, ...]]:
     """A (module, layer) entry's name, independent of how its layers are laid out.
 
@@ -400,7 +395,7 @@ def init(
     The pairs are the method's (`Method.init_pairs`); DoRA's need the 2-D base ``kernels``
     (its magnitude starts at their column norms).
     """
-    k = capacity(cfg) * cfg.pair_rank
+    k = cfg.rank_capacity_derived * cfg.pair_rank
     method = cfg.plugin
     pairs = method.init_pairs(key, specs, cfg, kernels)
     frozen, merges, done = {}, {}, {}

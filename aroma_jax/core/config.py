@@ -118,6 +118,9 @@ class AromaConfig:
         uncertainty (EMAs with ``ipt_beta1``, ``ipt_beta2``); ``orth_reg_weight`` weighs the
         orthogonality regulariser added to the loss. The adapter scale is PEFT's
         ``alpha / (init_r + 1e-5)``.
+      options: a plug-in method's own settings that are not fields here, as ``(name, value)``
+        pairs (its ``Method.config_class`` fields beyond these); the method reads them typed
+        through ``Method.settings(cfg)``.
     """
 
     target_modules: tuple[str, ...] = ()
@@ -157,6 +160,7 @@ class AromaConfig:
     ipt_beta1: float = 0.85
     ipt_beta2: float = 0.85
     orth_reg_weight: float = 0.5
+    options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         # Lists from YAML/JSON become tuples, so the config stays hashable.
@@ -167,6 +171,8 @@ class AromaConfig:
             if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
                 _fail(name, value, "a list of module path patterns (strings)")
             object.__setattr__(self, name, tuple(value))
+        if isinstance(self.options, Mapping):
+            object.__setattr__(self, "options", tuple(sorted(self.options.items())))
         self._validate()
         self._warn_binding_capacity()
 
@@ -261,9 +267,9 @@ class AromaConfig:
         return methods.get(self.method)
 
     @property
-    def slots(self) -> int:
-        """Merge slots per module: LoRA one (its final merge), the others `rank_capacity`,
-        derived from the run when it is ``None``."""
+    def rank_capacity_derived(self) -> int:
+        """Merge slots per module the run has: one for a method that does not grow (its final
+        merge), else `rank_capacity`, derived from the run when it is ``None``."""
         if not self.grows:
             return 1
         return self.rank_capacity if self.rank_capacity is not None else max_outer_steps(self) + 1
@@ -285,7 +291,50 @@ class AromaConfig:
 
     def replace(self, **changes: Any) -> AromaConfig:
         """A copy with some fields changed (validated; unknown names are rejected)."""
-        return from_dict({**dataclasses.asdict(self), **changes})
+        return from_dict(
+            {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, **changes}
+        )
+
+
+_DEFAULT = {f.name: f.default for f in dataclasses.fields(AromaConfig)}
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """The run config's ``optimizer:`` section: AdamW on the base schedule, for every method
+    (`AromaConfig` documents each field). A growing method's re-warmup and optimizer-state
+    reset at outer steps are its own settings (`aroma_jax.core.methods.base.GrowingConfig`)."""
+
+    learning_rate: float = _DEFAULT["learning_rate"]
+    schedule: str = _DEFAULT["schedule"]
+    min_lr_ratio: float = _DEFAULT["min_lr_ratio"]
+    warmup_steps: int = _DEFAULT["warmup_steps"]
+    weight_decay: float = _DEFAULT["weight_decay"]
+    weight_decay_mask: str = _DEFAULT["weight_decay_mask"]
+    max_grad_norm: float = _DEFAULT["max_grad_norm"]
+    b1: float = _DEFAULT["b1"]
+    b2: float = _DEFAULT["b2"]
+    eps: float = _DEFAULT["eps"]
+    bias_correction: str = _DEFAULT["bias_correction"]
+
+
+def build(section: Any, optimizer: OptimizerConfig, **derived: Any) -> AromaConfig:
+    """The `AromaConfig` of a method section (a ``Method.config_class`` instance) and an
+    optimizer section; ``derived`` fills the section's fields left ``None`` (``target_modules``
+    from the model's preset, ``train_patterns`` from the head, ``seed`` from ``train.seed``).
+    Fields of a plug-in's section that `AromaConfig` lacks travel in ``options``."""
+    names = set(field_names())
+    values = dataclasses.asdict(optimizer)
+    options = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if f.name not in names:
+            options[f.name] = value
+        elif value is None and f.name in derived:
+            values[f.name] = derived[f.name]
+        elif value is not None or f.name == "rank_capacity":
+            values[f.name] = value
+    return AromaConfig(**values, options=tuple(sorted(options.items())))
 
 
 def shortest_inner_loop(cfg: AromaConfig) -> int:

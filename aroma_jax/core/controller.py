@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from aroma_jax.core import norms
-from aroma_jax.core.adapters import AdapterState, Frozen, ModuleSpec, Pair, capacity, fresh_pairs
+from aroma_jax.core.adapters import AdapterState, Frozen, ModuleSpec, Pair, fresh_pairs
 from aroma_jax.core.config import AromaConfig
 
 Array = jax.Array
@@ -234,7 +234,7 @@ def outer_step(
     # The last slot is kept for `AromaTrainer.finalize`: a module that has filled the others
     # stops growing but keeps training its current pair (it is not marked done, so a binding
     # capacity never ends training early).
-    growth_slots = capacity(cfg) - 1
+    merge_limit = cfg.rank_capacity_derived - 1  # the last slot is the final merge's
     paths = sorted(adapters.pairs)
     key, sub = jax.random.split(ctrl.key) if keys is None else keys
     fresh_all = fresh_pairs(sub, {p: specs[p] for p in paths}, cfg.r)
@@ -249,8 +249,8 @@ def outer_step(
         # Never merge an exactly zero pair: it would count a rank with no update. AROMA's eq. 6
         # (ratio 0) has stopped it already unless outer_tol <= 0; ReLoRA's keeps training.
         nonzero = pair_norm > 0
-        merge = active & ~stop & nonzero & (m < growth_slots)
-        full = active & ~stop & nonzero & (m >= growth_slots)
+        merge = active & ~stop & nonzero & (m < merge_limit)
+        full = active & ~stop & nonzero & (m >= merge_limit)
         new_fz = write_slot(fz, pair, m, cfg.r, merge)
         zero = Pair(jnp.zeros_like(pair.a), jnp.zeros_like(pair.b))
 

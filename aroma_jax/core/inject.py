@@ -24,8 +24,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import flax.linen as nn
 import jax
@@ -210,11 +211,11 @@ def dropped(x: Array, rate: float, key: Array) -> Array:
 
 
 def _dora_output(
-    module: nn.Module,
     y: Array,
     delta: Array | None,
     f: Array,
     lead: tuple[int, ...],
+    bias: Array | None,
     dropped_base: Array | None = None,
 ) -> Array:
     """PEFT's DoRA output ``y + (f - 1) * (x' W0) + f * delta`` from the base call's ``y``.
@@ -227,12 +228,26 @@ def _dora_output(
     if dropped_base is not None:
         base = dropped_base.reshape(lead + features)
     else:
-        bias = module.variables.get("params", {}).get("bias") if module.use_bias else None
         base = y if bias is None else y - bias.astype(y.dtype)
     out = y + (f - 1) * base
     if delta is not None:
         out = out + f * delta.reshape(lead + features).astype(y.dtype)
     return out
+
+
+# The per-call function of the innermost running `adapters_applied` block, for modules that
+# `flax.linen.intercept_methods` cannot see (Flax NNX layers, `aroma_jax.core.nnx_adapt`).
+_CALL_HOOK: contextvars.ContextVar[Callable[..., Array] | None] = contextvars.ContextVar(
+    "aroma_call_hook", default=None
+)
+
+
+def active_hook() -> Callable[..., Array] | None:
+    """``hook(path, x, y, kernel, bias, in_ndim) -> y'`` of the running `adapters_applied`
+    block (``None`` outside one): ``y`` plus the adapter output of the module at ``path``,
+    which contracted the trailing ``in_ndim`` axes of ``x`` with ``kernel`` (unchanged when
+    ``path`` has no adapter)."""
+    return _CALL_HOOK.get()
 
 
 @contextlib.contextmanager
@@ -270,29 +285,29 @@ def adapters_applied(
         key = jax.random.fold_in(dropout[1], zlib.crc32(path.encode()) & 0x7FFFFFFF)
         return jax.random.fold_in(key, calls[path])
 
-    def interceptor(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral)):
-            return next_fun(*args, **kwargs)
-        path = _module_path(module)
-        entry = modules.get(path)
-        y = next_fun(*args, **kwargs)
-        if entry is None:
-            return y
-        x = args[0] if args else kwargs["inputs"]
-        x2, lead = _flatten_input(module, x, in_ndim.get(path, 1))
+    def adapt(
+        path: str,
+        x2: Array,
+        lead: tuple[int, ...],
+        y: Array,
+        kernel: Array,
+        bias: Array | None,
+        layer: tuple | None = None,
+    ) -> Array:
+        """``y`` plus the adapter output of ``path`` for the flat input ``x2: (..., fan_in)``;
+        ``layer``: a stacked module's ``(pair, frozen, dropout key, column scale)``."""
         x2 = x2.astype(y.dtype)
         layer_key, col = None, column_scale.get(path)
-        if isinstance(entry, str):  # IN_PARAMS
-            pair, frozen, layer_key, col = _from_params(module)
+        if layer is not None:
+            pair, frozen, layer_key, col = layer
         else:
-            pair, frozen = entry
+            pair, frozen = modules[path]
         if pair is not None and pair.a.shape[-2] != x2.shape[-1]:
             raise ValueError(
                 f"module {path!r}: its adapter expects {pair.a.shape[-2]} input features but "
-                f"the module got {x2.shape[-1]}; a kernel of shape "
-                f"{module.variables['params']['kernel'].shape} with a leading layer axis is a "
-                "layer stack under nn.scan: pass AromaTrainer(..., stacked={prefix: layers})"
+                f"the module got {x2.shape[-1]}; a kernel of shape {kernel.shape} with a "
+                "leading layer axis is a layer stack under nn.scan: pass "
+                "AromaTrainer(..., stacked={prefix: layers})"
             )
         has_frozen = frozen is not None and frozen.a.shape[-1] > 0
         dropped_base = None
@@ -303,7 +318,6 @@ def adapters_applied(
             xd = dropped(x2, dropout[0], key)
             delta = lowrank_delta(xd, pair.a, pair.b, scale)
             if col is not None:  # PEFT's DoRA applies W0 to the dropped input as well
-                kernel = module.variables["params"]["kernel"]
                 w0 = kernel.reshape(xd.shape[-1], -1)
                 dropped_base = _contract(xd, w0, (xd.ndim - 1,), (0,)).astype(y.dtype)
             if has_frozen:
@@ -318,10 +332,40 @@ def adapters_applied(
             delta = None
         hits.add(path)
         if col is not None:
-            return _dora_output(module, y, delta, col, lead, dropped_base)
+            return _dora_output(y, delta, col, lead, bias, dropped_base)
         if delta is None:
             return y
         return y + delta.reshape(lead + y.shape[len(lead) :]).astype(y.dtype)
 
-    with nn.intercept_methods(interceptor):
-        yield hits
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral)):
+            return next_fun(*args, **kwargs)
+        path = _module_path(module)
+        y = next_fun(*args, **kwargs)
+        if path not in modules:
+            return y
+        x = args[0] if args else kwargs["inputs"]
+        x2, lead = _flatten_input(module, x, in_ndim.get(path, 1))
+        params = module.variables.get("params", {})
+        bias = params.get("bias") if module.use_bias else None
+        layer = _from_params(module) if isinstance(modules[path], str) else None  # IN_PARAMS
+        return adapt(path, x2, lead, y, params["kernel"], bias, layer)
+
+    def hook(path: str, x: Array, y: Array, kernel: Array, bias: Array | None, n: int) -> Array:
+        if path not in modules:
+            return y
+        if isinstance(modules[path], str):
+            raise ValueError(
+                f"module {path!r}: stacked adapters (IN_PARAMS) are read from linen params; "
+                "a module outside linen gets path-keyed adapters only"
+            )
+        lead = x.shape[: x.ndim - n]
+        return adapt(path, x.reshape(lead + (-1,)), lead, y, kernel, bias)
+
+    token = _CALL_HOOK.set(hook)
+    try:
+        with nn.intercept_methods(interceptor):
+            yield hits
+    finally:
+        _CALL_HOOK.reset(token)

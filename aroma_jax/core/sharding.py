@@ -26,7 +26,7 @@ import dataclasses
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -113,31 +113,46 @@ def _fit(shape: tuple[int, ...], axes: tuple[str | None, ...], mesh: Mesh) -> P:
     return P(*out)
 
 
+def leaf_spec(
+    path: str,
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: Sequence[Rule],
+    stacked: Mapping[str, int] | None = None,
+) -> P:
+    """The PartitionSpec of one param leaf ("/"-joined ``path``, ``shape``): the first rule whose
+    pattern it matches, fitted to ``mesh`` (`_fit`); replicated if none matches.
+
+    A leaf under a ``stacked`` prefix (layers under ``nn.scan``) has a leading layer axis: it
+    is replicated and the rule applies to the rest, as to one unrolled layer's leaf.
+    """
+    shape = tuple(shape)
+    lead = any(path.startswith(prefix + "/") for prefix in (stacked or {}))
+    for rule in rules:
+        if re.search(rule.pattern, path):
+            if lead and len(rule.axes) == len(shape):  # a rule written for the stacked leaf
+                return _fit(shape, rule.axes, mesh)
+            spec = _fit(shape[1:] if lead else shape, rule.axes, mesh)
+            return P(None, *spec) if lead else spec
+    return P()
+
+
 def param_specs(
     params: Mapping, mesh: Mesh, rules: Sequence[Rule], stacked: Mapping[str, int] | None = None
 ) -> dict:
-    """A PartitionSpec per param leaf (nested like ``params``).
-
-    Leaves under a ``stacked`` prefix (layers under ``nn.scan``) have a leading layer axis: it
-    is replicated and the rule applies to the rest, as to one unrolled layer's leaf.
-    """
+    """A PartitionSpec per param leaf (nested like ``params``), by `leaf_spec`."""
     flat = traverse_util.flatten_dict(dict(params), sep="/")
-    stacked = dict(stacked or {})
-    specs = {}
-    for path, leaf in flat.items():
-        lead = any(path.startswith(prefix + "/") for prefix in stacked)
-        shape = tuple(leaf.shape[1:] if lead else leaf.shape)
-        spec = P()
-        for rule in rules:
-            if re.search(rule.pattern, path):
-                if lead and len(rule.axes) == leaf.ndim:  # a rule written for the stacked leaf
-                    spec = _fit(tuple(leaf.shape), rule.axes, mesh)
-                else:
-                    spec = _fit(shape, rule.axes, mesh)
-                    spec = P(None, *spec) if lead else spec
-                break
-        specs[path] = spec
+    specs = {path: leaf_spec(path, leaf.shape, mesh, rules, stacked) for path, leaf in flat.items()}
     return traverse_util.unflatten_dict(specs, sep="/") if specs else {}
+
+
+def sharding_for(
+    mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES, stacked: Mapping[str, int] | None = None
+) -> Callable[[str, tuple[int, ...]], NamedSharding]:
+    """``(path, shape) -> NamedSharding`` by `leaf_spec`, for loaders that place each leaf as
+    they read it (``sharding_for`` of `aroma_jax.models.native.checkpoint_io.load_params`): on
+    several processes each one then reads only its own devices' slices of the weights."""
+    return lambda path, shape: NamedSharding(mesh, leaf_spec(path, shape, mesh, rules, stacked))
 
 
 def _get(tree: Mapping, path: str) -> Any:

@@ -42,8 +42,8 @@ from flax import traverse_util
 from flax.core import unfreeze
 from jax import lax
 
+from aroma_jax.core import accumulate, controller, inject, norms, optim
 from aroma_jax.core import adapters as adapters_lib
-from aroma_jax.core import controller, inject, norms, optim
 from aroma_jax.core.adapters import AdapterState, ModuleSpec
 from aroma_jax.core.config import AromaConfig, ConfigError
 
@@ -142,6 +142,11 @@ class AromaTrainer:
       stacked: path of a layer stack run under ``nn.scan`` -> its length (e.g.
         ``{"model/layers": 32}``): its adapters are stacked along a leading layer axis and
         enter the model as extra params leaves the scan slices (`aroma_jax.core.inject`).
+      grad_accum: micro-batches per optimizer step (`aroma_jax.core.accumulate`): the step
+        sums their gradients under ``lax.scan``, then updates and advances the controller once.
+      loss_weight: ``loss_weight(batch)``, what ``loss_fn`` averages over (the target-token
+        count of a token-averaged loss), so accumulated micro-batches give exactly the full
+        batch's gradient; ``None``: an example mean (every micro-batch weighs ``1/k``).
 
     ``specs`` and ``module_paths`` name modules (a stacked module once); ``paths`` names every
     (module, layer) *entry*, the order of `StepInfo`'s vectors and of the history.
@@ -155,8 +160,13 @@ class AromaTrainer:
         in_ndim: Mapping[str, int] | None = None,
         donate: bool = True,
         stacked: Mapping[str, int] | None = None,
+        grad_accum: int = 1,
+        loss_weight: Callable[[Any], Array] | None = None,
     ):
         self.cfg = cfg
+        self.grad_accum = accumulate.check_steps(grad_accum)
+        self.loss_weight = loss_weight
+        self._batch_shards = 1  # how many ways the batch axis is split (`set_shardings`)
         self.method = cfg.plugin  # what the step asks the method (`aroma_jax.core.methods`)
         self.loss_fn = loss_fn
         self.stacked = dict(stacked or {})
@@ -186,6 +196,7 @@ class AromaTrainer:
         The state's output sharding equals its input sharding, so the step never reshards
         between calls or recompiles; see `aroma_jax.core.sharding` for the rules that make them.
         """
+        self._batch_shards = accumulate.shard_count(batch_sharding)
         self._step = jax.jit(
             self._step_impl,
             in_shardings=(state_sharding, batch_sharding),
@@ -199,13 +210,13 @@ class AromaTrainer:
         unfolded = [
             e for p in self.module_paths if p not in self.folded for e in self.specs[p].entries
         ]
-        columns = adapters_lib.capacity(self.cfg) * self.cfg.r
+        columns = self.cfg.rank_capacity_derived * self.cfg.r
         if unfolded and self.method.grows and columns > SLOT_COST_COLUMNS:
             warnings.warn(
                 f"{len(unfolded)} adapted kernels are not fp32, so their frozen factors are "
                 f"applied every step with {columns} columns (rank_capacity "
                 f"{self.cfg.rank_capacity or 'derived from max_steps'}: "
-                f"{adapters_lib.capacity(self.cfg)} slots of r={self.cfg.r}); set "
+                f"{self.cfg.rank_capacity_derived} slots of r={self.cfg.r}); set "
                 "aroma.rank_capacity to the rank you expect, e.g. 32 (a binding capacity stops "
                 "growth, never training)",
                 SlotCostWarning,
@@ -358,7 +369,37 @@ class AromaTrainer:
             return None
         return {p: c for p, c in cols.items() if not self.specs[p].stack}
 
-    def _loss(self, trainable: dict, state: TrainState, batch: Any, rng: Array):
+    def _loss_and_grads(self, trainable: dict, state: TrainState, batch: Any, rng: Array):
+        """The loss and its gradients over the whole batch, in ``grad_accum`` micro-batches.
+
+        The method's extra loss (AdaLoRA's orthogonality) depends on the pairs only: with
+        micro-batches it is added once, outside the scan, not once per micro-batch.
+        """
+        if self.grad_accum == 1:
+            (loss, _), grads = jax.value_and_grad(self._loss, has_aux=True)(
+                trainable, state, batch, rng
+            )
+            return loss, grads
+        loss, grads = accumulate.accumulated_grads(
+            lambda t, b, key: self._loss(t, state, b, key, with_extra=False)[0],
+            trainable,
+            batch,
+            rng,
+            self.grad_accum,
+            self.loss_weight,
+            self._batch_shards,
+        )
+        if self.method.extra_loss(self.cfg, trainable["pairs"]) is not None:
+            extra, extra_grads = jax.value_and_grad(
+                lambda t: self.method.extra_loss(self.cfg, t["pairs"])
+            )(trainable)
+            loss = loss + extra
+            grads = jax.tree.map(jnp.add, grads, extra_grads)
+        return loss, grads
+
+    def _loss(
+        self, trainable: dict, state: TrainState, batch: Any, rng: Array, with_extra: bool = True
+    ):
         adapters = state.adapters._replace(pairs=trainable["pairs"])
         in_ndim = {p: s.in_ndim for p, s in self.specs.items()}
         dropout = None
@@ -385,7 +426,9 @@ class AromaTrainer:
                 "nn.Dense/nn.DenseGeneral module at that path ran inside loss_fn"
             )
         loss, aux = out if isinstance(out, tuple) else (out, None)
-        extra = self.method.extra_loss(self.cfg, trainable["pairs"])  # AdaLoRA's orthogonality
+        extra = None
+        if with_extra:  # AdaLoRA's orthogonality
+            extra = self.method.extra_loss(self.cfg, trainable["pairs"])
         if extra is not None:
             loss = loss + extra
         return loss, aux
@@ -412,9 +455,7 @@ class AromaTrainer:
         else:
             rng, step_rng, reset_rng = jax.random.split(state.rng, 3)
         trainable = self._trainable(state.adapters, state.extra)
-        (loss, _), grads = jax.value_and_grad(self._loss, has_aux=True)(
-            trainable, state, batch, step_rng
-        )
+        loss, grads = self._loss_and_grads(trainable, state, batch, step_rng)
         live = ~state.ctrl.finished
         active = {
             "pairs": {
@@ -649,7 +690,7 @@ class AromaTrainer:
             pair_norm = norms.product_norm(final.a, final.b)
             nonzero = method.final_nonzero(final, pair_norm)
             rho, stop, _ = controller.eq6(pair_norm, fz, m, kernel, base_sq, cfg, folds, stop_local)
-            write = ~d & nonzero & ~stop & (m < adapters_lib.capacity(cfg))
+            write = ~d & nonzero & ~stop & (m < cfg.rank_capacity_derived)
             new_fz = controller.write_slot(fz, final, m, cfg.pair_rank, write)
             if folds:
                 delta = (cfg.scale * pair.a) @ pair.b

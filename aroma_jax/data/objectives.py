@@ -81,6 +81,20 @@ def causal_lm(model: Any) -> tuple[Callable, Callable]:
     return loss_fn, score_fn
 
 
+def causal_lm_tokens(batch: dict) -> Array:
+    """What `causal_lm`'s loss averages over: its target tokens (``loss_mask[:, 1:]``).
+
+    Passed as ``AromaTrainer(..., loss_weight=...)`` so accumulated micro-batches weigh by
+    their target tokens and sum to the full batch's gradient, not a mean of micro-means.
+    """
+    return jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32))
+
+
+def seq2seq_tokens(batch: dict) -> Array:
+    """What `seq2seq`'s loss averages over: the labels that are not ``-100``."""
+    return jnp.sum((batch["labels"] != -100).astype(jnp.float32))
+
+
 def seq2seq(model: Any) -> tuple[Callable, Callable]:
     """(loss_fn, generate_fn) for an encoder-decoder model (BART)."""
 

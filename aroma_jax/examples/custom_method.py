@@ -8,10 +8,12 @@ scale rather than one threshold for all (``outer_tol`` stays as a floor, so a mo
 pair changed nothing stops at its next outer step). Everything else (eq. 5's inner loop, the
 merge, the re-init, the optimizer-state reset) is AROMA's, inherited.
 
-It needs no edit of the package. Train it by its dotted path:
+It needs no edit of the package. Train it by its dotted path; its own setting, ``fraction``,
+is a key of the run config's ``aroma:`` section (its config class, `GrowWhileConfig`):
 
     aroma-jax train --config tiny-roberta --output runs/grow \\
-        --set aroma.method=aroma_jax.examples.custom_method:GrowWhileRatioHolds
+        --set aroma.method=aroma_jax.examples.custom_method:GrowWhileRatioHolds \\
+        --set aroma.fraction=0.5
 
 or, from Python, register it under a short name first:
 
@@ -27,6 +29,7 @@ is checkpointed and restored with the run.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,10 +37,18 @@ import jax
 import jax.numpy as jnp
 
 from aroma_jax.core.adapters import AdapterState
-from aroma_jax.core.config import AromaConfig
-from aroma_jax.core.methods.aroma import Aroma
+from aroma_jax.core.config import AromaConfig, ConfigError
+from aroma_jax.core.methods.aroma import Aroma, AromaMethodConfig
 
 Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class GrowWhileConfig(AromaMethodConfig):
+    """AROMA's settings and the rule's own: a module stops when its pair's eq. 6 ratio falls
+    below ``fraction`` of its first pair's."""
+
+    fraction: float = 0.5
 
 
 class GrowWhileRatioHolds(Aroma):
@@ -46,7 +57,14 @@ class GrowWhileRatioHolds(Aroma):
     pair."""
 
     name = "grow-while-ratio-holds"
-    fraction = 0.5  # subclass to change it
+    config_class = GrowWhileConfig
+
+    def validate(self, cfg: AromaConfig) -> None:
+        fraction = self.settings(cfg).fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+            raise ConfigError(f"invalid fraction={fraction!r}: accepted a number in (0, 1]")
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"invalid fraction={fraction!r}: accepted a number in (0, 1]")
 
     def init_state(
         self, cfg: AromaConfig, adapters: AdapterState, kernels: Mapping[str, Array]
@@ -63,7 +81,7 @@ class GrowWhileRatioHolds(Aroma):
         self, cfg: AromaConfig, rho: Array, merges: Array, pair_norm: Array, local: Array
     ) -> tuple[Any, Any]:
         first = jnp.where(merges == 0, rho, local)  # the first pair's ratio, kept from then on
-        below = (rho < self.fraction * first) | (rho < cfg.outer_tol)
+        below = (rho < self.settings(cfg).fraction * first) | (rho < cfg.outer_tol)
         # A zero pair is never merged (it would count a rank with no update), so it is no first
         # pair either: the floor stops a module whose pair never moved.
         return below & ((merges > 0) | (pair_norm == 0)), first

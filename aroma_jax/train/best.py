@@ -46,15 +46,15 @@ def reported_metrics(pipe: Any) -> tuple[str, ...]:
     return tuple(task.metrics)
 
 
-def check_metric(cfg: Mapping[str, Any], pipe: Any) -> str | None:
+def check_metric(cfg: Any, pipe: Any) -> str | None:
     """``train.keep_best`` if the task reports it on validation; a one-line error otherwise."""
-    metric = cfg["train"].get("keep_best")
+    metric = cfg.train.keep_best
     if metric is None:
         return None
     names = reported_metrics(pipe)
     if metric not in names:
         raise ConfigError(
-            f"invalid train.keep_best={metric!r}: task {cfg['task']['name']!r} reports "
+            f"invalid train.keep_best={metric!r}: task {cfg.task.name!r} reports "
             f"{', '.join(names)} on its validation split; accepted one of those, or null"
         )
     return metric

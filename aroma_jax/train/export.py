@@ -255,7 +255,7 @@ def export_peft(
         }
     )
     task_type = {"llama": "CAUSAL_LM", "bart": "SEQ_2_SEQ_LM"}.get(pipe.arch, "SEQ_CLS")
-    base = base_model_id(cfg["model"]["name"])
+    base = base_model_id(cfg.model.name)
     config, state = peft_files(tensors, meta, torch_name, base, task_type, heads)
     # PEFT stores modules_to_save weights under their plain module names. A failed write leaves
     # no half adapter: PEFT opens adapter_config.json first, and it is moved in last.

@@ -68,7 +68,7 @@ def finalize_run(run_dir: str | Path, break_lock: bool = False, which: str = "fi
                 f"run {str(run_dir)!r} has no checkpoints/ left to rebuild final/ from: "
                 f"train it again ({resume} without --resume, into a new --output)"
             )
-        keep = cfg["train"]["keep_checkpoints"] if record is None else 1
+        keep = cfg.train.keep_checkpoints if record is None else 1
         mgr = CheckpointManager(ckpts, keep=keep)
         try:
             state, meta = mgr.restore(trainer.init(pipe.params))

@@ -17,12 +17,12 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import jax
 
 from aroma_jax.models.native.seq2seq_search import ban_repeated_ngrams
+from aroma_jax.train.run_config import TrainConfig
 
 try:  # transformers 4.x: HF Flax's generate takes a list of these
     from transformers.generation.flax_logits_process import (
@@ -45,26 +45,24 @@ class NoRepeatNGram(FlaxLogitsProcessor):
         return ban_repeated_ngrams(input_ids, scores, cur_len, self.n)
 
 
-def search_kwargs(cfg: Mapping[str, Any], native: bool = False) -> dict[str, Any]:
+def search_kwargs(train: TrainConfig, native: bool = False) -> dict[str, Any]:
     """``generate`` keyword arguments from ``train``: length cap, beams, length penalty, minimum
     length and a `NoRepeatNGram` rule when ``no_repeat_ngram_size > 0``. Every one is explicit,
     so the model's own generation defaults (bart-large ships 4 beams) never apply silently.
     ``native``: for `aroma_jax.models.native.seq2seq_model.NativeSeq2SeqLM`, which applies
     ``no_repeat_ngram_size`` itself (and has no forced BOS/EOS unless the checkpoint sets
     them, as on HF Flax)."""
-    t = cfg["train"]
+    t = train
     out = {
-        "max_length": t["generate_max_len"],
-        "num_beams": t["num_beams"],
-        "length_penalty": float(t["length_penalty"]),
-        "min_length": t["generate_min_len"],
+        "max_length": t.generate_max_len,
+        "num_beams": t.num_beams,
+        "length_penalty": float(t.length_penalty),
+        "min_length": t.generate_min_len,
         "no_repeat_ngram_size": 0,  # ours below, not HF's sparse one
         "early_stopping": True,
     }
     if native:
-        out["no_repeat_ngram_size"] = t["no_repeat_ngram_size"] or 0
-    elif t["no_repeat_ngram_size"]:
-        out["logits_processor"] = FlaxLogitsProcessorList(
-            [NoRepeatNGram(t["no_repeat_ngram_size"])]
-        )
+        out["no_repeat_ngram_size"] = t.no_repeat_ngram_size or 0
+    elif t.no_repeat_ngram_size:
+        out["logits_processor"] = FlaxLogitsProcessorList([NoRepeatNGram(t.no_repeat_ngram_size)])
     return out

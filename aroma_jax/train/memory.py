@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import numpy as np
+
+if TYPE_CHECKING:
+    from aroma_jax.train.run_config import RunConfig
 
 # Fitted by least squares to XLA's accounting of the compiled step on five tiny shapes (CPU,
 # jax 0.10.2): RoBERTa 16x128, 4x255 and 64x32 (LoRA r=8), LLaMA 8x128, BART 8x96 (bbc_headline);
@@ -157,11 +160,12 @@ def check(est: Estimate, batch: int, length: int, free: Mapping[str, int | None]
     raise InsufficientMemoryError(
         f"this run needs about {size(est.device)} of {where} memory (state {size(est.state)} "
         f"incl. params and optimizer, gradients {size(2 * est.trained)}, activations "
-        f"{size(est.activations)} for batch {batch} x length {length}); "
+        f"{size(est.activations)} for (micro-)batch {batch} x length {length}); "
         f"{size(est.needed_now)} more than is loaded already, but only {size(limit)} is free. "
         "Lower train.batch_size or task.max_len (activations grow with both, attention with "
-        "length squared), use model.dtype=bfloat16, or spread the run over more devices "
-        "(--mesh); AROMA_MEMORY_CHECK=0 skips this check"
+        "length squared), raise train.grad_accum (micro-batches: the same run), use "
+        "model.dtype=bfloat16, or spread the run over more devices (--mesh); "
+        "AROMA_MEMORY_CHECK=0 skips this check"
     )
 
 
@@ -174,7 +178,7 @@ def enabled() -> bool:
     return os.environ.get("AROMA_MEMORY_CHECK", "1") not in ("0", "false", "no")
 
 
-def check_run(cfg: Mapping[str, Any], pipe: Any, trainer: Any) -> Estimate | None:
+def check_run(cfg: RunConfig, pipe: Any, trainer: Any) -> Estimate | None:
     """Estimates a run's memory before ``trainer.init`` and refuses one that cannot fit.
 
     With a mesh, state is divided over the ``fsdp`` x ``tensor`` axes and activations over
@@ -183,15 +187,16 @@ def check_run(cfg: Mapping[str, Any], pipe: Any, trainer: Any) -> Estimate | Non
     if not enabled():
         return None
     arrays = pipe.train_arrays
-    batch = int(cfg["train"]["batch_size"])
+    # activations live for one micro-batch at a time (`aroma_jax.core.accumulate`)
+    batch = int(cfg.train.batch_size) // int(cfg.train.grad_accum)
     length = max(int(v.shape[1]) for v in arrays.values() if getattr(v, "ndim", 0) == 2)
-    itemsize = 2 if cfg["model"]["dtype"] == "bfloat16" else 4
+    itemsize = 2 if cfg.model.dtype == "bfloat16" else 4
     config = getattr(pipe.model, "config", None)
     est = estimate(trainer, pipe.params, config, batch, length, itemsize, pipe.arch in LM_ARCHS)
-    if cfg.get("mesh"):
+    if cfg.mesh:
         from aroma_jax.core import sharding
 
-        size = dict(sharding.parse_mesh(cfg["mesh"]).shape)
+        size = dict(sharding.parse_mesh(cfg.mesh).shape)
         model_par = size.get("fsdp", 1) * size.get("tensor", 1)
         data_par = size.get("data", 1) * size.get("fsdp", 1)
         est = Estimate(

@@ -7,18 +7,20 @@
   per module through ``rank_pattern`` / ``alpha_pattern`` exactly as PEFT does (a pattern key
   matches a module name ending in ``.<key>``, as a regex); plus the ``modules_to_save``
   tensors under their plain names.
-* `load_adapter` writes it into a fresh state: for AROMA and ReLoRA the adapter becomes the
-  *frozen merged factors* (``A = lora_A^T * scale_peft / s``, ``B = lora_B^T``, ``s`` the run's
-  scale; ``ceil(r / run r)`` slots counted as merges, so the rank starts at the adapter's), and
-  the run grows new rank on top; folded (fp32) kernels also get ``s * A @ B`` added, as
-  `aroma_jax.train.artifacts.rebuild_state` does. For LoRA the adapter becomes the *trainable
-  pair* (same rank as ``aroma.r`` required), so LoRA continues training it. ``modules_to_save``
-  tensors replace the matching trained head (``extra``) or base params.
+* `load_adapter` writes it into a fresh state through the run's method
+  (`aroma_jax.core.methods.base.Method.import_lora`), given ``A = lora_A^T * scale_peft / s``,
+  ``B = lora_B^T`` (``s`` the run's scale). AROMA and ReLoRA take it as *frozen merged
+  factors* (``ceil(r / run r)`` slots counted as merges, so the rank starts at the adapter's)
+  and grow new rank on top; folded (fp32) kernels also get ``s * A @ B`` added, as
+  `aroma_jax.train.artifacts.rebuild_state` does. LoRA takes it as the *trainable pair* (same
+  rank as ``aroma.r`` required) and continues training it. A plug-in method inherits its base
+  method's import, or defines its own. ``modules_to_save`` tensors replace the matching
+  trained head (``extra``) or base params.
 * Refused with a one-line error: DoRA (``use_dora``: its magnitude is a per-column rescaling of
   the merged weight, not factors; accepted ``use_dora: false``), other ``peft_type`` values,
   ``lora_bias`` and ``fan_in_fan_out``; a module the model does not have, a module that is not
   a target of the run, a shape that does not fit its kernel (module and both shapes named),
-  ``target_modules`` that match nothing, and methods other than aroma, relora, lora.
+  ``target_modules`` that match nothing, and methods without an import (DoRA, AdaLoRA, head).
 
 Example:
     >>> # state = trainer.init(params)
@@ -40,12 +42,13 @@ from flax import traverse_util
 from safetensors.numpy import load_file
 
 from aroma_jax.core import adapters as adapters_lib
-from aroma_jax.core.adapters import AdapterState, Frozen
+from aroma_jax.core import methods
+from aroma_jax.core.adapters import AdapterState
+from aroma_jax.core.methods.base import ImportRefused, imports_lora
 from aroma_jax.core.train_step import AromaTrainer, TrainState
 from aroma_jax.train import artifacts
 
 PREFIX = "base_model.model."
-METHODS = ("aroma", "relora", "lora")
 
 
 class PeftImportError(ValueError):
@@ -177,9 +180,12 @@ def load_adapter(
     docstring). ``torch_name`` maps a Flax module path to its PyTorch name."""
     adapter = source if isinstance(source, PeftAdapter) else read_adapter(source)
     cfg = trainer.cfg
-    if cfg.method not in METHODS:
+    method = cfg.plugin
+    if not imports_lora(method):
+        accepted = tuple(n for n in methods.names() if imports_lora(methods.get(n)))
         raise PeftImportError(
-            f"an imported PEFT adapter continues with aroma.method in {METHODS}, not {cfg.method!r}"
+            f"an imported PEFT adapter continues with aroma.method in {accepted} (or a method "
+            f"that defines Method.import_lora), not {cfg.method!r}"
         )
     every = adapters_lib.find_targets(state.base, (".*",), stacked=trainer.stacked)
     model_specs = adapters_lib.entry_specs(every)
@@ -212,27 +218,15 @@ def load_adapter(
             )
         a = a_pt.T * np.float32(scale / cfg.scale)  # (in, r): PEFT's scale carried by A
         b = b_pt.T  # (r, out)
-        rank = a.shape[1]
-        if cfg.method == "lora":
-            if rank != cfg.r:
-                raise PeftImportError(
-                    f"adapter module {name!r} has rank {rank}; LoRA continues a pair of "
-                    f"aroma.r={cfg.r}: set aroma.r={rank}, or use aroma.method=aroma"
-                )
-            pairs[entry] = pairs[entry]._replace(a=jnp.asarray(a), b=jnp.asarray(b))
+        try:
+            pair, slots, n = method.import_lora(cfg, a, b, pairs[entry], frozen[entry])
+        except ImportRefused as e:
+            raise PeftImportError(f"adapter module {name!r} has {e}") from None
+        merged = slots is not frozen[entry]
+        pairs[entry], frozen[entry] = pair, slots
+        if not merged:
             continue
-        slots = -(-rank // cfg.pair_rank)
-        if slots >= cfg.slots:
-            raise PeftImportError(
-                f"adapter module {name!r} has rank {rank}, {slots} merge slots of r="
-                f"{cfg.pair_rank}; aroma.rank_capacity={cfg.slots} leaves no room to grow: "
-                f"set it above {slots}"
-            )
-        fa = np.zeros(frozen[entry].a.shape, np.float32)
-        fb = np.zeros(frozen[entry].b.shape, np.float32)
-        fa[:, :rank], fb[:rank, :] = a, b
-        frozen[entry] = Frozen(jnp.asarray(fa), jnp.asarray(fb))
-        merges[entry] = jnp.asarray(slots, jnp.int32)
+        merges[entry] = jnp.asarray(n, jnp.int32)
         module, layer = trainer.entry_origin[entry]
         if module in trainer.folded:
             base = artifacts.fold_into_kernel(base, module, layer, spec, cfg.scale * (a @ b))

@@ -31,6 +31,7 @@ from aroma_jax.data import scores as metrics_lib
 from aroma_jax.data import tasks as data
 from aroma_jax.models import hf as models
 from aroma_jax.train import generation, run_config
+from aroma_jax.train.run_config import RunConfig, TaskConfig
 
 
 @dataclasses.dataclass
@@ -47,6 +48,9 @@ class Pipeline:
     evaluator: Callable  # (pipeline, trainer, state, split, batch_size) -> metrics dict
     stacked: dict = dataclasses.field(default_factory=dict)  # scanned layer stacks: path -> L
     task: Any = None  # the `data.Task` (its kind, class names)
+    # what loss_fn averages over (target tokens), so accumulated micro-batches weigh by it;
+    # None: an example mean
+    loss_weight: Callable | None = None
 
     def evaluate(self, trainer, state, split: str, batch_size: int) -> dict:
         return self.evaluator(self, trainer, state, split, batch_size)
@@ -56,21 +60,23 @@ def _dtype(name: str):
     return jnp.bfloat16 if name == "bfloat16" else jnp.float32
 
 
-def build_pipeline(cfg: Mapping[str, Any]) -> Pipeline:
-    tcfg, mcfg = cfg["task"], cfg["model"]
-    task = data.get_task(tcfg["name"], seed=cfg["train"]["seed"], **_task_kwargs(tcfg))
-    task = data.limit(task, tcfg["max_train_examples"], tcfg["max_eval_examples"])
+def build_pipeline(cfg: RunConfig) -> Pipeline:
+    """The run's model, task and objective; its `AromaConfig` from the method and optimizer
+    sections, completed by the architecture's preset targets and head (`aroma_for`)."""
+    tcfg, mcfg = cfg.task, cfg.model
+    task = data.get_task(tcfg.name, seed=cfg.train.seed, **_task_kwargs(tcfg))
+    task = data.limit(task, tcfg.max_train_examples, tcfg.max_eval_examples)
     data.check_learnable(task)
     loaded = models.load_for_task(
-        mcfg["name"],
+        mcfg.name,
         task,
-        num_labels=mcfg["num_labels"],
-        dtype=_dtype(mcfg["dtype"]),
-        param_dtype=_dtype(mcfg["param_dtype"]),
-        seed=cfg["train"]["seed"],
-        impl=mcfg.get("impl", "auto"),
-        scan_layers=mcfg.get("scan_layers", "auto"),
-        remat=mcfg.get("remat", "none"),
+        num_labels=mcfg.num_labels,
+        dtype=_dtype(mcfg.dtype),
+        param_dtype=_dtype(mcfg.param_dtype),
+        seed=cfg.train.seed,
+        impl=mcfg.impl,
+        scan_layers=mcfg.scan_layers,
+        remat=mcfg.remat,
     )
     check_lengths(cfg, loaded)
     check_labels(cfg, task)
@@ -79,7 +85,7 @@ def build_pipeline(cfg: Mapping[str, Any]) -> Pipeline:
         if loaded.arch != "llama":
             raise ValueError(
                 f"task {task.name!r} is answered by generation from a decoder-only LM; "
-                f"{mcfg['name']!r} is a {loaded.arch} model: accepted a LLaMA model"
+                f"{mcfg.name!r} is a {loaded.arch} model: accepted a LLaMA model"
             )
         return _instruction_pipeline(cfg, task, loaded, aroma)
     if loaded.arch == "llama":
@@ -97,16 +103,16 @@ def class_names(pipe: Pipeline) -> tuple[str, ...]:
     return tuple(task.label_names)
 
 
-def with_label_names(cfg: Mapping[str, Any], pipe: Pipeline) -> dict[str, Any]:
+def with_label_names(cfg: RunConfig, pipe: Pipeline) -> RunConfig:
     """``cfg`` with the class order a run mapped its text labels by (``task.label_names``), so
     the run directory's config.yaml keeps the mapping and eval, export and resume use it."""
-    out = {**cfg, "task": dict(cfg["task"])}
-    if out["task"].get("label_names") is None and pipe.task is not None and pipe.task.text_labels:
-        out["task"]["label_names"] = list(pipe.task.label_names)
-    return out
+    if cfg.task.label_names is None and pipe.task is not None and pipe.task.text_labels:
+        names = tuple(pipe.task.label_names)
+        return cfg.replace(task=dataclasses.replace(cfg.task, label_names=names))
+    return cfg
 
 
-def check_lengths(cfg: Mapping[str, Any], loaded: models.Loaded) -> None:
+def check_lengths(cfg: RunConfig, loaded: models.Loaded) -> None:
     """Sequence lengths within the model's position limit, before anything is tokenized.
 
     Past the limit XLA clamps position ids (silently wrong) and attention memory grows as the
@@ -115,11 +121,11 @@ def check_lengths(cfg: Mapping[str, Any], loaded: models.Loaded) -> None:
     limit = models.position_limit(loaded)
     if limit is None:
         return
-    tcfg, name = cfg["task"], cfg["model"]["name"]
-    lengths = {"task.max_len": tcfg["max_len"]}
+    tcfg, name = cfg.task, cfg.model.name
+    lengths = {"task.max_len": tcfg.max_len}
     if loaded.arch == "bart":
-        lengths["task.target_max_len"] = tcfg["target_max_len"]
-        lengths["train.generate_max_len"] = cfg["train"]["generate_max_len"]
+        lengths["task.target_max_len"] = tcfg.target_max_len
+        lengths["train.generate_max_len"] = cfg.train.generate_max_len
     for key, value in lengths.items():
         if value > limit:
             raise ValueError(
@@ -128,10 +134,10 @@ def check_lengths(cfg: Mapping[str, Any], loaded: models.Loaded) -> None:
             )
 
 
-def check_labels(cfg: Mapping[str, Any], task: data.Task) -> None:
+def check_labels(cfg: RunConfig, task: data.Task) -> None:
     """``model.num_labels`` must cover every label id of every split (XLA would not notice an
     out-of-range class id: losses and metrics would silently be wrong)."""
-    n = cfg["model"]["num_labels"]
+    n = cfg.model.num_labels
     if n is None or task.kind not in ("classification", "pair_classification"):
         return
     for split, ds in task.splits.items():
@@ -145,9 +151,9 @@ def check_labels(cfg: Mapping[str, Any], task: data.Task) -> None:
             )
 
 
-def aroma_for(cfg: Mapping[str, Any], arch: str, kind: str) -> AromaConfig:
+def aroma_for(cfg: RunConfig, arch: str, kind: str) -> AromaConfig:
     """The run's `AromaConfig` for a model architecture and task kind (targets, head)."""
-    return run_config.aroma_config(
+    return run_config.method_config(
         cfg,
         models.preset_targets(arch),
         models.head_patterns(arch, kind),
@@ -155,7 +161,7 @@ def aroma_for(cfg: Mapping[str, Any], arch: str, kind: str) -> AromaConfig:
     )
 
 
-def _make(loaded, task, aroma, loss_fn, train, evals, evaluator) -> Pipeline:
+def _make(loaded, task, aroma, loss_fn, train, evals, evaluator, loss_weight=None) -> Pipeline:
     return Pipeline(
         loaded.arch,
         task.kind,
@@ -169,15 +175,17 @@ def _make(loaded, task, aroma, loss_fn, train, evals, evaluator) -> Pipeline:
         evaluator,
         stacked=dict(loaded.stacked),
         task=task,
+        loss_weight=loss_weight,
     )
 
 
-def _task_kwargs(tcfg: Mapping[str, Any]) -> dict:
+def _task_kwargs(tcfg: TaskConfig) -> dict:
     keys = ("text_field", "text_pair_field", "label_field", "source", "eval_source", "bad_rows")
-    keys += ("label_names",)
-    out = {k: tcfg[k] for k in keys if tcfg.get(k) is not None}
-    if tcfg.get("dev_examples"):
-        out["dev_examples"] = tcfg["dev_examples"]
+    out = {k: getattr(tcfg, k) for k in keys if getattr(tcfg, k) is not None}
+    if tcfg.label_names is not None:
+        out["label_names"] = list(tcfg.label_names)
+    if tcfg.dev_examples:
+        out["dev_examples"] = tcfg.dev_examples
     return out
 
 
@@ -185,7 +193,7 @@ def _task_kwargs(tcfg: Mapping[str, Any]) -> dict:
 def _encoder_pipeline(cfg, task, loaded, aroma) -> Pipeline:
     regression = task.kind == "regression"
     loss_fn, predict_fn = objectives.classification(loaded.model, regression=regression)
-    max_len = cfg["task"]["max_len"]
+    max_len = cfg.task.max_len
     enc = {s: data.encode_classification(task, loaded.tokenizer, s, max_len) for s in task.splits}
     predict = _with_adapters(predict_fn)
 
@@ -237,15 +245,15 @@ def _batched(fn: Callable, arrays: Mapping[str, np.ndarray], batch_size: int) ->
 # ---------------------------------------------------------------------------- seq2seq
 def _seq2seq_pipeline(cfg, task, loaded, aroma) -> Pipeline:
     loss_fn, _ = objectives.seq2seq(loaded.model)
-    tcfg = cfg["task"]
+    tcfg = cfg.task
     start_id = loaded.model.config.decoder_start_token_id
     enc = {
         s: data.encode_seq2seq(
-            task, loaded.tokenizer, s, tcfg["max_len"], tcfg["target_max_len"], start_id
+            task, loaded.tokenizer, s, tcfg.max_len, tcfg.target_max_len, start_id
         )
         for s in task.splits
     }
-    search = generation.search_kwargs(cfg, native=hasattr(loaded.model, "search_settings"))
+    search = generation.search_kwargs(cfg.train, native=hasattr(loaded.model, "search_settings"))
 
     def gen_fn(params, batch):
         return loaded.model.generate(
@@ -262,19 +270,21 @@ def _seq2seq_pipeline(cfg, task, loaded, aroma) -> Pipeline:
         refs = list(task.splits[split][task.target_field])
         return metrics_lib.compute(task.metrics, preds, refs)
 
-    return _make(loaded, task, aroma, loss_fn, enc["train"], enc, evaluator)
+    return _make(
+        loaded, task, aroma, loss_fn, enc["train"], enc, evaluator, objectives.seq2seq_tokens
+    )
 
 
 # ---------------------------------------------------------------------------- causal LM
 def _causal_lm_pipeline(cfg, task, loaded, aroma) -> Pipeline:
     loss_fn, score_fn = objectives.causal_lm(loaded.model)
-    max_len = cfg["task"]["max_len"]
+    max_len = cfg.task.max_len
     tok = loaded.tokenizer
     train = data.encode_causal_lm(task, tok, "train", max_len)
     score = _with_adapters(score_fn)
 
     if task.kind in ("generation",):
-        gen_len = cfg["train"]["generate_max_len"]
+        gen_len = cfg.train.generate_max_len
 
         def gen_fn(params, batch):
             return loaded.model.generate(
@@ -299,7 +309,9 @@ def _causal_lm_pipeline(cfg, task, loaded, aroma) -> Pipeline:
             refs = list(task.splits[split][task.target_field])
             return metrics_lib.compute(task.metrics, preds, refs)
 
-        return _make(loaded, task, aroma, loss_fn, train, prompts, evaluator)
+        return _make(
+            loaded, task, aroma, loss_fn, train, prompts, evaluator, objectives.causal_lm_tokens
+        )
 
     # Classification as text: score every label's continuation, predict the best.
     choices = {s: data.encode_choices(task, tok, s, max_len) for s in task.splits}
@@ -310,7 +322,9 @@ def _causal_lm_pipeline(cfg, task, loaded, aroma) -> Pipeline:
         preds = np.argmax(scores.reshape(-1, n_choices), axis=-1)
         return metrics_lib.compute(["mc_accuracy"], preds, labels)
 
-    return _make(loaded, task, aroma, loss_fn, train, choices, evaluator)
+    return _make(
+        loaded, task, aroma, loss_fn, train, choices, evaluator, objectives.causal_lm_tokens
+    )
 
 
 # -------------------------------------------------------- instructions (commonsense170k)
@@ -320,9 +334,9 @@ def _instruction_pipeline(cfg, task, loaded, aroma) -> Pipeline:
     from aroma_jax.data import commonsense
 
     loss_fn, _ = objectives.causal_lm(loaded.model)
-    max_len, tok = cfg["task"]["max_len"], loaded.tokenizer
+    max_len, tok = cfg.task.max_len, loaded.tokenizer
     train = commonsense.encode_train(task.splits["train"], tok, max_len)
-    new_tokens = cfg["train"]["generate_max_len"]
+    new_tokens = cfg.train.generate_max_len
 
     def gen_fn(params, batch):
         return loaded.model.generate(
@@ -349,4 +363,6 @@ def _instruction_pipeline(cfg, task, loaded, aroma) -> Pipeline:
         )
         return commonsense.score(task.splits[split], responses)
 
-    return _make(loaded, task, aroma, loss_fn, train, prompts, evaluator)
+    return _make(
+        loaded, task, aroma, loss_fn, train, prompts, evaluator, objectives.causal_lm_tokens
+    )

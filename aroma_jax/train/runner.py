@@ -39,15 +39,16 @@ import yaml
 
 from aroma_jax.core import sharding
 from aroma_jax.core.adapters import adapter_param_count
-from aroma_jax.core.config import AromaConfig
 from aroma_jax.core.history import History
 from aroma_jax.core.train_step import AromaTrainer, StepInfo, TrainState
+from aroma_jax.models.native.partitioning import step_context
 from aroma_jax.train import best as best_lib
 from aroma_jax.train import lock, memory, plots, run_config, throughput
 from aroma_jax.train import trackers as trackers_lib
 from aroma_jax.train.hooks import Hook, OuterHook, TrainLoop
 from aroma_jax.train.input import BatchStream, batch_at  # noqa: F401  (batch_at: re-exported)
 from aroma_jax.train.pipeline import Pipeline, build_pipeline, class_names, with_label_names
+from aroma_jax.train.run_config import RunConfig
 
 
 class TrainingError(RuntimeError):
@@ -199,7 +200,7 @@ class _RunHooks:
             raise TrainingError(
                 f"loss became {losses[-1]} at step {bad[0]}; stopped. The last good checkpoint "
                 f"(step {self.ckpt.latest_step()}) is kept in {str(self.out / 'checkpoints')!r}. "
-                "Lower aroma.learning_rate or check the data."
+                "Lower optimizer.learning_rate or check the data."
             )
         self.pending = []
         self.loop.window_event(infos)  # before the record: trackers see steps in order
@@ -284,7 +285,7 @@ class _RunHooks:
 
 
 def train(
-    cfg: Mapping[str, Any],
+    cfg: RunConfig,
     output: str | Path,
     resume: bool = False,
     interrupt_at: int | None = None,
@@ -337,7 +338,7 @@ def say(line: str) -> None:
 
 
 def _train(
-    cfg: Mapping[str, Any],
+    cfg: RunConfig,
     out: Path,
     resume: bool,
     interrupt_at: int | None,
@@ -356,7 +357,7 @@ def _train(
         cfg = run_config.adopt_legacy(cfg, yaml.safe_load((out / "config.yaml").read_text()) or {})
     pipe: Pipeline = build_pipeline(cfg)
     keep_best = best_lib.check_metric(cfg, pipe)  # a metric the task reports, before any write
-    batch_at(pipe.train_arrays, cfg["train"]["batch_size"], 0, 0)  # fewer rows than a batch?
+    batch_at(pipe.train_arrays, cfg.train.batch_size, 0, 0)  # fewer rows than a batch?
     cfg = with_label_names(cfg, pipe)  # the class order of text labels, kept in config.yaml
     aroma = pipe.aroma
     resolved = run_config.to_plain(cfg, aroma)
@@ -365,26 +366,33 @@ def _train(
     sharding.barrier("aroma-config-read")  # all have read the run's config before it is rewritten
     if writer:
         write_atomic(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
-    tcfg = cfg["train"]
+    tcfg = cfg.train
     if writer:
         sink.trackers += trackers_lib.from_config(tcfg)
         sink.start(resolved, out, resume)
 
-    trainer = AromaTrainer(pipe.loss_fn, pipe.params, aroma, stacked=pipe.stacked)
+    trainer = AromaTrainer(
+        pipe.loss_fn,
+        pipe.params,
+        aroma,
+        stacked=pipe.stacked,
+        grad_accum=tcfg.grad_accum,
+        loss_weight=pipe.loss_weight,
+    )
     head_params = sum(int(x.size) for x in jax.tree.leaves(trainer_extra(pipe, trainer)))
     memory.check_run(cfg, pipe, trainer)  # refuse now rather than be killed mid-run
     if writer:
         say(f"config: {out / 'config.yaml'}")
         say(head_line(cfg, pipe, head_params))
     state = trainer.init(pipe.params)
-    if cfg["model"].get("init_adapter"):  # a resumed checkpoint overwrites it below
+    if cfg.model.init_adapter:  # a resumed checkpoint overwrites it below
         from aroma_jax.train import peft_import
 
-        state = peft_import.load_for_run(trainer, state, pipe.arch, cfg["model"]["init_adapter"])
+        state = peft_import.load_for_run(trainer, state, pipe.arch, cfg.model.init_adapter)
     pipe.params = None  # the state owns the buffers now (the step donates them)
     mesh = None
-    if cfg.get("mesh"):
-        mesh = sharding.parse_mesh(cfg["mesh"])
+    if cfg.mesh:
+        mesh = sharding.parse_mesh(cfg.mesh)
         state = sharding.shard_trainer(trainer, state, mesh, sharding.rules_for(pipe.arch))
     elif jax.process_count() > 1:
         raise TrainingError(
@@ -396,7 +404,7 @@ def _train(
     block_each_step = jax.process_count() > 1 and jax.default_backend() == "cpu"
     history = History(trainer.paths)
     ckpt = CheckpointManager(
-        out / "checkpoints", keep=tcfg["keep_checkpoints"], save_every=tcfg["save_every"]
+        out / "checkpoints", keep=tcfg.keep_checkpoints, save_every=tcfg.save_every
     )
     start = 0
     unlogged: list[float] = []  # losses of the log window so far (synced, not yet written)
@@ -421,7 +429,7 @@ def _train(
     entry_pairs = trainer.unstacked(state.adapters).pairs
     pair_sizes = {p: _pair_size(entry_pairs[p]) for p in trainer.paths}
     initial_metrics: dict = {}
-    if tcfg["eval_at_start"] and start == 0:
+    if tcfg.eval_at_start and start == 0:
         initial_metrics = _evaluate(pipe, trainer, state, "validation", cfg)
         log.write({"step": 0, "split": "validation", **initial_metrics})
     if bool(sharding.to_host(state.ctrl.finished)):
@@ -432,12 +440,12 @@ def _train(
     profiler = throughput.Profiler(window, out / "profile", enabled=writer)
     batches = BatchStream(
         pipe.train_arrays,
-        tcfg["batch_size"],
-        tcfg["seed"],
+        tcfg.batch_size,
+        tcfg.seed,
         mesh,
         start,
         aroma.max_steps,
-        prefetch=tcfg["prefetch"],
+        prefetch=tcfg.prefetch,
     )
 
     def next_batch(step_now: int) -> Any:
@@ -447,13 +455,14 @@ def _train(
 
     def run_step(state_now: TrainState, batch: Any) -> tuple[TrainState, StepInfo]:
         profiler.before(loop.step)
-        if block_each_step:
-            # gloo gives a peer 30 s to join a collective's first run: compile first (jit
-            # reuses it), then start every step together.
-            if loop.step == start:
-                trainer.compile_step(state_now, batch)
-            sharding.barrier(f"aroma-step-{loop.step}")
-        state_now, info = trainer.step(state_now, batch)
+        with step_context(pipe.model, mesh):  # a native model's activation sharding rules
+            if block_each_step:
+                # gloo gives a peer 30 s to join a collective's first run: compile first (jit
+                # reuses it), then start every step together.
+                if loop.step == start:
+                    trainer.compile_step(state_now, batch)
+                sharding.barrier(f"aroma-step-{loop.step}")
+            state_now, info = trainer.step(state_now, batch)
         if block_each_step:
             jax.block_until_ready(info)
         profiler.after(loop.step + 1, info)
@@ -461,13 +470,13 @@ def _train(
 
     loop = TrainLoop(trainer, state, next_batch, start, aroma.max_steps, step_fn=run_step)
     run = _RunHooks(loop, pipe, cfg, history, ckpt, log, unlogged, head_params, out, interrupt_at)
-    run.bar = _progress(tcfg["progress"] and writer, aroma.max_steps, start)
+    run.bar = _progress(tcfg.progress and writer, aroma.max_steps, start)
     run.best = best
     loop.add_hook(run.collect, name="progress")
-    loop.add_hook(run.log_window, tcfg["log_every"], at_last_step=True, name="metrics")
+    loop.add_hook(run.log_window, tcfg.log_every, at_last_step=True, name="metrics")
     loop.add_hook(run.start_clock, name="clock")
-    loop.add_hook(run.checkpoint, tcfg["save_every"], name="checkpoint")
-    loop.add_hook(run.evaluate, tcfg["eval_every"], name="eval")
+    loop.add_hook(run.checkpoint, tcfg.save_every, name="checkpoint")
+    loop.add_hook(run.evaluate, tcfg.eval_every, name="eval")
     for hook in hooks:
         loop.add_hook(hook)
     loop.add_hook(run.interrupt, name="interrupt")
@@ -531,8 +540,8 @@ def _train(
         "status": "finished",
         "stopped": stopped,
         "method": aroma.method,
-        "model": cfg["model"]["name"],
-        "task": cfg["task"]["name"],
+        "model": cfg.model.name,
+        "task": cfg.task.name,
         "metrics": metrics,
         "validation_metrics": last_eval,
         "initial_validation_metrics": initial_metrics,
@@ -550,18 +559,16 @@ def _train(
         "inner_loops": history.inner_loop_endings(),
         **rank_report(ranks, history, last_pairs),
         "rank_capacity": aroma.rank_capacity,  # as requested (null: derive it from the run)
-        "rank_capacity_derived": aroma.slots,  # the merge slots per module the run had
+        "rank_capacity_derived": aroma.rank_capacity_derived,  # merge slots per module it had
         "capacity_full": history.full_modules(),
         "steps": step,
         "step_ms": step_ms,
         "throughput": throughput.report(
             step_ms,
-            tcfg["batch_size"],
-            cfg["task"]["max_len"],
-            throughput.model_flops(
-                pipe.arch, pipe.model.config, tcfg["batch_size"], cfg["task"]["max_len"]
-            ),
-            cfg["model"]["dtype"],
+            tcfg.batch_size,
+            cfg.task.max_len,
+            throughput.model_flops(pipe.arch, pipe.model.config, tcfg.batch_size, cfg.task.max_len),
+            cfg.model.dtype,
         ),
         "profile": str(out / "profile") if window else None,
         "wall_s": round(time.perf_counter() - t0, 2),
@@ -615,6 +622,7 @@ RESUME_MAY_CHANGE = (
     "train.tracker_run_name",
     "train.tracker_dir",
     "mesh",
+    "train.grad_accum",  # the same gradient, summed in micro-batches (a smaller device)
 )  # no effect on the state
 
 
@@ -623,7 +631,7 @@ def check_resume_config(path: Path, resolved: Mapping[str, Any]) -> None:
     schedule would continue someone else's state); only `RESUME_MAY_CHANGE` keys may differ."""
     if not path.exists():
         return
-    old = yaml.safe_load(path.read_text()) or {}
+    old = run_config.migrate(yaml.safe_load(path.read_text()) or {})  # runs of older layouts
     new = yaml.safe_load(yaml.safe_dump(dict(resolved), sort_keys=False))
 
     def flat(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -637,12 +645,14 @@ def check_resume_config(path: Path, resolved: Mapping[str, Any]) -> None:
     a, b = flat(old), flat(new)
     # A key the run's config lacks was added later; its default keeps the old behaviour
     # (`run_config.LEGACY_DEFAULTS` covers those whose default does not).
-    defaults = flat(run_config.to_plain(run_config.SECTIONS, AromaConfig(target_modules=("x",))))
+    defaults = flat(run_config.default_plain(new.get("aroma", {}).get("method", "aroma")))
     added = {k for k in b if k not in a and k in defaults and b[k] == defaults[k]}
+    # Keys of other methods that a run's config.yaml once listed in full had no effect on it.
+    dropped = {k for k in a if k not in b and k.startswith("aroma.")}
     diff = [
         k
         for k in sorted(set(a) | set(b))
-        if k not in RESUME_MAY_CHANGE and k not in added and a.get(k) != b.get(k)
+        if k not in {*RESUME_MAY_CHANGE, *added, *dropped} and a.get(k) != b.get(k)
     ]
     if diff:
         shown = "; ".join(f"{k}: {a.get(k)!r} in the run, {b.get(k)!r} now" for k in diff[:4])
@@ -684,12 +694,12 @@ def _save_adapters(
     save_final(out / "final", trainer, state, names, step)
 
 
-def head_line(cfg: Mapping[str, Any], pipe: Pipeline, head_params: int) -> str:
+def head_line(cfg: RunConfig, pipe: Pipeline, head_params: int) -> str:
     """The run's one-line account of its task head (what the model's load notes were about)."""
     kind = pipe.kind
     if pipe.arch in ("llama", "bart") or kind in ("generation", "instruction"):
         return "head: none; the model answers in text through its pretrained LM head (frozen)"
-    mode = run_config.head_mode(cfg)
+    mode = cfg.train.head
     how = {
         "train": "trained in full",
         "frozen": "frozen at its initialisation",
@@ -751,13 +761,13 @@ def _progress(enabled: bool, total: int, start: int):
 
 
 def _evaluate(
-    pipe: Pipeline, trainer: AromaTrainer, state: TrainState, split: str, cfg: Mapping[str, Any]
+    pipe: Pipeline, trainer: AromaTrainer, state: TrainState, split: str, cfg: RunConfig
 ) -> dict:
-    return pipe.evaluate(trainer, state, split, cfg["train"]["eval_batch_size"])
+    return pipe.evaluate(trainer, state, split, cfg.train.eval_batch_size)
 
 
 def evaluate_only(
-    cfg: Mapping[str, Any],
+    cfg: RunConfig,
     run_dir: str | Path,
     split: str = "test",
     adapter: Path | None = None,
@@ -778,4 +788,4 @@ def evaluate_only(
         state = peft_import.load_for_run(trainer, trainer.init(pipe.params), pipe.arch, adapter)
     else:
         state = rebuild_state(trainer, pipe.params, best_lib.check_which(Path(run_dir), which))
-    return pipe.evaluate(trainer, state, split, cfg["train"]["eval_batch_size"])
+    return pipe.evaluate(trainer, state, split, cfg.train.eval_batch_size)

@@ -235,11 +235,11 @@ def _flat(config: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def from_config(train: Mapping[str, Any]) -> list[Tracker]:
-    """The trackers ``train.trackers`` names, with the ``tracker_*`` options."""
-    project, name, where = train["tracker_project"], train["tracker_run_name"], train["tracker_dir"]
+def from_config(train: Any) -> list[Tracker]:
+    """The trackers ``train.trackers`` names (a `TrainConfig`), with the ``tracker_*`` options."""
+    project, name, where = train.tracker_project, train.tracker_run_name, train.tracker_dir
     made: list[Tracker] = []
-    for tracker in train["trackers"]:
+    for tracker in train.trackers:
         if tracker == "wandb":
             made.append(WandbTracker(project, name, where))
         else:

@@ -24,7 +24,7 @@ FAST = [
     "aroma.inner_max_steps=4",
     "aroma.inner_check_every=2",
     "aroma.outer_tol=1e-4",
-    "aroma.warmup_steps=2",
+    "optimizer.warmup_steps=2",
     "aroma.rewarmup_steps=2",
 ]
 

@@ -20,7 +20,7 @@ def cfg_for(**kw):
 
 def test_config_rules_and_scale():
     cfg = cfg_for()
-    assert cfg.pair_rank == 4 and cfg.slots == 1
+    assert cfg.pair_rank == 4 and cfg.rank_capacity_derived == 1
     assert cfg.scale == pytest.approx(cfg.alpha / (4 + 1e-5), rel=1e-12)
     with pytest.raises(ConfigError, match="target_r"):
         cfg_for(target_r=5)

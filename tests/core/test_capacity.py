@@ -14,13 +14,14 @@ from aroma_jax.examples.toy import toy_config, train_toy
 def test_derived_capacity_is_the_most_outer_steps_plus_the_final_merge():
     relora = AromaConfig(target_modules=("x",), method="relora", inner_max_steps=10, max_steps=600)
     assert shortest_inner_loop(relora) == 10 and max_outer_steps(relora) == 60
-    assert relora.slots == 61
+    assert relora.rank_capacity_derived == 61
     aroma = AromaConfig(target_modules=("x",), inner_check_every=10, max_steps=300)
-    assert shortest_inner_loop(aroma) == 20 and aroma.slots == 16  # the 1st check never converges
+    # the first check never converges
+    assert shortest_inner_loop(aroma) == 20 and aroma.rank_capacity_derived == 16
     short_cap = aroma.replace(inner_max_steps=15)
-    assert shortest_inner_loop(short_cap) == 15 and short_cap.slots == 21
-    assert aroma.replace(method="lora").slots == 1
-    assert aroma.replace(rank_capacity=7).slots == 7
+    assert shortest_inner_loop(short_cap) == 15 and short_cap.rank_capacity_derived == 21
+    assert aroma.replace(method="lora").rank_capacity_derived == 1
+    assert aroma.replace(rank_capacity=7).rank_capacity_derived == 7
 
 
 def test_explicit_binding_capacity_warns_and_a_sufficient_one_does_not():

@@ -176,3 +176,18 @@ def test_train_step_under_activation_context_matches_one_device():
     np.testing.assert_allclose(free, want, rtol=1e-5)
     np.testing.assert_allclose(pinned, want, rtol=1e-5)
     assert pinned_reduced < free_reduced / 2, (pinned_reduced, free_reduced)
+
+
+def test_step_context_pins_the_llama_family_only(mesh):
+    """The runner's step context: the activation rules for a native LLaMA-family model on a
+    mesh; nothing without a mesh or for other models (encoders are left out, SHARDING.md)."""
+    from aroma_jax.models.native.partitioning import step_context
+
+    model = NativeCausalLM(CFG)
+    with step_context(model, mesh):
+        assert tuple(nn.get_logical_axis_rules()) == activation_rules(mesh)
+        assert not jax.sharding.get_abstract_mesh().empty
+    assert tuple(nn.get_logical_axis_rules()) == ()
+    for other, where in ((model, None), (object(), mesh)):
+        with step_context(other, where):
+            assert tuple(nn.get_logical_axis_rules()) == ()

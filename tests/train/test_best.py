@@ -147,10 +147,10 @@ def test_glue_presets_keep_the_best_of_their_table_metric():
     assert len(presets) == 29
     for path in presets:
         c = run_config.load(path)
-        task = c["task"]["name"].split("/")[1]
-        assert c["train"]["keep_best"] == GLUE_TASKS[task].metric, path.name
+        task = c.task.name.split("/")[1]
+        assert c.train.keep_best == GLUE_TASKS[task].metric, path.name
     for path in (configs.root() / "paper").glob("[cx]*/*.yaml"):  # commonsense, xsum: final
-        assert run_config.load(path)["train"]["keep_best"] is None, path.name
+        assert run_config.load(path).train.keep_best is None, path.name
     # the tables read the best step's test metrics where a run kept one, else the final ones
     summary = {"metrics": {"accuracy": 0.8}, "best": {"metrics": {"accuracy": 0.9}}}
     assert paper.reported(summary) == {"accuracy": 0.9}

@@ -305,7 +305,7 @@ def test_restore_into_another_structure_raises_mismatch(tmp_path, states):
     mgr = CheckpointManager(d)
     with pytest.raises(CheckpointMismatchError, match=r"step 10 .* holds \d+ arrays .* has \d+"):
         mgr.restore(other.init(student))
-    wide = CFG.replace(rank_capacity=CFG.slots * 2)
+    wide = CFG.replace(rank_capacity=CFG.rank_capacity_derived * 2)
     other = AromaTrainer(lambda p, b, r: 0.0, student, wide)
     with pytest.raises(CheckpointMismatchError, match="does not fit the target state"):
         mgr.restore(other.init(student))

@@ -31,10 +31,10 @@ def test_matches_brute_force(n):
 
 def test_search_kwargs_are_explicit():
     cfg = run_config.resolve({}, ["train.num_beams=6", "train.no_repeat_ngram_size=3"])
-    kw = search_kwargs(cfg)
+    kw = search_kwargs(cfg.train)
     assert kw["num_beams"] == 6 and kw["no_repeat_ngram_size"] == 0
     assert isinstance(kw["logits_processor"][0], NoRepeatNGram)
-    assert "logits_processor" not in search_kwargs(run_config.resolve({}))
+    assert "logits_processor" not in search_kwargs(run_config.resolve({}).train)
     with pytest.raises(ValueError, match="num_beams"):
         run_config.resolve({}, ["train.num_beams=0"])
     with pytest.raises(ValueError, match="dev_examples"):

@@ -220,7 +220,7 @@ def test_text_labels_map_is_saved_and_reaches_the_exports(text_run, tmp_path):
     import transformers
 
     cfg = run_config.load_run(text_run)
-    assert cfg["task"]["label_names"] == ["neg", "pos"]
+    assert cfg.task.label_names == ("neg", "pos")
     meta = json.loads((text_run / "final" / "meta.json").read_text())
     assert meta["label_names"] == ["neg", "pos"]
     assert (

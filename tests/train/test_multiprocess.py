@@ -7,6 +7,7 @@ reference runs here (conftest gives this process 8 devices).
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,7 +39,7 @@ OVERRIDES = [
     "aroma.inner_max_steps=4",
     "aroma.inner_check_every=2",
     "aroma.outer_tol=1e-4",
-    "aroma.warmup_steps=2",
+    "optimizer.warmup_steps=2",
     "aroma.rewarmup_steps=2",
     f"mesh={MESH}",
 ]
@@ -88,14 +89,54 @@ def _run(out: Path, timeout: float = 900, **spec) -> list[dict]:
     return results
 
 
+def _cfg(*extra: str) -> dict:
+    return run_config.load(CONFIGS / "tiny-llama.yaml", OVERRIDES + list(extra))
+
+
 @pytest.fixture(scope="module")
 def runs(fake_assets, tmp_path_factory):
     root = tmp_path_factory.mktemp("mp")
-    one = runner.train(run_config.load(CONFIGS / "tiny-llama.yaml", OVERRIDES), root / "one")
+    one = runner.train(_cfg(), root / "one")
     two = _run(root / "two")
     cut = _run(root / "cut", interrupt_at=6)
+    shutil.copytree(root / "cut", root / "cut-to-one")  # the same checkpoint, resumed by one
     resumed = _run(root / "cut", resume=True)
     return root, one, two, cut, resumed
+
+
+def test_two_process_checkpoint_resumes_on_one_process_and_another_mesh(runs):
+    """Saved by 2 processes x 4 devices on data=2,fsdp=4, resumed by this process alone on
+    fsdp=4,tensor=2 over 8 devices: orbax restores each leaf into the new shardings."""
+    root, one, two, _, _ = runs
+    run = root / "cut-to-one"
+    resumed = runner.train(_cfg("mesh=fsdp=4,tensor=2"), run, resume=True)
+    assert resumed["processes"] == 1 and resumed["steps"] == two[0]["steps"]
+    assert resumed["ranks"] == two[0]["ranks"] and resumed["metrics"] == two[0]["metrics"]
+    a, b = _train_losses(root / "two"), _train_losses(run)
+    assert sorted(a) == sorted(b)
+    assert [b[k] for k in sorted(b) if k <= 6] == [a[k] for k in sorted(a) if k <= 6]  # kept
+    np.testing.assert_allclose([b[k] for k in sorted(b)], [a[k] for k in sorted(a)], rtol=1e-5)
+    fa = load_file(str(root / "two" / "final" / "adapters.safetensors"))
+    fb = load_file(str(run / "final" / "adapters.safetensors"))
+    assert sorted(fa) == sorted(fb)
+    for k in fa:
+        np.testing.assert_allclose(fb[k], fa[k], rtol=1e-4, atol=1e-6)
+
+
+def test_one_process_checkpoint_resumes_on_two_processes(runs, tmp_path):
+    """Saved by this process alone (8 devices, data=2,fsdp=4) at step 6, resumed by 2 processes
+    x 4 devices: the same run as the uninterrupted one-process run, within float tolerance."""
+    root, one, _, _, _ = runs
+    run = tmp_path / "one-to-two"
+    cut = runner.train(_cfg(), run, interrupt_at=6)
+    assert cut["status"] == "interrupted" and cut["step"] == 6
+    resumed = _run(run, resume=True)
+    for s in resumed:
+        assert s["processes"] == 2 and s["steps"] == one["steps"]
+        assert s["ranks"] == one["ranks"] and s["metrics"] == one["metrics"]
+    a, b = _train_losses(root / "one"), _train_losses(run)
+    assert sorted(a) == sorted(b)
+    np.testing.assert_allclose([b[k] for k in sorted(b)], [a[k] for k in sorted(a)], rtol=1e-5)
 
 
 def _train_losses(run: Path) -> dict[int, float]:

@@ -226,7 +226,7 @@ def test_cli_init_adapter_and_eval_adapter(fake_assets, tmp_path, capsys):
         "aroma.inner_max_steps=4",
         "aroma.inner_check_every=2",
         "aroma.outer_tol=1e-4",
-        "aroma.warmup_steps=1",
+        "optimizer.warmup_steps=1",
         "aroma.rewarmup_steps=1",
     ]
     lora = run_config.load(
@@ -264,3 +264,57 @@ def test_cli_init_adapter_and_eval_adapter(fake_assets, tmp_path, capsys):
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after library warnings
     assert code == 2 and last.startswith("aroma-jax train: error:")
     assert "not a PEFT adapter directory" in last
+
+
+def _synthetic_peft(out, rank: int, scale: float):
+    """A PEFT LoRA directory for layer 0's q_proj of `TINY` (in 32, out 32), factors seeded."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(rank, 32)), rng.normal(size=(32, rank))
+    name = "base_model.model.model.layers.0.self_attn.q_proj"
+    out.mkdir()
+    save_file(
+        {
+            f"{name}.lora_A.weight": a.astype(np.float32),
+            f"{name}.lora_B.weight": b.astype(np.float32),
+        },
+        str(out / "adapter_model.safetensors"),
+    )
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": scale * rank,
+        "target_modules": ["q_proj"],
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return a.T * scale, b.T  # (in, k) with PEFT's scale carried, (k, out)
+
+
+def test_the_import_is_the_methods_hook_and_a_plug_in_inherits_it(tmp_path):
+    """`load_adapter` asks the run's method (`Method.import_lora`): the example plug-in (an
+    Aroma subclass, named by dotted path) takes the adapter as merged factors exactly like AROMA;
+    a method without the hook (DoRA) is refused, naming the methods that have one."""
+    from aroma_jax.core.methods.base import imports_lora
+
+    model = NativeCausalLM(NativeConfig.from_dict(TINY), seed=0)
+    loss_fn, _ = objectives.causal_lm(model)
+    a, b = _synthetic_peft(tmp_path / "peft", rank=3, scale=1.5)
+    q = "model/layers/0/self_attn/q_proj"
+    got = {}
+    for method in ("aroma", "aroma_jax.examples.custom_method:GrowWhileRatioHolds"):
+        cfg = aroma_cfg(method=method)
+        trainer = AromaTrainer(loss_fn, model.params, cfg, donate=False)
+        state = load_adapter(trainer, trainer.init(model.params), tmp_path / "peft")
+        entries = trainer.unstacked(state.adapters)
+        assert int(entries.merges[q]) == 3  # ceil(3 / r=1) slots counted as merges
+        fa, fb = np.asarray(entries.frozen[q].a), np.asarray(entries.frozen[q].b)
+        np.testing.assert_allclose(fa[:, :3] * cfg.scale, a, rtol=1e-6)  # s * A = PEFT's
+        np.testing.assert_allclose(fb[:3], b, rtol=1e-6)
+        assert not fa[:, 3:].any() and int(entries.merges["model/layers/1/self_attn/q_proj"]) == 0
+        got[method] = trainer.ranks(state)
+    assert got["aroma"] == got["aroma_jax.examples.custom_method:GrowWhileRatioHolds"]
+    assert imports_lora(aroma_cfg(method="lora").plugin)
+    dora = AromaTrainer(loss_fn, model.params, aroma_cfg(method="dora"), donate=False)
+    with pytest.raises(PeftImportError, match=r"method in \('aroma', 'lora', 'relora'.*'dora'"):
+        load_adapter(dora, dora.init(model.params), tmp_path / "peft")

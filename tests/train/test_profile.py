@@ -24,7 +24,7 @@ SHORT = [
     "aroma.inner_max_steps=2",
     "aroma.inner_check_every=1",
     "aroma.outer_tol=1e-4",
-    "aroma.warmup_steps=1",
+    "optimizer.warmup_steps=1",
     "aroma.rewarmup_steps=1",
 ]
 
@@ -47,7 +47,7 @@ def test_profile_window_trace_and_throughput(fake_assets, tmp_path):
 
     t = s["throughput"]
     assert t["steps_per_s"] == pytest.approx(1000 / s["step_ms"], rel=1e-3)
-    tokens = 8 * cfg["task"]["max_len"]
+    tokens = 8 * cfg.task.max_len
     assert t["tokens_per_s"] == pytest.approx(t["steps_per_s"] * tokens, rel=1e-3)
     assert t["model_flops_per_step"] > 0
     assert t["mfu"] is None and "not reported on CPU" in t["mfu_note"]

@@ -28,7 +28,7 @@ FAST = [
     "aroma.inner_max_steps=8",
     "aroma.inner_check_every=4",
     "aroma.outer_tol=1e-4",
-    "aroma.warmup_steps=2",
+    "optimizer.warmup_steps=2",
     "aroma.rewarmup_steps=2",
 ]
 
@@ -72,7 +72,7 @@ def test_tiny_roberta_run_directory(roberta_run, tmp_path):
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert {r["split"] for r in records} == {"train", "validation", "test"}
     resolved = run_config.load(run / "config.yaml")
-    assert resolved["aroma"]["target_modules"] and resolved["aroma"]["max_steps"] == 40
+    assert resolved.aroma.target_modules and resolved.aroma.max_steps == 40
     assert list((run / "tb").iterdir())
     hist = json.loads((run / "history.json").read_text())
     assert hist["outer_steps"] and hist["inner_checks"]
@@ -132,7 +132,7 @@ def test_resume_is_bit_identical(roberta_run, tmp_path, stop):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(fake_assets, tmp_path):
-    bad = cfg("tiny-roberta", "aroma.learning_rate=1e30", "aroma.warmup_steps=0")
+    bad = cfg("tiny-roberta", "optimizer.learning_rate=1e30", "optimizer.warmup_steps=0")
     with pytest.raises(runner.TrainingError) as err:
         runner.train(bad, tmp_path / "nan")
     msg = str(err.value)

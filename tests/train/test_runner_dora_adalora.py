@@ -20,7 +20,7 @@ FAST = [
     "train.log_every=4",
     "train.save_every=6",
     "aroma.max_steps=16",
-    "aroma.warmup_steps=2",
+    "optimizer.warmup_steps=2",
 ]
 METHODS = {
     "dora": ["aroma.method=dora", "aroma.r=2"],

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
+import yaml
 
 from aroma_jax.core.config import ConfigError
 from aroma_jax.train import run_config, runner, trackers
@@ -76,15 +77,19 @@ def test_wandb_offline_and_mlflow_file_store(fake_assets, tmp_path, monkeypatch)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks before a file store
     run = tmp_path / "run"
     # MLflow from the run config, W&B from Python (the two ways in)
-    c = cfg("tiny-roberta", "train.trackers=[mlflow]", f"train.tracker_dir={tmp_path / 'ml'}")
-    c["train"]["tracker_project"] = "aroma-test"
+    c = cfg(
+        "tiny-roberta",
+        "train.trackers=[mlflow]",
+        f"train.tracker_dir={tmp_path / 'ml'}",
+        "train.tracker_project=aroma-test",
+    )
     wb = trackers.WandbTracker(project="aroma-test", directory=str(tmp_path / "wb"))
     runner.train(c, run, trackers=[wb])
     want = expected(run)
     assert any(tag.startswith("eq5/") for _, tag in want)
     assert any(tag.startswith("eq6/") for _, tag in want)
     ids = json.loads((run / trackers.IDS).read_text())
-    resolved = run_config.load(run / "config.yaml")
+    resolved = yaml.safe_load((run / "config.yaml").read_text())  # the resolved config
 
     # W&B: the offline run's file, record by record
     (path,) = (tmp_path / "wb" / "wandb").glob(f"offline-run-*-{ids['wandb']}/run-*.wandb")
@@ -126,7 +131,7 @@ def test_wandb_offline_and_mlflow_file_store(fake_assets, tmp_path, monkeypatch)
 
 
 def test_tracker_config_errors():
-    with pytest.raises(ConfigError, match=r"train.trackers=\['tensorboard'\].*wandb"):
+    with pytest.raises(ConfigError, match=r"train.trackers=.*tensorboard.*accepted .*wandb"):
         run_config.resolve({}, ["train.trackers=[tensorboard]"])
     with pytest.raises(ConfigError, match="distinct"):
         run_config.resolve({}, ["train.trackers=[wandb, wandb]"])

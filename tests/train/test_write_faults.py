@@ -35,7 +35,7 @@ OVERRIDES = [
     "aroma.inner_max_steps=4",
     "aroma.inner_check_every=2",
     "aroma.outer_tol=1e-4",
-    "aroma.warmup_steps=1",
+    "optimizer.warmup_steps=1",
     "aroma.rewarmup_steps=1",
 ]
 KILL_STEP = 8

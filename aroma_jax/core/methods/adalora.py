@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -46,7 +47,7 @@ from aroma_jax.core import controller
 from aroma_jax.core.adapters import AdapterState, ModuleSpec, Pair
 from aroma_jax.core.config import AromaConfig, ConfigError
 from aroma_jax.core.controller import per_layer
-from aroma_jax.core.methods.base import Method, factors
+from aroma_jax.core.methods.base import Method, MethodConfig, factors, setting
 
 Array = jax.Array
 
@@ -221,11 +222,27 @@ def ranks(state: AllocatorState) -> dict[str, Array]:
     return {p: jnp.sum(k.astype(jnp.int32), axis=-1) for p, k in state.kept.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class AdaLoRAConfig(MethodConfig):
+    """AdaLoRA's settings: the shared ones and PEFT's ``AdaLoraConfig`` budget fields
+    (`aroma_jax.core.config.AromaConfig` documents each)."""
+
+    init_r: int = setting("init_r")
+    target_r: int = setting("target_r")
+    tinit: int = setting("tinit")
+    tfinal: int = setting("tfinal")
+    delta_t: int = setting("delta_t")
+    ipt_beta1: float = setting("ipt_beta1")
+    ipt_beta2: float = setting("ipt_beta2")
+    orth_reg_weight: float = setting("orth_reg_weight")
+
+
 class AdaLoRA(Method):
     """AdaLoRA as a method: SVD-form pairs of ``init_r`` triplets, the orthogonality penalty,
     and the rank allocator after every update; its state is an `AllocatorState`."""
 
     name = "adalora"
+    config_class = AdaLoRAConfig
     SETTINGS = ("init_r", "target_r", "tinit", "tfinal", "delta_t", "ipt_beta1", "ipt_beta2")
     SETTINGS += ("orth_reg_weight", "max_steps")
 

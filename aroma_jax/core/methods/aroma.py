@@ -12,6 +12,7 @@ outer step (the authors' code). A growth rule of one's own subclasses `Aroma` an
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,14 +22,27 @@ import jax.numpy as jnp
 from aroma_jax.core import controller
 from aroma_jax.core.adapters import AdapterState
 from aroma_jax.core.config import AromaConfig
-from aroma_jax.core.methods.base import Method
+from aroma_jax.core.methods.base import GrowingConfig, Method, import_as_merged, setting
 
 Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class AromaMethodConfig(GrowingConfig):
+    """AROMA's settings: the shared ones, a growing method's, and eq. 5 / eq. 6's
+    (`aroma_jax.core.config.AromaConfig` documents each)."""
+
+    inner_tol: float = setting("inner_tol")
+    inner_check_every: int = setting("inner_check_every")
+    outer_tol: float = setting("outer_tol")
+    keep_first_pair: bool = setting("keep_first_pair")
 
 
 class Aroma(Method):
     name = "aroma"
     grows = True
+    config_class = AromaMethodConfig
+    import_lora = staticmethod(import_as_merged)  # a PEFT adapter: merged rank to grow on
 
     def inner_check(
         self,

@@ -29,8 +29,9 @@ what differs; `aroma_jax.examples.custom_method` is a complete one-file example.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,12 +39,56 @@ import numpy as np
 
 from aroma_jax.core import adapters as adapters_lib
 from aroma_jax.core import controller
-from aroma_jax.core.adapters import AdapterState, ModuleSpec, Pair
-
-if TYPE_CHECKING:  # types only: the config looks methods up at run time
-    from aroma_jax.core.config import AromaConfig
+from aroma_jax.core.adapters import AdapterState, Frozen, ModuleSpec, Pair
+from aroma_jax.core.config import AromaConfig
 
 Array = jax.Array
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AromaConfig)}
+
+
+def setting(name: str) -> Any:
+    """A method config field whose default is `AromaConfig`'s field ``name`` (one default)."""
+    return dataclasses.field(default=_DEFAULTS[name])
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+    """The run config's method section (``aroma:`` in YAML) with the settings every method has.
+
+    Each method's ``config_class`` subclasses it with its own fields only (PEFT's per-method
+    configs): LoRA has no ``outer_tol``, AdaLoRA has its budget. The run config accepts exactly
+    these keys for the chosen ``method``; the optimizer's are a section of their own
+    (`aroma_jax.core.config.OptimizerConfig`).
+
+    Attributes:
+      method: the method's registered name or dotted path (`aroma_jax.core.methods.get`).
+      target_modules: Dense path patterns to adapt; ``None``: the architecture's preset.
+      train_patterns: parameters trained in full (the task head); ``None``: by ``train.head``.
+      seed: adapter initialisation and reset seed; ``None``: ``train.seed``.
+      r, alpha, max_steps, adapter_dropout, fold: as `AromaConfig`'s.
+    """
+
+    method: str = setting("method")
+    target_modules: tuple[str, ...] | None = None
+    train_patterns: tuple[str, ...] | None = None
+    seed: int | None = None
+    r: int = setting("r")
+    alpha: float = setting("alpha")
+    max_steps: int = setting("max_steps")
+    adapter_dropout: float = setting("adapter_dropout")
+    fold: str = setting("fold")
+
+
+@dataclasses.dataclass(frozen=True)
+class GrowingConfig(MethodConfig):
+    """A method that merges and re-initialises its pair at outer steps (AROMA, ReLoRA): the merge
+    slots, the optimizer-state reset of a merged pair and its learning-rate re-warmup."""
+
+    inner_max_steps: int = setting("inner_max_steps")
+    rank_capacity: int | None = setting("rank_capacity")
+    reset: str = setting("reset")
+    prune_ratio: float = setting("prune_ratio")
+    rewarmup_steps: int = setting("rewarmup_steps")
 
 
 class Method:
@@ -53,10 +98,25 @@ class Method:
     name = "lora"
     grows = False  # outer steps (merge, re-init, optimizer-state reset) can happen
     trains_adapters = True  # False: every module is done from the start (head-only)
+    # The run config's method section for this method: its fields are the keys it accepts.
+    # A plug-in's own fields beyond `AromaConfig`'s reach it through `settings`.
+    config_class: type = MethodConfig
 
     # ------------------------------------------------------------------ config
     def validate(self, cfg: AromaConfig) -> None:
         """Cross-field rules of this method's settings; raise `ConfigError` to refuse."""
+
+    def settings(self, cfg: AromaConfig) -> Any:
+        """This method's `config_class` instance with ``cfg``'s values (a plug-in's own fields
+        from ``cfg.options``, else their defaults)."""
+        options = dict(cfg.options)
+        values = {}
+        for f in dataclasses.fields(self.config_class):
+            if f.name in options:
+                values[f.name] = options[f.name]
+            elif f.name in _DEFAULTS:
+                values[f.name] = getattr(cfg, f.name)
+        return self.config_class(**values)
 
     def pair_rank(self, cfg: AromaConfig) -> int:
         """Columns of the trainable pair (and of each merge slot)."""
@@ -226,6 +286,59 @@ class Method:
     ) -> tuple[dict, dict[str, np.ndarray]]:
         """*host*: ``(adapter_config fields, safetensors dict)`` in HF PEFT's format."""
         return lora_peft_files(tensors, meta, torch_name)
+
+    # ------------------------------------------------------------- PEFT import
+    def import_lora(
+        self, cfg: AromaConfig, a: np.ndarray, b: np.ndarray, pair: Pair, frozen: Frozen
+    ) -> tuple[Pair, Frozen, int]:
+        """*host*: one module's imported PEFT LoRA factors (``a (in, k)``, already carrying
+        PEFT's scale over ``cfg.scale``, and ``b (k, out)``) written into this method's state.
+        Returns the module's ``(pair, frozen slots, merges)``; frozen slots returned as the
+        same object are unchanged. Refused (`ImportRefused`) unless a method overrides it:
+        LoRA continues training the pair (`import_as_pair`), AROMA and ReLoRA grow on top of
+        it as merged factors (`import_as_merged`)."""
+        raise ImportRefused(f"method {self.name!r} does not continue from a PEFT LoRA adapter")
+
+
+class ImportRefused(ValueError):
+    """A PEFT adapter that the run's method cannot take in; the message says why."""
+
+
+def imports_lora(method: Method) -> bool:
+    """Whether ``method`` overrides `Method.import_lora` (accepts a PEFT LoRA adapter)."""
+    return type(method).import_lora is not Method.import_lora
+
+
+def import_as_pair(
+    cfg: AromaConfig, a: np.ndarray, b: np.ndarray, pair: Pair, frozen: Frozen
+) -> tuple[Pair, Frozen, int]:
+    """The adapter as the trainable pair (of rank ``cfg.r`` exactly), nothing merged."""
+    rank = a.shape[1]
+    if rank != cfg.r:
+        raise ImportRefused(
+            f"rank {rank}; {cfg.method} continues a pair of aroma.r={cfg.r}: set "
+            f"aroma.r={rank}, or use aroma.method=aroma"
+        )
+    return pair._replace(a=jnp.asarray(a), b=jnp.asarray(b)), frozen, 0
+
+
+def import_as_merged(
+    cfg: AromaConfig, a: np.ndarray, b: np.ndarray, pair: Pair, frozen: Frozen
+) -> tuple[Pair, Frozen, int]:
+    """The adapter as merged factors in the first ``ceil(k / pair_rank)`` frozen slots, counted
+    as merges (the rank starts at the adapter's); the pair stays fresh and grows on top."""
+    rank = a.shape[1]
+    merges = -(-rank // cfg.pair_rank)
+    if merges >= cfg.rank_capacity_derived:
+        raise ImportRefused(
+            f"rank {rank}, {merges} merge slots of r={cfg.pair_rank}; the run has "
+            f"{cfg.rank_capacity_derived} (rank_capacity_derived), which leaves no room to "
+            f"grow: set aroma.rank_capacity above {merges}"
+        )
+    fa = np.zeros(frozen.a.shape, np.float32)
+    fb = np.zeros(frozen.b.shape, np.float32)
+    fa[:, :rank], fb[:rank, :] = a, b
+    return pair, Frozen(jnp.asarray(fa), jnp.asarray(fb)), merges
 
 
 def factors(tensors: Mapping[str, np.ndarray], path: str) -> tuple[np.ndarray, np.ndarray]:

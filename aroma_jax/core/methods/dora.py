@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +38,7 @@ from jax import lax
 
 from aroma_jax.core import controller
 from aroma_jax.core.adapters import AdapterState, ModuleSpec, Pair
-from aroma_jax.core.methods.base import Method, lora_peft_files
+from aroma_jax.core.methods.base import Method, MethodConfig, lora_peft_files
 
 if TYPE_CHECKING:
     from aroma_jax.core.config import AromaConfig
@@ -94,11 +95,17 @@ def merged_kernel(w0: Array, a: Array, b: Array, magnitude: Array, scale: float)
     return direction * (magnitude.astype(jnp.float32) / n)[None, :]
 
 
+@dataclasses.dataclass(frozen=True)
+class DoRAConfig(MethodConfig):
+    """DoRA's settings: LoRA's (the magnitude has none of its own)."""
+
+
 class DoRA(Method):
     """DoRA as a method: LoRA's pair plus the magnitude ``m`` (in `Pair.magnitude`); its state is
     ``|W0_j|^2`` per module (computed once; the step adds the pair's terms)."""
 
     name = "dora"
+    config_class = DoRAConfig
 
     def init_pairs(
         self,

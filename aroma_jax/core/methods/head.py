@@ -3,11 +3,19 @@
 
 from __future__ import annotations
 
-from aroma_jax.core.methods.base import Method
+import dataclasses
+
+from aroma_jax.core.methods.base import Method, MethodConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig(MethodConfig):
+    """Head-only's settings: the shared ones (``train_patterns`` is what it trains)."""
 
 
 class HeadOnly(Method):
     name = "head"
+    config_class = HeadConfig
     # Every module is done from the start, so done modules do not end the run: only max_steps.
     trains_adapters = False
 

@@ -161,9 +161,33 @@ def layer_index(path: tuple[str, ...]) -> int | None:
     return None
 
 
-def _place(w: np.ndarray, path: tuple[str, ...], sharding_for) -> jax.Array:
-    sharding = sharding_for("/".join(path), w.shape) if sharding_for else None
-    return jax.device_put(w, sharding) if sharding is not None else jax.device_put(w)
+def read(mapped: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A host copy of a memory-mapped tensor (or a slice of one), cast to ``dtype``: the one
+    place a sharded load copies weights out of the files (tests count its bytes)."""
+    return np.array(mapped, dtype=dtype)
+
+
+def _from_shards(shape: tuple[int, ...], sharding, shard: Callable) -> jax.Array:
+    """`jax.make_array_from_callback` that reads each distinct index once per process (the
+    devices holding a replica of it share the copy), and only this process's indices."""
+    copies: dict[tuple, np.ndarray] = {}
+
+    def once(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in copies:
+            copies[key] = shard(index)
+        return copies[key]
+
+    return jax.make_array_from_callback(shape, sharding, once)
+
+
+def _leaf(path: tuple[str, ...], load: Callable, dtype: np.dtype, sharding_for) -> jax.Array:
+    """One unrolled leaf: whole (no sharding), or only this process's shards of it."""
+    mapped = load()  # memory-mapped: no data read yet
+    sharding = sharding_for("/".join(path), mapped.shape) if sharding_for else None
+    if sharding is None:
+        return jax.device_put(np.ascontiguousarray(mapped.astype(dtype)))
+    return _from_shards(mapped.shape, sharding, lambda index: read(mapped[index], dtype))
 
 
 def _stacked_leaf(
@@ -197,9 +221,9 @@ def _stacked_leaf(
     def shard(index: tuple[slice, ...]) -> np.ndarray:
         layers = range(n)[index[0]]
         rest = tuple(index[1:])
-        return np.stack([np.asarray(loads[i]()[rest], dtype) for i in layers])
+        return np.stack([read(loads[i]()[rest], dtype) for i in layers])
 
-    return jax.make_array_from_callback(full, sharding, shard)
+    return _from_shards(full, sharding, shard)
 
 
 def load_params(
@@ -212,7 +236,9 @@ def load_params(
     """The nested param tree, read, cast and placed one leaf at a time.
 
     ``sharding_for(path, shape)`` may return a `jax.sharding.Sharding` per leaf ("/"-joined
-    path), so each leaf goes straight to its shards and the host never holds the whole model.
+    path, e.g. `aroma_jax.core.sharding.sharding_for`), so each leaf goes straight to its
+    shards and the host never holds the whole model; on several processes each one reads only
+    the slices its own devices hold.
     ``scan_layers=True`` returns the scanned layout (`aroma_jax.models.native.stack_layers`):
     ``sharding_for`` then sees the stacked paths and shapes (``model/layers/self_attn/q_proj/
     kernel``, ``(L, in, out)``), and each stacked leaf is built on its own (`_stacked_leaf`).
@@ -226,9 +252,7 @@ def load_params(
         if layer is not None:
             stacked.setdefault((*path[:n], *path[n + 1 :]), {})[layer] = load
             continue
-        w = np.ascontiguousarray(load().astype(dtype))
-        flat[path] = _place(w, path, sharding_for)
-        del w
+        flat[path] = _leaf(path, load, dtype, sharding_for)
     counts = {len(loads) for loads in stacked.values()}
     if len(counts) > 1:
         raise CheckpointError(f"layer leaves of {str(directory)!r} disagree on the layer count")
