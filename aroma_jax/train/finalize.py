@@ -77,9 +77,10 @@ def finalize_run(run_dir: str | Path, break_lock: bool = False, which: str = "fi
         step = int(meta["data"]["step"])
         want = summary.get("steps") if record is None else record["step"]
         if want is not None and step != int(want):
+            ended = "finished at" if record is None else "kept best/ of"
             raise CheckpointError(
-                f"the latest readable checkpoint in {str(ckpts)!r} is step {step}, but the run's "
-                f"{which}/ is of step {want}: that checkpoint is damaged, so {which}/ cannot be "
+                f"the latest readable checkpoint of {str(ckpts)!r} is step {step}, but the run "
+                f"{ended} step {want}: that checkpoint is damaged, so {which}/ cannot be "
                 "rebuilt as it was; train the run again into a new --output"
             )
         final = trainer.finalize(state)
