@@ -7,6 +7,7 @@ Examples::
     aroma-jax train --config C.yaml --set aroma.r=8 --set train.batch_size=16 --output runs/y
     aroma-jax train --config C.yaml --output runs/x --resume      # continue an interrupted run
     aroma-jax eval runs/x --split test
+    aroma-jax eval runs/x --which best           # the best validation step (train.keep_best)
     aroma-jax export runs/x --merged out/merged --peft out/peft
     aroma-jax finalize runs/x                    # rebuild a damaged final/ from the last checkpoint
     aroma-jax demo                               # AROMA vs LoRA r=8 on MiniLM / Rotten Tomatoes
@@ -125,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
         help="score this PEFT LoRA adapter directory on the run's model and task instead of "
         "the run's own adapters",
     )
+    _which_flag(e)
 
     x = sub.add_parser("export", help="export a run: merged HF model and/or HF PEFT LoRA adapter")
     x.add_argument("run_dir", type=Path, help="a run directory written by `aroma-jax train`")
@@ -146,6 +148,7 @@ def _parser() -> argparse.ArgumentParser:
         help="replace the model or adapter files a target already holds (refused without it; "
         "other files there are never touched)",
     )
+    _which_flag(x)
     _writer_flags(x)
 
     f = sub.add_parser(
@@ -156,6 +159,7 @@ def _parser() -> argparse.ArgumentParser:
         "damaged or missing final/ file.",
     )
     f.add_argument("run_dir", type=Path, help="a finished run directory")
+    _which_flag(f)
     _writer_flags(f)
 
     a = sub.add_parser("assets", help="fetch or list the offline models and data sets")
@@ -233,6 +237,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _which_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--which",
+        default="final",
+        choices=("final", "best"),
+        help="the run's final adapters (default) or best/, the step with the best validation "
+        "metric (runs trained with train.keep_best)",
+    )
+
+
 def _writer_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--break-lock",
@@ -286,7 +300,7 @@ def _train(args) -> int:
     return 130 if summary.get("status") == "interrupted" else 0
 
 
-def _require_finished(run_dir: Path) -> None:
+def _require_finished(run_dir: Path, which: str = "final") -> None:
     """``eval`` and ``export`` read a finished run's adapters: say so before loading a model."""
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(
@@ -300,8 +314,9 @@ def _require_finished(run_dir: Path) -> None:
         status = {}
     if status.get("status") == "finished":  # final/ is checked against its fingerprints
         from aroma_jax.train.artifacts import verify_final
+        from aroma_jax.train.best import check_which
 
-        verify_final(run_dir / "final")
+        verify_final(check_which(run_dir, which))
     elif not (run_dir / "final" / "meta.json").is_file():
         state = (
             f"interrupted at step {status.get('step')}"
@@ -319,10 +334,10 @@ def _eval(args) -> int:
     from aroma_jax.train.lock import check_free
 
     if args.adapter is None:
-        _require_finished(args.run_dir)
+        _require_finished(args.run_dir, args.which)
     check_free(args.run_dir)  # eval writes nothing: it only refuses to read a run being written
     cfg = run_config.load_run(args.run_dir)
-    result = runner.evaluate_only(cfg, args.run_dir, args.split, args.adapter)
+    result = runner.evaluate_only(cfg, args.run_dir, args.split, args.adapter, args.which)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -338,20 +353,22 @@ def _export(args) -> int:
     for target in (args.merged, args.peft):  # refuse before anything is written
         if target:
             export.check_target(target, args.overwrite)
-    _require_finished(args.run_dir)
+    _require_finished(args.run_dir, args.which)
     with hold(args.run_dir, "export", args.break_lock):
         if args.merged:
-            out = export.export_merged(args.run_dir, args.merged, args.overwrite)
+            out = export.export_merged(args.run_dir, args.merged, args.overwrite, args.which)
             print(f"merged model -> {out}")
         if args.peft:
-            print(f"PEFT adapter -> {export.export_peft(args.run_dir, args.peft, args.overwrite)}")
+            out = export.export_peft(args.run_dir, args.peft, args.overwrite, args.which)
+            print(f"PEFT adapter -> {out}")
     return 0
 
 
 def _finalize(args) -> int:
     from aroma_jax.train.finalize import finalize_run
 
-    print(f"final adapters -> {finalize_run(args.run_dir, break_lock=args.break_lock)}")
+    out = finalize_run(args.run_dir, break_lock=args.break_lock, which=args.which)
+    print(f"{args.which} adapters -> {out}")
     return 0
 
 

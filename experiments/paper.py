@@ -65,10 +65,18 @@ class Table:
     values: Callable[[dict, Path, Sequence[str], str | None], dict[str, float]]
 
 
+def reported(summary: dict) -> dict:
+    """The test metrics a table reports: those of the best validation step where the preset
+    keeps one (``train.keep_best``: the GLUE presets, as the GLUE literature reports the best
+    validation evaluation), else those of the final adapters."""
+    best = summary.get("best")
+    return best["metrics"] if best else summary["metrics"]
+
+
 def _glue_values(summary, run_dir, units, unit):
     from aroma_jax.data.glue import GLUE_TASKS
 
-    return {unit: 100 * summary["metrics"][GLUE_TASKS[unit].metric]}
+    return {unit: 100 * reported(summary)[GLUE_TASKS[unit].metric]}
 
 
 def _set_values(summary, run_dir, units, unit):
@@ -103,7 +111,7 @@ def _loop_values(score: Callable[[dict], float]):
         return {
             "params": initial_trainable(run_dir),
             "outer_loops": float(summary["outer_steps"]),
-            "accuracy": 100 * score(summary["metrics"]),
+            "accuracy": 100 * score(reported(summary)),
         }
 
     return values
@@ -113,7 +121,8 @@ _LOOP_COLUMNS = lambda units: [("params", "#Param"), ("outer_loops", "#Outer"), 
 
 TABLES: dict[str, Table] = {
     "table2": Table(
-        "Table 2: RoBERTa-base on GLUE (validation; MCC CoLA, Pearson STS-B, accuracy otherwise)",
+        "Table 2: RoBERTa-base on GLUE (validation, best evaluation; MCC CoLA, Pearson STS-B, "
+        "accuracy otherwise)",
         GLUE,
         (
             ("lora8", "LoRA r=8", "glue/lora8-{u}.yaml"),

@@ -27,7 +27,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,12 +73,14 @@ def save_final(
     state: TrainState,
     label_names: Sequence[str] = (),
     step: int | None = None,
+    best: Mapping[str, Any] | None = None,
 ) -> Path:
     """Writes the finalized adapters and head atomically: a fresh directory beside ``directory``
     gets every file, their fingerprints (``integrity.json``) and an fsync, then replaces it.
 
     ``label_names`` (class names in id order) go to meta.json for the exports' ``id2label``;
-    ``step`` is the step the state was finalized at.
+    ``step`` is the step the state was finalized at; ``best`` (best/ only: the metric, step
+    and value it was selected by, `aroma_jax.train.best`) goes to integrity.json.
     """
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp")
@@ -118,6 +120,7 @@ def save_final(
     manifest = {
         "format": 1,
         "step": step,
+        **({"best": dict(best)} if best is not None else {}),
         "files": {
             name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
             for name in FILES
@@ -141,6 +144,8 @@ def save_final(
 
 def _remedy(directory: Path) -> str:
     run = directory.parent
+    if directory.name == "best":  # rebuilt from checkpoints-best/ (`aroma_jax.train.best`)
+        return f"rebuild best/ from its checkpoint with `aroma-jax finalize {run} --which best`"
     return f"rebuild final/ from the run's last checkpoint with `aroma-jax finalize {run}`"
 
 

@@ -29,12 +29,13 @@ from aroma_jax.train import artifacts, run_config
 from aroma_jax.train.checkpoint import staged_export
 
 
-def _load(run_dir: Path):
+def _load(run_dir: Path, which: str = "final"):
+    from aroma_jax.train.best import check_which
     from aroma_jax.train.pipeline import build_pipeline
 
     cfg = run_config.load_run(run_dir)
     pipe = build_pipeline(cfg)
-    tensors, meta = artifacts.load_final(run_dir / "final")
+    tensors, meta = artifacts.load_final(check_which(run_dir, which))
     return cfg, pipe, tensors, meta
 
 
@@ -153,11 +154,14 @@ def _label_config_file(path: Path, names: list[str] | None) -> None:
         path.write_text(json.dumps(with_labels(json.loads(path.read_text()), names), indent=2))
 
 
-def export_merged(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """The merged model in ``out`` (config with the run's class names); see the module doc."""
+def export_merged(
+    run_dir: str | Path, out: str | Path, overwrite: bool = False, which: str = "final"
+) -> Path:
+    """The merged model in ``out`` (config with the run's class names); see the module doc.
+    ``which``: the run's final/ or best/ adapters (`aroma_jax.train.best`)."""
     run_dir, out = Path(run_dir), Path(out)
     check_target(out, overwrite)
-    _, pipe, tensors, meta = _load(run_dir)
+    _, pipe, tensors, meta = _load(run_dir, which)
     params = merged_params(pipe.params, tensors, meta)
     with staged_export(out, "config.json") as stage:  # a failed write leaves no half model
         save_pytorch_weights(pipe.model, params, stage)
@@ -231,15 +235,17 @@ def base_model_id(name: str) -> str:
     return name
 
 
-def export_peft(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+def export_peft(
+    run_dir: str | Path, out: str | Path, overwrite: bool = False, which: str = "final"
+) -> Path:
     """The PEFT adapter in ``out``; a run with class names also writes the base model's
     ``config.json`` with its ``num_labels``, ``id2label`` and ``label2id`` (load the base with
-    ``config=AutoConfig.from_pretrained(out)`` to see the names)."""
+    ``config=AutoConfig.from_pretrained(out)`` to see the names). ``which``: final/ or best/."""
     from aroma_jax.models import hf as models
 
     run_dir, out = Path(run_dir), Path(out)
     check_target(out, overwrite)
-    cfg, pipe, tensors, meta = _load(run_dir)
+    cfg, pipe, tensors, meta = _load(run_dir, which)
     torch_name = lambda path: models.torch_module_name(pipe.arch, path)  # noqa: E731
     heads = sorted(
         {

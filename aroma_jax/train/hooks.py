@@ -5,8 +5,10 @@ each when due: every ``every`` steps, counted from step 0 of the run (so a resum
 at the same steps as an uninterrupted one), and at the last step when ``at_last_step``. A hook
 gets the loop: ``loop.step`` (steps taken), ``loop.state``, ``loop.info`` (this step's
 `StepInfo`, still on the device: reading it waits for the step), ``loop.trainer``; it may call
-``loop.stop(reason)``. Outer-step hooks (`TrainLoop.add_outer_hook`) get the loop and the host
-`StepInfo`s of a synced window that holds an outer step, e.g. to log eq. 6 ratios.
+``loop.stop(reason)``. Window hooks (`TrainLoop.add_window_hook`) get the loop and the host
+`StepInfo`s of every synced window (each step's info exactly once, in step order: eq. 5 ratios
+where ``info.checked``, eq. 6 where ``info.outer``), outer-step hooks
+(`TrainLoop.add_outer_hook`) only the windows that hold an outer step.
 
 The runner (`aroma_jax.train.runner.train`) builds its metrics/TensorBoard, checkpoint, eval,
 progress bar, NaN stop, interrupt and finish hooks on this, and takes a user's:
@@ -71,6 +73,7 @@ class TrainLoop:
         self.stopped: str | None = None
         self.hooks: list[Hook] = []
         self.outer_hooks: list[OuterHook] = []
+        self.window_hooks: list[OuterHook] = []
 
     def add_hook(
         self,
@@ -91,6 +94,15 @@ class TrainLoop:
     def add_outer_hook(self, fn: OuterHook) -> None:
         """``fn(loop, infos)`` for every synced window of host `StepInfo`s with an outer step."""
         self.outer_hooks.append(fn)
+
+    def add_window_hook(self, fn: OuterHook) -> None:
+        """``fn(loop, infos)`` for every synced window of host `StepInfo`s."""
+        self.window_hooks.append(fn)
+
+    def window_event(self, infos: Sequence[Any]) -> None:
+        """Calls the window hooks (the runner calls this for every synced window)."""
+        for fn in self.window_hooks:
+            fn(self, infos)
 
     def outer_event(self, infos: Sequence[Any]) -> None:
         """Calls the outer-step hooks (the runner calls this when a window held an outer step)."""

@@ -153,8 +153,14 @@ class TrainConfig:
     # micro-batches per optimizer step, summed inside the one compiled step (dividing
     # batch_size): the same run as one batch of batch_size, with activations of one micro-batch
     grad_accum: int = 1
-    keep_best: str | None = None  # a metric name: keep the checkpoint best at it (null: off)
-    trackers: tuple[str, ...] = ()  # experiment trackers the metrics also go to
+    # a validation metric (accuracy, mcc, pearson, rougeL, average, ...): keep the step where it
+    # was highest as DIR/best, beside final/ (aroma_jax/train/best.py; null: off)
+    keep_best: str | None = None
+    # experiment trackers, besides TensorBoard: [wandb, mlflow] (aroma_jax/train/trackers.py)
+    trackers: tuple[str, ...] = ()
+    tracker_project: str | None = None  # W&B project / MLflow experiment (null: "aroma-jax")
+    tracker_run_name: str | None = None  # null: the run directory's name
+    tracker_dir: str | None = None  # W&B dir / MLflow tracking URI (null: the tracker's default)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "eval_batch_size", "eval_every", "log_every", "save_every"):
@@ -186,14 +192,25 @@ class TrainConfig:
             raise ConfigError(
                 f"invalid train.keep_best={self.keep_best!r}: accepted a metric name or null"
             )
+        from aroma_jax.train.trackers import NAMES
+
         trackers = self.trackers
         if isinstance(trackers, str):
             trackers = (trackers,)
-        if not isinstance(trackers, (list, tuple)) or not all(isinstance(t, str) for t in trackers):
+        if (
+            not isinstance(trackers, (list, tuple))
+            or any(t not in NAMES for t in trackers)
+            or len(set(trackers)) != len(trackers)
+        ):
             raise ConfigError(
-                f"invalid train.trackers={self.trackers!r}: accepted a list of tracker names"
+                f"invalid train.trackers={self.trackers!r}: accepted a list of distinct names "
+                f"from {NAMES}, e.g. [wandb, mlflow], or []"
             )
         object.__setattr__(self, "trackers", tuple(trackers))
+        for key in ("tracker_project", "tracker_run_name", "tracker_dir"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"invalid train.{key}={value!r}: accepted a string or null")
 
 
 @dataclasses.dataclass(frozen=True)

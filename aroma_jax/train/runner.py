@@ -42,7 +42,9 @@ from aroma_jax.core.adapters import adapter_param_count
 from aroma_jax.core.history import History
 from aroma_jax.core.train_step import AromaTrainer, StepInfo, TrainState
 from aroma_jax.models.native.partitioning import step_context
+from aroma_jax.train import best as best_lib
 from aroma_jax.train import lock, memory, plots, run_config, throughput
+from aroma_jax.train import trackers as trackers_lib
 from aroma_jax.train.hooks import Hook, OuterHook, TrainLoop
 from aroma_jax.train.input import BatchStream, batch_at  # noqa: F401  (batch_at: re-exported)
 from aroma_jax.train.pipeline import Pipeline, build_pipeline, class_names, with_label_names
@@ -106,12 +108,12 @@ class _Interrupt:
 
 
 class MetricsLog:
-    """metrics.jsonl plus TensorBoard scalars; ``enabled=False`` (processes other than 0 of a
-    multi-process run) writes nothing."""
+    """metrics.jsonl plus TensorBoard scalars and the run's trackers (``sink``); ``enabled=False``
+    (processes other than 0 of a multi-process run) writes nothing."""
 
-    def __init__(self, out: Path, enabled: bool = True):
+    def __init__(self, out: Path, enabled: bool = True, sink: Any = None):
         self.path = out / "metrics.jsonl"
-        self.enabled = enabled
+        self.enabled, self.sink = enabled, sink
         self._tb = None
         if not enabled:
             return
@@ -128,10 +130,10 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb is not None:
-            step = record.get("step", 0)
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(f"{record.get('split', 'train')}/{k}", v, step)
+            for tag, v in trackers_lib.scalars(record).items():
+                self._tb.add_scalar(tag, v, record.get("step", 0))
+        if self.sink is not None:
+            self.sink.log(record)
 
     def close(self) -> None:
         if self._tb is not None:
@@ -167,12 +169,14 @@ class _RunHooks:
         self.clock = _StepClock()
         self.bar = None
         self.signal: _Interrupt | None = None
+        self.best: best_lib.BestKeeper | None = None  # train.keep_best
 
     def meta(self, step: int) -> dict:
         return {
             "data": {"step": step},
             "history": _history_dict(self.history),
             "unlogged_losses": list(self.unlogged),
+            "best": self.best.record() if self.best is not None else None,
         }
 
     def sync(self, write: bool = True) -> bool:
@@ -199,6 +203,7 @@ class _RunHooks:
                 "Lower optimizer.learning_rate or check the data."
             )
         self.pending = []
+        self.loop.window_event(infos)  # before the record: trackers see steps in order
         if write:
             self._write_record(last)
         if outer_now:
@@ -253,12 +258,15 @@ class _RunHooks:
         self.ckpt.save(step, loop.state, self.meta(step), force=True)
 
     def evaluate(self, loop: TrainLoop) -> None:
-        """Every ``eval_every`` steps, unless this step's window ended the run."""
-        if self.finished:
+        """Every ``eval_every`` steps, unless this step's window ended the run (with keep_best
+        that step is evaluated too: it may be the best)."""
+        if self.finished and self.best is None:
             return
         with self.clock.paused():
             self.last_eval = _evaluate(self.pipe, loop.trainer, loop.state, "validation", self.cfg)
-        self.log.write({"step": loop.step, "split": "validation", **self.last_eval})
+            self.log.write({"step": loop.step, "split": "validation", **self.last_eval})
+            if self.best is not None:
+                self.best.consider(loop.step, loop.state, self.last_eval)
 
     def interrupt(self, loop: TrainLoop) -> None:
         """Ctrl-C (or ``interrupt_at``): checkpoint and stop."""
@@ -285,6 +293,7 @@ def train(
     profile: str | tuple[int, int] | None = None,
     hooks: Sequence[Hook] = (),
     outer_hooks: Sequence[OuterHook] = (),
+    trackers: Sequence[trackers_lib.Tracker] = (),
 ) -> dict:
     """Runs one training job; returns the summary (also written to ``summary.json``).
 
@@ -296,6 +305,8 @@ def train(
     START+1..STOP into ``DIR/profile`` (`throughput.Profiler`). ``hooks`` run after the built-in
     metrics, checkpoint and eval hooks of a step, before the interrupt and finish checks;
     ``outer_hooks`` get each synced window with an outer step (`aroma_jax.train.hooks`).
+    ``trackers`` (`aroma_jax.train.trackers`, e.g. ``WandbTracker(project=...)``) join those
+    ``train.trackers`` names; process 0 alone feeds them.
     """
     sharding.initialize_distributed()  # before anything touches devices (the lock asks for
     # the process index); once per process
@@ -307,7 +318,12 @@ def train(
                 "starting a new run"
             )
             resume = False
-        return _train(cfg, out, resume, interrupt_at, profile, hooks, outer_hooks)
+        sink = trackers_lib.Trackers(trackers)
+        try:
+            return _train(cfg, out, resume, interrupt_at, profile, hooks, outer_hooks, sink)
+        except BaseException:
+            sink.finish("failed")
+            raise
 
 
 def has_checkpoint(out: Path) -> bool:
@@ -329,6 +345,7 @@ def _train(
     profile: str | tuple[int, int] | None,
     hooks: Sequence[Hook],
     outer_hooks: Sequence[OuterHook],
+    sink: trackers_lib.Trackers,
 ) -> dict:
     from aroma_jax.train.checkpoint import CheckpointManager
 
@@ -339,6 +356,7 @@ def _train(
     if resume and (out / "config.yaml").is_file():
         cfg = run_config.adopt_legacy(cfg, yaml.safe_load((out / "config.yaml").read_text()) or {})
     pipe: Pipeline = build_pipeline(cfg)
+    keep_best = best_lib.check_metric(cfg, pipe)  # a metric the task reports, before any write
     batch_at(pipe.train_arrays, cfg.train.batch_size, 0, 0)  # fewer rows than a batch?
     cfg = with_label_names(cfg, pipe)  # the class order of text labels, kept in config.yaml
     aroma = pipe.aroma
@@ -349,6 +367,9 @@ def _train(
     if writer:
         write_atomic(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     tcfg = cfg.train
+    if writer:
+        sink.trackers += trackers_lib.from_config(tcfg)
+        sink.start(resolved, out, resume)
 
     trainer = AromaTrainer(
         pipe.loss_fn,
@@ -387,16 +408,24 @@ def _train(
     )
     start = 0
     unlogged: list[float] = []  # losses of the log window so far (synced, not yet written)
+    saved_best = None  # train.keep_best: the best so far when the checkpoint was written
     if resume and ckpt.latest_step() is not None:
         state, meta = ckpt.restore(state)
         start = int(meta["data"]["step"])
         _restore_history(history, meta.get("history", {}))
         unlogged = [float(x) for x in meta.get("unlogged_losses", [])]
+        saved_best = meta.get("best")
         if writer:
             drop_records_after(out / "metrics.jsonl", start)
     if start == 0 and writer:  # records of an earlier attempt that left no checkpoint
         drop_records_after(out / "metrics.jsonl", -1)
-    log = MetricsLog(out, enabled=writer)
+    best = None
+    if keep_best is not None:
+        if start == 0:
+            best_lib.clear(out)
+        best = best_lib.BestKeeper(keep_best, out, trainer, class_names(pipe))
+        best.restore(saved_best)
+    log = MetricsLog(out, enabled=writer, sink=sink)
     entry_pairs = trainer.unstacked(state.adapters).pairs
     pair_sizes = {p: _pair_size(entry_pairs[p]) for p in trainer.paths}
     initial_metrics: dict = {}
@@ -442,6 +471,7 @@ def _train(
     loop = TrainLoop(trainer, state, next_batch, start, aroma.max_steps, step_fn=run_step)
     run = _RunHooks(loop, pipe, cfg, history, ckpt, log, unlogged, head_params, out, interrupt_at)
     run.bar = _progress(tcfg.progress and writer, aroma.max_steps, start)
+    run.best = best
     loop.add_hook(run.collect, name="progress")
     loop.add_hook(run.log_window, tcfg.log_every, at_last_step=True, name="metrics")
     loop.add_hook(run.start_clock, name="clock")
@@ -452,6 +482,7 @@ def _train(
     loop.add_hook(run.interrupt, name="interrupt")
     loop.add_hook(run.finish, name="finish")
     loop.add_outer_hook(run.checkpoint_outer_step)  # never lose an outer step's work
+    loop.add_window_hook(sink.window)
     for fn in outer_hooks:
         loop.add_outer_hook(fn)
     if already_done:
@@ -472,12 +503,20 @@ def _train(
         }
         if writer:
             write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+        _close(best, sink, "interrupted")
         return summary
     ckpt.save(step, state, run.meta(step), force=True)
     last_pairs = trainer.final_pairs(state) if aroma.grows else {}
     final = trainer.finalize(state)
     metrics = _evaluate(pipe, trainer, final, "test", cfg)
     log.write({"step": step, "split": "test", **metrics})
+    best_record = best.record() if best is not None else None
+    if best is not None and best_record is None and writer:
+        say("train.keep_best: no validation evaluation during training (or only NaN): no best/")
+    if best_record is not None:  # the kept step's test score, once, after selection
+        best_record["metrics"] = best.test_metrics(
+            state, lambda s: _evaluate(pipe, trainer, s, "test", cfg)
+        )
     log.close()
     # The adapters, head and controller on every host (a collective), for the files below.
     final = final._replace(
@@ -537,11 +576,20 @@ def _train(
         "processes": jax.process_count(),
         "plots": [str(plots_dir / "rank_growth.png"), str(plots_dir / "rank_map.png")],
     }
+    if best is not None:
+        summary["best"] = best_record  # None: no validation evaluation ran
     if writer:
         _save_adapters(out, trainer, final, class_names(pipe), step)  # before "finished" is said
         write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     sharding.barrier("aroma-run-written")  # no process reports success before the files exist
+    _close(best, sink, "finished")
     return summary
+
+
+def _close(best: best_lib.BestKeeper | None, sink: trackers_lib.Trackers, status: str) -> None:
+    if best is not None:
+        best.close()
+    sink.finish(status)
 
 
 def rank_report(ranks: Mapping[str, int], history: History, last_pairs: Mapping) -> dict:
@@ -569,6 +617,10 @@ RESUME_MAY_CHANGE = (
     "train.progress",
     "train.eval_batch_size",
     "train.prefetch",
+    "train.trackers",
+    "train.tracker_project",
+    "train.tracker_run_name",
+    "train.tracker_dir",
     "mesh",
     "train.grad_accum",  # the same gradient, summed in micro-batches (a smaller device)
 )  # no effect on the state
@@ -715,10 +767,15 @@ def _evaluate(
 
 
 def evaluate_only(
-    cfg: RunConfig, run_dir: str | Path, split: str = "test", adapter: Path | None = None
+    cfg: RunConfig,
+    run_dir: str | Path,
+    split: str = "test",
+    adapter: Path | None = None,
+    which: str = "final",
 ) -> dict:
-    """``aroma-jax eval``: metrics of a finished run's final adapters on a split, or of a PEFT
-    ``adapter`` directory on the run's model and task instead."""
+    """``aroma-jax eval``: metrics of a finished run's ``which`` adapters (final/, or best/ of
+    ``train.keep_best``) on a split, or of a PEFT ``adapter`` directory on the run's model and
+    task instead."""
     from aroma_jax.train.artifacts import rebuild_state
 
     pipe = build_pipeline(cfg)
@@ -730,5 +787,5 @@ def evaluate_only(
 
         state = peft_import.load_for_run(trainer, trainer.init(pipe.params), pipe.arch, adapter)
     else:
-        state = rebuild_state(trainer, pipe.params, Path(run_dir) / "final")
+        state = rebuild_state(trainer, pipe.params, best_lib.check_which(Path(run_dir), which))
     return pipe.evaluate(trainer, state, split, cfg.train.eval_batch_size)
