@@ -57,7 +57,7 @@ def test_head_modes():
         ({}, ["aroma.inner_tol=-1"], ["aroma.inner_tol", ">= 0"]),
         ({"aroma": {"method": "lora", "fraction": 1}}, [], ["fraction", "lora", "alpha"]),
         ({}, ["aroma.method=nope"], ["aroma.method", "lora"]),
-        ({}, ["train.grad_accum=0"], ["train.grad_accum", ">= 1"]),
+        ({}, ["train.grad_accum=0"], ["train.grad_accum", "positive integer dividing"]),
         ({}, ["train.trackers=3"], ["train.trackers", "list"]),
         ({}, ["aroma.rr=2"], ["rr", "inner_max_steps"]),
         ({}, ["foo.bar=1"], ["foo", "sections"]),
