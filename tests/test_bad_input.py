@@ -548,7 +548,10 @@ def test_unknown_model_says_hub_reachable_but_missing(monkeypatch):
     from aroma_jax.models import hf
 
     def missing(name, timeout=None):
-        raise RepositoryNotFoundError(f"404 {name}", response=None)
+        # built without __init__: its signature (an HTTP response) differs across hub versions
+        err = RepositoryNotFoundError.__new__(RepositoryNotFoundError)
+        Exception.__init__(err, f"404 {name}")
+        raise err
 
     monkeypatch.setattr(huggingface_hub, "model_info", missing)
     assert hf.hub_status("no-such-model-xyz").startswith("reachable, but it has no")

@@ -51,6 +51,7 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=quick_compile_env())
 
 
+@pytest.mark.slow  # about 3 min on 2 cores: the bench end to end
 def test_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
     vs_peft = bool(importlib.util.find_spec("peft") and importlib.util.find_spec("torch"))

@@ -110,7 +110,7 @@ def reference(runs):
 @pytest.mark.parametrize(
     "arch,mesh",
     [
-        ("roberta", "data=8"),
+        pytest.param("roberta", "data=8", marks=pytest.mark.slow),  # pure data: slow tier
         ("roberta", "fsdp=8"),
         ("roberta", "data=2,fsdp=2,tensor=2"),
         # tensor parallelism alone (the other llama meshes hold a tensor axis too): slow tier
@@ -172,6 +172,7 @@ def test_per_device_memory_falls_with_fsdp():
     assert args[0] > args[1] > args[2] > args[3] and args[3] < 0.3 * args[0]
 
 
+@pytest.mark.slow  # the two-process tests restore onto another process count and mesh too
 def test_checkpoint_restores_onto_another_mesh(runs, tmp_path):
     # The 14-step fsdp=8 run of test_sharded_run_matches_one_device (two outer steps behind it).
     losses, ranks, trainer, state, _ = runs("roberta", "fsdp=8")

@@ -198,6 +198,7 @@ def test_native_loads_hf_flax_msgpack_like_the_smollm2_asset(tmp_path):
     np.testing.assert_allclose(got[valid], want[valid], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_scanned_native_run_equals_the_unrolled_run_and_exports(tmp_path):
     """Layers under nn.scan with stacked adapters: the same run as the unrolled native model
     (one target kind and a full reset, so both draw the same random numbers in the same order),

@@ -76,7 +76,9 @@ def torch_logits(pt, x, mask, y, dmask):
         ).logits.numpy()
 
 
-@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+@pytest.mark.parametrize(
+    "scan", [pytest.param(False, marks=pytest.mark.slow), True], ids=["unrolled", "scanned"]
+)
 def test_bart_logits_match_pytorch(checkpoint, scan):
     pt, path = checkpoint
     x, mask, y, dmask = inputs()

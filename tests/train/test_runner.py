@@ -240,6 +240,7 @@ def test_mesh_run_matches_single_device(llama_run, tmp_path):
     assert last_loss(tmp_path / "mesh") == pytest.approx(last_loss(one), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_paper_head_mode_adapts_the_classifier_dense_and_trains_no_head(fake_assets, tmp_path):
     s = runner.train(
         cfg("tiny-roberta", "train.head=paper", "aroma.max_steps=12", "aroma.keep_first_pair=true"),
