@@ -26,9 +26,8 @@ import numpy as np
 
 from aroma_jax.core import sharding
 from aroma_jax.core.config import AromaConfig
-from aroma_jax.data import objectives
+from aroma_jax.data import objectives, stream
 from aroma_jax.data import scores as metrics_lib
-from aroma_jax.data import stream
 from aroma_jax.data import tasks as data
 from aroma_jax.models import hf as models
 from aroma_jax.train import generation, run_config

@@ -483,8 +483,7 @@ def _check_task(task: TaskConfig) -> None:
     _one_of("task", "bad_rows", task.bad_rows, ("error", "drop"))
     if not (isinstance(task.streaming, bool) or task.streaming == "auto"):
         raise ConfigError(
-            f"invalid task.streaming={_plain_value(task.streaming)!r}: accepted true, false "
-            "or auto"
+            f"invalid task.streaming={_plain_value(task.streaming)!r}: accepted true, false or auto"
         )
     names = task.label_names
     if names is not None and (

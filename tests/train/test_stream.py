@@ -25,8 +25,14 @@ def _text(i: int) -> str:
 
 def _task(n: int) -> Task:
     rows = [{"text": _text(i), "text_pair": _text(i + 3), "label": i % 3} for i in range(n)]
-    return Task("t", "pair_classification", 3, {"train": datasets.Dataset.from_list(rows)},
-                text_pair_field="text_pair", label_names=("a", "b", "c"))
+    return Task(
+        "t",
+        "pair_classification",
+        3,
+        {"train": datasets.Dataset.from_list(rows)},
+        text_pair_field="text_pair",
+        label_names=("a", "b", "c"),
+    )
 
 
 TOK = simple_tokenizer(WORDS + ["Answer:", "a", "b", "c"])
@@ -48,8 +54,13 @@ def _encoders(task: Task) -> dict:
         return {**task.__dict__, "splits": {"train": rows}}
 
     def commonsense_rows(ds):
-        return ds.map(lambda r: {"instruction": r["text"], "input": r["text_pair"],
-                                 "output": "the answer is " + "abc"[r["label"]]})
+        return ds.map(
+            lambda r: {
+                "instruction": r["text"],
+                "input": r["text_pair"],
+                "output": "the answer is " + "abc"[r["label"]],
+            }
+        )
 
     return {
         "classification": lambda ds: tasks.encode_classification(Task(**on(ds)), TOK, "train", 12),
@@ -132,8 +143,11 @@ def test_large_jsonl_is_not_tokenized_or_held_whole(tmp_path):
         "json", data_files=str(path), split="train", cache_dir=str(tmp_path / "cache")
     )
     task = Task("big", "classification", 2, {"train": rows})
-    encode = Counting(lambda ds: tasks.encode_classification(
-        Task("big", "classification", 2, {"train": ds}), TOK, "train", 32))
+    encode = Counting(
+        lambda ds: tasks.encode_classification(
+            Task("big", "classification", 2, {"train": ds}), TOK, "train", 32
+        )
+    )
     tracemalloc.start()
     streamed = StreamedSplit(task.splits["train"], encode)
     batches = [batch_at(streamed, 32, 0, step) for step in range(5)]
