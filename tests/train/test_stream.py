@@ -164,3 +164,55 @@ def test_large_jsonl_is_not_tokenized_or_held_whole(tmp_path):
 def test_auto_streams_only_large_splits():
     assert not wanted("auto", AUTO_ROWS) and wanted("auto", AUTO_ROWS + 1)
     assert wanted(True, 10) and not wanted(False, 10**7)
+
+
+def _train_losses(run) -> list[float]:
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in recs if r["split"] == "train"]
+
+
+@pytest.mark.slow
+def test_streamed_run_has_the_up_front_losses_and_resumes_across_the_switch(
+    fake_assets, tmp_path, monkeypatch
+):
+    """tiny-llama, 12 steps: the same losses and metrics with task.streaming on and off, and a
+    run started up front and resumed streaming writes the same metrics, line by line."""
+    from aroma_jax import configs
+    from aroma_jax.train import run_config, runner
+
+    common = [
+        "train.progress=false",
+        "task.max_train_examples=96",
+        "task.max_eval_examples=16",
+        "train.batch_size=8",
+        "train.eval_at_start=false",
+        "train.eval_every=100",
+        "train.log_every=2",
+        "train.save_every=6",
+        "aroma.max_steps=12",
+        "aroma.inner_max_steps=6",
+        "aroma.inner_check_every=3",
+        "optimizer.warmup_steps=2",
+    ]
+
+    def cfg(*extra):
+        return run_config.load(configs.root() / "tiny-llama.yaml", common + list(extra))
+
+    taken = []
+    take = StreamedSplit.take
+    monkeypatch.setattr(
+        StreamedSplit, "take", lambda self, idx: taken.append(len(idx)) or take(self, idx)
+    )
+    off = runner.train(cfg("task.streaming=false"), tmp_path / "off")
+    assert taken == []
+    on = runner.train(cfg("task.streaming=true"), tmp_path / "on")
+    assert taken[:12] == [8] * 12  # the run's batches were read through the stream
+    assert len(_train_losses(tmp_path / "off")) == 6
+    assert _train_losses(tmp_path / "on") == _train_losses(tmp_path / "off")
+    assert on["metrics"] == off["metrics"] and on["ranks"] == off["ranks"]
+
+    half = tmp_path / "half"
+    s = runner.train(cfg("task.streaming=false"), half, interrupt_at=7)
+    assert s["status"] == "interrupted" and s["step"] == 7
+    runner.train(cfg("task.streaming=true"), half, resume=True)
+    assert (half / "metrics.jsonl").read_text() == (tmp_path / "off" / "metrics.jsonl").read_text()
