@@ -1,9 +1,10 @@
 """Host memory and time of the training split, tokenized up front vs streamed (`task.streaming`).
 
 Writes a JSONL of ``--rows`` short rows, loads it as the pipeline does (`datasets`, Arrow
-memory-mapped from its cache), then for each mode measures the Python heap peak (tracemalloc)
-and the wall time of building the split and of reading ``--steps`` batches with `batch_at`, and
-how many rows were tokenized. Each mode runs in a fresh process, so one does not count the other.
+memory-mapped from its cache), then for each mode measures the Python heap peak (tracemalloc),
+the process's peak resident memory, the wall time of building the split and of reading
+``--steps`` batches with `batch_at`, and how many rows were tokenized. Each mode runs in a
+fresh process, so one does not count the other.
 
     python experiments/stream_memory.py --rows 1000000 --batch 32 --max-len 32 --steps 20
 """
@@ -55,11 +56,15 @@ def measure(path: str, mode: str, batch: int, max_len: int, steps: int) -> dict:
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert b["input_ids"].shape == (batch, max_len)
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
     return {
         "mode": mode,
         "rows": len(rows),
         "rows_tokenized": count[0],
         "heap_peak_mb": round(peak / 2**20, 2),
+        "max_rss_mb": round(rss),
         "build_s": round(t1 - t0, 3),
         "ms_per_batch": round(1000 * (t2 - t1) / steps, 2),
     }
