@@ -24,6 +24,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import threading
+
 import datasets
 import numpy as np
 
@@ -65,6 +67,11 @@ class StreamedSplit(Mapping):
         if len(rows) == 0:
             raise ValueError("cannot stream an empty split: accepted a split with rows")
         self.rows, self.encode = rows, encode
+        # grain's threads call `take` concurrently, and a HF tokenizer keeps its truncation and
+        # padding lengths as state: the seq2seq encoder's source and target calls, interleaved
+        # across threads, gave rows of the wrong length (tests/train/test_stream.py). Encoding
+        # is serial; it still runs off the step's thread.
+        self._lock = threading.Lock()
         first = encode(rows.select([0]))
         self._columns = {
             k: Column(self, k, (len(rows), *v.shape[1:]), v.dtype) for k, v in first.items()
@@ -72,7 +79,9 @@ class StreamedSplit(Mapping):
 
     def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         """Rows ``idx`` (row numbers, in that order) of every field, tokenized now."""
-        return self.encode(self.rows.select(np.asarray(idx, np.int64)))
+        rows = self.rows.select(np.asarray(idx, np.int64))
+        with self._lock:
+            return self.encode(rows)
 
     def __getitem__(self, field: str) -> Column:
         return self._columns[field]

@@ -216,3 +216,27 @@ def test_streamed_run_has_the_up_front_losses_and_resumes_across_the_switch(
     assert s["status"] == "interrupted" and s["step"] == 7
     runner.train(cfg("task.streaming=true"), half, resume=True)
     assert (half / "metrics.jsonl").read_text() == (tmp_path / "off" / "metrics.jsonl").read_text()
+
+
+def test_concurrent_takes_from_grain_threads_are_safe():
+    """grain gathers batches in several threads. The seq2seq encoder tokenizes sources and
+    targets with different lengths, so unserialized threads would race on the tokenizer's
+    truncation setting; every batch must still equal the up-front one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows = [{"text": _text(i) + " " + _text(i + 1), "target": _text(i + 2)} for i in range(45)]
+    task = Task("g", "generation", 0, {"train": datasets.Dataset.from_list(rows)})
+
+    def encode(ds):
+        return tasks.encode_seq2seq(
+            Task("g", "generation", 0, {"train": ds}), TOK, "train", 12, 5, 1
+        )
+
+    whole = encode(task.splits["train"])
+    streamed = StreamedSplit(task.splits["train"], encode)
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda s: batch_at(streamed, 8, 5, s), range(60)))
+    for step, batch in enumerate(got):
+        want = batch_at(whole, 8, 5, step)
+        for k in want:
+            np.testing.assert_array_equal(batch[k], want[k])
