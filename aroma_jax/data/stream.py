@@ -21,10 +21,9 @@ Example:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
-
-import threading
 
 import datasets
 import numpy as np
