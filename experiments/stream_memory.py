@@ -76,6 +76,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--max-len", type=int, default=32)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--modes", default="up_front,streamed", help="comma-separated")
     p.add_argument("--one", nargs=2, metavar=("PATH", "MODE"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
@@ -87,7 +88,7 @@ def main() -> None:
             for i in range(a.rows):
                 f.write(json.dumps({"text": _text(i), "label": i % 2}) + "\n")
         print(f"{path.stat().st_size / 2**20:.1f} MB JSONL, {a.rows} rows", file=sys.stderr)
-        for mode in ("up_front", "streamed"):
+        for mode in a.modes.split(","):
             cmd = [
                 sys.executable,
                 __file__,

@@ -78,7 +78,10 @@ class StreamedSplit(Mapping):
 
     def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         """Rows ``idx`` (row numbers, in that order) of every field, tokenized now."""
-        rows = self.rows.select(np.asarray(idx, np.int64))
+        # a small in-memory Dataset of just these rows (`datasets` gathers them from the Arrow
+        # chunks); the encoders then iterate 32 rows, not a view over the whole table
+        picked = self.rows[[int(i) for i in idx]]
+        rows = datasets.Dataset.from_dict(picked, features=self.rows.features)
         with self._lock:
             return self.encode(rows)
 

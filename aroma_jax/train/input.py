@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -125,13 +126,23 @@ def batch_at(
             f"(train.batch_size={batch_size}): accepted train.batch_size <= {n}"
         )
     epoch, index = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(n)
+    order = _order(seed, epoch, n)
     idx = order[index * batch_size : (index + 1) * batch_size]
     if rows is not None:
         idx = idx[rows]
     if isinstance(arrays, StreamedSplit):  # read and tokenize just these rows, now
         return arrays.take(idx)
     return {k: v[idx] for k, v in arrays.items()}
+
+
+@functools.lru_cache(maxsize=2)
+def _order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """Epoch ``epoch``'s row order. Kept for the epoch's steps (and the next epoch's first,
+    when grain's threads straddle the boundary): drawing a permutation of a million rows takes
+    about 30 ms, too long to repeat each step."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    order.flags.writeable = False
+    return order
 
 
 def _to_device(batch: dict) -> dict:
