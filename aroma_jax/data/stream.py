@@ -27,6 +27,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+from datasets.table import InMemoryTable
 
 # task.streaming=auto streams a training split of more rows than this (Commonsense170K's
 # 170,020 do; GLUE's largest used split, SST-2's 67,349, does not)
@@ -81,7 +82,10 @@ class StreamedSplit(Mapping):
         # a small in-memory Dataset of just these rows (`datasets` gathers them from the Arrow
         # chunks); the encoders then iterate 32 rows, not a view over the whole table
         picked = self.rows[[int(i) for i in idx]]
-        rows = datasets.Dataset.from_dict(picked, features=self.rows.features)
+        table = InMemoryTable.from_pydict(picked, schema=self.rows.features.arrow_schema)
+        # a fixed fingerprint: hashing every batch's rows would cost `datasets` 6 ms a batch,
+        # and these throwaway datasets are never cached
+        rows = datasets.Dataset(table, fingerprint="aroma-stream-batch")
         with self._lock:
             return self.encode(rows)
 
