@@ -240,3 +240,19 @@ def test_concurrent_takes_from_grain_threads_are_safe():
         want = batch_at(whole, 8, 5, step)
         for k in want:
             np.testing.assert_array_equal(batch[k], want[k])
+
+
+def test_streamed_split_through_a_mesh_batch_stream():
+    """On a mesh the stream places global batches; streamed, they equal the up-front ones."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (simulated) devices")
+    task = _task(45)
+    encode = _encoders(task)["classification"]
+    whole = encode(task.splits["train"])
+    mesh = sharding.parse_mesh("data=2,fsdp=4")
+    streamed = StreamedSplit(task.splits["train"], encode)
+    for step, batch in BatchStream(streamed, 16, 2, mesh, 0, 4, prefetch=2):
+        assert batch["input_ids"].sharding == sharding.batch_sharding(mesh)
+        want = batch_at(whole, 16, 2, step)
+        for k in want:
+            np.testing.assert_array_equal(np.asarray(batch[k]), want[k])
