@@ -132,7 +132,8 @@ def test_glue_tiny_end_to_end(data, tmp_path):
 
 
 @pytest.mark.slow
-def test_commonsense_tiny_end_to_end(data, tmp_path):
+@pytest.mark.parametrize("streaming", ["false", "true"])
+def test_commonsense_tiny_end_to_end(data, tmp_path, streaming):
     cfg = run_config.load(
         paper.PRESETS / "commonsense" / "aroma-r1.yaml",
         [
@@ -144,6 +145,7 @@ def test_commonsense_tiny_end_to_end(data, tmp_path):
             "task.dev_examples=4",
             "task.max_len=128",
             "train.generate_max_len=4",
+            f"task.streaming={streaming}",
         ]
         + FAST,
     )

@@ -178,25 +178,28 @@ def to_instruction(name: str, row: dict[str, Any]) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------- loading
-def _rows_in_format(ds: datasets.Dataset, where: str) -> list[dict]:
+def _check_format(ds: datasets.Dataset, where: str) -> None:
     missing = [c for c in ("instruction", "answer") if c not in ds.column_names]
     if missing:
         raise DataError(
             f"{where} has no column(s) {missing}; it has {ds.column_names} (expected LLM-Adapters' "
             "instruction, input, output, answer)"
         )
-    out = []
-    for r in ds:
-        answer = str(r["answer"])
-        out.append(
-            {
-                "instruction": r["instruction"],
-                "input": r.get("input") or "",
-                "output": r.get("output") or f"the correct answer is {answer}",
-                "answer": answer,
-            }
-        )
-    return out
+
+
+def _in_format(r: dict) -> dict:
+    answer = str(r["answer"])
+    return {
+        "instruction": r["instruction"],
+        "input": r.get("input") or "",
+        "output": r.get("output") or f"the correct answer is {answer}",
+        "answer": answer,
+    }
+
+
+def _rows_in_format(ds: datasets.Dataset, where: str) -> list[dict]:
+    _check_format(ds, where)
+    return [_in_format(r) for r in ds]
 
 
 def load_eval_set(name: str, eval_source: str | None = None) -> list[dict]:
@@ -225,8 +228,10 @@ def _train_rows(source: str | None) -> datasets.Dataset:
         ds = load_splits(source or TRAIN_HUB, None, ("train",))["train"]
     else:
         raise DataError(f"Commonsense170K source {source!r}: accepted a hub name, a file or a dir")
-    rows = _rows_in_format(ds, f"Commonsense170K from {source or TRAIN_HUB!r}")
-    return datasets.Dataset.from_list(rows)
+    _check_format(ds, f"Commonsense170K from {source or TRAIN_HUB!r}")
+    # Arrow to Arrow: a file or hub copy stays memory-mapped from the datasets cache, so the
+    # 170K rows are not held in the Python heap (`aroma_jax.data.stream` reads them per batch)
+    return ds.map(_in_format, remove_columns=ds.column_names, desc="Commonsense170K rows")
 
 
 def parse_sets(spec: str | None) -> tuple[str, ...]:

@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -28,13 +29,15 @@ import jax
 import numpy as np
 
 from aroma_jax.core import sharding
+from aroma_jax.data.stream import StreamedSplit
 
 
 class BatchStream:
     """``(step, batch)`` for ``step`` in ``[start, stop)``, the batch already on its devices.
 
     Args:
-      arrays: the tokenized training split (field -> array of rows).
+      arrays: the tokenized training split (field -> array of rows), or a `StreamedSplit`
+        (rows tokenized in grain's threads when their batch is gathered).
       batch_size: the global batch size.
       seed: the data seed (epoch permutations).
       mesh: the run's mesh (None: one device, the batch stays numpy until the step).
@@ -113,7 +116,8 @@ def batch_at(
 ) -> dict:
     """The ``step``-th training batch: epochs are seeded permutations, the last partial batch of
     each epoch is dropped (static shapes, one compile). ``rows``: only those rows of the batch
-    (a process's share, `sharding.process_rows`), read from ``arrays`` alone."""
+    (a process's share, `sharding.process_rows`), read from ``arrays`` alone. ``arrays`` may be
+    a `StreamedSplit`: then only those rows are read and tokenized, giving the same batch."""
     n = len(next(iter(arrays.values())))
     per_epoch = n // batch_size
     if per_epoch == 0:
@@ -122,11 +126,23 @@ def batch_at(
             f"(train.batch_size={batch_size}): accepted train.batch_size <= {n}"
         )
     epoch, index = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(n)
+    order = _order(seed, epoch, n)
     idx = order[index * batch_size : (index + 1) * batch_size]
     if rows is not None:
         idx = idx[rows]
+    if isinstance(arrays, StreamedSplit):  # read and tokenize just these rows, now
+        return arrays.take(idx)
     return {k: v[idx] for k, v in arrays.items()}
+
+
+@functools.lru_cache(maxsize=2)
+def _order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """Epoch ``epoch``'s row order. Kept for the epoch's steps (and the next epoch's first,
+    when grain's threads straddle the boundary): drawing a permutation of a million rows takes
+    about 30 ms, too long to repeat each step."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    order.flags.writeable = False
+    return order
 
 
 def _to_device(batch: dict) -> dict:

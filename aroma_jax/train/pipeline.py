@@ -26,7 +26,7 @@ import numpy as np
 
 from aroma_jax.core import sharding
 from aroma_jax.core.config import AromaConfig
-from aroma_jax.data import objectives
+from aroma_jax.data import objectives, stream
 from aroma_jax.data import scores as metrics_lib
 from aroma_jax.data import tasks as data
 from aroma_jax.models import hf as models
@@ -43,7 +43,7 @@ class Pipeline:
     params: Any
     aroma: AromaConfig
     loss_fn: Callable
-    train_arrays: dict[str, np.ndarray]
+    train_arrays: Mapping[str, Any]  # field -> array, or a `stream.StreamedSplit`
     eval_examples: dict[str, Any]  # split -> encoded eval data
     evaluator: Callable  # (pipeline, trainer, state, split, batch_size) -> metrics dict
     stacked: dict = dataclasses.field(default_factory=dict)  # scanned layer stacks: path -> L
@@ -189,12 +189,38 @@ def _task_kwargs(tcfg: TaskConfig) -> dict:
     return out
 
 
+def _streams(cfg: RunConfig, task: data.Task) -> bool:
+    """Whether the training split is tokenized on demand (``task.streaming``)."""
+    return stream.wanted(cfg.task.streaming, len(task.splits["train"]))
+
+
+def _train_split(cfg: RunConfig, task: data.Task, encode: Callable) -> Mapping[str, Any]:
+    """The training split for `batch_at`: ``encode(rows)`` of the whole split now, or a
+    `stream.StreamedSplit` that encodes each batch's rows when grain gathers them."""
+    rows = task.splits["train"]
+    return stream.StreamedSplit(rows, encode) if _streams(cfg, task) else encode(rows)
+
+
+def _eval_splits(cfg: RunConfig, task: data.Task) -> list[str]:
+    """The splits tokenized up front for evaluation (a streamed training split is not)."""
+    return [s for s in task.splits if not (s == "train" and _streams(cfg, task))]
+
+
+def _on(task: data.Task, rows) -> data.Task:
+    """``task`` whose training split is ``rows`` (to run a split encoder on some rows)."""
+    return dataclasses.replace(task, splits={**task.splits, "train": rows})
+
+
 # ----------------------------------------------------------------------------- encoders
 def _encoder_pipeline(cfg, task, loaded, aroma) -> Pipeline:
     regression = task.kind == "regression"
     loss_fn, predict_fn = objectives.classification(loaded.model, regression=regression)
     max_len = cfg.task.max_len
-    enc = {s: data.encode_classification(task, loaded.tokenizer, s, max_len) for s in task.splits}
+    tok = loaded.tokenizer
+    enc = {s: data.encode_classification(task, tok, s, max_len) for s in _eval_splits(cfg, task)}
+    enc["train"] = _train_split(
+        cfg, task, lambda rows: data.encode_classification(_on(task, rows), tok, "train", max_len)
+    )
     predict = _with_adapters(predict_fn)
 
     def evaluator(pipe, trainer, state, split, batch_size):
@@ -247,12 +273,14 @@ def _seq2seq_pipeline(cfg, task, loaded, aroma) -> Pipeline:
     loss_fn, _ = objectives.seq2seq(loaded.model)
     tcfg = cfg.task
     start_id = loaded.model.config.decoder_start_token_id
-    enc = {
-        s: data.encode_seq2seq(
-            task, loaded.tokenizer, s, tcfg.max_len, tcfg.target_max_len, start_id
+
+    def encode(t: data.Task, s: str) -> dict[str, np.ndarray]:
+        return data.encode_seq2seq(
+            t, loaded.tokenizer, s, tcfg.max_len, tcfg.target_max_len, start_id
         )
-        for s in task.splits
-    }
+
+    enc = {s: encode(task, s) for s in _eval_splits(cfg, task)}
+    enc["train"] = _train_split(cfg, task, lambda rows: encode(_on(task, rows), "train"))
     search = generation.search_kwargs(cfg.train, native=hasattr(loaded.model, "search_settings"))
 
     def gen_fn(params, batch):
@@ -280,7 +308,9 @@ def _causal_lm_pipeline(cfg, task, loaded, aroma) -> Pipeline:
     loss_fn, score_fn = objectives.causal_lm(loaded.model)
     max_len = cfg.task.max_len
     tok = loaded.tokenizer
-    train = data.encode_causal_lm(task, tok, "train", max_len)
+    train = _train_split(
+        cfg, task, lambda rows: data.encode_causal_lm(_on(task, rows), tok, "train", max_len)
+    )
     score = _with_adapters(score_fn)
 
     if task.kind in ("generation",):
@@ -297,7 +327,7 @@ def _causal_lm_pipeline(cfg, task, loaded, aroma) -> Pipeline:
             ).sequences
 
         generate = _with_adapters(gen_fn)
-        prompts = {s: data.encode_prompts(task, tok, s, max_len) for s in task.splits}
+        prompts = {s: data.encode_prompts(task, tok, s, max_len) for s in _eval_splits(cfg, task)}
 
         def evaluator(pipe, trainer, state, split, batch_size):
             arrays = prompts[split]
@@ -314,7 +344,7 @@ def _causal_lm_pipeline(cfg, task, loaded, aroma) -> Pipeline:
         )
 
     # Classification as text: score every label's continuation, predict the best.
-    choices = {s: data.encode_choices(task, tok, s, max_len) for s in task.splits}
+    choices = {s: data.encode_choices(task, tok, s, max_len) for s in _eval_splits(cfg, task)}
 
     def evaluator(pipe, trainer, state, split, batch_size):
         arrays, labels, n_choices = choices[split]
@@ -335,7 +365,7 @@ def _instruction_pipeline(cfg, task, loaded, aroma) -> Pipeline:
 
     loss_fn, _ = objectives.causal_lm(loaded.model)
     max_len, tok = cfg.task.max_len, loaded.tokenizer
-    train = commonsense.encode_train(task.splits["train"], tok, max_len)
+    train = _train_split(cfg, task, lambda rows: commonsense.encode_train(rows, tok, max_len))
     new_tokens = cfg.train.generate_max_len
 
     def gen_fn(params, batch):

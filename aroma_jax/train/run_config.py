@@ -120,6 +120,9 @@ class TaskConfig:
     source: str | None = None
     eval_source: str | None = None  # commonsense170k: directory of the eight evaluation sets
     dev_examples: int = 0  # > 0: a seeded dev split of this many training rows (validation)
+    # the training split tokenized up front (false), or each batch's rows when grain gathers
+    # them (true; `aroma_jax.data.stream`); auto: streamed above 100,000 rows
+    streaming: bool | str = "auto"
 
     def __post_init__(self) -> None:
         _check_task(self)
@@ -495,6 +498,10 @@ def _check_task(task: TaskConfig) -> None:
         _int("task", name, getattr(task, name), 1, none=True)
     _int("task", "dev_examples", task.dev_examples, 0)
     _one_of("task", "bad_rows", task.bad_rows, ("error", "drop"))
+    if not (isinstance(task.streaming, bool) or task.streaming == "auto"):
+        raise ConfigError(
+            f"invalid task.streaming={_plain_value(task.streaming)!r}: accepted true, false or auto"
+        )
     names = task.label_names
     if names is not None and (
         not isinstance(names, (list, tuple))

@@ -623,6 +623,7 @@ RESUME_MAY_CHANGE = (
     "train.tracker_dir",
     "mesh",
     "train.grad_accum",  # the same gradient, summed in micro-batches (a smaller device)
+    "task.streaming",  # the same batches, tokenized per batch or up front
 )  # no effect on the state
 
 

@@ -165,6 +165,20 @@ def test_two_processes_match_one(runs):
         np.testing.assert_allclose(fb[k], fa[k], rtol=1e-4, atol=1e-6)
 
 
+def test_two_processes_streaming_match_one(runs, tmp_path):
+    """task.streaming=true on 2 processes: the up-front one-process run's losses, and each
+    process tokenizes only its 4 rows of each 8-row batch (after one whole batch at start-up,
+    the check that the split fills a batch)."""
+    root, one = runs[0], runs[1]
+    two = _run(tmp_path / "s", overrides=OVERRIDES + ["task.streaming=true"], count_taken=True)
+    for s in two:
+        assert s["taken"] == [8] + [4] * 14
+        assert s["ranks"] == one["ranks"] and s["metrics"] == one["metrics"]
+    a, b = _train_losses(root / "one"), _train_losses(tmp_path / "s")
+    assert sorted(a) == sorted(b)
+    np.testing.assert_allclose([b[k] for k in sorted(b)], [a[k] for k in sorted(a)], rtol=1e-5)
+
+
 def test_only_process_zero_writes(runs):
     root = runs[0]
     run = root / "two"

@@ -64,6 +64,8 @@ def test_head_modes():
         ({}, ["aroma.r"], ["section.key=value"]),
         ({}, ["train.batch_size=0"], ["train.batch_size", ">= 1"]),
         ({}, ["model.dtype=float16"], ["float16", "bfloat16"]),
+        ({}, ["task.streaming=1"], ["task.streaming=1", "true, false or auto"]),
+        ({}, ["task.streaming=lazy"], ["task.streaming='lazy'", "true, false or auto"]),
     ],
 )
 def test_bad_keys_and_values_name_what_is_accepted(raw, overrides, words):
