@@ -56,7 +56,9 @@ def test_demo_configs_resolve_without_training():
 def _venv_with_wheel(tmp_path: Path) -> Path:
     """A fresh venv outside the checkout holding only the built wheel (no dependencies are
     downloaded: this interpreter's site-packages are appended to its path, after its own)."""
-    src = tmp_path / "src"  # build from a copy, so the checkout gets no build/ or egg-info
+    # build from a copy, so the checkout gets no build/ or egg-info; not named "src": setuptools
+    # 84's bdist_wheel fails on a project directory of that name ('has_pure_modules')
+    src = tmp_path / "project"
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
@@ -100,7 +102,7 @@ def test_the_installed_wheel_runs_outside_the_checkout(tmp_path):
         "from aroma_jax import configs, demo\n"
         "print(pathlib.Path(aroma_jax.__file__).parent)\n"
         "runs = demo.run_configs()\n"
-        "print(sorted(runs), runs['aroma'][1]['model']['name'])\n"
+        "print(sorted(runs), runs['aroma'][1].model.name)\n"
         "print(configs.resolve('experiments/paper/glue/aroma-mrpc.yaml'))\n"
     )
     got = subprocess.run([str(venv / "bin" / "python"), "-c", check], **run)
