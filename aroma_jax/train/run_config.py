@@ -329,20 +329,6 @@ def _parse_value(text: str) -> Any:
         ) from None
 
 
-def _parse_value(text: str) -> Any:
-    """``--set`` values are YAML scalars/lists: ``8``, ``1e-3``, ``true``, ``[query, value]``."""
-    if text == "":
-        return ""
-    try:
-        return _numbers(yaml.safe_load(text))
-    except yaml.YAMLError as err:
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(
-            f"invalid --set value {text!r}: {problem}; accepted a YAML scalar or list, "
-            "e.g. 8, 1e-3, true, [query, value]"
-        ) from None
-
-
 def apply_override(plain: dict, item: str, notes: list[str] | None = None) -> None:
     """One ``--set section.key=value`` written into ``plain`` (YAML data by section); an old
     key (`MOVED`) is written under its new name and noted."""
