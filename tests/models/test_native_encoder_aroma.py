@@ -42,11 +42,10 @@ def batches(n, vocab=512):
         yield {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels}
 
 
-def aroma_cfg(steps, head="classifier"):
+def aroma_cfg(steps, head="classifier", **method):
     return AromaConfig(
         target_modules=(*hf.PRESETS["bert"], head),
-        r=1,
-        alpha=2.0,
+        **{"r": 1, "alpha": 2.0, **method},
         learning_rate=5e-3,
         max_steps=steps,
         inner_max_steps=4,
@@ -57,9 +56,9 @@ def aroma_cfg(steps, head="classifier"):
     )
 
 
-def run(model, params, steps=14):
+def run(model, params, steps=14, **method):
     loss_fn, _ = objectives.classification(model)
-    trainer = AromaTrainer(loss_fn, params, aroma_cfg(steps), donate=False)
+    trainer = AromaTrainer(loss_fn, params, aroma_cfg(steps, **method), donate=False)
     state = trainer.init(params)
     losses, ranks = [], []
     for batch in batches(steps):
@@ -86,6 +85,23 @@ def test_aroma_run_on_native_minilm_shape_equals_hf_flax_bert():
     assert max(hf_ranks[-1]) >= 2  # outer steps merged: the comparison has teeth
     np.testing.assert_allclose(nat_loss, hf_loss, atol=1e-4, rtol=0)
     assert hf_loss[-1] < hf_loss[0]
+
+
+@pytest.mark.slow
+@pytest.mark.hf4
+def test_lora_r8_run_on_native_minilm_shape_equals_hf_flax_bert():
+    """LoRA r=8 (the demo's baseline) takes the same steps on both paths: the demo's native and
+    HF Flax LoRA runs differ only by their dropout masks, which the two models draw differently."""
+    cfg = transformers.BertConfig(**MINILM)
+    flax_model = transformers.FlaxBertForSequenceClassification(cfg, seed=0)
+    native = NativeEncoder(EncoderConfig.from_dict(cfg.to_dict()), params=flax_model.params)
+    lora = dict(method="lora", r=8, alpha=16.0)
+    hf_loss, _, hf_paths = run(flax_model, flax_model.params, **lora)
+    nat_loss, _, nat_paths = run(native, flax_model.params, **lora)
+    print(f"LoRA r=8: max |loss native - loss hf flax|: {np.abs(nat_loss - hf_loss).max():.2e}")
+    assert nat_paths == hf_paths
+    np.testing.assert_allclose(nat_loss, hf_loss, atol=1e-4, rtol=0)
+    assert hf_loss[-1] < 0.5 * hf_loss[0]  # it learns
 
 
 def test_impl_selection(fake_assets):

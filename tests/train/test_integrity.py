@@ -305,7 +305,7 @@ def test_export_refuses_model_files_and_overwrite_keeps_other_files(text_run, tm
 
 
 # ------------------------------------------------------------------------------------ quiet
-def _base_model_dir(path: Path) -> None:
+def _base_model_dir(path: Path, torch_weights: bool = False) -> None:
     """A local BERT without a classifier and with a tokenizer: loading it for classification
     makes transformers print its weight-loading notes."""
     import transformers
@@ -321,7 +321,10 @@ def _base_model_dir(path: Path) -> None:
         intermediate_size=32,
         max_position_embeddings=64,
     )
-    transformers.FlaxBertModel(cfg, seed=0).save_pretrained(path)
+    if torch_weights:  # model.safetensors in PyTorch layout, as the hub ships it
+        transformers.BertModel(cfg).save_pretrained(path)
+    else:
+        transformers.FlaxBertModel(cfg, seed=0).save_pretrained(path)
     tok.save_pretrained(path)
 
 
@@ -346,3 +349,20 @@ def test_train_is_quiet_by_default_and_verbose_shows_the_notes(
     assert main([*base, "--output", str(tmp_path / "v"), "--verbose"]) == 0
     # transformers' handler writes to the stderr it found first; its records reach caplog
     assert any(note in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_native_train_prints_only_its_own_lines(fake_assets, tmp_path, capfd):
+    """On the default path (native encoder, transformers 5 or 4) the train command's stderr is
+    the config path and the head line, nothing from transformers, jax or the tokenizer."""
+    pytest.importorskip("torch")
+    _base_model_dir(tmp_path / "m", torch_weights=True)
+    capfd.readouterr()  # save_pretrained's own progress bar
+    args = ["train", "--no-progress", "--set", f"model.name={tmp_path / 'm'}"]
+    for item in TINY[1:] + ["aroma.max_steps=1", "task.max_len=16"]:
+        args += ["--set", item]
+    assert main([*args, "--output", str(tmp_path / "q")]) == 0
+    err = capfd.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert lines[0] == f"config: {tmp_path / 'q' / 'config.yaml'}", err
+    assert len(lines) == 2 and lines[1].startswith("head: 2-class classifier"), err
