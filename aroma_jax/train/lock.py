@@ -215,12 +215,47 @@ class RunLock:
 @contextlib.contextmanager
 def hold(run_dir: str | Path, command: str, break_lock: bool = False) -> Iterator[None]:
     """`RunLock` of ``run_dir`` for the block, taken by process 0 only (a multi-process run has
-    one writer of its run directory)."""
-    if not is_lock_process():
-        yield
+    one writer of its run directory).
+
+    In a multi-process run process 0 tells every other process whether it got the lock, and a
+    refusal raises the same `RunLockError` on every host: otherwise the others would go on and
+    wait in the run's first collective for a process 0 that has already stopped.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        with RunLock(run_dir, command, break_lock):
+            yield
         return
-    with RunLock(run_dir, command, break_lock):
+    lock, error = None, None
+    if is_lock_process():
+        lock = RunLock(run_dir, command, break_lock)
+        try:
+            lock.acquire()
+        except Exception as err:  # told to the others before it is raised here
+            error = err
+    refusal = _from_process_zero(str(error or ""))
+    if error is not None:
+        raise error
+    if refusal:
+        raise RunLockError(f"process 0 could not take the run directory's lock: {refusal}")
+    try:
         yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _from_process_zero(message: str, size: int = 2048) -> str:
+    """``message`` as process 0 has it, on every process (a collective: all must call it)."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    buf = np.zeros(size, np.uint8)
+    raw = message.encode()[:size]
+    buf[: len(raw)] = np.frombuffer(raw, np.uint8)
+    out = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+    return bytes(out).rstrip(b"\0").decode(errors="replace")
 
 
 def check_free(run_dir: str | Path) -> None:

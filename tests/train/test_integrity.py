@@ -116,14 +116,28 @@ def test_other_hosts_lock_needs_break_lock(tmp_path, capsys):
 
 
 def test_only_process_zero_takes_the_lock(tmp_path, monkeypatch):
+    """Process 0 of several takes the lock; the others take none and learn process 0's answer
+    (`_from_process_zero`, a broadcast: here its answer is given)."""
     import jax
 
+    told = {"answer": ""}
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(lock, "_from_process_zero", lambda msg: msg or told["answer"])
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     with lock.hold(tmp_path, "train"):
         assert not (tmp_path / lock.LOCK_NAME).exists()
+    told["answer"] = "run directory 'D' is in use by `aroma-jax train` (pid 7 on this host)"
+    with pytest.raises(lock.RunLockError, match="process 0 could not take .*pid 7 on this host"):
+        with lock.hold(tmp_path, "train"):
+            pytest.fail("process 1 ran although process 0 was refused")
+    told["answer"] = ""
     monkeypatch.setattr(jax, "process_index", lambda: 0)
     with lock.hold(tmp_path, "train"):
         assert (tmp_path / lock.LOCK_NAME).exists()
+        with pytest.raises(lock.RunLockError, match="is in use by"):  # process 0 refused
+            with lock.hold(tmp_path, "train"):
+                pytest.fail("a second process 0 got the lock")
+    assert not (tmp_path / lock.LOCK_NAME).exists()
 
 
 @pytest.mark.slow  # two CLI processes, one of them trains: 541 s at load 30 on 2 shared cores

@@ -228,3 +228,24 @@ def test_dead_process_stops_the_other(fake_assets, tmp_path):
     assert procs[0].returncode != 0
     assert waited < 60, waited
     assert "another task died" in stderr or "died" in stderr, stderr[-2000:]
+
+
+def test_refused_lock_stops_every_process(fake_assets, tmp_path):
+    """A run directory held by another writer: process 0 is refused the lock and process 1, which
+    takes no lock, stops too with the same line, instead of waiting in a collective."""
+    from aroma_jax.train.lock import RunLock
+
+    out = tmp_path / "held"
+    with RunLock(out, "train"):  # this test process is the live holder
+        procs = _start(out, {"overrides": OVERRIDES})
+        try:
+            errs = [p.communicate(timeout=300)[1] for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+    assert all(p.returncode != 0 for p in procs), errs
+    for i, err in enumerate(errs):
+        assert "is in use by `aroma-jax train`" in err and f"pid {os.getpid()}" in err, (i, err[-2000:])
+    assert "process 0 could not take the run directory's lock" in errs[1]
+    assert not (out / "metrics.jsonl").exists()
