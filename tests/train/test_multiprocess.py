@@ -246,6 +246,9 @@ def test_refused_lock_stops_every_process(fake_assets, tmp_path):
                     p.kill()
     assert all(p.returncode != 0 for p in procs), errs
     for i, err in enumerate(errs):
-        assert "is in use by `aroma-jax train`" in err and f"pid {os.getpid()}" in err, (i, err[-2000:])
+        assert "is in use by `aroma-jax train`" in err and f"pid {os.getpid()}" in err, (
+            i,
+            err[-2000:],
+        )
     assert "process 0 could not take the run directory's lock" in errs[1]
     assert not (out / "metrics.jsonl").exists()
