@@ -182,7 +182,7 @@ def collect(out: Path, todo: list[dict], tasks: Mapping[str, Any]) -> list[dict]
             "seed": c["seed"],
             "metric": metric,
             "test": s["metrics"].get(metric),
-            "validation": (s.get("validation_metrics") or {}).get(metric),
+            "validation": (final_validation(run) or {}).get(metric),
             "total_rank": s.get("total_rank"),
             "mean_rank": float(np.mean(ranks)) if ranks else None,
             "min_rank": min(ranks) if ranks else None,
@@ -443,11 +443,11 @@ def long_cells(
 
 
 def _validation(run: Path, metric: str) -> float | None:
-    """The run's validation score (its latest evaluation); None when unfinished or not finite."""
+    """The validation score of the run's finalized adapters (`final_validation`); None when
+    unfinished or not finite."""
     if status(run) != "finished":
         return None
-    s = json.loads((run / "summary.json").read_text())
-    v = (s.get("validation_metrics") or {}).get(metric)
+    v = (final_validation(run) or {}).get(metric)
     return float(v) if v is not None and math.isfinite(float(v)) else None
 
 
@@ -507,6 +507,34 @@ def _curve(run: Path, metric: str) -> dict[int, float]:
     return out
 
 
+FINAL_VALIDATION = "final_validation.json"
+
+
+def final_validation(run: Path) -> dict | None:
+    """A finished cell's ``final/`` adapters scored on validation: what a setting is chosen by.
+
+    The last in-training evaluation is steps before the end (step 1,000 of 1,200 at the long
+    budget, 150 of 300 at the demo's) and sees the pairs before finalize merges or drops them.
+    Runs since the runner scores ``final/`` on validation carry it in summary.json
+    (``final_validation_metrics``); for older cells it is computed once with
+    ``runner.evaluate_only`` and kept in ``RUN/final_validation.json`` (archived with the cell).
+    None where neither exists and ``final/`` is gone (an archive of an older cell).
+    """
+    summary = json.loads((run / "summary.json").read_text())
+    if summary.get("final_validation_metrics") is not None:
+        return summary["final_validation_metrics"]
+    cache = run / FINAL_VALIDATION
+    if cache.exists():
+        return json.loads(cache.read_text())
+    if not (run / "final").exists():
+        return None
+    from aroma_jax.train import run_config, runner
+
+    metrics = runner.evaluate_only(run_config.load_run(run), run, "validation")
+    cache.write_text(json.dumps(metrics))
+    return metrics
+
+
 def _analysis(run: Path) -> dict | None:
     """Per-module rank, layer, matrix and effective rank of the final update (App. C); from
     the cell's ``analysis.json`` where `archive` left one instead of the adapters."""
@@ -520,7 +548,7 @@ def _analysis(run: Path) -> dict | None:
     return analysis.analyze_run(open_run(run))
 
 
-ARCHIVED = ("summary.json", "config.yaml", "metrics.jsonl")
+ARCHIVED = ("summary.json", "config.yaml", "metrics.jsonl", FINAL_VALIDATION)
 
 
 def archive(out: Path, dest: Path) -> int:
@@ -536,6 +564,7 @@ def archive(out: Path, dest: Path) -> int:
             continue
         target = dest / run.relative_to(out)
         target.mkdir(parents=True, exist_ok=True)
+        final_validation(run)  # computed now for an older cell: the archive has no final/
         for name in ARCHIVED:
             if (run / name).exists():
                 shutil.copyfile(run / name, target / name)

@@ -141,7 +141,10 @@ def test_long_grid_sweeps_lr_on_validation_then_runs_seeds_and_resumes(
         summary = {
             "status": "finished",
             "metrics": {"accuracy": test},
-            "validation_metrics": {"accuracy": val},
+            # the choice reads final/'s validation score, not the last in-training one (here
+            # ordered the other way round, so reading the wrong one picks other rates)
+            "validation_metrics": {"accuracy": 1.0 - val},
+            "final_validation_metrics": {"accuracy": val},
             "ranks": {"x/0/q": 2, "x/1/q": 3},
             "eq6_stopped": {"modules": 1, "during_training": 1, "at_rank": {"2": 1}},
             "total_rank": 5,

@@ -508,6 +508,11 @@ def _train(
     ckpt.save(step, state, run.meta(step), force=True)
     last_pairs = trainer.final_pairs(state) if aroma.grows else {}
     final = trainer.finalize(state)
+    # The finalized adapters on validation too: a setting chosen on validation is judged by the
+    # model the run delivers, not by the last in-training evaluation (steps earlier, and before
+    # finalize merged or dropped the pairs left at T).
+    final_validation = _evaluate(pipe, trainer, final, "validation", cfg)
+    log.write({"step": step, "split": "validation", "final": True, **final_validation})
     metrics = _evaluate(pipe, trainer, final, "test", cfg)
     log.write({"step": step, "split": "test", **metrics})
     best_record = best.record() if best is not None else None
@@ -544,6 +549,7 @@ def _train(
         "task": cfg.task.name,
         "metrics": metrics,
         "validation_metrics": last_eval,
+        "final_validation_metrics": final_validation,
         "initial_validation_metrics": initial_metrics,
         "ranks": ranks,
         "total_rank": int(sum(ranks.values())),

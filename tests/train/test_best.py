@@ -84,9 +84,11 @@ def test_best_is_the_peak_validation_step(fake_assets, scripted, tmp_path):
     assert kept != (run / "final" / "adapters.safetensors").read_bytes()
     manifest = artifacts.verify_final(run / "best")
     assert manifest["step"] == 20 and manifest["best"]["value"] == 0.9
-    # test is evaluated only after the last validation eval: once for final/, once for best/
+    # test is evaluated only after the last validation eval: once for final/, once for best/;
+    # the sixth validation eval is final/'s (summary's final_validation_metrics), no candidate
     splits = [split for split, _ in scripted]
-    assert splits == ["validation"] * 5 + ["test", "test"]
+    assert splits == ["validation"] * 6 + ["test", "test"]
+    assert s["final_validation_metrics"]["accuracy"] == VALIDATION[40]
     assert scripted[-1] == ("test", 20)
     # eval --which best scores best/ (rebuilt from its files) as the summary reports
     resolved = run_config.load_run(run)
