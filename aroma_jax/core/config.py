@@ -16,12 +16,19 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
 from aroma_jax.core import methods
+from aroma_jax.core.checks import (
+    ConfigError,
+    check_int,
+    check_known,
+    check_number,
+    check_one_of,
+    fail,
+)
 
 METHODS = tuple(methods.BUILTIN)  # the built-in methods; `methods.register` adds more
 RESET_MODES = ("prune", "full", "none")
@@ -33,14 +40,6 @@ DECAY_MASKS = ("all", "hf")
 
 class CapacityWarning(UserWarning):
     """An explicit ``rank_capacity`` below the number of outer steps the run can take."""
-
-
-class ConfigError(ValueError):
-    """An invalid config value; the message names the field, the value and what is accepted."""
-
-
-def _fail(field: str, value: Any, accepted: str) -> None:
-    raise ConfigError(f"invalid {field}={value!r}: accepted {accepted}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +168,7 @@ class AromaConfig:
             if isinstance(value, str):
                 value = (value,)
             if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
-                _fail(name, value, "a list of module path patterns (strings)")
+                fail(name, value, "a list of module path patterns (strings)")
             object.__setattr__(self, name, tuple(value))
         if isinstance(self.options, Mapping):
             object.__setattr__(self, "options", tuple(sorted(self.options.items())))
@@ -178,74 +177,52 @@ class AromaConfig:
 
     def _validate(self) -> None:
         if not self.target_modules:
-            _fail("target_modules", self.target_modules, "a non-empty list of module patterns")
+            fail("target_modules", self.target_modules, "a non-empty list of module patterns")
         if not isinstance(self.method, str):
-            _fail("method", self.method, f"one of {methods.names()} or 'package.module:Class'")
+            fail("method", self.method, f"one of {methods.names()} or 'package.module:Class'")
         try:
             self.plugin  # noqa: B018 (resolves a registered name or imports a dotted path)
         except methods.UnknownMethod as e:
             raise ConfigError(f"invalid method={self.method!r}: {e}") from None
-        if self.reset not in RESET_MODES:
-            _fail("reset", self.reset, f"one of {RESET_MODES}")
-        if self.schedule not in SCHEDULES:
-            _fail("schedule", self.schedule, f"one of {SCHEDULES}")
-        if self.fold not in FOLD_MODES:
-            _fail("fold", self.fold, f"one of {FOLD_MODES}")
-        if self.bias_correction not in BIAS_CORRECTION:
-            _fail("bias_correction", self.bias_correction, f"one of {BIAS_CORRECTION}")
-        if self.weight_decay_mask not in DECAY_MASKS:
-            _fail("weight_decay_mask", self.weight_decay_mask, f"one of {DECAY_MASKS}")
+        check_one_of("reset", self.reset, RESET_MODES)
+        check_one_of("schedule", self.schedule, SCHEDULES)
+        check_one_of("fold", self.fold, FOLD_MODES)
+        check_one_of("bias_correction", self.bias_correction, BIAS_CORRECTION)
+        check_one_of("weight_decay_mask", self.weight_decay_mask, DECAY_MASKS)
         if not isinstance(self.keep_first_pair, bool):
-            _fail("keep_first_pair", self.keep_first_pair, "true or false")
+            fail("keep_first_pair", self.keep_first_pair, "true or false")
         for name in ("r", "inner_check_every", "inner_max_steps", "max_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                _fail(name, value, "an integer >= 1")
-        cap = self.rank_capacity
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
-            _fail("rank_capacity", cap, "an integer >= 1, or null to derive it from the run")
+            check_int(name, getattr(self, name), 1)
+        check_int(
+            "rank_capacity",
+            self.rank_capacity,
+            1,
+            none=True,
+            accepted="an integer >= 1, or null to derive it from the run",
+        )
         for name in ("min_lr_ratio", "adapter_dropout"):
-            value = getattr(self, name)
-            if not _is_number(value) or not 0.0 <= value < 1.0:
-                _fail(name, value, "a number in [0, 1)")
+            check_number(name, getattr(self, name), "a number in [0, 1)")
         for name in ("warmup_steps", "rewarmup_steps", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                _fail(name, value, "an integer >= 0")
+            check_int(name, getattr(self, name), 0)
         for name in ("alpha", "learning_rate"):
-            value = getattr(self, name)
-            if not _is_number(value) or not value > 0 or not math.isfinite(value):
-                _fail(name, value, "a finite number > 0")
+            check_number(name, getattr(self, name), "a finite number > 0")
         for name in ("inner_tol", "outer_tol", "weight_decay", "eps", "max_grad_norm"):
-            value = getattr(self, name)
-            if not _is_number(value) or value < 0 or not math.isfinite(value):
-                _fail(name, value, "a finite number >= 0")
-        if not _is_number(self.prune_ratio) or not 0.0 <= self.prune_ratio <= 1.0:
-            _fail("prune_ratio", self.prune_ratio, "a number in [0, 1]")
+            check_number(name, getattr(self, name), "a finite number >= 0")
+        check_number("prune_ratio", self.prune_ratio, "a number in [0, 1]")
         for name in ("b1", "b2"):
-            value = getattr(self, name)
-            if not _is_number(value) or not 0.0 <= value < 1.0:
-                _fail(name, value, "a number in [0, 1)")
+            check_number(name, getattr(self, name), "a number in [0, 1)")
         self._validate_methods()
 
     def _validate_methods(self) -> None:
         # The AdaLoRA fields are checked whatever the method (a typo should not wait for a
         # method switch), their cross-field rules only under adalora, like PEFT's.
         for name in ("init_r", "delta_t"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                _fail(name, value, "an integer >= 1")
+            check_int(name, getattr(self, name), 1)
         for name in ("target_r", "tinit", "tfinal"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                _fail(name, value, "an integer >= 0")
+            check_int(name, getattr(self, name), 0)
         for name in ("ipt_beta1", "ipt_beta2"):
-            value = getattr(self, name)
-            if not _is_number(value) or not 0.0 < value < 1.0:
-                _fail(name, value, "a number in (0, 1)")
-        w = self.orth_reg_weight
-        if not _is_number(w) or w < 0 or not math.isfinite(w):
-            _fail("orth_reg_weight", w, "a finite number >= 0")
+            check_number(name, getattr(self, name), "a number in (0, 1)")
+        check_number("orth_reg_weight", self.orth_reg_weight, "a finite number >= 0")
         self.plugin.validate(self)  # the method's cross-field rules (AdaLoRA's, like PEFT's)
 
     def _warn_binding_capacity(self) -> None:
@@ -354,10 +331,6 @@ def max_outer_steps(cfg: AromaConfig) -> int:
     return cfg.max_steps // shortest_inner_loop(cfg)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def field_names() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(AromaConfig))
 
@@ -365,11 +338,8 @@ def field_names() -> tuple[str, ...]:
 def from_dict(values: Mapping[str, Any]) -> AromaConfig:
     """Builds a config from a mapping, rejecting unknown keys with the list of valid ones."""
     valid = field_names()
-    unknown = sorted(set(values) - set(valid))
-    if unknown:
-        raise ConfigError(
-            f"unknown AROMA config key(s) {unknown}: valid keys are {', '.join(valid)}"
-        )
+    message = f"unknown AROMA config key(s) {{unknown}}: valid keys are {', '.join(valid)}"
+    check_known(values, valid, message)
     return AromaConfig(**dict(values))
 
 

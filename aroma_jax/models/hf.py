@@ -480,11 +480,7 @@ def stacked_of(model) -> dict:
     that scans its layers, else ``{}``."""
     if not getattr(model, "scan_layers", False):
         return {}
-    c = model.config
-    if c.model_type == "bart":  # two stacks
-        return {"model/encoder/layers": c.encoder_layers, "model/decoder/layers": c.decoder_layers}
-    at = getattr(model, "layers_at", ("model", "layers"))
-    return {"/".join(at): c.num_hidden_layers}
+    return {"/".join(at): n for at, n in model.layer_stacks}  # BART: two stacks
 
 
 def native_loaded(model) -> Loaded:

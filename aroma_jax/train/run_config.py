@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import re
 import warnings
 from collections.abc import Iterable, Mapping
@@ -45,6 +44,15 @@ import yaml
 
 from aroma_jax.core import config as core_config
 from aroma_jax.core import methods
+from aroma_jax.core.checks import (
+    check_int,
+    check_known,
+    check_number,
+    check_one_of,
+    check_text,
+    fail,
+    is_int,
+)
 from aroma_jax.core.config import AromaConfig, CapacityWarning, ConfigError, OptimizerConfig
 
 HEAD_MODES = ("train", "frozen", "paper")
@@ -55,18 +63,10 @@ class ConfigMigrationWarning(UserWarning):
     """A config key that was renamed or moved, or one the chosen method does not have."""
 
 
-def _int(section: str, name: str, value: Any, low: int, none: bool = False) -> None:
-    if none and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        more = " or null" if none else ""
-        raise ConfigError(f"invalid {section}.{name}={value!r}: accepted an integer >= {low}{more}")
-
-
-def _one_of(section: str, name: str, value: Any, accepted: tuple) -> None:
-    if value not in accepted:
-        shown = ", ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in accepted)
-        raise ConfigError(f"invalid {section}.{name}={value!r}: accepted {shown}")
+def _one_of(field: str, value: Any, choices: tuple) -> None:
+    """`check_one_of` with the choices listed as YAML writes them (``auto, true, false``)."""
+    shown = ", ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in choices)
+    check_one_of(field, value, choices, shown)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,17 +86,17 @@ class ModelConfig:
     init_adapter: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ConfigError(
-                f"invalid model.name={self.name!r}: accepted an asset (minilm, smollm2), "
-                "tiny-<arch>, a local directory or a hub name"
-            )
-        _int("model", "num_labels", self.num_labels, 1, none=True)
-        _one_of("model", "impl", self.impl, ("auto", "native", "hf"))
-        _one_of("model", "remat", self.remat, ("none", "full", "dots"))
-        _one_of("model", "scan_layers", self.scan_layers, ("auto", True, False))
-        _one_of("model", "dtype", self.dtype, ("float32", "bfloat16"))
-        _one_of("model", "param_dtype", self.param_dtype, ("float32", "bfloat16"))
+        check_text(
+            "model.name",
+            self.name,
+            "an asset (minilm, smollm2), tiny-<arch>, a local directory or a hub name",
+        )
+        check_int("model.num_labels", self.num_labels, 1, none=True)
+        _one_of("model.impl", self.impl, ("auto", "native", "hf"))
+        _one_of("model.remat", self.remat, ("none", "full", "dots"))
+        _one_of("model.scan_layers", self.scan_layers, ("auto", True, False))
+        _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
+        _one_of("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,34 +167,28 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "eval_batch_size", "eval_every", "log_every", "save_every"):
-            _int("train", name, getattr(self, name), 1)
-        _int("train", "keep_checkpoints", self.keep_checkpoints, 1)
+            check_int(f"train.{name}", getattr(self, name), 1)
+        check_int("train.keep_checkpoints", self.keep_checkpoints, 1)
         k = self.grad_accum
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or self.batch_size % k:
-            raise ConfigError(
-                f"invalid train.grad_accum={k!r}: accepted a positive integer dividing "
+        if not is_int(k) or k < 1 or self.batch_size % k:
+            fail(
+                "train.grad_accum",
+                k,
+                "a positive integer dividing "
                 f"train.batch_size={self.batch_size} (micro-batches of batch_size / grad_accum "
-                "rows; 1 = none)"
+                "rows; 1 = none)",
             )
-        _int("train", "prefetch", self.prefetch, 0)
-        _int("train", "seed", self.seed, 0)
-        if self.head not in HEAD_MODES:
-            raise ConfigError(f"invalid train.head={self.head!r}: accepted one of {HEAD_MODES}")
-        _int("train", "generate_max_len", self.generate_max_len, 1)
-        _int("train", "num_beams", self.num_beams, 1)
-        _int("train", "generate_min_len", self.generate_min_len, 0)
-        _int("train", "no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
-        lp = self.length_penalty
-        if isinstance(lp, bool) or not isinstance(lp, (int, float)) or not math.isfinite(lp):
-            raise ConfigError(f"invalid train.length_penalty={lp!r}: accepted a finite number")
+        check_int("train.prefetch", self.prefetch, 0)
+        check_int("train.seed", self.seed, 0)
+        check_one_of("train.head", self.head, HEAD_MODES)
+        check_int("train.generate_max_len", self.generate_max_len, 1)
+        check_int("train.num_beams", self.num_beams, 1)
+        check_int("train.generate_min_len", self.generate_min_len, 0)
+        check_int("train.no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
+        check_number("train.length_penalty", self.length_penalty, "a finite number")
         for name in ("eval_at_start", "progress"):
-            _one_of("train", name, getattr(self, name), (True, False))
-        if self.keep_best is not None and (
-            not isinstance(self.keep_best, str) or not self.keep_best
-        ):
-            raise ConfigError(
-                f"invalid train.keep_best={self.keep_best!r}: accepted a metric name or null"
-            )
+            _one_of(f"train.{name}", getattr(self, name), (True, False))
+        check_text("train.keep_best", self.keep_best, "a metric name or null", none=True)
         from aroma_jax.train.trackers import NAMES
 
         trackers = self.trackers
@@ -205,15 +199,14 @@ class TrainConfig:
             or any(t not in NAMES for t in trackers)
             or len(set(trackers)) != len(trackers)
         ):
-            raise ConfigError(
-                f"invalid train.trackers={self.trackers!r}: accepted a list of distinct names "
-                f"from {NAMES}, e.g. [wandb, mlflow], or []"
+            fail(
+                "train.trackers",
+                self.trackers,
+                f"a list of distinct names from {NAMES}, e.g. [wandb, mlflow], or []",
             )
         object.__setattr__(self, "trackers", tuple(trackers))
         for key in ("tracker_project", "tracker_run_name", "tracker_dir"):
-            value = getattr(self, key)
-            if value is not None and (not isinstance(value, str) or not value):
-                raise ConfigError(f"invalid train.{key}={value!r}: accepted a string or null")
+            check_text(f"train.{key}", getattr(self, key), "a string or null", none=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -364,11 +357,8 @@ def apply_override(plain: dict, item: str, notes: list[str] | None = None) -> No
 
 def _section(cls: type, name: str, values: Mapping[str, Any]) -> Any:
     valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(valid))
-    if unknown:
-        raise ConfigError(
-            f"unknown key(s) {unknown} in section {name!r}: valid keys are {', '.join(valid)}"
-        )
+    message = f"unknown key(s) {{unknown}} in section {name!r}: valid keys are {', '.join(valid)}"
+    check_known(values, valid, message)
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return cls(**values)
 
@@ -385,10 +375,7 @@ def method_section(values: Mapping[str, Any], where: str = "config") -> Any:
     method's fields; another built-in method's keys are ignored with a warning)."""
     name = values.get("method", "aroma")
     if not isinstance(name, str):
-        raise ConfigError(
-            f"invalid aroma.method={name!r}: accepted one of {methods.names()} or "
-            "'package.module:Attribute'"
-        )
+        fail("aroma.method", name, f"one of {methods.names()} or 'package.module:Attribute'")
     try:
         method = methods.get(name)
     except methods.UnknownMethod as e:
@@ -447,11 +434,8 @@ def resolve(
 ) -> RunConfig:
     """Defaults <- file values <- ``--set`` overrides, migrated (`MOVED`), typed and validated."""
     raw = dict(raw or {})
-    unknown = sorted(set(raw) - set(SECTION_NAMES))
-    if unknown:
-        raise ConfigError(
-            f"unknown config section(s) {unknown}: valid sections are {list(SECTION_NAMES)}"
-        )
+    message = f"unknown config section(s) {{unknown}}: valid sections are {list(SECTION_NAMES)}"
+    check_known(raw, SECTION_NAMES, message)
     for section, values in raw.items():
         if section != "mesh" and values is not None and not isinstance(values, Mapping):
             raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
@@ -465,9 +449,7 @@ def resolve(
     _warn_moved(notes, where)
     mesh = plain.get("mesh")
     if mesh is not None and not isinstance(mesh, str):
-        raise ConfigError(
-            f"invalid mesh={mesh!r}: accepted axis=size pairs, e.g. data=2,fsdp=2, or null"
-        )
+        fail("mesh", mesh, "axis=size pairs, e.g. data=2,fsdp=2, or null")
     sections = {name: _section(cls, name, plain.get(name) or {}) for name, cls in _TYPED.items()}
     cfg = RunConfig(**sections, aroma=method_section(plain.get("aroma") or {}, where), mesh=mesh)
     _check_method(cfg.aroma, cfg.optimizer)
@@ -476,18 +458,15 @@ def resolve(
 
 def _check_task(task: TaskConfig) -> None:
     """Lengths are integers >= 1, example caps integers >= 1 or null, bad_rows a policy."""
-    if not isinstance(task.name, str) or not task.name:
-        raise ConfigError(f"invalid task.name={task.name!r}: accepted a task name")
+    check_text("task.name", task.name, "a task name")
     for name in ("max_len", "target_max_len"):
-        _int("task", name, getattr(task, name), 1)
+        check_int(f"task.{name}", getattr(task, name), 1)
     for name in ("max_train_examples", "max_eval_examples"):
-        _int("task", name, getattr(task, name), 1, none=True)
-    _int("task", "dev_examples", task.dev_examples, 0)
-    _one_of("task", "bad_rows", task.bad_rows, ("error", "drop"))
+        check_int(f"task.{name}", getattr(task, name), 1, none=True)
+    check_int("task.dev_examples", task.dev_examples, 0)
+    _one_of("task.bad_rows", task.bad_rows, ("error", "drop"))
     if not (isinstance(task.streaming, bool) or task.streaming == "auto"):
-        raise ConfigError(
-            f"invalid task.streaming={_plain_value(task.streaming)!r}: accepted true, false or auto"
-        )
+        fail("task.streaming", _plain_value(task.streaming), "true, false or auto")
     names = task.label_names
     if names is not None and (
         not isinstance(names, (list, tuple))
@@ -495,10 +474,10 @@ def _check_task(task: TaskConfig) -> None:
         or not all(isinstance(n, (str, int)) and not isinstance(n, bool) for n in names)
         or len({str(n) for n in names}) != len(names)
     ):
-        raise ConfigError(
-            f"invalid task.label_names={_plain_value(names)!r}: accepted a list of 2 or more "
-            "distinct class "
-            "names, in id order, or null"
+        fail(
+            "task.label_names",
+            _plain_value(names),
+            "a list of 2 or more distinct class names, in id order, or null",
         )
     if names is not None:
         object.__setattr__(task, "label_names", tuple(names))

@@ -23,6 +23,7 @@ local ``tracker_dir`` (a file store: MLflow 3 asks for ``MLFLOW_ALLOW_FILE_STORE
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 import re
@@ -64,27 +65,32 @@ def module_values(paths: Sequence[str], infos: Sequence[Any]) -> dict[int, dict[
     return out
 
 
-class Tracker:
-    """The interface the runner calls; subclasses implement ``log_values`` (and ``start``)."""
+class Tracker(abc.ABC):
+    """One experiment tracker, as the runner calls it: a subclass implements ``log_values``;
+    ``start`` and ``finish`` are optional (a tracker with nothing to open or close keeps
+    these no-ops), and ``log`` / ``window`` turn records and windows into ``log_values``."""
 
     name = "tracker"
 
-    def start(self, config: Mapping[str, Any], out: Path, resume: bool) -> None:
+    def start(self, config: Mapping[str, Any], out: Path, resume: bool) -> None:  # noqa: B027
         """Opens the tracker run with the resolved config (``resume``: continue the earlier)."""
 
+    @abc.abstractmethod
     def log_values(self, step: int, values: Mapping[str, float]) -> None:
-        raise NotImplementedError
+        """Logs scalar ``values`` (``tag -> number``) at ``step``."""
 
     def log(self, record: Mapping[str, Any]) -> None:
+        """A metrics.jsonl record's finite numbers (`scalars`) at its step."""
         values = scalars(record)
         if values:
             self.log_values(int(record.get("step", 0)), values)
 
     def window(self, loop: Any, infos: Sequence[Any]) -> None:
+        """A synced window's eq. 5 / eq. 6 ratios per module (`module_values`), step by step."""
         for step, values in module_values(loop.trainer.paths, infos).items():
             self.log_values(step, values)
 
-    def finish(self, status: str) -> None:
+    def finish(self, status: str) -> None:  # noqa: B027
         """Closes the tracker run: ``finished``, ``interrupted`` or ``failed``."""
 
 
@@ -247,8 +253,12 @@ def from_config(train: Any) -> list[Tracker]:
     return made
 
 
-class Trackers(Tracker):
-    """The run's trackers together: the runner's one sink for records, windows and the end."""
+class Trackers:
+    """The run's trackers together: the runner's one sink for records, windows and the end.
+
+    It holds `Tracker`s and passes each call on to those that started (not a `Tracker`
+    itself: it has no values of its own to log). ``trackers`` may grow until `start`.
+    """
 
     def __init__(self, trackers: Sequence[Tracker] = ()):
         self.trackers = list(trackers)

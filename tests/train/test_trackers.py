@@ -187,3 +187,48 @@ def test_module_values_and_window_hook():
     loop.add_window_hook(Mine().window)
     loop.window_event(infos)
     assert logged == sorted(got.items())
+
+
+def test_tracker_is_abstract_and_trackers_fans_out(tmp_path):
+    """`Tracker` cannot be built without ``log_values``; `Trackers` holds trackers (it is not
+    one) and passes records, windows and the end on to those that started, once."""
+    with pytest.raises(TypeError, match="log_values"):
+        trackers.Tracker()
+
+    class NoValues(trackers.Tracker):
+        pass
+
+    with pytest.raises(TypeError, match="log_values"):
+        NoValues()
+
+    calls = []
+
+    class Recorder(trackers.Tracker):
+        def __init__(self, tag):
+            self.tag = tag
+
+        def start(self, config, out, resume):
+            calls.append((self.tag, "start", resume))
+
+        def log_values(self, step, values):
+            calls.append((self.tag, step, dict(values)))
+
+        def finish(self, status):
+            calls.append((self.tag, status))
+
+    sink = trackers.Trackers([Recorder("a")])
+    assert not isinstance(sink, trackers.Tracker)
+    sink.trackers.append(Recorder("b"))  # as the runner adds the config's trackers
+    sink.log({"step": 1, "loss": 0.5})  # before start: no tracker is open
+    sink.start({}, tmp_path, True)
+    sink.log({"step": 2, "loss": 0.25})
+    sink.finish("interrupted")
+    sink.finish("failed")  # already closed: nothing more
+    assert calls == [
+        ("a", "start", True),
+        ("b", "start", True),
+        ("a", 2, {"train/loss": 0.25}),
+        ("b", 2, {"train/loss": 0.25}),
+        ("a", "interrupted"),
+        ("b", "interrupted"),
+    ]

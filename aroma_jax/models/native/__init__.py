@@ -11,9 +11,10 @@ Example:
     >>> # scanned = NativeCausalLM.from_pretrained("meta-llama/Llama-3.2-1B", scan_layers=True)
 """
 
-from aroma_jax.models.native.causal_lm import NativeCausalLM, load_tokenizer
+from aroma_jax.models.native.causal_lm import NativeCausalLM
 from aroma_jax.models.native.config import NativeConfig, NativeConfigError
 from aroma_jax.models.native.modeling import CausalLM, is_scanned, stack_layers, unstack_layers
+from aroma_jax.models.native.wrapper import load_tokenizer
 
 # Where the native models keep a layer stack (stacked under ``scan_layers``): LLaMA family,
 # BERT, RoBERTa, BART encoder and decoder.

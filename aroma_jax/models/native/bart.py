@@ -43,9 +43,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from aroma_jax.models.native.bert import activation
+from aroma_jax.models.native import blocks
+from aroma_jax.models.native.blocks import Block, Stack
 from aroma_jax.models.native.config import NativeConfigError, read_config_json
-from aroma_jax.models.native.modeling import REMAT_POLICIES, KVCache, remat_policy
+from aroma_jax.models.native.modeling import KVCache, check_remat
 
 POSITION_OFFSET = 2  # HF's BartLearnedPositionalEmbedding
 GENERATION_KEYS = (
@@ -122,7 +123,7 @@ class BartConfig:
                 "accepted BART's post-LN (both false)"
             )
         act = d.get("activation_function") or "gelu"
-        activation(act)
+        blocks.activation(act)
         gen = {k: d[k] for k in GENERATION_KEYS if d.get(k) is not None}
         gen.update({k: v for k, v in (generation or {}).items() if k in GENERATION_KEYS})
         gen = {k: v for k, v in gen.items() if v is not None}
@@ -169,38 +170,26 @@ class BartConfig:
 
 
 def _dense(c: BartConfig, features: int, name: str, dtype, param_dtype) -> nn.Dense:
-    return nn.Dense(
-        features,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nn.initializers.normal(c.init_std),
-        name=name,
-    )
+    return blocks.dense(features, c.init_std, name, dtype, param_dtype)
 
 
 def _norm(name: str, dtype, param_dtype) -> nn.LayerNorm:
     return nn.LayerNorm(1e-5, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-class Attention(nn.Module):
+class Attention(Block):
     """HF's ``BartAttention``: ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj`` (with biases)."""
 
-    config: BartConfig
-    heads: int
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    deterministic: bool = True
-    attention_impl: str | None = None
-
     @nn.compact
-    def __call__(self, x, kv, mask=None, causal=False, cache=None, index=None):
+    def __call__(self, x, kv, heads: int, mask=None, causal=False, cache=None, index=None):
         """``(out, cache)``. ``kv``: the keys' source (``x`` itself for self-attention);
-        ``mask``: ``(batch, keys)`` real keys (with a cache: over the buffer). With a `KVCache`
-        (one layer's ``(batch, S, heads, head_dim)``) the new keys and values are written at
-        slots ``index ..`` and every query sees the slots up to its own."""
+        ``heads``: the stack's head count; ``mask``: ``(batch, keys)`` real keys (with a cache:
+        over the buffer). With a `KVCache` (one layer's ``(batch, S, heads, head_dim)``) the
+        new keys and values are written at slots ``index ..`` and every query sees the slots
+        up to its own."""
         c, dt, pdt = self.config, self.dtype, self.param_dtype
         b, t, d = x.shape
-        n = self.heads
+        n = heads
         h = d // n
         q = _dense(c, d, "q_proj", dt, pdt)(x).reshape(b, t, n, h)
         k = _dense(c, d, "k_proj", dt, pdt)(kv).reshape(b, kv.shape[1], n, h)
@@ -215,40 +204,30 @@ class Attention(nn.Module):
             allowed = jnp.arange(k.shape[1])[None, :] <= index + jnp.arange(t)[:, None]
             m = allowed[None, None] if m is None else (m & allowed[None, None])
             k, v, causal = k.astype(q.dtype), v.astype(q.dtype), False
-        rate = c.attention_dropout
-        if self.deterministic or rate == 0.0:
-            out = jax.nn.dot_product_attention(
-                q, k, v, mask=m, is_causal=causal, implementation=self.attention_impl
-            )
-        else:  # dropout on the probabilities: the kernel above has no such option
-            s = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32) / math.sqrt(h)
-            if causal:
-                tri = jnp.tril(jnp.ones((t, k.shape[1]), bool))[None, None]
-                m = tri if m is None else (m & tri)
-            if m is not None:
-                s = jnp.where(m, s, jnp.finfo(jnp.float32).min)
-            p = nn.Dropout(rate)(jax.nn.softmax(s, axis=-1), deterministic=False)
-            out = jnp.einsum("bnqk,bknh->bqnh", p.astype(v.dtype), v)
+        out = blocks.attend(
+            q,
+            k,
+            v,
+            m,
+            rate=c.attention_dropout,
+            deterministic=self.deterministic,
+            causal=causal,
+            impl=self.attention_impl,
+        )
         out = nn.with_logical_constraint(out.reshape(b, t, d), ("batch", "length", "heads"))
         return _dense(c, d, "out_proj", dt, pdt)(out), cache
 
 
-class EncoderLayer(nn.Module):
-    config: BartConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    deterministic: bool = True
-    attention_impl: str | None = None
+class EncoderLayer(Block):
+    """HF's ``BartEncoderLayer``: self-attention and the FFN, post-LN."""
 
     @nn.compact
     def __call__(self, x, mask):
         """``(x, None)``: also ``nn.scan``'s body."""
         c, dt, pdt, det = self.config, self.dtype, self.param_dtype, self.deterministic
         drop = nn.Dropout(c.dropout)
-        attn = Attention(
-            c, c.encoder_attention_heads, dt, pdt, det, self.attention_impl, name="self_attn"
-        )
-        a, _ = attn(x, x, mask)
+        attn = Attention(c, name="self_attn", **self.block_kwargs())
+        a, _ = attn(x, x, c.encoder_attention_heads, mask)
         x = _norm("self_attn_layer_norm", dt, pdt)(x + drop(a, deterministic=det))
         x = _norm("final_layer_norm", dt, pdt)(x + _ffn(self, c.encoder_ffn_dim, x))
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
@@ -257,19 +236,15 @@ class EncoderLayer(nn.Module):
 def _ffn(layer: nn.Module, ffn_dim: int, x):
     """``dropout(fc2(dropout_act(act(fc1(x)))))`` in ``layer``'s scope (``fc1``, ``fc2``)."""
     c, dt, pdt, det = layer.config, layer.dtype, layer.param_dtype, layer.deterministic
-    h = activation(c.activation_function)(_dense(c, ffn_dim, "fc1", dt, pdt)(x))
+    h = blocks.activation(c.activation_function)(_dense(c, ffn_dim, "fc1", dt, pdt)(x))
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
     h = nn.Dropout(c.activation_dropout)(h, deterministic=det)
     h = _dense(c, c.d_model, "fc2", dt, pdt)(h)
     return nn.Dropout(c.dropout)(h, deterministic=det)
 
 
-class DecoderLayer(nn.Module):
-    config: BartConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    deterministic: bool = True
-    attention_impl: str | None = None
+class DecoderLayer(Block):
+    """HF's ``BartDecoderLayer``: causal self-attention, cross-attention, the FFN."""
 
     @nn.compact
     def __call__(self, x, mask, enc, enc_mask, cache=None, index=None):
@@ -278,156 +253,62 @@ class DecoderLayer(nn.Module):
         c, dt, pdt, det = self.config, self.dtype, self.param_dtype, self.deterministic
         drop = nn.Dropout(c.dropout)
         n = c.decoder_attention_heads
-        kw = dict(dtype=dt, param_dtype=pdt, deterministic=det, attention_impl=self.attention_impl)
-        a, cache = Attention(c, n, name="self_attn", **kw)(x, x, mask, True, cache, index)
+        kw = self.block_kwargs()
+        a, cache = Attention(c, name="self_attn", **kw)(x, x, n, mask, True, cache, index)
         x = _norm("self_attn_layer_norm", dt, pdt)(x + drop(a, deterministic=det))
-        a, _ = Attention(c, n, name="encoder_attn", **kw)(x, enc, enc_mask)
+        a, _ = Attention(c, name="encoder_attn", **kw)(x, enc, n, enc_mask)
         x = _norm("encoder_attn_layer_norm", dt, pdt)(x + drop(a, deterministic=det))
         x = _norm("final_layer_norm", dt, pdt)(x + _ffn(self, c.decoder_ffn_dim, x))
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), cache
-
-
-class _Unrolled(nn.Module):
-    """A stack of ``layer_cls`` named ``0 .. n-1`` (HF's ``layers/<i>``); a `KVCache` of all
-    layers (leading layer axis) is sliced per layer and stacked back."""
-
-    layer_cls: Any
-    n: int
-    config: BartConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    deterministic: bool = True
-    attention_impl: str | None = None
-    remat: str = "none"
-
-    @nn.compact
-    def __call__(self, x, *args, cache=None, index=None):
-        cls = self.layer_cls
-        if self.remat != "none":
-            cls = nn.remat(cls, policy=remat_policy(self.remat), prevent_cse=True)
-        new = []
-        for i in range(self.n):
-            layer = cls(
-                self.config,
-                self.dtype,
-                self.param_dtype,
-                self.deterministic,
-                self.attention_impl,
-                name=str(i),
-            )
-            if self.layer_cls is EncoderLayer:
-                x, _ = layer(x, *args)
-                continue
-            layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
-            x, layer_cache = layer(x, *args, layer_cache, index)
-            new.append(layer_cache)
-        if cache is None:
-            return x, None
-        return x, jax.tree.map(lambda *cs: jnp.stack(cs), *new)
-
-
-def _stack(module: nn.Module, layer_cls, n: int, scan: bool):
-    kw = dict(
-        dtype=module.dtype,
-        param_dtype=module.param_dtype,
-        deterministic=module.deterministic,
-        attention_impl=module.attention_impl,
-    )
-    if not scan:
-        return _Unrolled(layer_cls, n, module.config, remat=module.remat, name="layers", **kw)
-    cls = layer_cls
-    if module.remat != "none":
-        cls = nn.remat(cls, policy=remat_policy(module.remat), prevent_cse=False)
-    extra = (
-        (nn.broadcast,) if layer_cls is EncoderLayer else (nn.broadcast,) * 3 + (0, nn.broadcast)
-    )
-    scanned = nn.scan(
-        cls,
-        variable_axes={"params": 0},
-        split_rngs={"params": True, "dropout": True},
-        in_axes=extra,
-        length=n,
-    )
-    return scanned(module.config, name="layers", **kw)
 
 
 def _embed(module: nn.Module, tokens, positions):
     """Token embeddings (``shared``, scaled) + learned positions, LayerNorm, dropout, in
     ``module``'s scope (``embed_positions``, ``layernorm_embedding``, as HF names them)."""
     c, dt, pdt = module.config, module.dtype, module.param_dtype
-    pos = nn.Embed(
-        c.max_position_embeddings + POSITION_OFFSET,
-        c.d_model,
-        embedding_init=nn.initializers.normal(c.init_std),
-        dtype=dt,
-        param_dtype=pdt,
-        name="embed_positions",
-    )(positions + POSITION_OFFSET)
+    slots = c.max_position_embeddings + POSITION_OFFSET
+    table = blocks.embed(slots, c.d_model, c.init_std, "embed_positions", dt, pdt)
+    pos = table(positions + POSITION_OFFSET)
     x = _norm("layernorm_embedding", dt, pdt)(tokens + pos)
     x = nn.Dropout(c.dropout)(x, deterministic=module.deterministic)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
-class Encoder(nn.Module):
-    config: BartConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    deterministic: bool = True
-    attention_impl: str | None = None
-    remat: str = "none"
-    scan_layers: bool = False
+class Encoder(Stack):
+    """HF's ``model/encoder``: positions, ``layernorm_embedding``, ``layers``."""
 
     @nn.compact
     def __call__(self, tokens, mask):
         x = _embed(self, tokens, jnp.arange(tokens.shape[1])[None, :])
-        layers = _stack(self, EncoderLayer, self.config.encoder_layers, self.scan_layers)
+        n = self.config.encoder_layers
+        layers = blocks.layer_stack(self, EncoderLayer, n, (nn.broadcast,), "layers")
         return layers(x, mask)[0]
 
 
-class Decoder(nn.Module):
-    config: BartConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    deterministic: bool = True
-    attention_impl: str | None = None
-    remat: str = "none"
-    scan_layers: bool = False
+class Decoder(Stack):
+    """HF's ``model/decoder``: as the encoder, positions counted from ``index``."""
 
     @nn.compact
     def __call__(self, tokens, mask, enc, enc_mask, cache=None, index=None):
         t = tokens.shape[1]
         start = 0 if index is None else index
         x = _embed(self, tokens, start + jnp.arange(t)[None, :])
-        layers = _stack(self, DecoderLayer, self.config.decoder_layers, self.scan_layers)
+        # the cache is scanned over with the layers (axis 0), the rest broadcast
+        in_axes = (nn.broadcast,) * 3 + (0, nn.broadcast)
+        n = self.config.decoder_layers
+        layers = blocks.layer_stack(self, DecoderLayer, n, in_axes, "layers")
         if self.scan_layers:
             return layers(x, mask, enc, enc_mask, cache, index)
         return layers(x, mask, enc, enc_mask, cache=cache, index=index)
 
 
-class Seq2SeqLM(nn.Module):
+class Seq2SeqLM(Stack):
     """HF's ``BartForConditionalGeneration``: logits ``(batch, target length, vocab)``."""
 
-    config: BartConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    deterministic: bool = True
-    remat: str = "none"
-    attention_impl: str | None = None
-    scan_layers: bool = False
-
     def setup(self):
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat {self.remat!r} is not supported: accepted {REMAT_POLICIES}")
+        check_remat(self.remat)
         c = self.config
-        self.model = _BartModel(
-            c,
-            self.dtype,
-            self.param_dtype,
-            self.deterministic,
-            self.attention_impl,
-            self.remat,
-            self.scan_layers,
-        )
+        self.model = _BartModel(c, **self.stack_kwargs())
         self.final_logits_bias = self.param(
             "final_logits_bias", nn.initializers.zeros, (1, c.vocab_size), self.param_dtype
         )
@@ -451,34 +332,15 @@ class Seq2SeqLM(nn.Module):
         return logits, cache
 
 
-class _BartModel(nn.Module):
-    config: BartConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    deterministic: bool = True
-    attention_impl: str | None = None
-    remat: str = "none"
-    scan_layers: bool = False
+class _BartModel(Stack):
+    """HF's ``model``: the ``shared`` embedding, the encoder and the decoder."""
 
     def setup(self):
         c = self.config
-        self.shared = nn.Embed(
-            c.vocab_size,
-            c.d_model,
-            embedding_init=nn.initializers.normal(c.init_std),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
-        kw = dict(
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            deterministic=self.deterministic,
-            attention_impl=self.attention_impl,
-            remat=self.remat,
-            scan_layers=self.scan_layers,
-        )
-        self.encoder = Encoder(c, **kw)
-        self.decoder = Decoder(c, **kw)
+        dt, pdt = self.dtype, self.param_dtype
+        self.shared = blocks.embed(c.vocab_size, c.d_model, c.init_std, None, dt, pdt)
+        self.encoder = Encoder(c, **self.stack_kwargs())
+        self.decoder = Decoder(c, **self.stack_kwargs())
 
     def embed(self, ids):
         scale = math.sqrt(self.config.d_model) if self.config.scale_embedding else 1.0

@@ -11,7 +11,7 @@ PEFT's ``modules_to_save`` and export see the same modules as on HF Flax.
   positions of real tokens from ``pad_token_id + 1`` and gives padding ``pad_token_id`` (HF's
   ``create_position_ids_from_input_ids``).
 * Post-LN layers (``LN(x + dropout(dense(attn)))``, ``LN(x + dropout(dense(act(dense(x)))))``)
-  with the activation the config names (`ACTIVATIONS`).
+  with the activation the config names (`aroma_jax.models.native.blocks.ACTIVATIONS`).
 * Attention: ``jax.nn.dot_product_attention`` with a ``(batch, 1, 1, keys)`` mask of real tokens
   (HF adds ``finfo.min`` to masked keys: the same softmax). Attention-probability dropout, which
   that kernel cannot apply, runs the plain einsum/softmax path while training with a rate > 0.
@@ -36,8 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,37 +44,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aroma_jax.models.native import blocks
+from aroma_jax.models.native.blocks import Block, Stack
 from aroma_jax.models.native.config import NativeConfigError, read_config_json
-from aroma_jax.models.native.modeling import REMAT_POLICIES, remat_policy
+from aroma_jax.models.native.modeling import check_remat
 
 ENCODER_TYPES = ("bert", "roberta")
-
-
-def _gelu_tanh(x):
-    return jax.nn.gelu(x, approximate=True)
-
-
-# HF's ACT2FN names -> functions (exact erf GELU for "gelu", the tanh form for the others)
-ACTIVATIONS: dict[str, Callable] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": _gelu_tanh,
-    "gelu_pytorch_tanh": _gelu_tanh,
-    "gelu_fast": _gelu_tanh,
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
-}
-
-
-def activation(name: str) -> Callable:
-    """The function HF's ``ACT2FN[name]`` computes."""
-    if name not in ACTIVATIONS:
-        raise NativeConfigError(
-            f"hidden_act {name!r} is not supported: accepted {sorted(ACTIVATIONS)}"
-        )
-    return ACTIVATIONS[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +118,7 @@ class EncoderConfig:
         heads, hidden = int(d["num_attention_heads"]), int(d["hidden_size"])
         if hidden % heads:
             raise NativeConfigError(f"hidden_size={hidden} is not a multiple of heads={heads}")
-        activation(d.get("hidden_act") or "gelu")
+        blocks.activation(d.get("hidden_act") or "gelu")
         labels = d.get("id2label")
         num_labels = int(d.get("num_labels") or (len(labels) if labels else 2))
         return cls(
@@ -180,17 +154,11 @@ class EncoderConfig:
 
 
 def _dense(c: EncoderConfig, features: int, name: str | None, dtype, param_dtype) -> nn.Dense:
-    return nn.Dense(
-        features,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nn.initializers.normal(c.initializer_range),
-        name=name,
-    )
+    return blocks.dense(features, c.initializer_range, name, dtype, param_dtype)
 
 
-def _norm(c: EncoderConfig, dtype, param_dtype, name: str = "LayerNorm") -> nn.LayerNorm:
-    return nn.LayerNorm(c.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
+def _norm(c: EncoderConfig, dtype, param_dtype) -> nn.LayerNorm:
+    return nn.LayerNorm(c.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, name="LayerNorm")
 
 
 def _constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
@@ -204,37 +172,24 @@ def roberta_positions(input_ids: jax.Array, pad: int) -> jax.Array:
     return jnp.cumsum(real, axis=1) * real + pad
 
 
-class Embeddings(nn.Module):
-    config: EncoderConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    deterministic: bool = True
+class Embeddings(Block):
+    """HF's ``embeddings``: word + position + token type, ``LayerNorm``, dropout."""
 
     @nn.compact
     def __call__(self, input_ids, token_type_ids, position_ids):
         c, dt, pdt = self.config, self.dtype, self.param_dtype
-        init = nn.initializers.normal(c.initializer_range)
+        def table(n, name):
+            return blocks.embed(n, c.hidden_size, c.initializer_range, name, dt, pdt)
 
-        def embed(n, name):
-            return nn.Embed(
-                n, c.hidden_size, embedding_init=init, dtype=dt, param_dtype=pdt, name=name
-            )
-
-        x = embed(c.vocab_size, "word_embeddings")(input_ids)
-        x = x + embed(c.max_position_embeddings, "position_embeddings")(position_ids)
-        x = x + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids)
+        x = table(c.vocab_size, "word_embeddings")(input_ids)
+        x = x + table(c.max_position_embeddings, "position_embeddings")(position_ids)
+        x = x + table(c.type_vocab_size, "token_type_embeddings")(token_type_ids)
         x = _norm(c, dt, pdt)(x)
         return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=self.deterministic)
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(Block):
     """``query``, ``key``, ``value`` and the attention itself (HF's ``attention/self``)."""
-
-    config: EncoderConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    deterministic: bool = True
-    attention_impl: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -244,27 +199,20 @@ class SelfAttention(nn.Module):
         q = _dense(c, c.hidden_size, "query", dt, pdt)(x).reshape(b, t, n, h)
         k = _dense(c, c.hidden_size, "key", dt, pdt)(x).reshape(b, t, n, h)
         v = _dense(c, c.hidden_size, "value", dt, pdt)(x).reshape(b, t, n, h)
-        m = None if mask is None else mask[:, None, None, :]
-        rate = c.attention_probs_dropout_prob
-        if self.deterministic or rate == 0.0:
-            out = jax.nn.dot_product_attention(q, k, v, mask=m, implementation=self.attention_impl)
-        else:  # dropout on the probabilities: the kernel above has no such option
-            s = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32) / math.sqrt(h)
-            if m is not None:
-                s = jnp.where(m, s, jnp.finfo(jnp.float32).min)
-            p = nn.Dropout(rate)(jax.nn.softmax(s, axis=-1), deterministic=False)
-            out = jnp.einsum("bnqk,bknh->bqnh", p.astype(v.dtype), v)
+        out = blocks.attend(
+            q,
+            k,
+            v,
+            None if mask is None else mask[:, None, None, :],
+            rate=c.attention_probs_dropout_prob,
+            deterministic=self.deterministic,
+            impl=self.attention_impl,
+        )
         return out.reshape(b, t, n * h)
 
 
-class Layer(nn.Module):
+class Layer(Block):
     """One post-LN encoder layer; ``(x, mask) -> (x, None)`` is also ``nn.scan``'s body."""
-
-    config: EncoderConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    deterministic: bool = True
-    attention_impl: str | None = None
 
     @nn.compact
     def __call__(self, x, mask):
@@ -275,52 +223,8 @@ class Layer(nn.Module):
         return _constrain(x, ("batch", "length", "embed")), None
 
 
-class _AttentionOutput(nn.Module):
-    config: EncoderConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    deterministic: bool = True
-
-    @nn.compact
-    def __call__(self, a, x):
-        c, dt, pdt = self.config, self.dtype, self.param_dtype
-        a = _dense(c, c.hidden_size, "dense", dt, pdt)(a)
-        a = nn.Dropout(c.hidden_dropout_prob)(a, deterministic=self.deterministic)
-        return _norm(c, dt, pdt)(a + x)
-
-
-class _AttentionBlock(nn.Module):
-    config: EncoderConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    deterministic: bool = True
-    attention_impl: str | None = None
-
-    @nn.compact
-    def __call__(self, x, mask):
-        c, dt, pdt, det = self.config, self.dtype, self.param_dtype, self.deterministic
-        a = SelfAttention(c, dt, pdt, det, self.attention_impl, name="self")(x, mask)
-        a = _constrain(a, ("batch", "length", "heads"))
-        return _AttentionOutput(c, dt, pdt, det, name="output")(a, x)
-
-
-class _Intermediate(nn.Module):
-    config: EncoderConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        c = self.config
-        h = _dense(c, c.intermediate_size, "dense", self.dtype, self.param_dtype)(x)
-        return _constrain(activation(c.hidden_act)(h), ("batch", "length", "mlp"))
-
-
-class _Output(nn.Module):
-    config: EncoderConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    deterministic: bool = True
+class _Output(Block):
+    """``LN(x + dropout(dense(h)))``: HF's ``attention/output`` and the layer's ``output``."""
 
     @nn.compact
     def __call__(self, h, x):
@@ -330,88 +234,39 @@ class _Output(nn.Module):
         return _norm(c, dt, pdt)(y + x)
 
 
-class Layers(nn.Module):
-    """The layers unrolled, named ``0 .. L-1`` (HF's ``encoder/layer/<i>``)."""
-
-    config: EncoderConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    deterministic: bool = True
-    remat: str = "none"
-    attention_impl: str | None = None
-
-    @nn.compact
-    def __call__(self, x, mask):
-        cls = Layer
-        if self.remat != "none":
-            cls = nn.remat(Layer, policy=remat_policy(self.remat), prevent_cse=True)
-        for i in range(self.config.num_hidden_layers):
-            x, _ = cls(
-                self.config,
-                self.dtype,
-                self.param_dtype,
-                self.deterministic,
-                self.attention_impl,
-                name=str(i),
-            )(x, mask)
-        return x, None
-
-
-def scanned_layers(
-    config: EncoderConfig,
-    dtype: Any = jnp.float32,
-    param_dtype: Any = jnp.float32,
-    deterministic: bool = True,
-    remat: str = "none",
-    attention_impl: str | None = None,
-    name: str | None = None,
-) -> nn.Module:
-    """The ``L`` layers as one ``nn.scan`` module (params stacked on axis 0, one dropout RNG
-    per layer, the mask broadcast), called as ``(x, mask) -> (x, None)``."""
-    cls = Layer
-    if remat != "none":  # flax: prevent_cse=False under scan (the loop already blocks CSE)
-        cls = nn.remat(cls, policy=remat_policy(remat), prevent_cse=False)
-    scan = nn.scan(
-        cls,
-        variable_axes={"params": 0},
-        split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast,),
-        length=config.num_hidden_layers,
-    )
-    return scan(config, dtype, param_dtype, deterministic, attention_impl, name=name)
-
-
-class Encoder(nn.Module):
-    """HF's ``encoder``: its layers live under ``layer`` (unrolled or scanned)."""
-
-    config: EncoderConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    deterministic: bool = True
-    remat: str = "none"
-    attention_impl: str | None = None
-    scan_layers: bool = False
+class _AttentionBlock(Block):
+    """HF's ``attention``: ``self`` and its ``output``."""
 
     @nn.compact
     def __call__(self, x, mask):
         c, dt, pdt, det = self.config, self.dtype, self.param_dtype, self.deterministic
-        if self.scan_layers:
-            layers = scanned_layers(c, dt, pdt, det, self.remat, self.attention_impl, name="layer")
-        else:
-            layers = Layers(c, dt, pdt, det, self.remat, self.attention_impl, name="layer")
-        return layers(x, mask)[0]
+        a = SelfAttention(c, dt, pdt, det, self.attention_impl, name="self")(x, mask)
+        a = _constrain(a, ("batch", "length", "heads"))
+        return _Output(c, dt, pdt, det, name="output")(a, x)
 
 
-class BaseModel(nn.Module):
+class _Intermediate(Block):
+    """HF's ``intermediate``: ``dense`` and the activation."""
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        h = _dense(c, c.intermediate_size, "dense", self.dtype, self.param_dtype)(x)
+        return _constrain(blocks.activation(c.hidden_act)(h), ("batch", "length", "mlp"))
+
+
+class Encoder(Stack):
+    """HF's ``encoder``: its layers live under ``layer`` (unrolled or scanned)."""
+
+    @nn.compact
+    def __call__(self, x, mask):
+        n = self.config.num_hidden_layers
+        return blocks.layer_stack(self, Layer, n, (nn.broadcast,), "layer")(x, mask)[0]
+
+
+class BaseModel(Stack):
     """Embeddings + encoder (+ BERT's pooler): HF's ``bert`` / ``roberta`` module."""
 
-    config: EncoderConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    deterministic: bool = True
-    remat: str = "none"
-    attention_impl: str | None = None
-    scan_layers: bool = False
     pooler: bool = True
 
     @nn.compact
@@ -428,19 +283,15 @@ class BaseModel(nn.Module):
         x = Embeddings(c, dt, pdt, det, name="embeddings")(input_ids, token_type_ids, position_ids)
         x = _constrain(x, ("batch", "length", "embed"))
         mask = None if attention_mask is None else attention_mask.astype(bool)
-        x = Encoder(
-            c, dt, pdt, det, self.remat, self.attention_impl, self.scan_layers, name="encoder"
-        )(x, mask)
+        x = Encoder(c, name="encoder", **self.stack_kwargs())(x, mask)
         if not self.pooler:
             return x, None
         pooled = jnp.tanh(_Pooler(c, dt, pdt, name="pooler")(x[:, 0]))
         return x, pooled
 
 
-class _Pooler(nn.Module):
-    config: EncoderConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+class _Pooler(Block):
+    """HF's ``pooler/dense`` (the caller applies the tanh)."""
 
     @nn.compact
     def __call__(self, first):
@@ -448,57 +299,36 @@ class _Pooler(nn.Module):
         return _dense(c, c.hidden_size, "dense", self.dtype, self.param_dtype)(first)
 
 
-class RobertaHead(nn.Module):
+class RobertaHead(Block):
     """HF's ``RobertaClassificationHead``: dropout, ``dense``, tanh, dropout, ``out_proj``."""
-
-    config: EncoderConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    deterministic: bool = True
 
     @nn.compact
     def __call__(self, first):
         c, dt, pdt = self.config, self.dtype, self.param_dtype
-        rate = c.classifier_dropout if c.classifier_dropout is not None else c.hidden_dropout_prob
-        drop = nn.Dropout(rate)
+        drop = nn.Dropout(_classifier_dropout(c))
         h = drop(first, deterministic=self.deterministic)
         h = jnp.tanh(_dense(c, c.hidden_size, "dense", dt, pdt)(h))
         h = drop(h, deterministic=self.deterministic)
         return _dense(c, c.num_labels, "out_proj", dt, pdt)(h)
 
 
-class SequenceClassifier(nn.Module):
+def _classifier_dropout(c: EncoderConfig) -> float:
+    """HF's head dropout: ``classifier_dropout``, else ``hidden_dropout_prob``."""
+    return c.classifier_dropout if c.classifier_dropout is not None else c.hidden_dropout_prob
+
+
+class SequenceClassifier(Stack):
     """HF's ``{Bert,Roberta}ForSequenceClassification``: logits ``(batch, num_labels)``
     (one column for regression, ``num_labels=1``)."""
-
-    config: EncoderConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    deterministic: bool = True
-    remat: str = "none"
-    attention_impl: str | None = None
-    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None):
         c, dt, pdt, det = self.config, self.dtype, self.param_dtype, self.deterministic
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat {self.remat!r} is not supported: accepted {REMAT_POLICIES}")
+        check_remat(self.remat)
         bert = c.model_type == "bert"
-        base = BaseModel(
-            c,
-            dt,
-            pdt,
-            det,
-            self.remat,
-            self.attention_impl,
-            self.scan_layers,
-            pooler=bert,
-            name=c.prefix,
-        )
+        base = BaseModel(c, pooler=bert, name=c.prefix, **self.stack_kwargs())
         x, pooled = base(input_ids, attention_mask, token_type_ids, position_ids)
         if not bert:
             return RobertaHead(c, dt, pdt, det, name="classifier")(x[:, 0])
-        rate = c.classifier_dropout if c.classifier_dropout is not None else c.hidden_dropout_prob
-        pooled = nn.Dropout(rate)(pooled, deterministic=det)
+        pooled = nn.Dropout(_classifier_dropout(c))(pooled, deterministic=det)
         return _dense(c, c.num_labels, "classifier", dt, pdt)(pooled)

@@ -36,9 +36,8 @@ Example:
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax
 import jax
@@ -46,63 +45,30 @@ import jax.numpy as jnp
 
 from aroma_jax.models.native import checkpoint_io, sampling
 from aroma_jax.models.native.config import NativeConfig
-from aroma_jax.models.native.modeling import CausalLM, init_cache, is_scanned, stack_layers
-
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
-
-
-class CausalLMOutput(NamedTuple):
-    logits: jax.Array
-
-
-class GenerateOutput(NamedTuple):
-    sequences: jax.Array
+from aroma_jax.models.native.modeling import LAYERS_PATH, CausalLM, init_cache, stack_layers
+from aroma_jax.models.native.wrapper import (
+    GenerateOutput,
+    LogitsOutput,
+    NativeWrapper,
+    first_set,
+    has_safetensors,
+    resolve,
+)
 
 
-class NativeCausalLM:
-    """A `CausalLM` module with its config, params and the HF Flax calling convention.
+class NativeCausalLM(NativeWrapper):
+    """A `CausalLM` module with its config, params and the HF Flax calling convention
+    (`NativeWrapper`: the scanned layout, params, saving).
 
-    With ``scan_layers=True`` the module scans its layers and ``params`` are kept in the
-    stacked layout; unrolled ``params`` given to the constructor are stacked
-    (`stack_layers`). ``params`` passed to `__call__` / `generate` must already match.
+    No dropout: every LLaMA-family config has attention_dropout 0, and others are rejected.
     """
 
-    def __init__(
-        self,
-        config: NativeConfig,
-        params: Any = None,
-        dtype: Any = jnp.float32,
-        param_dtype: Any = jnp.float32,
-        remat: str = "none",
-        attention_impl: str | None = None,
-        seed: int = 0,
-        scan_layers: bool = False,
-    ):
-        self.config = config
-        self.dtype = dtype
-        self.scan_layers = scan_layers
-        self.source: Path | None = None  # the directory it was loaded from (tokenizer files)
-        # save_pretrained writes PyTorch-layout safetensors itself (no torch round trip needed)
-        self.writes_pytorch_layout = True
-        self._generate_fns: dict = {}  # (new tokens, pad, eos, use_cache, sampling) -> jitted
-        self.module = CausalLM(
-            config, dtype, param_dtype, remat, attention_impl, scan_layers=scan_layers
-        )
-        if params is None:
-            params = self.init_params(seed)
-        elif scan_layers and params and not is_scanned(params):  # {}: no weights yet
-            params = stack_layers(params, config.num_hidden_layers)
-        elif not scan_layers and is_scanned(params):
-            raise ValueError(
-                "params are in the scanned layout (model/layers/<sub-path> (L, ...)): pass "
-                "scan_layers=True, or unstack_layers(params) first"
-            )
-        self.params = params
+    module_class = CausalLM
+    has_dropout = False
 
-    def init_params(self, seed: int = 0) -> dict:
-        """Random params (normal(initializer_range) kernels, unit norms), as HF initialises."""
-        ids = jnp.zeros((1, 2), jnp.int32)
-        return jax.jit(self.module.init)(jax.random.key(seed), ids)["params"]
+    @property
+    def layer_stacks(self) -> tuple[tuple[tuple[str, ...], int], ...]:
+        return ((LAYERS_PATH, self.config.num_hidden_layers),)
 
     def __call__(
         self,
@@ -113,14 +79,11 @@ class NativeCausalLM:
         train: bool = False,
         dropout_rng=None,
         **unused,
-    ) -> CausalLMOutput:
-        """Logits; ``train`` and ``dropout_rng`` are accepted for HF compatibility (no dropout:
-        every LLaMA-family config has attention_dropout 0, and others are rejected)."""
-        del train, dropout_rng, unused
-        params = self.params if params is None else params
-        ids = jnp.asarray(input_ids)
+    ) -> LogitsOutput:
+        """Logits; ``train`` and ``dropout_rng`` are accepted for HF compatibility."""
+        del unused
         mask = None if attention_mask is None else jnp.asarray(attention_mask)
-        return CausalLMOutput(self.module.apply({"params": params}, ids, mask, position_ids))
+        return self._apply(params, [jnp.asarray(input_ids), mask, position_ids], train, dropout_rng)
 
     def generate(
         self,
@@ -166,8 +129,8 @@ class NativeCausalLM:
         n = int(max_new_tokens)
         if n <= 0:
             return GenerateOutput(ids)
-        pad = int(_first(pad_token_id, self.config.pad_token_id, 0))
-        eos = tuple(int(e) for e in _ids(_first(eos_token_id, self.config.eos_token_id, -1)))
+        pad = int(first_set(pad_token_id, self.config.pad_token_id, 0))
+        eos = tuple(int(e) for e in _ids(first_set(eos_token_id, self.config.eos_token_id, -1)))
         mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask)
         # One compiled program per (settings, shapes): called eagerly, the prefill would
         # otherwise run op by op; inside a caller's jit this is an inlined call.
@@ -263,10 +226,7 @@ class NativeCausalLM:
         path = resolve(name_or_path)
         config = NativeConfig.from_file(path)
         msgpack = path / "flax_model.msgpack"
-        has_st = (path / "model.safetensors").exists() or (
-            path / "model.safetensors.index.json"
-        ).exists()
-        if has_st:
+        if has_safetensors(path):
             params = checkpoint_io.load_params(
                 path, config.tie_word_embeddings, param_dtype, sharding_for, scan_layers
             )
@@ -289,58 +249,8 @@ class NativeCausalLM:
     def save_pretrained(self, out: str | Path, params: Any = None) -> Path:
         """``config.json`` + ``model.safetensors`` (PyTorch layout) in ``out``; scanned params
         are written under per-layer names."""
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        params = self.params if params is None else params
         cfg = self.config.hf_dict or _hf_config(self.config)
-        (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-        checkpoint_io.save_safetensors(params, out / "model.safetensors")
-        return out
-
-
-def resolve(name_or_path: str | Path) -> Path:
-    """A local directory as is; anything else is downloaded from the hub (config, safetensors,
-    tokenizer files only)."""
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path
-    if path.exists() or str(name_or_path).startswith((".", "/")):
-        raise FileNotFoundError(f"{str(name_or_path)!r} is not a model directory")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(str(name_or_path), allow_patterns=HUB_PATTERNS))
-
-
-# Files that hold a vocabulary. transformers 5 builds an empty tokenizer (special tokens only,
-# every word unknown) from a directory without them instead of failing, so they are required.
-VOCAB_FILES = (
-    "tokenizer.json",
-    "vocab.txt",
-    "vocab.json",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-)
-
-
-def load_tokenizer(path: str | Path):
-    """The checkpoint's tokenizer through transformers' AutoTokenizer (4.x and 5.x); a local
-    directory without a vocabulary file (`VOCAB_FILES`) is a `FileNotFoundError`."""
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    if path.is_dir() and not any((path / f).exists() for f in VOCAB_FILES):
-        raise FileNotFoundError(
-            f"no tokenizer vocabulary in {str(path)!r}: accepted one of {', '.join(VOCAB_FILES)}"
-        )
-    tok = AutoTokenizer.from_pretrained(str(path))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def _first(*values):
-    return next(v for v in values if v is not None)
+        return self._write(out, params, cfg, sort_keys=True)
 
 
 def _ids(value) -> list[int]:

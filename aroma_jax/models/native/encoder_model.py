@@ -29,22 +29,25 @@ Example:
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from aroma_jax.models.native import checkpoint_io, pt_layout
+from aroma_jax.models.native import pt_layout
 from aroma_jax.models.native.bert import EncoderConfig, SequenceClassifier
-from aroma_jax.models.native.causal_lm import resolve
 from aroma_jax.models.native.checkpoint_io import CheckpointError
-from aroma_jax.models.native.modeling import is_scanned, stack_layers
+from aroma_jax.models.native.wrapper import (
+    LogitsOutput,
+    NativeWrapper,
+    has_safetensors,
+    on_device,
+    resolve,
+)
 
 ARCHITECTURES = {
     "bert": "BertForSequenceClassification",
@@ -53,10 +56,22 @@ ARCHITECTURES = {
 BASE_MODULES = ("embeddings", "encoder", "pooler")  # a bare BertModel's top-level names
 SKIP_PREFIXES = ("cls.", "lm_head.")  # pre-training heads
 HEAD_MODULES = ("classifier", "pooler")  # initialised when the checkpoint lacks them
-
-
-class ClassifierOutput(NamedTuple):
-    logits: jax.Array
+# `EncoderConfig` fields written back to config.json (in this order)
+CONFIG_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "layer_norm_eps",
+    "pad_token_id",
+    "initializer_range",
+)
 
 
 def layers_path(config: EncoderConfig) -> tuple[str, ...]:
@@ -64,52 +79,15 @@ def layers_path(config: EncoderConfig) -> tuple[str, ...]:
     return (config.prefix, "encoder", "layer")
 
 
-class NativeEncoder:
-    """A `SequenceClassifier` with its config and params and the HF Flax calling convention."""
+class NativeEncoder(NativeWrapper):
+    """A `SequenceClassifier` with its config and params and the HF Flax calling convention
+    (`NativeWrapper`: the scanned layout, params, dropout, saving)."""
 
-    def __init__(
-        self,
-        config: EncoderConfig,
-        params: Any = None,
-        dtype: Any = jnp.float32,
-        param_dtype: Any = jnp.float32,
-        remat: str = "none",
-        attention_impl: str | None = None,
-        seed: int = 0,
-        scan_layers: bool = False,
-    ):
-        self.config = config
-        self.dtype = dtype
-        self.scan_layers = scan_layers
-        self.source: Path | None = None
-        self.writes_pytorch_layout = True
-        kw = dict(
-            dtype=dtype,
-            param_dtype=param_dtype,
-            remat=remat,
-            attention_impl=attention_impl,
-            scan_layers=scan_layers,
-        )
-        self.module = SequenceClassifier(config, deterministic=True, **kw)
-        self.train_module = SequenceClassifier(config, deterministic=False, **kw)
-        at = layers_path(config)
-        if params is None:
-            params = self.init_params(seed)
-        elif scan_layers and not is_scanned(params, at):
-            params = stack_layers(params, config.num_hidden_layers, at)
-        elif not scan_layers and is_scanned(params, at):
-            raise ValueError("params are in the scanned layout: pass scan_layers=True")
-        self.params = params
+    module_class = SequenceClassifier
 
     @property
-    def layers_at(self) -> tuple[str, ...]:
-        """Where the layer stack lives in ``params`` (`aroma_jax.models.hf.stacked_of`)."""
-        return layers_path(self.config)
-
-    def init_params(self, seed: int = 0) -> dict:
-        """Random params as HF initialises them (normal kernels and embeddings, unit norms)."""
-        ids = jnp.ones((1, 2), jnp.int32)
-        return jax.jit(self.module.init)(jax.random.key(seed), ids)["params"]
+    def layer_stacks(self) -> tuple[tuple[tuple[str, ...], int], ...]:
+        return ((layers_path(self.config), self.config.num_hidden_layers),)
 
     def __call__(
         self,
@@ -121,18 +99,13 @@ class NativeEncoder:
         train: bool = False,
         dropout_rng=None,
         **unused,
-    ) -> ClassifierOutput:
+    ) -> LogitsOutput:
         """Logits ``(batch, num_labels)``; with ``train`` and a ``dropout_rng``, with dropout."""
         del unused
-        params = self.params if params is None else params
         args = [jnp.asarray(input_ids)]
         args += [None if a is None else jnp.asarray(a) for a in (attention_mask, token_type_ids)]
         args.append(position_ids)
-        if train and dropout_rng is not None:
-            out = self.train_module.apply({"params": params}, *args, rngs={"dropout": dropout_rng})
-        else:
-            out = self.module.apply({"params": params}, *args)
-        return ClassifierOutput(out)
+        return self._apply(params, args, train, dropout_rng)
 
     # ---------------------------------------------------------------------------- files
     @classmethod
@@ -155,7 +128,7 @@ class NativeEncoder:
             config = config.replace(num_labels=int(num_labels))
         model = cls(config, {}, dtype, param_dtype, remat, attention_impl, seed, False)
         msgpack = path / "flax_model.msgpack"
-        if msgpack.exists() and not _has_safetensors(path):  # an HF Flax checkpoint
+        if msgpack.exists() and not has_safetensors(path):  # an HF Flax checkpoint
             tree = flax.serialization.msgpack_restore(msgpack.read_bytes())
             if config.prefix not in tree:  # a base model's file (FlaxBertModel): no prefix
                 tree = {config.prefix: tree}
@@ -170,40 +143,21 @@ class NativeEncoder:
 
     def save_pretrained(self, out: str | Path, params: Any = None) -> Path:
         """``config.json`` + ``model.safetensors`` (PyTorch layout) in ``out``."""
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        params = self.params if params is None else params
-        (out / "config.json").write_text(json.dumps(hf_config(self.config), indent=2))
-        checkpoint_io.save_safetensors(
+        return self._write(
+            out,
             params,
-            out / "model.safetensors",
+            hf_config(self.config),
             to_torch=pt_layout.to_torch,
-            layers_at=(layers_path(self.config),),
+            layers_at=self.layers_at,
         )
-        return out
 
 
 def hf_config(c: EncoderConfig) -> dict:
     """The ``config.json`` of a sequence classifier: the source's keys, with this model's
     architecture and labels."""
     d = dict(c.hf_dict)
-    d.update(
-        model_type=c.model_type,
-        architectures=[ARCHITECTURES[c.model_type]],
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads,
-        intermediate_size=c.intermediate_size,
-        hidden_act=c.hidden_act,
-        hidden_dropout_prob=c.hidden_dropout_prob,
-        attention_probs_dropout_prob=c.attention_probs_dropout_prob,
-        max_position_embeddings=c.max_position_embeddings,
-        type_vocab_size=c.type_vocab_size,
-        layer_norm_eps=c.layer_norm_eps,
-        pad_token_id=c.pad_token_id,
-        initializer_range=c.initializer_range,
-    )
+    d.update(model_type=c.model_type, architectures=[ARCHITECTURES[c.model_type]])
+    d.update({key: getattr(c, key) for key in CONFIG_KEYS})
     if len(d.get("id2label") or {}) != c.num_labels:
         d["id2label"] = {str(i): f"LABEL_{i}" for i in range(c.num_labels)}
         d["label2id"] = {f"LABEL_{i}": i for i in range(c.num_labels)}
@@ -211,10 +165,6 @@ def hf_config(c: EncoderConfig) -> dict:
     if c.problem_type:
         d["problem_type"] = c.problem_type
     return d
-
-
-def _has_safetensors(path: Path) -> bool:
-    return any((path / f).exists() for f in ("model.safetensors", "model.safetensors.index.json"))
 
 
 def _renamer(config: EncoderConfig):
@@ -235,9 +185,7 @@ def _renamer(config: EncoderConfig):
 def _complete(model: NativeEncoder, loaded: dict, seed: int, dtype: np.dtype) -> dict:
     """The checkpoint's leaves checked against the model's tree, cast and placed; head leaves
     it lacks (or holds with another shape) initialised."""
-    shapes = traverse_util.flatten_dict(
-        jax.eval_shape(lambda: model.init_params(seed))  # structure only: nothing computed
-    )
+    shapes = model.param_shapes(seed)
     unknown = sorted("/".join(p) for p in loaded if p not in shapes)
     if unknown:
         raise CheckpointError(
@@ -262,7 +210,7 @@ def _complete(model: NativeEncoder, loaded: dict, seed: int, dtype: np.dtype) ->
         if w is None:
             missing.append(p)
         else:
-            flat[p] = jax.device_put(np.ascontiguousarray(np.asarray(w).astype(dtype)))
+            flat[p] = on_device(w, dtype)
     base = [p for p in missing if p[0] not in HEAD_MODULES and p[1:2] != ("pooler",)]
     if base:
         raise CheckpointError(

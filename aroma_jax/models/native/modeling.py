@@ -78,6 +78,12 @@ def remat_policy(name: str):
     raise ValueError(f"remat {name!r} is not supported: accepted {REMAT_POLICIES}")
 
 
+def check_remat(name: str) -> None:
+    """Rejects a ``remat`` setting other than `REMAT_POLICIES` (a module's setup checks it)."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat {name!r} is not supported: accepted {REMAT_POLICIES}")
+
+
 def _constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     return nn.with_logical_constraint(x, names)
 
@@ -381,8 +387,7 @@ class CausalLM(nn.Module):
 
     def setup(self):
         c = self.config
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat {self.remat!r} is not supported: accepted {REMAT_POLICIES}")
+        check_remat(self.remat)
         self.model = Model(
             c, self.dtype, self.param_dtype, self.remat, self.attention_impl, self.scan_layers
         )

@@ -32,7 +32,7 @@ import dataclasses
 import functools
 import json
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,10 +41,17 @@ from flax import traverse_util
 
 from aroma_jax.models.native import checkpoint_io, pt_layout
 from aroma_jax.models.native.bart import BartConfig, Seq2SeqLM
-from aroma_jax.models.native.causal_lm import resolve
 from aroma_jax.models.native.checkpoint_io import CheckpointError
-from aroma_jax.models.native.modeling import KVCache, is_scanned, stack_layers
+from aroma_jax.models.native.modeling import KVCache
 from aroma_jax.models.native.seq2seq_search import Search, beam_search, greedy
+from aroma_jax.models.native.wrapper import (
+    GenerateOutput,
+    LogitsOutput,
+    NativeWrapper,
+    first_set,
+    on_device,
+    resolve,
+)
 
 ENCODER_AT = ("model", "encoder", "layers")
 DECODER_AT = ("model", "decoder", "layers")
@@ -61,58 +68,20 @@ HF_DEFAULTS = dict(
 )
 
 
-class Seq2SeqOutput(NamedTuple):
-    logits: jax.Array
+class NativeSeq2SeqLM(NativeWrapper):
+    """A `Seq2SeqLM` with its config and params and the HF Flax calling convention
+    (`NativeWrapper`: the scanned layout of both stacks, params, dropout, saving)."""
 
+    module_class = Seq2SeqLM
 
-class GenerateOutput(NamedTuple):
-    sequences: jax.Array
+    @property
+    def layer_stacks(self) -> tuple[tuple[tuple[str, ...], int], ...]:
+        c = self.config
+        return ((ENCODER_AT, c.encoder_layers), (DECODER_AT, c.decoder_layers))
 
-
-class NativeSeq2SeqLM:
-    """A `Seq2SeqLM` with its config and params and the HF Flax calling convention."""
-
-    layers_at = (ENCODER_AT, DECODER_AT)
-
-    def __init__(
-        self,
-        config: BartConfig,
-        params: Any = None,
-        dtype: Any = jnp.float32,
-        param_dtype: Any = jnp.float32,
-        remat: str = "none",
-        attention_impl: str | None = None,
-        seed: int = 0,
-        scan_layers: bool = False,
-    ):
-        self.config = config
-        self.dtype = dtype
-        self.scan_layers = scan_layers
-        self.source: Path | None = None
-        self.writes_pytorch_layout = True
-        kw = dict(
-            dtype=dtype,
-            param_dtype=param_dtype,
-            remat=remat,
-            attention_impl=attention_impl,
-            scan_layers=scan_layers,
-        )
-        self.module = Seq2SeqLM(config, deterministic=True, **kw)
-        self.train_module = Seq2SeqLM(config, deterministic=False, **kw)
-        self._generate_fns: dict = {}
-        if params is None:
-            params = self.init_params(seed)
-        elif scan_layers and params and not is_scanned(params, ENCODER_AT):
-            params = stack_layers(params, config.encoder_layers, ENCODER_AT)
-            params = stack_layers(params, config.decoder_layers, DECODER_AT)
-        elif not scan_layers and params and is_scanned(params, ENCODER_AT):
-            raise ValueError("params are in the scanned layout: pass scan_layers=True")
-        self.params = params
-
-    def init_params(self, seed: int = 0) -> dict:
-        """Random params as HF initialises them (normal(init_std), unit norms, zero biases)."""
+    def init_inputs(self) -> tuple:
         ids = jnp.ones((1, 2), jnp.int32)
-        return jax.jit(self.module.init)(jax.random.key(seed), ids, None, ids)["params"]
+        return (ids, None, ids)
 
     def __call__(
         self,
@@ -124,21 +93,16 @@ class NativeSeq2SeqLM:
         train: bool = False,
         dropout_rng=None,
         **unused,
-    ) -> Seq2SeqOutput:
+    ) -> LogitsOutput:
         """Teacher-forced logits ``(batch, target length, vocab)``."""
         del unused
         if decoder_input_ids is None:
             raise ValueError("decoder_input_ids is required (the shifted targets)")
-        params = self.params if params is None else params
         args = [
             None if a is None else jnp.asarray(a)
             for a in (input_ids, attention_mask, decoder_input_ids, decoder_attention_mask)
         ]
-        if train and dropout_rng is not None:
-            out = self.train_module.apply({"params": params}, *args, rngs={"dropout": dropout_rng})
-        else:
-            out = self.module.apply({"params": params}, *args)
-        return Seq2SeqOutput(out)
+        return self._apply(params, args, train, dropout_rng)
 
     # ---------------------------------------------------------------------------- decoding
     def search_settings(self, **kw) -> Search:
@@ -161,9 +125,11 @@ class NativeSeq2SeqLM:
             early_stopping=gen["early_stopping"],
             forced_bos_token_id=gen["forced_bos_token_id"],
             forced_eos_token_id=gen["forced_eos_token_id"],
-            eos_token_id=int(_first(kw.get("eos_token_id"), c.eos_token_id)),
-            pad_token_id=int(_first(kw.get("pad_token_id"), c.pad_token_id)),
-            start_token_id=int(_first(kw.get("decoder_start_token_id"), c.decoder_start_token_id)),
+            eos_token_id=int(first_set(kw.get("eos_token_id"), c.eos_token_id)),
+            pad_token_id=int(first_set(kw.get("pad_token_id"), c.pad_token_id)),
+            start_token_id=int(
+                first_set(kw.get("decoder_start_token_id"), c.decoder_start_token_id)
+            ),
             extra=extra,
         )
 
@@ -235,7 +201,7 @@ class NativeSeq2SeqLM:
             return name
 
         loaded = pt_layout.read_checkpoint(path, rename)
-        shapes = traverse_util.flatten_dict(jax.eval_shape(lambda: model.init_params(seed)))
+        shapes = model.param_shapes(seed)
         bad = sorted("/".join(p) for p in set(loaded) ^ set(shapes))
         bad = [p for p in bad if p != "final_logits_bias"]
         if bad:
@@ -248,7 +214,7 @@ class NativeSeq2SeqLM:
                 w = np.zeros(s.shape, pdt)
             if tuple(w.shape) != tuple(s.shape):
                 raise CheckpointError(f"{'/'.join(p)}: {tuple(w.shape)} != {tuple(s.shape)}")
-            flat[p] = jax.device_put(np.ascontiguousarray(np.asarray(w).astype(pdt)))
+            flat[p] = on_device(w, pdt)
         params = traverse_util.unflatten_dict(flat)
         model = cls(config, params, dtype, param_dtype, remat, attention_impl, seed, scan_layers)
         model.source = path
@@ -257,10 +223,7 @@ class NativeSeq2SeqLM:
     def save_pretrained(self, out: str | Path, params: Any = None) -> Path:
         """``config.json``, ``generation_config.json`` and ``model.safetensors`` (PyTorch
         layout, tied embedding names included)."""
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
         params = jax.device_get(self.params if params is None else params)
-        (out / "config.json").write_text(json.dumps(hf_config(self.config), indent=2))
         gen = dict(self.config.generation)
         gen.update(
             decoder_start_token_id=self.config.decoder_start_token_id,
@@ -268,16 +231,19 @@ class NativeSeq2SeqLM:
             eos_token_id=self.config.eos_token_id,
             pad_token_id=self.config.pad_token_id,
         )
-        (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
         shared = params["model"]["shared"]["embedding"]
         tied = {
             "model": {n: {"embed_tokens": {"embedding": shared}} for n in ("encoder", "decoder")},
             "lm_head": {"embedding": shared},
         }
-        full = _merge(params, tied)
-        checkpoint_io.save_safetensors(
-            full, out / "model.safetensors", to_torch=pt_layout.to_torch, layers_at=self.layers_at
+        out = self._write(
+            out,
+            _merge(params, tied),
+            hf_config(self.config),
+            to_torch=pt_layout.to_torch,
+            layers_at=self.layers_at,
         )
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
         return out
 
 
@@ -303,7 +269,3 @@ def hf_config(c: BartConfig) -> dict:
         tie_word_embeddings=True,
     )
     return d
-
-
-def _first(*values):
-    return next(v for v in values if v is not None)
